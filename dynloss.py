@@ -1,0 +1,159 @@
+"""The dynamical loss of Ruiz-Garcia et al. (ICML 2021), eqs. (1)-(5), and its gradient.
+
+Symbols
+-------
+M  networks trained side by side (each may have its own amplitude A and period T)
+N  samples
+K  classes (the paper's C)
+t  update step (full-batch steps for the spiral, minibatch steps for CIFAR-10)
+
+The class weights Gamma_i(t) (eqs. 2-5) emphasise one class per period T, cycling through the K
+classes, so one full cycle lasts K*T steps. The loss (eq. 1) is the Gamma-weighted cross-entropy,
+averaged over the samples as in the authors' code, so that learning rate 1 means what it means
+there:
+
+    F = (1/N) sum_j Gamma_{y_j}(t) * CE_j,     CE_j = -log softmax(z_j)_{y_j}.
+
+Derivation (gradient with respect to the logits z, shape (M, N, K))
+--------------------------------------------------------------------
+CE_j = logsumexp(z_j) - z_{j, y_j}, so dCE_j/dz_{jk} = softmax(z_j)_k - [k == y_j]; Gamma does not
+depend on z, hence
+
+    dF/dz_{jk} = Gamma_{y_j} * (softmax(z_j)_k - onehot(y_j)_k) / N.
+
+The MSE base loss (a second option; the paper's discussion asks how it compares) is eq. (8)
+weighted the same way, F = (1/(2N)) sum_j Gamma_{y_j} sum_k (z_jk - onehot(y_j)_k)^2, with
+dF/dz_{jk} = Gamma_{y_j} (z_jk - onehot(y_j)_k) / N.
+
+Every function here works on NumPy and on CuPy arrays alike (the ``xp`` switch of models.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LOSSES = ("ce", "mse")
+
+
+def _xp(*arrays):
+    """The array module (numpy or cupy) of the first array that is not a NumPy array."""
+    for a in arrays:
+        if type(a).__module__.split(".")[0] == "cupy":
+            import cupy
+
+            return cupy
+    return np
+
+
+def class_weights(t, A, T, K, stop_step=None, xp=np):
+    """The normalised class weights Gamma_i(t) of eqs. (2)-(5).
+
+    Parameters
+    ----------
+    t : int or array (S,)
+        Update step(s), t >= 0.
+    A : float or array (M,)
+        Amplitude, A >= 1 (A = 1: no oscillation, plain cross-entropy).
+    T : float or array (M,)
+        Period in steps, T >= 1.
+    K : int
+        Number of classes.
+    stop_step : None, int or array (M,)
+        From this step on the oscillations are off (Gamma = 1). None: never stopped.
+
+    Returns
+    -------
+    gamma : array (M, K), or (S, M, K) when t is an array; (K,) / (S, K) when A and T are
+        scalars. The weights are positive and sum to K over the last axis.
+    """
+    scalar_net = np.ndim(A) == 0 and np.ndim(T) == 0 and np.ndim(stop_step) == 0
+    A = xp.atleast_1d(xp.asarray(A, dtype=xp.float64))  # (M,)
+    T = xp.atleast_1d(xp.asarray(T, dtype=xp.float64))  # (M,)
+    scalar_t = np.ndim(t) == 0
+    t = xp.atleast_1d(xp.asarray(t, dtype=xp.float64))[:, None]  # (S, 1)
+    t_T = t - T * xp.floor(t / T)  # (S, M)  Eq. (2): t_T = t mod T
+    m = 2.0 * (A - 1.0) / T  # (M,)     slope of eq. (3)
+    f = xp.where(t_T <= T / 2, 1.0 + m * t_T, 2.0 * A - m * t_T - 1.0)  # (S, M)  Eq. (3)
+    chosen = xp.floor(t / T).astype(xp.int64) % K  # (S, M)  Eq. (4): floor(t/T) mod K
+    is_chosen = chosen[..., None] == xp.arange(K)  # (S, M, K)
+    gamma_hat = xp.where(is_chosen, f[..., None], 1.0)  # (S, M, K)  Eq. (4)
+    gamma = K * gamma_hat / gamma_hat.sum(axis=-1, keepdims=True)  # (S, M, K)  Eq. (5)
+    if stop_step is not None:
+        stop = xp.atleast_1d(xp.asarray(stop_step, dtype=xp.float64))  # (M,)
+        gamma = xp.where((t >= stop)[..., None], 1.0, gamma)  # (S, M, K)
+    if scalar_net:
+        gamma = gamma[:, 0, :]  # (S, K)
+    return gamma[0] if scalar_t else gamma
+
+
+def _onehot(y, K, xp):
+    """One-hot rows: y (N,) ints -> (N, K) floats."""
+    return (y[:, None] == xp.arange(K)).astype(xp.float64)
+
+
+def log_softmax(logits):
+    """Numerically stable log-softmax over the last axis: (..., K) -> (..., K)."""
+    xp = _xp(logits)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def loss_forward(logits, y, gamma, loss="ce"):
+    """The dynamical loss F of eq. (1) (mean over samples) for M networks at once.
+
+    Parameters
+    ----------
+    logits : array (M, N, K)
+    y : int array (N,)
+        Labels in 0..K-1, shared by the M networks.
+    gamma : array (M, K)
+        Class weights Gamma_i(t) from :func:`class_weights`.
+    loss : "ce" (cross-entropy, the paper's) or "mse" (eq. 8, weighted the same way).
+
+    Returns
+    -------
+    F : array (M,)
+    cache : tuple for :func:`loss_backward`.
+    """
+    xp = _xp(logits, gamma)
+    M, N, K = logits.shape
+    w = gamma[:, y]  # (M, N)  Gamma_{y_j}
+    if loss == "ce":
+        logp = log_softmax(logits)  # (M, N, K)
+        ce = -xp.take_along_axis(logp, y[None, :, None], axis=-1)[..., 0]  # (M, N)
+        F = (w * ce).sum(axis=1) / N  # (M,)  Eq. (1) / N
+        return F, (loss, logp, y, w)
+    if loss == "mse":
+        resid = logits - _onehot(y, K, xp)  # (M, N, K)  g_k(x) of eq. (12)
+        F = (w * (resid**2).sum(axis=-1)).sum(axis=1) / (2 * N)  # (M,)  Eq. (8), weighted
+        return F, (loss, resid, y, w)
+    raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+
+
+def loss_backward(cache):
+    """Gradient of :func:`loss_forward` with respect to the logits.
+
+    Returns
+    -------
+    dlogits : array (M, N, K)
+    """
+    loss, a, y, w = cache
+    xp = _xp(a)
+    M, N, K = a.shape
+    if loss == "ce":
+        dz = xp.exp(a)  # (M, N, K)  softmax(z)
+        dz[:, xp.arange(N), y] -= 1.0  # softmax(z) - onehot(y)
+        return dz * (w[..., None] / N)  # dF/dz = Gamma_y * (softmax(z) - onehot(y)) / N
+    return a * (w[..., None] / N)  # dF/dz = Gamma_y * (z - onehot(y)) / N
+
+
+def cross_entropy(logits, y):
+    """Plain (static) cross-entropy, the mean over samples: (M, N, K), (N,) -> (M,)."""
+    xp = _xp(logits)
+    logp = log_softmax(logits)
+    return -xp.take_along_axis(logp, y[None, :, None], axis=-1)[..., 0].mean(axis=1)
+
+
+def accuracy(logits, y):
+    """Fraction of samples whose largest logit is the label: (M, N, K), (N,) -> (M,)."""
+    return (logits.argmax(axis=-1) == y[None, :]).mean(axis=1)
