@@ -2,7 +2,7 @@
 
 Commands
 --------
-python run_spiral.py                      a one-minute demo: width 100, A = 20, T = 1000, 20k steps
+python run_spiral.py                      the demo: width 100, A = 20, T = 1000, 30k steps (~10 s)
 python run_spiral.py train --width 100 --A 1 --steps 35000 --out runs/static
 python run_spiral.py train --width 100 --A 10 --T 200 --steps 35000 --out runs/fig3-point
 
@@ -158,7 +158,8 @@ def _backward_update(P, Xa, dlogits, h, lr, xp):
 def _pack(params, xp):
     """MLP params (leading M) -> the trainer's fused layout (bias folded into W1a)."""
     W1a = np.concatenate([params["W1"], params["b1"][:, None, :]], axis=1)  # (M, D+1, H)
-    return {"W1a": xp.asarray(W1a), "W2": xp.asarray(params["W2"]), "b2": xp.asarray(params["b2"])}
+    copy = lambda a: xp.array(a, dtype=np.float64, copy=True)  # the trainer owns its arrays
+    return {"W1a": copy(W1a), "W2": copy(params["W2"]), "b2": copy(params["b2"])}
 
 
 def _unpack(P):
@@ -197,7 +198,8 @@ def train_block(params, data, spec, xp=np, on_log=None, progress=None):
     Returns
     -------
     dict with the final params (NumPy, shapes as the input), ``step`` (S,), ``gamma`` (S, M, K),
-    every field of LOG_FIELDS as (S, M), ``diverged_step`` (M,) (-1 when finite throughout).
+    every field of LOG_FIELDS as (S, M), ``diverged_step`` (M,) (-1 when finite throughout) and
+    ``logged``, the number of rows written (S unless every network diverged).
     Step t's row holds the state before update t: F(t) (eq. 1), F(t) - F(t-1), the static
     cross-entropy and the accuracies; the last row (t = steps) is the final state. Once a network's
     loss is not finite it is marked diverged and its later rows are NaN; when every network of the
@@ -263,6 +265,7 @@ def train_block(params, data, spec, xp=np, on_log=None, progress=None):
         "step": steps_logged,
         "gamma": gamma_log,
         "diverged_step": diverged,
+        "logged": row,
     }
     out.update(hist)
     return out
@@ -322,6 +325,7 @@ def train_many(params, data, spec, xp=np, block=None, workers=2, progress=True, 
     for f in LOG_FIELDS:
         out[f] = np.concatenate([p[f] for p in parts], axis=1)
     out["diverged_step"] = np.concatenate([p["diverged_step"] for p in parts])
+    out["logged"] = max(p["logged"] for p in parts)
     return out
 
 
@@ -477,20 +481,21 @@ def run_arrays(data, params0, res, squeeze):
     """The arrays of run.npz (see README): the seed axis dropped when there is one seed."""
     X, y, Xv, yv = data
     pick = (lambda a, ax: np.take(a, 0, axis=ax)) if squeeze else (lambda a, ax: a)
+    S = res["logged"]  # rows logged (fewer when every network diverged)
     arrays = {
         "X_train": X,
         "y_train": y,
         "X_val": Xv,
         "y_val": yv,
-        "step": res["step"],
-        "gamma": pick(res["gamma"], 1),
+        "step": res["step"][:S],
+        "gamma": pick(res["gamma"][:S], 1),
         "diverged_step": pick(res["diverged_step"], 0),
     }
     for k in MLP_PARAM_NAMES:
         arrays[k + "_init"] = pick(params0[k], 0)
         arrays[k] = pick(res["params"][k], 0)
     for f in LOG_FIELDS:
-        arrays[f] = pick(res[f], 1)
+        arrays[f] = pick(res[f][:S], 1)
     return arrays
 
 
@@ -568,7 +573,7 @@ TRAIN_DEFAULTS = {
     "width": 100,
     "A": 20.0,
     "T": 1000.0,
-    "steps": 20000,
+    "steps": 30000,
     "log_every": 10,
     "out": "runs/spiral-train",
 }
