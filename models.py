@@ -8,6 +8,8 @@ D  input dimension (2 for the spiral)
 H  hidden width (100 "narrow", 1000 "wide")
 K  classes
 P  parameters of one network (D*H + H + H*K + K; 603 at H = 100)
+C  channels of an image or feature map (c: the Myrtle5 width, 64 in the paper)
+Hx, Wx  image height and width (32 for CIFAR-10; Hx, not H, so as not to clash with the MLP's H)
 
 Conventions
 -----------
@@ -26,13 +28,81 @@ standard  W ~ N(0, 1/fan_in), b = 0 (trained): neural-tangents' 'standard' param
           W_std = 1, b_std = 0, which produced the paper's results (2020-21). The default.
 glorot    W ~ N(0, 2/(fan_in + fan_out)), b ~ N(0, 0.01^2): jax.example_libraries.stax defaults,
           used by the authors' 2022 notebook.
+
+Myrtle5 (Fig. 1; Shankar et al. 2020, the neural-tangents example at depth 5)
+-------------------------------------------------------------------------------
+One network, no M axis (the CIFAR runs train one network at a time)::
+
+    x (N, Hx, Wx, C_in)
+    z1 = conv3x3(x,  W1) + b1   h1 = relu(z1)                       (N, Hx, Wx, c)
+    z2 = conv3x3(h1, W2) + b2   h2 = relu(z2)   p2 = avgpool2(h2)   (N, Hx/2, Wx/2, c)
+    z3 = conv3x3(p2, W3) + b3   h3 = relu(z3)   p3 = avgpool2(h3)   (N, Hx/4, Wx/4, c)
+    z4 = conv3x3(p3, W4) + b4   h4 = relu(z4)   g = global_avgpool(h4)   (N, c)
+    logits = g @ W5 + b5                                              (N, K)
+
+Parameters, in the fixed order of ``MYRTLE5_PARAM_NAMES``: W1 (3, 3, C_in, c), W2..W4
+(3, 3, c, c) (kernel row, kernel column, input channel, output channel), b1..b4 (c,), W5 (c, K),
+b5 (K,); P = 9 C_in c + 27 c^2 + 4c + cK + K (113,226 at c = 64, C_in = 3, K = 10). Convolutions
+are 3x3, stride 1, SAME (zero) padding. The global average pool over the last (Hx/4, Wx/4) map
+equals neural-tangents' three further 2x2 average pools (8x8 -> 1x1) at 32x32: a mean of means of
+equal blocks is the mean. Image sides must be multiples of 8, as for that definition.
+
+Layout: NHWC, x[n, row, col, channel]. cifar.py returns NHWC, and with channels last the
+3x3xC patch of every pixel is nine contiguous runs of C values, so im2col is a single strided
+copy, the GEMM's (N*Hx*Wx, C_out) result already is the NHWC output, and biases and pools
+broadcast over the last axis: no transpose anywhere in the forward or backward pass.
+
+Convolution method: im2col + one GEMM. The padded input is viewed (``as_strided``, no copy) as
+(N, Hx, Wx, 3, 3, C) patches, copied once into cols (N*Hx*Wx, 9C), and multiplied by W reshaped
+to (9C, C_out) (a free view of the (3, 3, C, C_out) kernel), so on a GPU the work is one cuBLAS
+GEMM with K = 9C. The backward pass needs no scatter-adding col2im: see the derivation.
+
+Initialisation (``init_myrtle5``): He scale W ~ N(0, 2/fan_in) with fan_in = 9 C_in for the
+convolutions and fan_in = c for the dense layer, zero (trainable) biases. This is neural-tangents'
+MyrtleNetwork, which passes W_std = sqrt(2) to every layer, the final Dense included; at
+initialisation 'standard' and 'ntk' parameterisations give the same function. (The last layer's
+input is post-ReLU, so 2/fan_in is the He choice there too; 1/fan_in would only halve the initial
+logit variance.)
+
+Derivation: the convolution's backward pass
+-------------------------------------------
+With xp the input padded by one zero row/column on each side,
+out[n,i,j,o] = sum_{a,b,c} xp[n,i+a,j+b,c] W[a,b,c,o], i.e. out = cols @ W.reshape(9C, C_out).
+
+- dF/dW = cols^T @ dout, reshaped to (3, 3, C, C_out); dF/db = dout summed over n, i, j.
+- dF/dx[n,p,q,c] = sum_{i,j,o} dout[n,i,j,o] W[p+1-i, q+1-j, c, o] over the i, j where the
+  kernel index lies in 0..2. Writing a = p+1-i gives sum_{a',b',o} doutp[n,p+a',q+b',o]
+  W[2-a',2-b',c,o] with a' = 2-a and doutp the zero-padded dout: the SAME convolution of dout
+  with the kernel flipped in both spatial axes and its channel axes swapped. That is the col2im
+  of dcols = dout @ W^T, computed as im2col + one GEMM instead of nine strided scatter-adds.
+
+Derivation: the exact Hessian-vector product (R-operator, forward-over-reverse)
+-------------------------------------------------------------------------------
+For a direction v (P,) write R{f} = d/de f(theta + e v) at e = 0 (Pearlmutter 1994). Then
+Hv = R{dF/dtheta}: apply R to every line of the forward and then the backward pass. R is linear
+and obeys the product rule; R{W_l} = V_l, R{b_l} = v_bl (v unflattened), R{x} = 0.
+
+- conv3x3 and dense are bilinear in (input a, weight W): R{z} = f(R{a}, W) + f(a, V) + v_b.
+- ReLU: h = 1[z > 0] z with the mask locally constant (away from the kinks, where F is not twice
+  differentiable), so R{h} = 1[z > 0] R{z}: the same product as relu_backward.
+- pools are linear: R{pool(a)} = pool(R{a}).
+- loss (weights w_j = Gamma_{y_j}, s = softmax(z)): dF/dz_jk = w_j (s_jk - onehot_jk)/N and
+  ds_jk/dz_jl = s_jk (delta_kl - s_jl), so
+  R{dF/dz}_jk = (w_j/N) s_jk (R{z}_jk - sum_l s_jl R{z}_jl); for the weighted MSE
+  R{dF/dz} = (w_j/N) R{z}.
+- backward lines: dW = a^T dz gives R{dW} = R{a}^T dz + a^T R{dz}; da = dz W^T (a flipped conv
+  for conv3x3) gives R{da} = R{dz} W^T + dz V^T; db = sum dz gives R{db} = sum R{dz};
+  dz = 1[z > 0] dh gives R{dz} = 1[z > 0] R{dh}; pool backward is linear.
+
+Hv = (R{dW1}, R{db1}, ..., R{dW5}, R{db5}) is the exact Hessian of the batch loss applied to v (no
+Gauss-Newton approximation), at about twice the cost of a gradient given the cached forward pass.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from dynloss import loss_backward, loss_forward
+from dynloss import log_softmax, loss_backward, loss_forward
 
 INITS = ("standard", "glorot")
 MLP_PARAM_NAMES = ("W1", "b1", "W2", "b2")
@@ -209,3 +279,371 @@ def unflatten(theta, like, names=MLP_PARAM_NAMES):
     if start != theta.shape[1]:
         raise ValueError(f"theta has {theta.shape[1]} parameters, the template {start}")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Myrtle5 layers (NHWC, one network, no M axis): see "Myrtle5" in the module docstring
+# ---------------------------------------------------------------------------------------------
+
+MYRTLE5_PARAM_NAMES = ("W1", "b1", "W2", "b2", "W3", "b3", "W4", "b4", "W5", "b5")
+MYRTLE5_DIVISOR = 8  # image sides must be multiples of this (2x2 pools down to 8x8 -> 1x1)
+
+
+def im2col3x3(x):
+    """The 3x3 patches of the zero-padded x, one row per output pixel.
+
+    x : (N, Hx, Wx, C)
+    Returns cols (N*Hx*Wx, 9C), row (n, i, j) = xpad[n, i:i+3, j:j+3, :] flattened in the
+    order (kernel row, kernel column, channel). One copy from a strided view; dtype of x.
+    """
+    xp = get_array_module(x)
+    N, Hx, Wx, C = x.shape
+    xpad = xp.zeros((N, Hx + 2, Wx + 2, C), dtype=x.dtype)  # (N, Hx+2, Wx+2, C)
+    xpad[:, 1:-1, 1:-1, :] = x
+    sn, sh, sw, sc = xpad.strides
+    patches = xp.lib.stride_tricks.as_strided(
+        xpad, shape=(N, Hx, Wx, 3, 3, C), strides=(sn, sh, sw, sh, sw, sc)
+    )  # (N, Hx, Wx, 3, 3, C), a view
+    return xp.ascontiguousarray(patches).reshape(N * Hx * Wx, 9 * C)  # (N*Hx*Wx, 9C)
+
+
+def _check_conv_shapes(x, W):
+    if x.ndim != 4 or W.ndim != 4 or W.shape[:2] != (3, 3) or W.shape[2] != x.shape[3]:
+        raise ValueError(
+            f"conv3x3 needs x (N, Hx, Wx, C) and W (3, 3, C, C_out); got x {x.shape}, W {W.shape}"
+        )
+
+
+def conv3x3_forward(x, W, b):
+    """3x3 convolution, stride 1, SAME zero padding, NHWC (cross-correlation, as in deep learning).
+
+    x : (N, Hx, Wx, C);  W : (3, 3, C, C_out);  b : (C_out,)
+    Returns out (N, Hx, Wx, C_out) and the cache (cols, W, x.shape).
+    """
+    _check_conv_shapes(x, W)
+    cols = im2col3x3(x)  # (N*Hx*Wx, 9C)
+    out = _conv_apply(cols, W, x.shape)  # (N, Hx, Wx, C_out)
+    out += b
+    return out, (cols, W, x.shape)
+
+
+def _conv_apply(cols, W, x_shape):
+    """cols (N*Hx*Wx, 9C) @ W (3, 3, C, C_out) reshaped to (9C, C_out) -> (N, Hx, Wx, C_out)."""
+    C_out = W.shape[3]
+    out = cols @ W.reshape(-1, C_out)  # (N*Hx*Wx, C_out)  out = cols W
+    return out.reshape(x_shape[:3] + (C_out,))
+
+
+def conv3x3_backward(dout, cache, need_dx=True):
+    """Gradients of :func:`conv3x3_forward` (derivation in the module docstring).
+
+    dout : (N, Hx, Wx, C_out)
+    Returns dx (N, Hx, Wx, C), or None when ``need_dx`` is False (the input is data);
+    dW (3, 3, C, C_out); db (C_out,).
+    """
+    cols, W, x_shape = cache
+    C_out = W.shape[3]
+    dout2 = dout.reshape(-1, C_out)  # (N*Hx*Wx, C_out)
+    dW = (cols.T @ dout2).reshape(W.shape)  # (3, 3, C, C_out)  dF/dW = cols^T dout
+    db = dout2.sum(axis=0)  # (C_out,)  dF/db = sum_{n,i,j} dout
+    dx = _conv_input_grad(dout, W, x_shape) if need_dx else None  # (N, Hx, Wx, C)
+    return dx, dW, db
+
+
+def _conv_input_grad(dout, W, x_shape):
+    """dF/dx of a SAME 3x3 conv: the SAME conv of dout with W flipped and C/C_out swapped."""
+    xp = get_array_module(dout)
+    C, C_out = W.shape[2:]
+    W_flip = xp.ascontiguousarray(W[::-1, ::-1].transpose(0, 1, 3, 2))  # (3, 3, C_out, C)
+    dx = im2col3x3(dout) @ W_flip.reshape(9 * C_out, C)  # (N*Hx*Wx, C)
+    return dx.reshape(x_shape)
+
+
+def avgpool2_forward(x):
+    """2x2 average pooling, stride 2: (N, Hx, Wx, C) -> (N, Hx/2, Wx/2, C); cache x.shape."""
+    N, Hx, Wx, C = x.shape
+    if Hx % 2 or Wx % 2:
+        raise ValueError(f"avgpool2 needs even image sides, got {Hx}x{Wx}")
+    out = x.reshape(N, Hx // 2, 2, Wx // 2, 2, C).mean(axis=(2, 4))  # (N, Hx/2, Wx/2, C)
+    return out, x.shape
+
+
+def avgpool2_backward(dout, cache):
+    """dx (N, Hx, Wx, C): each input pixel gets a quarter of its block's dout."""
+    xp = get_array_module(dout)
+    N, Hx, Wx, C = cache
+    d6 = (0.25 * dout)[:, :, None, :, None, :]  # (N, Hx/2, 1, Wx/2, 1, C)  dF/dx = dout / 4
+    return xp.broadcast_to(d6, (N, Hx // 2, 2, Wx // 2, 2, C)).reshape(cache)  # (N, Hx, Wx, C)
+
+
+def global_avgpool_forward(x):
+    """Mean over the image: (N, Hx, Wx, C) -> (N, C); cache x.shape."""
+    return x.mean(axis=(1, 2)), x.shape  # (N, C)
+
+
+def global_avgpool_backward(dout, cache):
+    """dx (N, Hx, Wx, C) = dout / (Hx Wx) at every pixel."""
+    xp = get_array_module(dout)
+    N, Hx, Wx, C = cache
+    d4 = (dout * (1.0 / (Hx * Wx)))[:, None, None, :]  # (N, 1, 1, C)
+    return xp.ascontiguousarray(xp.broadcast_to(d4, cache))  # (N, Hx, Wx, C)
+
+
+def dense_forward(x, W, b):
+    """out = x @ W + b for one network: x (N, Din), W (Din, Dout), b (Dout,) -> (N, Dout)."""
+    out = x @ W  # (N, Dout)
+    out += b
+    return out, (x, W)
+
+
+def dense_backward(dout, cache):
+    """dout (N, Dout) -> dx (N, Din), dW (Din, Dout), db (Dout,)."""
+    x, W = cache
+    return dout @ W.T, x.T @ dout, dout.sum(axis=0)  # dF/dx = dout W^T, x^T dout, sum_n dout
+
+
+# ---------------------------------------------------------------------------------------------
+# Myrtle5
+# ---------------------------------------------------------------------------------------------
+
+
+def init_myrtle5(rng, c=64, in_channels=3, n_classes=10, dtype=np.float64):
+    """Initial Myrtle5 parameters on the host: W ~ N(0, 2/fan_in), zero biases (module docstring).
+
+    rng : np.random.Generator, or an int seed for np.random.default_rng. Drawn in the order
+    W1, W2, W3, W4, W5. fan_in = 9 C_in for the convolutions, c for the dense layer.
+    Returns params {"W1": (3, 3, C_in, c), "b1": (c,), ..., "W5": (c, K), "b5": (K,)} (NumPy,
+    ``dtype``; pass float32 for GPU training, keep float64 for every check).
+    """
+    if not isinstance(rng, np.random.Generator):
+        rng = np.random.default_rng(rng)
+    shapes = {
+        "W1": (3, 3, in_channels, c),
+        "W2": (3, 3, c, c),
+        "W3": (3, 3, c, c),
+        "W4": (3, 3, c, c),
+        "W5": (c, n_classes),
+    }
+    params = {}
+    for layer, shape in enumerate(shapes.values(), start=1):
+        fan_in = int(np.prod(shape[:-1]))
+        params[f"W{layer}"] = rng.normal(0.0, np.sqrt(2.0 / fan_in), size=shape).astype(dtype)
+        params[f"b{layer}"] = np.zeros(shape[-1], dtype=dtype)
+    return {k: params[k] for k in MYRTLE5_PARAM_NAMES}
+
+
+def _check_image(x):
+    if x.ndim != 4:
+        raise ValueError(f"Myrtle5 takes NHWC images (N, Hx, Wx, C); got shape {x.shape}")
+    Hx, Wx = x.shape[1:3]
+    if Hx % MYRTLE5_DIVISOR or Wx % MYRTLE5_DIVISOR:
+        raise ValueError(
+            f"Myrtle5 needs image height and width divisible by {MYRTLE5_DIVISOR} "
+            f"(2x2 average pools down to 1x1); got {Hx}x{Wx}"
+        )
+
+
+def myrtle5_forward(x, params):
+    """Logits of one Myrtle5 network.
+
+    x : (N, Hx, Wx, C_in), Hx and Wx multiples of 8;  params : see :func:`init_myrtle5`
+    Returns logits (N, K) and the cache for :func:`myrtle5_backward` (a dict of layer caches).
+    """
+    _check_image(x)
+    P = params
+    z1, conv1 = conv3x3_forward(x, P["W1"], P["b1"])  # (N, Hx, Wx, c)
+    h1, relu1 = relu_forward(z1)
+    z2, conv2 = conv3x3_forward(h1, P["W2"], P["b2"])  # (N, Hx, Wx, c)
+    h2, relu2 = relu_forward(z2)
+    p2, pool2 = avgpool2_forward(h2)  # (N, Hx/2, Wx/2, c)
+    z3, conv3 = conv3x3_forward(p2, P["W3"], P["b3"])
+    h3, relu3 = relu_forward(z3)
+    p3, pool3 = avgpool2_forward(h3)  # (N, Hx/4, Wx/4, c)
+    z4, conv4 = conv3x3_forward(p3, P["W4"], P["b4"])
+    h4, relu4 = relu_forward(z4)
+    g, pool4 = global_avgpool_forward(h4)  # (N, c)
+    logits, dense5 = dense_forward(g, P["W5"], P["b5"])  # (N, K)
+    cache = dict(conv1=conv1, relu1=relu1, conv2=conv2, relu2=relu2, pool2=pool2, conv3=conv3)
+    cache.update(relu3=relu3, pool3=pool3, conv4=conv4, relu4=relu4, pool4=pool4, dense5=dense5)
+    return logits, cache
+
+
+def _myrtle5_backward(dlogits, cache):
+    """The backward pass, returning the grads and the pre-activation gradients dz1..dz4."""
+    c = cache
+    dg, dW5, db5 = dense_backward(dlogits, c["dense5"])  # (N, c)
+    dz4 = relu_backward(global_avgpool_backward(dg, c["pool4"]), c["relu4"])  # (N, Hx/4, Wx/4, c)
+    dp3, dW4, db4 = conv3x3_backward(dz4, c["conv4"])
+    dz3 = relu_backward(avgpool2_backward(dp3, c["pool3"]), c["relu3"])  # (N, Hx/2, Wx/2, c)
+    dp2, dW3, db3 = conv3x3_backward(dz3, c["conv3"])
+    dz2 = relu_backward(avgpool2_backward(dp2, c["pool2"]), c["relu2"])  # (N, Hx, Wx, c)
+    dh1, dW2, db2 = conv3x3_backward(dz2, c["conv2"])
+    dz1 = relu_backward(dh1, c["relu1"])  # (N, Hx, Wx, c)
+    _, dW1, db1 = conv3x3_backward(dz1, c["conv1"], need_dx=False)
+    grads = dict(W1=dW1, b1=db1, W2=dW2, b2=db2, W3=dW3, b3=db3, W4=dW4, b4=db4, W5=dW5, b5=db5)
+    return grads, dict(dz1=dz1, dz2=dz2, dz3=dz3, dz4=dz4)
+
+
+def myrtle5_backward(dlogits, cache):
+    """Parameter gradients of :func:`myrtle5_forward`, the chain rule in reverse order.
+
+    dlogits : (N, K)
+    Returns grads, a dict with the shapes of params (order ``MYRTLE5_PARAM_NAMES``).
+    """
+    grads, _ = _myrtle5_backward(dlogits, cache)
+    return {k: grads[k] for k in MYRTLE5_PARAM_NAMES}
+
+
+def _loss_on_batch(logits, y, gamma, loss):
+    """dynloss on one network: adds and removes the leading M = 1 axis; keeps logits' dtype."""
+    xp = get_array_module(logits)
+    gamma = xp.asarray(gamma, dtype=logits.dtype)[None, :]  # (1, K)
+    F, lcache = loss_forward(logits[None], xp.asarray(y), gamma, loss)  # (1,)
+    dlogits = loss_backward(lcache)[0].astype(logits.dtype, copy=False)  # (N, K)
+    return F[0], dlogits
+
+
+def myrtle5_loss_and_grads(params, x, y, gamma, loss="ce"):
+    """Dynamical loss F (eq. 1, mean over the batch) of one Myrtle5 network and its gradient.
+
+    x : (N, Hx, Wx, C_in);  y : (N,) ints;  gamma : (K,) class weights at the current step
+    Returns F (a 0-d array on the backend of x: no device-to-host sync), grads (shapes of params),
+    logits (N, K).
+    """
+    logits, cache = myrtle5_forward(x, params)
+    F, dlogits = _loss_on_batch(logits, y, gamma, loss)
+    return F, myrtle5_backward(dlogits, cache), logits
+
+
+def myrtle5_flatten(params):
+    """Concatenate one network's parameters in the order ``MYRTLE5_PARAM_NAMES``: theta (P,)."""
+    return flatten({k: params[k][None] for k in MYRTLE5_PARAM_NAMES}, MYRTLE5_PARAM_NAMES)[0]
+
+
+def myrtle5_unflatten(theta, like):
+    """Inverse of :func:`myrtle5_flatten`: theta (P,) -> dict of views shaped like ``like``."""
+    template = {k: like[k][None] for k in MYRTLE5_PARAM_NAMES}
+    out = unflatten(theta[None], template, MYRTLE5_PARAM_NAMES)
+    return {k: out[k][0] for k in MYRTLE5_PARAM_NAMES}
+
+
+# ---------------------------------------------------------------------------------------------
+# The exact Hessian-vector product of the Myrtle5 loss (R-operator; module docstring)
+# ---------------------------------------------------------------------------------------------
+
+
+def _loss_rop(logits, y, gamma, Rlogits, loss):
+    """R{dF/dlogits} (N, K) for the weighted loss (derivation in the module docstring)."""
+    xp = get_array_module(logits)
+    N = logits.shape[0]
+    w = xp.asarray(gamma, dtype=logits.dtype)[xp.asarray(y)][:, None] / N  # (N, 1)  Gamma_y / N
+    if loss == "mse":
+        return w * Rlogits  # (N, K)
+    s = xp.exp(log_softmax(logits))  # (N, K)  softmax
+    return w * s * (Rlogits - (s * Rlogits).sum(axis=1, keepdims=True))  # (N, K)
+
+
+def _conv_rop_backward(dz, Rdz, cache, V, cols_R, need_dx=True):
+    """R of conv3x3_backward: (R{dx} or None, R{dW}, R{db}) from dz = dF/dout and R{dz}.
+
+    cache: the forward cache (cols, W, x.shape) of the input a; cols_R: im2col of R{a}, or None
+    where R{a} = 0 (the data); V: the direction's kernel (3, 3, C, C_out).
+    """
+    Rdx, RdW, Rdb = conv3x3_backward(Rdz, cache, need_dx)  # R{dz} * W~, a^T R{dz}, sum R{dz}
+    if cols_R is not None:
+        RdW = RdW + (cols_R.T @ dz.reshape(-1, V.shape[3])).reshape(V.shape)  # + R{a}^T dz
+    if need_dx:
+        Rdx = Rdx + _conv_input_grad(dz, V, cache[2])  # + dz * V~
+    return Rdx, RdW, Rdb
+
+
+def _myrtle5_rop(params, cache, logits, dlogits, dz, y, gamma, loss, V):
+    """R{grads} for the direction V (a params-shaped dict): the Hessian applied to V."""
+    P, c = params, cache
+    # R forward pass: R{z} = conv(R{a}, W) + conv(a, V) + v_b; R{h} = 1[z > 0] R{z}
+    conv1, conv2, conv3, conv4 = c["conv1"], c["conv2"], c["conv3"], c["conv4"]
+    Rz1 = _conv_apply(conv1[0], V["W1"], conv1[2]) + V["b1"]  # (N, Hx, Wx, c)  R{x} = 0
+    Rh1 = relu_backward(Rz1, c["relu1"])
+    Rz2, convR2 = conv3x3_forward(Rh1, P["W2"], V["b2"])
+    Rz2 += _conv_apply(conv2[0], V["W2"], conv2[2])  # (N, Hx, Wx, c)
+    Rp2, _ = avgpool2_forward(relu_backward(Rz2, c["relu2"]))  # (N, Hx/2, Wx/2, c)
+    Rz3, convR3 = conv3x3_forward(Rp2, P["W3"], V["b3"])
+    Rz3 += _conv_apply(conv3[0], V["W3"], conv3[2])
+    Rp3, _ = avgpool2_forward(relu_backward(Rz3, c["relu3"]))  # (N, Hx/4, Wx/4, c)
+    Rz4, convR4 = conv3x3_forward(Rp3, P["W4"], V["b4"])
+    Rz4 += _conv_apply(conv4[0], V["W4"], conv4[2])
+    Rg, _ = global_avgpool_forward(relu_backward(Rz4, c["relu4"]))  # (N, c)
+    g, W5 = c["dense5"]
+    Rlogits = Rg @ W5 + g @ V["W5"] + V["b5"]  # (N, K)
+    Rdlogits = _loss_rop(logits, y, gamma, Rlogits, loss)  # (N, K)
+    # R backward pass: R{dW} = R{a}^T dz + a^T R{dz};  R{da} = R{dz} W^T + dz V^T
+    Rdg, RdW5, Rdb5 = dense_backward(Rdlogits, c["dense5"])
+    RdW5 = RdW5 + Rg.T @ dlogits  # (c, K)
+    Rdg = Rdg + dlogits @ V["W5"].T  # (N, c)
+    Rdz4 = relu_backward(global_avgpool_backward(Rdg, c["pool4"]), c["relu4"])
+    Rdp3, RdW4, Rdb4 = _conv_rop_backward(dz["dz4"], Rdz4, conv4, V["W4"], convR4[0])
+    Rdz3 = relu_backward(avgpool2_backward(Rdp3, c["pool3"]), c["relu3"])
+    Rdp2, RdW3, Rdb3 = _conv_rop_backward(dz["dz3"], Rdz3, conv3, V["W3"], convR3[0])
+    Rdz2 = relu_backward(avgpool2_backward(Rdp2, c["pool2"]), c["relu2"])
+    Rdh1, RdW2, Rdb2 = _conv_rop_backward(dz["dz2"], Rdz2, conv2, V["W2"], convR2[0])
+    Rdz1 = relu_backward(Rdh1, c["relu1"])
+    _, RdW1, Rdb1 = _conv_rop_backward(dz["dz1"], Rdz1, conv1, V["W1"], None, need_dx=False)
+    return dict(
+        W1=RdW1, b1=Rdb1, W2=RdW2, b2=Rdb2, W3=RdW3, b3=Rdb3, W4=RdW4, b4=Rdb4, W5=RdW5, b5=Rdb5
+    )
+
+
+def myrtle5_hvp_operator(params, x, y, gamma, loss="ce"):
+    """The exact Hessian of the batch loss as a function v (P,) -> Hv (P,), for Lanczos.
+
+    Runs the forward and backward pass once and keeps them; each call then costs about two
+    gradient evaluations. v may be a NumPy array (it is moved to the backend of params); Hv is on
+    that backend, in the dtype of params. x : (N, Hx, Wx, C_in); y : (N,); gamma : (K,).
+    """
+    xp = get_array_module(*params.values())
+    logits, cache = myrtle5_forward(x, params)
+    _, dlogits = _loss_on_batch(logits, y, gamma, loss)
+    _, dz = _myrtle5_backward(dlogits, cache)
+    dtype = params["W1"].dtype
+
+    def matvec(v):
+        V = myrtle5_unflatten(xp.asarray(v, dtype=dtype).reshape(-1), params)
+        Hv = _myrtle5_rop(params, cache, logits, dlogits, dz, y, gamma, loss, V)
+        return myrtle5_flatten(Hv)  # (P,)
+
+    return matvec
+
+
+def myrtle5_hvp(params, x, y, gamma, v, loss="ce"):
+    """Exact Hessian-vector product of the Myrtle5 loss on a batch, by the R-operator.
+
+    x : (N, Hx, Wx, C_in);  y : (N,);  gamma : (K,);  v : (P,) in ``myrtle5_flatten`` order
+    Returns Hv (P,) = (d^2 F / d theta^2) v (derivation in the module docstring).
+    """
+    return myrtle5_hvp_operator(params, x, y, gamma, loss)(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training step
+# ---------------------------------------------------------------------------------------------
+
+
+def nesterov_step(params, grads, velocity, lr, momentum=0.9):
+    """One SGD step with Nesterov momentum, in place on ``params`` and ``velocity``.
+
+    PyTorch's formulation (torch.optim.SGD(nesterov=True), dampening 0, weight decay 0):
+
+        v     <- momentum * v + g
+        theta <- theta - lr * (g + momentum * v)
+
+    with v = 0 before the first step (PyTorch's first buffer, g, is the same thing). ``params``,
+    ``grads`` and ``velocity`` are dicts with the same keys (or three arrays); the trainer owns
+    params and velocity, which are edited in place; grads is only read.
+    """
+    if not isinstance(params, dict):
+        params, grads, velocity = {"": params}, {"": grads}, {"": velocity}
+    for k, theta in params.items():
+        v, g = velocity[k], grads[k]
+        v *= momentum
+        v += g  # v <- momentum v + g
+        theta -= lr * (g + momentum * v)  # theta <- theta - lr (g + momentum v)

@@ -1,0 +1,357 @@
+"""Time one Myrtle5 training step (forward, backward, Nesterov update) against PyTorch + cuDNN.
+
+Commands
+--------
+python benchmarks/bench_myrtle5.py             GPU rows (when CuPy sees a GPU) and the CPU rows
+python benchmarks/bench_myrtle5.py --profile   also time the pieces of our GPU step
+python benchmarks/bench_myrtle5.py --tiny      a few seconds on the CPU (what CI runs)
+
+GPU rows: batch 512, c = 64, 32x32x3 images, the dynamical loss (A = 20), our NumPy/CuPy code in
+float32 and in TF32 (CUPY_TF32=1; CuPy reads the variable itself when it first multiplies float32
+matrices, so each precision runs in its own child process of this script), and, when PyTorch is
+importable, the same network in PyTorch with cuDNN (cudnn.benchmark on, NCHW and channels-last,
+fp32 with TF32 off, then TF32 on) in the same run. The ratio is ours over the faster PyTorch layout
+(target <= 1). Timing: warm-up steps, then CUDA events around ``inner`` steps, median of ``reps``.
+CPU rows: NumPy at a small batch (32, c = 64) in float32 and float64, median of a few steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dynloss import class_weights  # noqa: E402
+from models import (  # noqa: E402
+    _conv_input_grad,
+    avgpool2_backward,
+    avgpool2_forward,
+    conv3x3_forward,
+    im2col3x3,
+    init_myrtle5,
+    myrtle5_forward,
+    myrtle5_loss_and_grads,
+    nesterov_step,
+    relu_backward,
+    relu_forward,
+    to_device,
+)
+
+K = 10
+LR = 0.02  # the paper's peak learning rate
+A_DYN, T_DYN = 20.0, 100  # a tilted loss, so gamma is not all ones
+RESULT = "RESULT "  # prefix of the JSON line a child process prints
+
+
+def make_batch(xp, batch, side, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = xp.asarray(rng.normal(size=(batch, side, side, 3)).astype(dtype))
+    y = xp.asarray(rng.integers(0, K, size=batch))
+    gamma = xp.asarray(class_weights(50, A_DYN, T_DYN, K).astype(dtype))
+    return x, y, gamma
+
+
+def our_step_fn(xp, batch, c, side, dtype):
+    """A closure running one training step of our Myrtle5 on the backend xp."""
+    params = to_device(init_myrtle5(0, c=c, dtype=dtype), xp)
+    velocity = {k: xp.zeros_like(p) for k, p in params.items()}
+    x, y, gamma = make_batch(xp, batch, side, dtype)
+
+    def step():
+        _, grads, _ = myrtle5_loss_and_grads(params, x, y, gamma)
+        nesterov_step(params, grads, velocity, LR)
+
+    return step
+
+
+def cpu_time(step, reps):
+    step()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def gpu_time(step, start, end, elapsed_ms, warmup, reps, inner):
+    """Median ms per step: events around ``inner`` steps, ``reps`` times, after warm-up."""
+    for _ in range(warmup):
+        step()
+    end.record()
+    end.synchronize()
+    times = []
+    for _ in range(reps):
+        start.record()
+        for _ in range(inner):
+            step()
+        end.record()
+        end.synchronize()
+        times.append(elapsed_ms(start, end) / inner)
+    return float(np.median(times))
+
+
+# ---------------------------------------------------------------------------------------------
+# Child processes (one per precision for CuPy; one for PyTorch)
+# ---------------------------------------------------------------------------------------------
+
+
+def child_cupy(args):
+    import cupy
+
+    step = our_step_fn(cupy, args.batch, args.width, 32, np.float32)
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    ms = gpu_time(step, start, end, cupy.cuda.get_elapsed_time, 3, args.reps, args.inner)
+    out = {"ms": ms, "peak_GB": cupy.get_default_memory_pool().total_bytes() / 1e9}
+    if args.profile:
+        out["profile"] = profile_cupy(cupy, args)
+    print(RESULT + json.dumps(out), flush=True)
+
+
+def profile_cupy(cupy, args):
+    """ms of the pieces of one step at the largest (32x32) layer, and of whole passes."""
+    N, c = args.batch, args.width
+    rng = np.random.default_rng(1)
+    h = cupy.asarray(np.abs(rng.normal(size=(N, 32, 32, c))).astype(np.float32))
+    W = cupy.asarray(rng.normal(size=(3, 3, c, c)).astype(np.float32))
+    b = cupy.zeros(c, dtype=np.float32)
+    cols = im2col3x3(h)
+    dout = cupy.asarray(rng.normal(size=(N, 32, 32, c)).astype(np.float32))
+    params = to_device(init_myrtle5(0, c=c, dtype=np.float32), cupy)
+    x, y, gamma = make_batch(cupy, N, 32, np.float32)
+    pieces = {
+        "im2col 32x32xc": lambda: im2col3x3(h),
+        "GEMM fwd cols@W 32x32": lambda: cols @ W.reshape(-1, c),
+        "conv fwd 32x32 (all)": lambda: conv3x3_forward(h, W, b),
+        "GEMM dW cols.T@dout 32x32": lambda: cols.T @ dout.reshape(-1, c),
+        "conv dx (flipped conv) 32x32": lambda: _conv_input_grad(dout, W, h.shape),
+        "relu fwd 32x32": lambda: relu_forward(dout),
+        "relu bwd 32x32": lambda: relu_backward(dout, h),
+        "avgpool2 fwd 32x32": lambda: avgpool2_forward(h),
+        "avgpool2 bwd 32x32": lambda: avgpool2_backward(dout[:, :16, :16], h.shape),
+        "  alt: im2col by 9 slice copies": lambda: _im2col_slices(h),
+        "  alt: GEMM dW split-K x16 (batched)": lambda: _dW_split(cols, dout, 16),
+        "  alt: GEMM dW split-K x64 (batched)": lambda: _dW_split(cols, dout, 64),
+        "Myrtle5 forward": lambda: myrtle5_forward(x, params),
+        "Myrtle5 loss+grads": lambda: myrtle5_loss_and_grads(params, x, y, gamma),
+    }
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    return {
+        name: gpu_time(fn, start, end, cupy.cuda.get_elapsed_time, 2, 5, 3)
+        for name, fn in pieces.items()
+    }
+
+
+def _im2col_slices(x):
+    """Alternative im2col (for --profile only): nine strided slice copies, no padded copy."""
+    xp = __import__("cupy")
+    N, Hx, Wx, C = x.shape
+    cols = xp.zeros((N, Hx, Wx, 3, 3, C), dtype=x.dtype)
+    for a in range(3):
+        for b in range(3):
+            i0, i1, j0, j1 = max(0, 1 - a), min(Hx, Hx + 1 - a), max(0, 1 - b), min(Wx, Wx + 1 - b)
+            cols[:, i0:i1, j0:j1, a, b] = x[:, i0 + a - 1 : i1 + a - 1, j0 + b - 1 : j1 + b - 1]
+    return cols.reshape(N * Hx * Wx, 9 * C)
+
+
+def _dW_split(cols, dout, S):
+    """Alternative dW GEMM (for --profile only): S batched partial products, then a sum."""
+    R, KC = cols.shape
+    c = dout.shape[-1]
+    part = cols.reshape(S, R // S, KC).transpose(0, 2, 1) @ dout.reshape(S, R // S, c)
+    return part.sum(axis=0)
+
+
+def set_torch_tf32(torch, on):
+    """TF32 for cuBLAS and cuDNN on or off (PyTorch >= 2.9 API where it exists)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        conv = getattr(torch.backends.cudnn, "conv", None)
+        if conv is not None and hasattr(conv, "fp32_precision"):
+            torch.backends.cudnn.conv.fp32_precision = "tf32" if on else "ieee"
+            torch.backends.cuda.matmul.fp32_precision = "tf32" if on else "ieee"
+        else:
+            torch.backends.cudnn.allow_tf32 = on
+            torch.backends.cuda.matmul.allow_tf32 = on
+
+
+def child_torch(args):
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    torch.backends.cudnn.benchmark = True
+    dev = torch.device("cuda")
+    c = args.width
+    x, y, gamma = make_batch(np, args.batch, 32, np.float32)
+    x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(dev)  # NCHW
+    y, gamma = torch.from_numpy(y).to(dev), torch.from_numpy(gamma).to(dev)
+    out = {}
+    for layout in ("nchw", "channels_last"):
+        for tf32 in (False, True):
+            set_torch_tf32(torch, tf32)
+            torch.manual_seed(0)
+            conv = lambda cin: nn.Conv2d(cin, c, 3, padding=1)  # noqa: E731
+            model = nn.Sequential(
+                conv(3), nn.ReLU(), conv(c), nn.ReLU(), nn.AvgPool2d(2),
+                conv(c), nn.ReLU(), nn.AvgPool2d(2), conv(c), nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, K),
+            ).to(dev)  # fmt: skip
+            xb = x
+            if layout == "channels_last":
+                model = model.to(memory_format=torch.channels_last)
+                xb = x.contiguous(memory_format=torch.channels_last)
+            opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, nesterov=True)
+
+            def step(model=model, opt=opt, xb=xb):
+                opt.zero_grad(set_to_none=True)
+                loss = (F.cross_entropy(model(xb), y, reduction="none") * gamma[y]).mean()
+                loss.backward()
+                opt.step()
+
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            ms = gpu_time(
+                step, start, end, lambda s, e: s.elapsed_time(e), 5, args.reps, args.inner
+            )
+            out[f"{layout} {'tf32' if tf32 else 'fp32'}"] = ms
+    print(RESULT + json.dumps(out), flush=True)
+
+
+def run_child(kind, args, env_extra):
+    cmd = [sys.executable, __file__, "--child", kind, "--batch", str(args.batch)]
+    cmd += ["--width", str(args.width), "--reps", str(args.reps), "--inner", str(args.inner)]
+    cmd += ["--profile"] if args.profile else []
+    env = {**os.environ, **env_extra}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT):
+            return json.loads(line[len(RESULT) :])
+    print(f"[{kind} {env_extra}] failed:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------
+
+
+def versions():
+    import scipy
+
+    v = {"python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__}
+    for name in ("cupy", "torch"):
+        try:
+            v[name] = __import__(name).__version__
+        except Exception:
+            pass
+    return v
+
+
+def cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_info():
+    """(GPU name, CUDA runtime version) if CuPy sees a GPU, else None."""
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None
+        name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
+        name = name.decode() if isinstance(name, bytes) else name
+        return name, cupy.cuda.runtime.runtimeGetVersion()
+    except Exception:
+        return None
+
+
+def torch_available():
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="CPU only, tiny sizes (seconds)")
+    ap.add_argument("--batch", type=int, default=512, help="GPU batch")
+    ap.add_argument("--width", type=int, default=64, help="channels c")
+    ap.add_argument("--cpu-batch", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=10, help="timed repetitions (median)")
+    ap.add_argument("--inner", type=int, default=5, help="GPU steps per timed repetition")
+    ap.add_argument("--profile", action="store_true", help="also time the pieces of a GPU step")
+    ap.add_argument("--no-gpu", action="store_true")
+    ap.add_argument("--child", choices=("cupy", "torch"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child == "cupy":
+        return child_cupy(args)
+    if args.child == "torch":
+        return child_torch(args)
+
+    rows = []  # (what, precision, batch, c, ms, PyTorch ms or None)
+    gpu = None if (args.tiny or args.no_gpu) else gpu_info()
+    profile = None
+    if gpu is not None:
+        torch_ms = run_child("torch", args, {}) if torch_available() else None
+        for prec, flag in (("fp32", "0"), ("tf32", "1")):
+            res = run_child("cupy", args, {"CUPY_TF32": flag})
+            if res is None:
+                continue
+            base = None
+            if torch_ms:
+                base = min(torch_ms[f"nchw {prec}"], torch_ms[f"channels_last {prec}"])
+            rows.append(("ours, CuPy", prec, args.batch, args.width, res["ms"], base))
+            profile = res.get("profile", profile) if prec == "fp32" else profile
+        for key, ms in (torch_ms or {}).items():
+            layout, prec = key.split()
+            rows.append((f"PyTorch+cuDNN {layout}", prec, args.batch, args.width, ms, None))
+
+    cpu_batch, c, reps = (8, 16, 2) if args.tiny else (args.cpu_batch, args.width, 3)
+    for dtype in (np.float32, np.float64):
+        ms = cpu_time(our_step_fn(np, cpu_batch, c, 32, dtype), reps)
+        rows.append(("ours, NumPy CPU", np.dtype(dtype).name, cpu_batch, c, ms, None))
+
+    v = versions()
+    print(f"machine: {platform.node()} | CPU: {cpu_name()} ({os.cpu_count()} cores)")
+    if gpu is not None:
+        print(f"GPU: {gpu[0]} (CUDA runtime {gpu[1]})")
+    print("versions: " + ", ".join(f"{k} {val}" for k, val in v.items()))
+    print("Myrtle5 training step (forward + backward + Nesterov), 32x32x3 images, dynamical CE")
+    print(
+        f"{'implementation':<28}{'precision':>10}{'batch':>7}{'c':>5}{'ms/step':>10}{'ours/PyTorch':>14}"
+    )
+    for what, prec, batch, c, ms, base in rows:
+        ratio = f"{ms / base:.2f}" if base else "-"
+        print(f"{what:<28}{prec:>10}{batch:>7}{c:>5}{ms:>10.2f}{ratio:>14}")
+    if gpu is not None and not torch_available():
+        print("(PyTorch not importable or without CUDA: no baseline; SETUP.md's H200 anchor is "
+              "7.1 ms fp32, 3.5 ms TF32)")  # fmt: skip
+    if profile:
+        print("\nprofile of our fp32 step (ms, median), batch", args.batch, "c", args.width)
+        for name, ms in profile.items():
+            print(f"  {name:<34}{ms:8.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
