@@ -16,20 +16,21 @@ S logged steps.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import sys
-import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
+import sweep
 from dynloss import LOSSES, class_weights
 from models import INITS, MLP_PARAM_NAMES, backend, init_mlp, to_host
+from sweep import atomic_savez, write_json
 
 K_SPIRAL = 3
 N_PER_CLASS = 100
@@ -88,7 +89,7 @@ def make_spiral_val(n_per_class=N_PER_CLASS, K=K_SPIRAL, noise=SPIRAL_NOISE, see
 # Batched full-batch gradient descent
 # ---------------------------------------------------------------------------------------------
 
-LOG_FIELDS = ("loss", "dloss", "loss_static", "train_acc", "val_acc")
+LOG_FIELDS = ("loss", "dloss", "loss_static", "train_acc", "val_acc", "val_loss")
 
 
 @dataclass
@@ -115,72 +116,87 @@ def log_steps(steps, log_every):
     return np.array(s + [steps], dtype=np.int64)
 
 
-def _forward_loss(P, Xa, y, onehot, gamma, loss, xp):
+def _forward_loss(P, XaT, y, onehotT, gamma, loss, xp):
     """Fused forward pass and loss for a block of networks (the training hot path).
 
-    P : {"W1a": (M, D+1, H) (W1 with b1 as its last row), "W2": (M, H, K), "b2": (M, K)}
-    Xa : (N, D+1) inputs with a column of ones;  gamma : (M, K)
-    Returns F (M,), dlogits (M, N, K), h (M, N, H), logits (M, N, K).
+    The trainer keeps everything feature-major (samples last), so that the sums over the K
+    classes run across contiguous (M, N) slices rather than along a length-K inner axis.
+
+    P : {"W1aT": (M, H, D+1) (W1^T with b1 as its last column), "W2T": (M, K, H), "b2": (M, K, 1)}
+    XaT : (D+1, N) inputs with a row of ones;  onehotT : (K, N);  gamma : (M, K)
+    Returns F (M,), dlogits (M, K, N), (h, mask) both (M, H, N), logits (M, K, N).
     """
-    N = Xa.shape[0]
-    h = Xa @ P["W1a"]  # (M, N, H)  z1 = x W1 + b1
-    xp.maximum(h, 0.0, out=h)  # (M, N, H)  h1 = relu(z1), in place on the fresh z1
-    logits = h @ P["W2"]  # (M, N, K)
-    logits += P["b2"][:, None, :]
+    N = XaT.shape[1]
+    h = P["W1aT"] @ XaT  # (M, H, N)  z1 = x W1 + b1 (transposed)
+    mask = xp.greater(h, 0.0, out=xp.empty_like(h))  # (M, H, N)  1[z1 > 0] as floats
+    h *= mask  # (M, H, N)  h1 = relu(z1) (a multiply is cheaper than maximum here)
+    logits = P["W2T"] @ h  # (M, K, N)
+    logits += P["b2"]
     w = gamma[:, y] / N  # (M, N)  Gamma_{y_j} / N
     if loss == "ce":
-        shifted = logits - logits.max(axis=-1, keepdims=True)  # (M, N, K)
+        shifted = logits - logits.max(axis=1, keepdims=True)  # (M, K, N)
         e = xp.exp(shifted)
-        se = e.sum(axis=-1)  # (M, N)
-        ce = xp.log(se) - (shifted * onehot).sum(axis=-1)  # (M, N)  CE_j
+        se = e.sum(axis=1)  # (M, N)
+        ce = xp.log(se) - (shifted * onehotT).sum(axis=1)  # (M, N)  CE_j
         F = (w * ce).sum(axis=1)  # (M,)  Eq. (1) / N
-        dlogits = e / se[..., None] - onehot  # (M, N, K)  softmax(z) - onehot(y)
+        e /= se[:, None, :]  # (M, K, N)  softmax(z)
+        dlogits = e - onehotT  # softmax(z) - onehot(y)
     else:
-        dlogits = logits - onehot  # (M, N, K)  g of eq. (12)
-        F = 0.5 * (w * (dlogits**2).sum(axis=-1)).sum(axis=1)  # (M,)  Eq. (8), weighted
-    dlogits *= w[..., None]  # dF/dz = Gamma_y (softmax(z) - onehot(y)) / N
-    return F, dlogits, h, logits
+        dlogits = logits - onehotT  # (M, K, N)  g of eq. (12)
+        F = 0.5 * (w * (dlogits**2).sum(axis=1)).sum(axis=1)  # (M,)  Eq. (8), weighted
+    dlogits *= w[:, None, :]  # dF/dz = Gamma_y (softmax(z) - onehot(y)) / N
+    return F, dlogits, (h, mask), logits
 
 
-def _backward_update(P, Xa, dlogits, h, lr, xp):
+def _backward_update(P, XaT, dlogits, hidden, lr, xp):
     """Backward pass of :func:`_forward_loss` and the gradient-descent update, in place on P."""
-    hT = xp.swapaxes(h, 1, 2)  # (M, H, N)
-    dW2 = hT @ dlogits  # (M, H, K)  dF/dW2 = h1^T dz
-    db2 = dlogits.sum(axis=1)  # (M, K)
-    dh = dlogits @ xp.swapaxes(P["W2"], 1, 2)  # (M, N, H)  dF/dh1 = dz W2^T
-    dh *= h > 0  # (M, N, H)  dF/dz1 = dF/dh1 * 1[z1 > 0]
-    dW1a = Xa.T @ dh  # (M, D+1, H)  [dF/dW1; dF/db1] = [x 1]^T dF/dz1
-    P["W1a"] -= lr * dW1a
-    P["W2"] -= lr * dW2
+    h, mask = hidden
+    dW2T = dlogits @ xp.swapaxes(h, 1, 2)  # (M, K, H)  dF/dW2 = h1^T dz (transposed)
+    db2 = dlogits.sum(axis=2, keepdims=True)  # (M, K, 1)
+    dh = xp.swapaxes(P["W2T"], 1, 2) @ dlogits  # (M, H, N)  dF/dh1 = dz W2^T (transposed)
+    dh *= mask  # (M, H, N)  dF/dz1 = dF/dh1 * 1[z1 > 0]
+    dW1aT = dh @ XaT.T  # (M, H, D+1)  [dF/dW1; dF/db1] = [x 1]^T dF/dz1 (transposed)
+    P["W1aT"] -= lr * dW1aT
+    P["W2T"] -= lr * dW2T
     P["b2"] -= lr * db2
 
 
 def _pack(params, xp):
-    """MLP params (leading M) -> the trainer's fused layout (bias folded into W1a)."""
+    """MLP params (leading M) -> the trainer's layout: transposed, b1 folded into W1aT."""
     W1a = np.concatenate([params["W1"], params["b1"][:, None, :]], axis=1)  # (M, D+1, H)
-    copy = lambda a: xp.array(a, dtype=np.float64, copy=True)  # the trainer owns its arrays
-    return {"W1a": copy(W1a), "W2": copy(params["W2"]), "b2": copy(params["b2"])}
+    copy = lambda a: xp.array(np.ascontiguousarray(a), dtype=np.float64)  # the trainer's own
+    return {
+        "W1aT": copy(W1a.transpose(0, 2, 1)),
+        "W2T": copy(params["W2"].transpose(0, 2, 1)),
+        "b2": copy(params["b2"][:, :, None]),
+    }
 
 
 def _unpack(P):
     """Inverse of :func:`_pack`, to NumPy arrays."""
     host = to_host(P)
-    return {"W1": host["W1a"][:, :-1], "b1": host["W1a"][:, -1], "W2": host["W2"], "b2": host["b2"]}
+    W1a = host["W1aT"].transpose(0, 2, 1)  # (M, D+1, H)
+    return {
+        "W1": np.ascontiguousarray(W1a[:, :-1]),
+        "b1": np.ascontiguousarray(W1a[:, -1]),
+        "W2": np.ascontiguousarray(host["W2T"].transpose(0, 2, 1)),
+        "b2": host["b2"][:, :, 0],
+    }
 
 
-def _metrics(P, Xa, y, onehot, logits, xp):
-    """Static cross-entropy and accuracy of logits (M, N, K) on labels y (N,): two (M,) arrays."""
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    ce = xp.log(xp.exp(shifted).sum(axis=-1)) - (shifted * onehot).sum(axis=-1)  # (M, N)
-    acc = (logits.argmax(axis=-1) == y[None, :]).mean(axis=1)
+def _metrics(y, onehotT, logits, xp):
+    """Static cross-entropy and accuracy of logits (M, K, N) on labels y (N,): two (M,) arrays."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    ce = xp.log(xp.exp(shifted).sum(axis=1)) - (shifted * onehotT).sum(axis=1)  # (M, N)
+    acc = (logits.argmax(axis=1) == y[None, :]).mean(axis=1)
     return ce.mean(axis=1), acc
 
 
-def _eval(P, Xa, y, onehot, xp):
-    """Static loss and accuracy of the block P on (Xa, y): two (M,) arrays."""
-    h = xp.maximum(Xa @ P["W1a"], 0.0)
-    logits = h @ P["W2"] + P["b2"][:, None, :]
-    return _metrics(P, Xa, y, onehot, logits, xp)
+def _eval(P, XaT, y, onehotT, xp):
+    """Static loss and accuracy of the block P on (XaT, y): two (M,) arrays."""
+    h = xp.maximum(P["W1aT"] @ XaT, 0.0)  # (M, H, N)
+    logits = P["W2T"] @ h + P["b2"]  # (M, K, N)
+    return _metrics(y, onehotT, logits, xp)
 
 
 def train_block(params, data, spec, xp=np, on_log=None, progress=None):
@@ -208,63 +224,65 @@ def train_block(params, data, spec, xp=np, on_log=None, progress=None):
     X, y, Xv, yv = data
     M, D, H = params["W1"].shape
     K = params["W2"].shape[2]
-    Xa = xp.asarray(np.c_[X, np.ones(len(X))])  # (N, D+1)
-    Xva = xp.asarray(np.c_[Xv, np.ones(len(Xv))])  # (Nv, D+1)
+    Xa = xp.asarray(np.c_[X, np.ones(len(X))].T.copy())  # (D+1, N)
+    Xva = xp.asarray(np.c_[Xv, np.ones(len(Xv))].T.copy())  # (D+1, Nv)
     y_d, yv_d = xp.asarray(y), xp.asarray(yv)
-    onehot = xp.asarray(np.eye(K)[y])  # (N, K)
-    onehot_v = xp.asarray(np.eye(K)[yv])
+    onehot = xp.asarray(np.eye(K)[y].T.copy())  # (K, N)
+    onehot_v = xp.asarray(np.eye(K)[yv].T.copy())
     P = _pack(params, xp)
     steps_logged = log_steps(spec.steps, spec.log_every)
     S = len(steps_logged)
     hist = {f: np.full((S, M), np.nan) for f in LOG_FIELDS}
     gamma_log = class_weights(steps_logged, spec.A, spec.T, K, spec.stop_step)  # (S, M, K)
-    diverged = np.full(M, -1, dtype=np.int64)
-    alive = np.ones(M, dtype=bool)
-    F_prev = np.full(M, np.nan)
-    chunk = 256  # Gamma for this many steps at a time, (chunk, M, K)
-    lr = spec.lr
+    diverged = xp.full(M, -1, dtype=xp.int64)  # kept on the device: no host sync per step
+    F_prev = xp.full(M, xp.nan)
+    chunk = 256  # Gamma for this many steps at a time, (chunk, M, K); also the host-sync interval
+    tick = min(spec.log_every, 1000)  # progress-bar interval
     row = 0
     with np.errstate(all="ignore"):
         for t0 in range(0, spec.steps + 1, chunk):
             ts = np.arange(t0, min(t0 + chunk, spec.steps + 1))
             gammas = xp.asarray(class_weights(ts, spec.A, spec.T, K, spec.stop_step))
             for i, t in enumerate(ts):
-                F, dlogits, h, logits = _forward_loss(P, Xa, y_d, onehot, gammas[i], spec.loss, xp)
-                F_host = F.get() if hasattr(F, "get") else F
+                F, dlogits, hidden, logits = _forward_loss(
+                    P, Xa, y_d, onehot, gammas[i], spec.loss, xp
+                )
+                newly = ~xp.isfinite(F) & (diverged < 0)
+                diverged = xp.where(newly, int(t), diverged)  # first non-finite loss
                 if row < S and t == steps_logged[row]:
-                    loss_s, acc = _metrics(P, Xa, y_d, onehot, logits, xp)
+                    loss_s, acc = _metrics(y_d, onehot, logits, xp)
                     loss_v, acc_v = _eval(P, Xva, yv_d, onehot_v, xp)
                     vals = {
-                        "loss": F_host,
-                        "dloss": F_host - F_prev,
+                        "loss": F,
+                        "dloss": F - F_prev,
                         "loss_static": loss_s,
                         "train_acc": acc,
                         "val_acc": acc_v,
+                        "val_loss": loss_v,
                     }
-                    for f, v in vals.items():
-                        hist[f][row] = np.where(alive, to_host({"v": v})["v"], np.nan)
+                    host = to_host({**vals, "div": diverged})
+                    ok = (host["div"] < 0) | (host["div"] == t)  # keep the diverging value
+                    for f in LOG_FIELDS:
+                        hist[f][row] = np.where(ok, host[f], np.nan)
                     if on_log is not None:
                         on_log(int(t), _unpack(P))
                     row += 1
-                bad = alive & ~np.isfinite(F_host)
-                if bad.any():  # diverged: record the step; its later rows stay NaN
-                    diverged[bad] = t
-                    alive &= ~bad
-                    if not alive.any():
-                        break
-                F_prev = F_host
+                F_prev = F
                 if t == spec.steps:
                     break
-                _backward_update(P, Xa, dlogits, h, lr, xp)
-                if progress is not None and (t + 1) % spec.log_every == 0:
-                    progress(M * spec.log_every)
-            if not alive.any():
+                _backward_update(P, Xa, dlogits, hidden, spec.lr, xp)
+                if progress is not None and (t + 1) % tick == 0:
+                    progress(M * tick)
+            if bool((diverged >= 0).all()):  # one host sync per chunk: stop when all diverged
                 break
+    div = to_host({"d": diverged})["d"]
+    if (div >= 0).all():  # every network diverged: keep the rows up to the last divergence
+        row = int(np.searchsorted(steps_logged, div.max(), side="right"))
     out = {
         "params": _unpack(P),
         "step": steps_logged,
         "gamma": gamma_log,
-        "diverged_step": diverged,
+        "diverged_step": div,
         "logged": row,
     }
     out.update(hist)
@@ -287,7 +305,7 @@ def train_many(params, data, spec, xp=np, block=None, workers=2, progress=True, 
 
     M, _, H = params["W1"].shape
     if block is None:
-        block = M if xp is not np else max(1, min(M, 64 // max(1, H // 100)))
+        block = M if xp is not np else max(1, min(M, 800 // H))  # ~2 MB of activations
     starts = list(range(0, M, block))
     total = M * spec.steps
     bar = tqdm(
@@ -397,27 +415,6 @@ def versions():
     except ImportError:
         pass
     return v
-
-
-def atomic_savez(path, **arrays):
-    """np.savez to a temporary file in the same folder, then rename: never a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp.npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(path, obj):
-    """Write JSON atomically (temporary file, then rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def add_train_options(p, defaults):
@@ -569,6 +566,222 @@ def cmd_train(args):
     print(f"wrote {args.out}/run.npz, config.json and the figure {png}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Phase diagrams (Fig. 3)
+# ---------------------------------------------------------------------------------------------
+
+PHASE_A = "1,2,5,10,20,30,50,70,100"
+PHASE_T = "50,100,200,300,500,1000,2000,3000"
+PHASE_FIELDS = ("train_acc", "val_acc", "train_loss", "val_loss")
+
+
+def phase_units(n_T, n_A, seeds, seed_block):
+    """The units in a fixed order: (name, T index, A index, seeds) per cell and seed block."""
+    units = []
+    for ti in range(n_T):
+        for ai in range(n_A):
+            for b in range(0, len(seeds), seed_block):
+                units.append((f"T{ti:03d}_A{ai:03d}_s{b:05d}", ti, ai, seeds[b : b + seed_block]))
+    return units
+
+
+def check_phase(args):
+    """Validate ``phase`` options before any work; return (A list, T list, seeds, shard)."""
+    check_common(args)
+    A_list = sweep.parse_list(args.A, "--A")
+    T_list = sweep.parse_list(args.T, "--T")
+    if min(A_list) < 1:
+        raise InputError(f"--A values must be >= 1 (1 is the static loss), got {min(A_list)}")
+    if min(T_list) < 1:
+        raise InputError(f"--T values must be >= 1 step, got {min(T_list)}")
+    if not args.no_stop and max(T_list) >= args.steps:
+        raise InputError(
+            f"--steps {args.steps} leaves no oscillating steps for T = {max(T_list):g}"
+        )
+    if args.seeds <= 0 or args.seed_block <= 0:
+        raise InputError("--seeds and --seed-block must be positive")
+    if args.batch is not None and args.batch <= 0:
+        raise InputError(f"--batch must be positive, got {args.batch}")
+    return (
+        A_list,
+        T_list,
+        list(range(args.seed0, args.seed0 + args.seeds)),
+        sweep.parse_shard(args.shard),
+    )
+
+
+def phase_config(args, A_list, T_list, seeds):
+    """What defines a sweep's results (not how the work is split): stored as sweep.json."""
+    return {
+        "kind": "spiral-phase",
+        "width": args.width,
+        "A": A_list,
+        "T": T_list,
+        "seeds": seeds,
+        "seed_block": args.seed_block,
+        "steps": args.steps,
+        "lr": args.lr,
+        "init": args.init,
+        "loss": args.loss,
+        "stop_last_period": not args.no_stop,
+    }
+
+
+def train_units(units, cfg, xp, batch, workers, progress):
+    """Train the networks of several units together; yield (name, arrays) per finished unit."""
+    data = (*make_spiral_train(), *make_spiral_val())
+    seeds = [s for u in units for s in u[3]]
+    A = np.array([cfg["A"][u[2]] for u in units for _ in u[3]], dtype=float)
+    T = np.array([cfg["T"][u[1]] for u in units for _ in u[3]], dtype=float)
+    steps = cfg["steps"]
+    stop = np.maximum(steps - T, 0) if cfg["stop_last_period"] else np.full(len(A), steps + 1)
+    spec = TrainSpec(A, T, stop, cfg["lr"], steps, steps, cfg["loss"])
+    params = init_mlp(seeds, D=2, H=cfg["width"], K=K_SPIRAL, init=cfg["init"])
+    res = train_many(
+        params,
+        data,
+        spec,
+        xp=xp,
+        workers=workers,
+        progress=progress,
+        desc=f"{len(units)} cells x seeds",
+    )
+    final = {
+        "train_acc": res["train_acc"][-1],
+        "val_acc": res["val_acc"][-1],
+        "train_loss": res["loss_static"][-1],
+        "val_loss": res["val_loss"][-1],
+        "diverged_step": res["diverged_step"],
+    }
+    start = 0
+    for u in units:
+        n = len(u[3])
+        yield u[0], {k: v[start : start + n] for k, v in final.items()}
+        start += n
+
+
+def cmd_phase(args):
+    """``phase``: a (T, A) grid x seeds for one width; resumable, shardable; Fig. 3."""
+    A_list, T_list, seeds, (i, n) = check_phase(args)
+    cfg = phase_config(args, A_list, T_list, seeds)
+    xp = backend(args.device)
+    sweep.prepare(args.out, cfg)
+    write_json(os.path.join(args.out, "versions.json"), versions())
+    units = phase_units(len(T_list), len(A_list), seeds, args.seed_block)
+    todo = sweep.pending(args.out, [u[0] for u in sweep.shard(units, i, n)])
+    mine = [u for u in units if u[0] in set(todo)]
+    if args.batch is None:
+        args.batch = (4096 if args.width <= 100 else 1024) if xp is not np else 64
+    per_batch = max(1, args.batch // args.seed_block)
+    print(
+        f"shard {i}/{n}: {len(mine)} of {len(sweep.shard(units, i, n))} units to run "
+        f"({len(units)} in the sweep), {per_batch} unit(s) per batch"
+    )
+    t0 = time.time()
+    for b in range(0, len(mine), per_batch):
+        for name, arrays in train_units(
+            mine[b : b + per_batch], cfg, xp, args.batch, 2, not args.quiet
+        ):
+            sweep.save_unit(args.out, name, arrays)
+    print(f"shard {i}/{n} done in {time.time() - t0:.0f} s")
+    if n == 1:
+        merge_phase(args.out)
+    else:
+        print(f"when every shard is done: python run_spiral.py merge --out {args.out}")
+
+
+def merge_phase(out):
+    """Combine the units of a finished sweep into phase.npz and the Fig. 3 figure."""
+    cfg = sweep.load_config(out)
+    A_list, T_list, seeds = cfg["A"], cfg["T"], cfg["seeds"]
+    units = phase_units(len(T_list), len(A_list), seeds, cfg["seed_block"])
+    done = sweep.load_units(out, [u[0] for u in units])
+    shape = (len(T_list), len(A_list), len(seeds))
+    arrays = {f: np.full(shape, np.nan) for f in PHASE_FIELDS}
+    arrays["diverged_step"] = np.full(shape, -1, dtype=np.int64)
+    for name, ti, ai, useeds in units:
+        s0 = seeds.index(useeds[0])
+        for f in (*PHASE_FIELDS, "diverged_step"):
+            arrays[f][ti, ai, s0 : s0 + len(useeds)] = done[name][f]
+    summary = {
+        "A": np.array(A_list),
+        "T": np.array(T_list),
+        "seeds": np.array(seeds),
+        "diverged": (arrays["diverged_step"] >= 0).sum(axis=2),
+    }
+    with warnings.catch_warnings():  # a cell whose runs all diverged has no mean: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for f in PHASE_FIELDS:
+            summary[f + "_mean"] = np.nanmean(arrays[f], axis=2)  # (b, a), diverged runs left out
+            summary[f + "_std"] = np.nanstd(arrays[f], axis=2)
+    atomic_savez(os.path.join(out, "phase.npz"), **arrays, **summary)
+    png = os.path.join(out, "phase.png")
+    plot_phase(summary, cfg, png)
+    print_phase_table(summary)
+    print(f"wrote {out}/phase.npz and the figure {png}")
+    return summary
+
+
+def print_phase_table(summary):
+    """Mean final training / validation accuracy per cell, one row per T."""
+    A = summary["A"]
+    print("mean train / val accuracy; rows T, columns A = " + " ".join(f"{a:g}" for a in A))
+    for ti, T in enumerate(summary["T"]):
+        cells = " ".join(
+            f"{summary['train_acc_mean'][ti, ai]:.2f}/{summary['val_acc_mean'][ti, ai]:.2f}"
+            for ai in range(len(A))
+        )
+        print(f"T={T:>6g}: {cells}")
+
+
+def plot_phase(summary, cfg, path):
+    """Fig. 3: contour maps of mean training and validation accuracy over (T, A)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    T, A = summary["T"], summary["A"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    levels = np.linspace(0.3, 1.0, 15)
+    for ax, f, label in zip(
+        axes, ("train_acc", "val_acc"), ("training", "validation"), strict=True
+    ):
+        Z = summary[f + "_mean"].T  # (a, b): rows A, columns T
+        if len(T) > 1 and len(A) > 1:
+            cs = ax.contourf(T, A, Z, levels=levels, cmap="viridis", extend="min")
+        else:
+            cs = ax.scatter(
+                np.repeat(T, len(A)),
+                np.tile(A, len(T)),
+                c=Z.T.ravel(),
+                s=200,
+                vmin=0.3,
+                vmax=1.0,
+                cmap="viridis",
+            )
+        ax.plot(*np.meshgrid(T, A), "k.", ms=2)
+        ax.set_xscale("log")
+        ax.set_yscale("symlog", linthresh=2) if A.min() <= 1 else ax.set_yscale("log")
+        ax.set_xlabel("period T (steps)")
+        ax.set_title(f"{label} accuracy")
+        fig.colorbar(cs, ax=ax)
+    axes[0].set_ylabel("amplitude A (A = 1: static loss)")
+    fig.suptitle(
+        f"spiral, width {cfg['width']}, {len(cfg['seeds'])} seeds, {cfg['steps']} steps, "
+        f"lr {cfg['lr']:g}, {cfg['init']} init",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def cmd_merge(args):
+    """``merge``: combine the shards of a sweep into phase.npz and its figure."""
+    merge_phase(args.out)
+
+
 TRAIN_DEFAULTS = {
     "width": 100,
     "A": 20.0,
@@ -586,6 +799,34 @@ def build_parser():
     p = sub.add_parser("train", help="one training run (or a few seeds); Fig. 4 (a)-(d)")
     add_train_options(p, TRAIN_DEFAULTS)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("phase", help="a (T, A) grid x seeds: Fig. 3 (resumable, shardable)")
+    p.add_argument("--width", type=int, default=100, help="hidden units H")
+    p.add_argument("--A", default=PHASE_A, help="amplitudes, e.g. 1,5,10")
+    p.add_argument("--T", default=PHASE_T, help="periods in steps, e.g. 100,300")
+    p.add_argument("--seeds", type=int, default=50, help="seeds per cell (the paper: 50)")
+    p.add_argument("--seed0", type=int, default=0, help="first seed")
+    p.add_argument("--seed-block", type=int, default=50, help="seeds per unit of work")
+    p.add_argument("--steps", type=int, default=35000)
+    p.add_argument("--lr", type=float, default=1.0)
+    p.add_argument("--init", default="standard", help=f"one of {', '.join(INITS)}")
+    p.add_argument("--loss", default="ce", help=f"base loss: {', '.join(LOSSES)}")
+    p.add_argument("--no-stop", action="store_true", help="oscillate in the last period too")
+    p.add_argument("--shard", default="0/1", help="i/n: run the i-th of n slices of the work")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="networks trained together (default 64 on the CPU, 1024-4096 on a GPU)",
+    )
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+    p.add_argument("--out", default="runs/phase-w100", help="sweep folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_phase, log_every=1)
+
+    p = sub.add_parser("merge", help="combine the shards of a phase sweep; Fig. 3")
+    p.add_argument("--out", required=True, help="sweep folder")
+    p.set_defaults(func=cmd_merge)
     return parser
 
 
@@ -599,7 +840,7 @@ def main(argv=None):
         return 2
     try:
         args.func(args)
-    except InputError as err:
+    except (InputError, sweep.SweepError) as err:
         fail(str(err))
     return 0
 

@@ -1,0 +1,139 @@
+"""Sweeps that survive: grids, shards, atomic per-unit results, resume and merge.
+
+Shared by the spiral phase diagrams (``run_spiral.py phase``, Fig. 3) and the CIFAR-10 ones
+(``run_cifar.py phase``, Fig. 1). A sweep is a deterministic list of *units* (for example one
+(T, A) cell and a block of seeds). Each finished unit is written atomically to
+``OUT/units/<name>.npz`` (a temporary file, then a rename), so
+
+* rerunning the same command skips every unit already on disk: a killed sweep loses at most the
+  units in flight;
+* ``--shard i/n`` runs units i, i+n, i+2n, ... only, so n machines (a SLURM job array) share one
+  sweep, each writing into the same output folder;
+* ``merge`` assembles the units into one array file once all of them exist.
+
+The sweep's configuration is stored in ``OUT/sweep.json``; a rerun or a shard with a different
+configuration in the same folder is refused, so results of different sweeps never mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+
+
+class SweepError(ValueError):
+    """A bad grid, shard or folder: reported in one line before any work starts."""
+
+
+def parse_list(text, name, kind=float):
+    """'1,5,10' -> [1.0, 5.0, 10.0] (sorted, unique); refuses empty or unreadable lists."""
+    try:
+        values = [kind(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise SweepError(f"{name}: cannot read {text!r} as a comma-separated list") from None
+    if not values:
+        raise SweepError(f"{name}: the list is empty")
+    if len(set(values)) != len(values):
+        raise SweepError(f"{name}: repeated values in {text!r}")
+    return sorted(values)
+
+
+def parse_shard(text):
+    """'i/n' with 0 <= i < n -> (i, n); refuses anything else."""
+    try:
+        i, n = (int(v) for v in str(text).split("/"))
+    except ValueError:
+        raise SweepError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise SweepError(f"--shard {text}: need 0 <= i < n and n >= 1")
+    return i, n
+
+
+def shard(units, i, n):
+    """The deterministic slice of the work for shard i of n: units i, i+n, i+2n, ..."""
+    return units[i::n]
+
+
+def atomic_savez(path, **arrays):
+    """np.savez to a temporary file in the same folder, then rename: never a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    """Write JSON atomically (a temporary file in the same folder, then rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def prepare(out, config):
+    """Create OUT/units and OUT/sweep.json; refuse a folder that holds a different sweep.
+
+    ``config`` holds only what defines the results (grid, seeds, steps, ...), never how the
+    work is split (shard, device, batch size), so every shard writes the same sweep.json.
+    """
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SweepError(f"--out {out!r} is a file, not a folder")
+    path = os.path.join(out, "sweep.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != json.loads(json.dumps(config)):
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            raise SweepError(
+                f"{out} holds a different sweep (differs in: {', '.join(diff)}); use another --out"
+            )
+    os.makedirs(os.path.join(out, "units"), exist_ok=True)
+    write_json(path, config)
+
+
+def load_config(out):
+    """The sweep.json of a sweep folder."""
+    path = os.path.join(out, "sweep.json")
+    if not os.path.exists(path):
+        raise SweepError(f"{out} is not a sweep folder (no sweep.json)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def unit_path(out, name):
+    """Where unit ``name`` is stored."""
+    return os.path.join(out, "units", f"{name}.npz")
+
+
+def pending(out, names):
+    """The names among ``names`` whose results are not on disk yet, in order."""
+    return [n for n in names if not os.path.exists(unit_path(out, n))]
+
+
+def save_unit(out, name, arrays):
+    """Store one finished unit atomically."""
+    atomic_savez(unit_path(out, name), **arrays)
+
+
+def load_units(out, names):
+    """Load every unit; refuse with the count (and a few names) of those still missing."""
+    missing = pending(out, names)
+    if missing:
+        raise SweepError(
+            f"{len(missing)} of {len(names)} units are not done yet in {out} "
+            f"(e.g. {', '.join(missing[:3])}): run the remaining shards first"
+        )
+    result = {}
+    for n in names:
+        with np.load(unit_path(out, n)) as z:
+            result[n] = {k: z[k] for k in z.files}
+    return result

@@ -1,0 +1,225 @@
+"""Phase-diagram sweeps: shards, merge, resume after SIGKILL, refused inputs, the benchmark."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import run_spiral as rs
+import sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [
+    "--A",
+    "1,8",
+    "--T",
+    "20,50",
+    "--seeds",
+    "3",
+    "--seed-block",
+    "2",
+    "--steps",
+    "300",
+    "--width",
+    "12",
+    "--quiet",
+]
+FIELDS = ("train_acc", "val_acc", "train_loss", "val_loss", "diverged_step")
+
+
+def load(path):
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def assert_same_phase(a, b):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_sharded_and_merged_equals_unsharded(tmp_path):
+    assert rs.main(["phase", *SMALL, "--out", str(tmp_path / "whole")]) == 0
+    for i in range(3):
+        assert rs.main(["phase", *SMALL, "--shard", f"{i}/3", "--out", str(tmp_path / "sh")]) == 0
+    assert not (tmp_path / "sh" / "phase.npz").exists()  # shards do not merge by themselves
+    assert rs.main(["merge", "--out", str(tmp_path / "sh")]) == 0
+    whole = load(tmp_path / "whole" / "phase.npz")
+    assert_same_phase(whole, load(tmp_path / "sh" / "phase.npz"))
+    assert whole["train_acc"].shape == (2, 2, 3)  # (T, A, seeds)
+    np.testing.assert_array_equal(whole["A"], [1, 8])
+    np.testing.assert_array_equal(whole["T"], [20, 50])
+    assert (tmp_path / "whole" / "phase.png").stat().st_size > 1000
+
+
+def test_cells_equal_single_training_runs(tmp_path):
+    """A cell's seed equals ``train`` with the same settings (the batched trainer is exact)."""
+    assert rs.main(["phase", *SMALL, "--out", str(tmp_path / "p")]) == 0
+    ph = load(tmp_path / "p" / "phase.npz")
+    assert (
+        rs.main(
+            [
+                "train",
+                "--A",
+                "8",
+                "--T",
+                "50",
+                "--steps",
+                "300",
+                "--width",
+                "12",
+                "--seed",
+                "2",
+                "--log-every",
+                "300",
+                "--quiet",
+                "--out",
+                str(tmp_path / "t"),
+            ]
+        )
+        == 0
+    )
+    run = load(tmp_path / "t" / "run.npz")
+    assert ph["train_acc"][1, 1, 2] == run["train_acc"][-1]
+    assert ph["val_acc"][1, 1, 2] == run["val_acc"][-1]
+    assert ph["train_loss"][1, 1, 2] == run["loss_static"][-1]
+    assert ph["val_loss"][1, 1, 2] == run["val_loss"][-1]
+
+
+def test_sweep_killed_then_rerun_equals_uninterrupted(tmp_path):
+    args = [
+        "--A",
+        "1,4,8",
+        "--T",
+        "20,50",
+        "--seeds",
+        "2",
+        "--seed-block",
+        "1",
+        "--steps",
+        "3000",
+        "--width",
+        "30",
+        "--batch",
+        "1",
+        "--quiet",
+    ]
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "run_spiral.py"), "phase", *args, "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    units = out / "units"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once some, but not all, units are on disk
+        n = len(list(units.glob("T*.npz"))) if units.exists() else 0
+        if n >= 2:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(units.glob("T*.npz")))
+    assert 2 <= done < 12, "the sweep should have been killed part-way"
+    assert not (out / "phase.npz").exists()
+    assert rs.main(["phase", *args, "--out", str(out)]) == 0  # resumes: runs only what is left
+    assert rs.main(["phase", *args, "--out", str(tmp_path / "clean")]) == 0
+    assert_same_phase(load(out / "phase.npz"), load(tmp_path / "clean" / "phase.npz"))
+    assert not list(units.glob(".tmp-*"))  # no half-written file survives
+
+
+def test_rerun_skips_finished_units(tmp_path, capsys):
+    assert rs.main(["phase", *SMALL, "--out", str(tmp_path / "p")]) == 0
+    capsys.readouterr()
+    assert rs.main(["phase", *SMALL, "--out", str(tmp_path / "p")]) == 0
+    assert "0 of 8 units to run" in capsys.readouterr().out
+
+
+def test_diverged_runs_are_counted_and_the_sweep_goes_on(tmp_path):
+    args = [
+        "--A",
+        "1",
+        "--T",
+        "10",
+        "--seeds",
+        "2",
+        "--seed-block",
+        "2",
+        "--steps",
+        "50",
+        "--width",
+        "10",
+        "--lr",
+        "1e4",
+        "--loss",
+        "mse",
+        "--quiet",
+    ]
+    assert rs.main(["phase", *args, "--out", str(tmp_path / "d")]) == 0
+    ph = load(tmp_path / "d" / "phase.npz")
+    assert ph["diverged"][0, 0] == 2 and (ph["diverged_step"] >= 0).all()
+
+
+@pytest.mark.parametrize(
+    "bad,msg",
+    [
+        (["--A", "0.5,2"], "--A values must be >= 1"),
+        (["--A", "1,x"], "--A: cannot read"),
+        (["--A", ""], "--A: the list is empty"),
+        (["--T", "0,5"], "--T values must be >= 1"),
+        (["--T", "50,50"], "repeated values"),
+        (["--shard", "3/2"], "need 0 <= i < n"),
+        (["--shard", "1"], "--shard must look like i/n"),
+        (["--shard=-1/2"], "need 0 <= i < n"),
+        (["--seeds", "0"], "--seeds and --seed-block must be positive"),
+        (["--width", "-5"], "--width must be positive"),
+        (["--T", "5000"], "leaves no oscillating steps"),
+    ],
+)
+def test_bad_grid_or_shard_is_refused_before_anything_runs(tmp_path, capsys, bad, msg):
+    out = tmp_path / "p"
+    with pytest.raises(SystemExit) as e:
+        rs.main(["phase", *SMALL, *bad, "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_different_sweep_in_the_same_folder_is_refused(tmp_path, capsys):
+    assert rs.main(["phase", *SMALL, "--out", str(tmp_path / "p")]) == 0
+    with pytest.raises(SystemExit):
+        rs.main(["phase", *SMALL, "--lr", "0.5", "--out", str(tmp_path / "p")])
+    assert "holds a different sweep (differs in: lr)" in capsys.readouterr().err
+
+
+def test_merge_refuses_an_unfinished_sweep(tmp_path, capsys):
+    assert rs.main(["phase", *SMALL, "--shard", "0/2", "--out", str(tmp_path / "p")]) == 0
+    with pytest.raises(SystemExit):
+        rs.main(["merge", "--out", str(tmp_path / "p")])
+    assert "4 of 8 units are not done yet" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        rs.main(["merge", "--out", str(tmp_path / "nothing")])
+
+
+def test_shards_partition_the_units():
+    units = list(range(17))
+    parts = [sweep.shard(units, i, 5) for i in range(5)]
+    assert sorted(u for p in parts for u in p) == units
+
+
+def test_benchmark_script_runs_tiny():
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_spiral.py"), "--tiny"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    rows = [
+        line.split() for line in r.stdout.splitlines() if line.split()[:1] in (["100"], ["1000"])
+    ]
+    assert len(rows) == 2 and all(float(row[3]) > 0 for row in rows)
