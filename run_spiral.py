@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import sys
 import time
 import warnings
@@ -30,7 +29,7 @@ import numpy as np
 import sweep
 from dynloss import LOSSES, class_weights
 from models import INITS, MLP_PARAM_NAMES, backend, init_mlp, to_host
-from sweep import atomic_savez, write_json
+from sweep import atomic_savez, versions, write_json
 
 K_SPIRAL = 3
 N_PER_CLASS = 100
@@ -394,27 +393,6 @@ def check_common(args):
     if args.loss not in LOSSES:
         raise InputError(f"unknown --loss {args.loss!r}; choose one of {', '.join(LOSSES)}")
     check_out_dir(args.out)
-
-
-def versions():
-    """Versions of Python and the packages a result depends on."""
-    import matplotlib
-    import scipy
-
-    v = {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "matplotlib": matplotlib.__version__,
-        "platform": platform.platform(),
-    }
-    try:
-        import cupy
-
-        v["cupy"] = cupy.__version__
-    except ImportError:
-        pass
-    return v
 
 
 def add_train_options(p, defaults):

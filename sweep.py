@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import tempfile
 
 import numpy as np
@@ -137,3 +138,24 @@ def load_units(out, names):
         with np.load(unit_path(out, n)) as z:
             result[n] = {k: z[k] for k in z.files}
     return result
+
+
+def versions():
+    """Versions of Python and the packages a result depends on."""
+    import matplotlib
+    import scipy
+
+    v = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "matplotlib": matplotlib.__version__,
+        "platform": platform.platform(),
+    }
+    try:
+        import cupy
+
+        v["cupy"] = cupy.__version__
+    except ImportError:
+        pass
+    return v
