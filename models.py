@@ -295,16 +295,30 @@ def im2col3x3(x):
     x : (N, Hx, Wx, C)
     Returns cols (N*Hx*Wx, 9C), row (n, i, j) = xpad[n, i:i+3, j:j+3, :] flattened in the
     order (kernel row, kernel column, channel). One copy from a strided view; dtype of x.
+    The copies move each pixel's C values as the widest machine words that tile them (16-byte
+    complex128 for float32 with C % 4 == 0): the bytes are unchanged, the copy kernels do a
+    quarter of the index arithmetic (1.7 -> about 0.5 ms for c = 64, batch 512, on an H200).
     """
     xp = get_array_module(x)
     N, Hx, Wx, C = x.shape
-    xpad = xp.zeros((N, Hx + 2, Wx + 2, C), dtype=x.dtype)  # (N, Hx+2, Wx+2, C)
-    xpad[:, 1:-1, 1:-1, :] = x
+    word = _copy_word(C * x.itemsize)
+    xw = xp.ascontiguousarray(x).view(word)  # (N, Hx, Wx, Cw), the same bytes
+    xpad = xp.zeros((N, Hx + 2, Wx + 2, xw.shape[3]), dtype=word)  # (N, Hx+2, Wx+2, Cw)
+    xpad[:, 1:-1, 1:-1, :] = xw
     sn, sh, sw, sc = xpad.strides
     patches = xp.lib.stride_tricks.as_strided(
-        xpad, shape=(N, Hx, Wx, 3, 3, C), strides=(sn, sh, sw, sh, sw, sc)
-    )  # (N, Hx, Wx, 3, 3, C), a view
-    return xp.ascontiguousarray(patches).reshape(N * Hx * Wx, 9 * C)  # (N*Hx*Wx, 9C)
+        xpad, shape=(N, Hx, Wx, 3, 3, xw.shape[3]), strides=(sn, sh, sw, sh, sw, sc)
+    )  # (N, Hx, Wx, 3, 3, Cw), a view
+    cols = xp.ascontiguousarray(patches).view(x.dtype)  # (N, Hx, Wx, 3, 3, C)
+    return cols.reshape(N * Hx * Wx, 9 * C)  # (N*Hx*Wx, 9C)
+
+
+def _copy_word(row_bytes):
+    """The widest of complex128 / float64 / float32 / uint8 whose size divides row_bytes."""
+    for word in (np.complex128, np.float64, np.float32, np.uint8):
+        if row_bytes % np.dtype(word).itemsize == 0:
+            return word
+    raise AssertionError("unreachable: uint8 divides every size")
 
 
 def _check_conv_shapes(x, W):
@@ -327,6 +341,14 @@ def conv3x3_forward(x, W, b):
     return out, (cols, W, x.shape)
 
 
+def _column_sums(a):
+    """a (R, C) -> (C,) summed over rows, as ones (R,) @ a: one GEMV. (CuPy's generic reduction
+    over the leading axis of a tall (N*Hx*Wx, c) array took 12 ms against 0.08 ms on an H200 at
+    batch 512, c = 64, 32x32.)"""
+    xp = get_array_module(a)
+    return xp.ones(a.shape[0], dtype=a.dtype) @ a  # (C,)
+
+
 def _conv_apply(cols, W, x_shape):
     """cols (N*Hx*Wx, 9C) @ W (3, 3, C, C_out) reshaped to (9C, C_out) -> (N, Hx, Wx, C_out)."""
     C_out = W.shape[3]
@@ -345,7 +367,7 @@ def conv3x3_backward(dout, cache, need_dx=True):
     C_out = W.shape[3]
     dout2 = dout.reshape(-1, C_out)  # (N*Hx*Wx, C_out)
     dW = (cols.T @ dout2).reshape(W.shape)  # (3, 3, C, C_out)  dF/dW = cols^T dout
-    db = dout2.sum(axis=0)  # (C_out,)  dF/db = sum_{n,i,j} dout
+    db = _column_sums(dout2)  # (C_out,)  dF/db = sum_{n,i,j} dout
     dx = _conv_input_grad(dout, W, x_shape) if need_dx else None  # (N, Hx, Wx, C)
     return dx, dW, db
 
@@ -399,7 +421,7 @@ def dense_forward(x, W, b):
 def dense_backward(dout, cache):
     """dout (N, Dout) -> dx (N, Din), dW (Din, Dout), db (Dout,)."""
     x, W = cache
-    return dout @ W.T, x.T @ dout, dout.sum(axis=0)  # dF/dx = dout W^T, x^T dout, sum_n dout
+    return dout @ W.T, x.T @ dout, _column_sums(dout)  # dF/dx = dout W^T, x^T dout, sum_n dout
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dynloss import class_weights  # noqa: E402
 from models import (  # noqa: E402
+    _column_sums,
     _conv_input_grad,
     avgpool2_backward,
     avgpool2_forward,
@@ -40,6 +41,7 @@ from models import (  # noqa: E402
     im2col3x3,
     init_myrtle5,
     myrtle5_forward,
+    myrtle5_hvp_operator,
     myrtle5_loss_and_grads,
     nesterov_step,
     relu_backward,
@@ -129,6 +131,12 @@ def profile_cupy(cupy, args):
     dout = cupy.asarray(rng.normal(size=(N, 32, 32, c)).astype(np.float32))
     params = to_device(init_myrtle5(0, c=c, dtype=np.float32), cupy)
     x, y, gamma = make_batch(cupy, N, 32, np.float32)
+    dout2, cols1 = dout.reshape(-1, c), im2col3x3(x)
+    dp = cupy.ascontiguousarray(dout[:, :16, :16])
+    params2 = {k: p.copy() for k, p in params.items()}
+    velocity = {k: cupy.zeros_like(p) for k, p in params.items()}
+    hvp = myrtle5_hvp_operator(params, x, y, gamma)
+    v = cupy.asarray(rng.normal(size=sum(p.size for p in params.values())).astype(np.float32))
     pieces = {
         "im2col 32x32xc": lambda: im2col3x3(h),
         "GEMM fwd cols@W 32x32": lambda: cols @ W.reshape(-1, c),
@@ -139,17 +147,53 @@ def profile_cupy(cupy, args):
         "relu bwd 32x32": lambda: relu_backward(dout, h),
         "avgpool2 fwd 32x32": lambda: avgpool2_forward(h),
         "avgpool2 bwd 32x32": lambda: avgpool2_backward(dout[:, :16, :16], h.shape),
+        "pool bwd then relu bwd 32x32": lambda: relu_backward(avgpool2_backward(dp, h.shape), h),
+        "  alt: fused pool+relu bwd (6-D)": lambda: _pool_relu_backward(dp, h),
+        "  alt: im2col, 4-byte copies": lambda: _im2col_narrow(h),
         "  alt: im2col by 9 slice copies": lambda: _im2col_slices(h),
+        "db ones@dout 32x32": lambda: _column_sums(dout2),
+        "  alt: db dout.sum(axis=0) 32x32": lambda: dout2.sum(axis=0),
+        "conv1 fwd (C_in = 3)": lambda: conv3x3_forward(x, params["W1"], params["b1"]),
+        "conv1 dW (K = 27)": lambda: cols1.T @ dout2,
         "  alt: GEMM dW split-K x16 (batched)": lambda: _dW_split(cols, dout, 16),
         "  alt: GEMM dW split-K x64 (batched)": lambda: _dW_split(cols, dout, 64),
         "Myrtle5 forward": lambda: myrtle5_forward(x, params),
         "Myrtle5 loss+grads": lambda: myrtle5_loss_and_grads(params, x, y, gamma),
+        "Myrtle5 HVP (cached forward/backward)": lambda: hvp(v),
+        "nesterov_step (10 arrays)": lambda: nesterov_step(params, params2, velocity, LR),
     }
     start, end = cupy.cuda.Event(), cupy.cuda.Event()
-    return {
+    out = {
         name: gpu_time(fn, start, end, cupy.cuda.get_elapsed_time, 2, 5, 3)
         for name, fn in pieces.items()
     }
+    step = our_step_fn(cupy, N, c, 32, np.float32)
+    host = []
+    for _ in range(6):
+        cupy.cuda.Device().synchronize()
+        t0 = time.perf_counter()
+        step()
+        host.append(1e3 * (time.perf_counter() - t0))  # no sync: the time to enqueue
+    out["host time to enqueue one step"] = float(np.median(host[1:]))
+    return out
+
+
+def _im2col_narrow(x):
+    """The previous im2col (for --profile only): copies in units of the dtype itself."""
+    xp = __import__("cupy")
+    N, Hx, Wx, C = x.shape
+    xpad = xp.zeros((N, Hx + 2, Wx + 2, C), dtype=x.dtype)
+    xpad[:, 1:-1, 1:-1, :] = x
+    sn, sh, sw, sc = xpad.strides
+    view = xp.lib.stride_tricks.as_strided(xpad, (N, Hx, Wx, 3, 3, C), (sn, sh, sw, sh, sw, sc))
+    return xp.ascontiguousarray(view).reshape(N * Hx * Wx, 9 * C)
+
+
+def _pool_relu_backward(dp, h):
+    """Alternative (for --profile only): avgpool2 and ReLU backward as one broadcast product."""
+    N, Hx, Wx, C = h.shape
+    mask = h.reshape(N, Hx // 2, 2, Wx // 2, 2, C) > 0
+    return (mask * (0.25 * dp)[:, :, None, :, None, :]).reshape(h.shape)
 
 
 def _im2col_slices(x):
@@ -321,7 +365,10 @@ def main(argv=None):
             if torch_ms:
                 base = min(torch_ms[f"nchw {prec}"], torch_ms[f"channels_last {prec}"])
             rows.append(("ours, CuPy", prec, args.batch, args.width, res["ms"], base))
-            profile = res.get("profile", profile) if prec == "fp32" else profile
+            if "profile" in res:
+                profile = profile or {}
+                for name, ms in res["profile"].items():
+                    profile.setdefault(name, {})[prec] = ms
         for key, ms in (torch_ms or {}).items():
             layout, prec = key.split()
             rows.append((f"PyTorch+cuDNN {layout}", prec, args.batch, args.width, ms, None))
@@ -347,9 +394,11 @@ def main(argv=None):
         print("(PyTorch not importable or without CUDA: no baseline; SETUP.md's H200 anchor is "
               "7.1 ms fp32, 3.5 ms TF32)")  # fmt: skip
     if profile:
-        print("\nprofile of our fp32 step (ms, median), batch", args.batch, "c", args.width)
+        print(f"\nprofile of our step (ms, median), batch {args.batch}, c {args.width}")
+        print(f"  {'piece':<40}{'fp32':>8}{'tf32':>8}")
         for name, ms in profile.items():
-            print(f"  {name:<34}{ms:8.3f}")
+            cells = "".join(f"{ms[p]:8.3f}" if p in ms else f"{'-':>8}" for p in ("fp32", "tf32"))
+            print(f"  {name:<40}{cells}")
     return 0
 
 

@@ -25,6 +25,7 @@ from models import (
     dense_forward,
     global_avgpool_backward,
     global_avgpool_forward,
+    im2col3x3,
     init_myrtle5,
     myrtle5_flatten,
     myrtle5_forward,
@@ -148,6 +149,24 @@ def conv_reference(x, W, b):
         for bb in range(3):
             out += np.einsum("nijc,co->nijo", xpad[:, a : a + Hx, bb : bb + Wx], W[a, bb])
     return out
+
+
+@pytest.mark.parametrize(
+    "dtype, C",
+    [(np.float32, 4), (np.float32, 2), (np.float32, 3), (np.float64, 2), (np.float64, 1)],
+)
+def test_im2col_copies_the_exact_patches(xp, dtype, C):
+    """im2col moves bytes in the widest words that tile a pixel (complex128, float64, ...):
+    the patches must be bit-identical to the padded input's, for every word size."""
+    x = np.random.default_rng(0).normal(size=(2, 4, 6, C)).astype(dtype)
+    x_dev = xp.asarray(x)[:, :, ::-1]  # a non-contiguous input is accepted too
+    xpad = np.pad(x[:, :, ::-1], ((0, 0), (1, 1), (1, 1), (0, 0)))
+    expected = np.stack(
+        [xpad[:, a : a + 4, b : b + 6] for a in range(3) for b in range(3)], axis=3
+    ).reshape(2 * 4 * 6, 9 * C)
+    cols = im2col3x3(x_dev)
+    assert cols.dtype == dtype and cols.shape == expected.shape
+    assert np.array_equal(host(cols), expected)
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3, 4), (1, 4, 6, 2, 3)])
