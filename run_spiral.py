@@ -187,7 +187,7 @@ def _metrics(y, onehotT, logits, xp):
     """Static cross-entropy and accuracy of logits (M, K, N) on labels y (N,): two (M,) arrays."""
     shifted = logits - logits.max(axis=1, keepdims=True)
     ce = xp.log(xp.exp(shifted).sum(axis=1)) - (shifted * onehotT).sum(axis=1)  # (M, N)
-    acc = (logits.argmax(axis=1) == y[None, :]).mean(axis=1)
+    acc = (logits.argmax(axis=1) == y[None, :]).astype(xp.float64).mean(axis=1)
     return ce.mean(axis=1), acc
 
 
@@ -738,9 +738,12 @@ def plot_phase(summary, cfg, path):
                 vmax=1.0,
                 cmap="viridis",
             )
-        ax.plot(*np.meshgrid(T, A), "k.", ms=2)
+        ax.plot(*np.meshgrid(T, A), "k.", ms=3, clip_on=False)  # the grid points
         ax.set_xscale("log")
-        ax.set_yscale("symlog", linthresh=2) if A.min() <= 1 else ax.set_yscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(T, [f"{t:g}" for t in T], minor=False, fontsize=7)
+        ax.set_yticks(A, [f"{a:g}" for a in A], minor=False, fontsize=7)
+        ax.minorticks_off()
         ax.set_xlabel("period T (steps)")
         ax.set_title(f"{label} accuracy")
         fig.colorbar(cs, ax=ax)

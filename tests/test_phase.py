@@ -223,3 +223,70 @@ def test_benchmark_script_runs_tiny():
         line.split() for line in r.stdout.splitlines() if line.split()[:1] in (["100"], ["1000"])
     ]
     assert len(rows) == 2 and all(float(row[3]) > 0 for row in rows)
+
+
+GPU_AGREE = 1e-9  # float64 on cuBLAS vs OpenBLAS: other summation orders only
+
+
+def has_gpu():
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no CuPy, or CuPy without a driver
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_gpu(), reason="needs CuPy and a GPU")
+def test_same_sweep_on_cpu_and_gpu_agrees(tmp_path):
+    args = [
+        "--A",
+        "1,5,20",
+        "--T",
+        "20,50",
+        "--seeds",
+        "3",
+        "--seed-block",
+        "3",
+        "--steps",
+        "500",
+        "--width",
+        "50",
+        "--quiet",
+    ]
+    assert rs.main(["phase", *args, "--device", "cpu", "--out", str(tmp_path / "cpu")]) == 0
+    assert rs.main(["phase", *args, "--device", "gpu", "--out", str(tmp_path / "gpu")]) == 0
+    cpu, gpu = load(tmp_path / "cpu" / "phase.npz"), load(tmp_path / "gpu" / "phase.npz")
+    for f in ("train_loss", "val_loss"):
+        np.testing.assert_allclose(gpu[f], cpu[f], rtol=GPU_AGREE, atol=0)
+    for f in ("train_acc", "val_acc"):  # counts of right answers: equal unless a logit ties
+        np.testing.assert_allclose(gpu[f], cpu[f], atol=1 / 300 + 1e-12)
+    # the trained parameters themselves, through the train command
+    for dev in ("cpu", "gpu"):
+        assert (
+            rs.main(
+                [
+                    "train",
+                    "--A",
+                    "5",
+                    "--T",
+                    "20",
+                    "--steps",
+                    "500",
+                    "--width",
+                    "50",
+                    "--seed",
+                    "0,1",
+                    "--quiet",
+                    "--device",
+                    dev,
+                    "--out",
+                    str(tmp_path / f"t{dev}"),
+                ]
+            )
+            == 0
+        )
+    a, b = load(tmp_path / "tcpu" / "run.npz"), load(tmp_path / "tgpu" / "run.npz")
+    for k in ("W1", "b1", "W2", "b2", "loss"):
+        np.testing.assert_allclose(b[k], a[k], rtol=GPU_AGREE, atol=GPU_AGREE * np.abs(a[k]).max())
