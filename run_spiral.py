@@ -115,7 +115,16 @@ def log_steps(steps, log_every):
     return np.array(s + [steps], dtype=np.int64)
 
 
-def _forward_loss(P, XaT, y, onehotT, gamma, loss, xp):
+def _workspace(M, H, N, xp):
+    """Buffers reused by every step of :func:`_forward_loss` and :func:`_backward_update`.
+
+    Reusing them matters: a fresh multi-megabyte array per step costs page faults that, on the
+    virtual machines we measured, took longer than the arithmetic.
+    """
+    return {k: xp.empty((M, H, N)) for k in ("h", "mask", "dh")}
+
+
+def _forward_loss(P, XaT, y, onehotT, gamma, loss, xp, work):
     """Fused forward pass and loss for a block of networks (the training hot path).
 
     The trainer keeps everything feature-major (samples last), so that the sums over the K
@@ -123,11 +132,14 @@ def _forward_loss(P, XaT, y, onehotT, gamma, loss, xp):
 
     P : {"W1aT": (M, H, D+1) (W1^T with b1 as its last column), "W2T": (M, K, H), "b2": (M, K, 1)}
     XaT : (D+1, N) inputs with a row of ones;  onehotT : (K, N);  gamma : (M, K)
-    Returns F (M,), dlogits (M, K, N), (h, mask) both (M, H, N), logits (M, K, N).
+    work : buffers from :func:`_workspace`, overwritten
+    Returns F (M,), dlogits (M, K, N), logits (M, K, N); work["h"], work["mask"] hold h1, 1[z1>0].
     """
     N = XaT.shape[1]
-    h = P["W1aT"] @ XaT  # (M, H, N)  z1 = x W1 + b1 (transposed)
-    mask = xp.greater(h, 0.0, out=xp.empty_like(h))  # (M, H, N)  1[z1 > 0] as floats
+    M, H, D1 = P["W1aT"].shape
+    h, mask = work["h"], work["mask"]
+    xp.matmul(P["W1aT"].reshape(M * H, D1), XaT, out=h.reshape(M * H, N))  # z1 = x W1 + b1
+    xp.greater(h, 0.0, out=mask)  # (M, H, N)  1[z1 > 0] as floats
     h *= mask  # (M, H, N)  h1 = relu(z1) (a multiply is cheaper than maximum here)
     logits = P["W2T"] @ h  # (M, K, N)
     logits += P["b2"]
@@ -144,15 +156,15 @@ def _forward_loss(P, XaT, y, onehotT, gamma, loss, xp):
         dlogits = logits - onehotT  # (M, K, N)  g of eq. (12)
         F = 0.5 * (w * (dlogits**2).sum(axis=1)).sum(axis=1)  # (M,)  Eq. (8), weighted
     dlogits *= w[:, None, :]  # dF/dz = Gamma_y (softmax(z) - onehot(y)) / N
-    return F, dlogits, (h, mask), logits
+    return F, dlogits, logits
 
 
-def _backward_update(P, XaT, dlogits, hidden, lr, xp):
+def _backward_update(P, XaT, dlogits, lr, xp, work):
     """Backward pass of :func:`_forward_loss` and the gradient-descent update, in place on P."""
-    h, mask = hidden
+    h, mask, dh = work["h"], work["mask"], work["dh"]
     dW2T = dlogits @ xp.swapaxes(h, 1, 2)  # (M, K, H)  dF/dW2 = h1^T dz (transposed)
     db2 = dlogits.sum(axis=2, keepdims=True)  # (M, K, 1)
-    dh = xp.swapaxes(P["W2T"], 1, 2) @ dlogits  # (M, H, N)  dF/dh1 = dz W2^T (transposed)
+    xp.matmul(xp.swapaxes(P["W2T"], 1, 2), dlogits, out=dh)  # (M, H, N)  dF/dh1 = dz W2^T
     dh *= mask  # (M, H, N)  dF/dz1 = dF/dh1 * 1[z1 > 0]
     dW1aT = dh @ XaT.T  # (M, H, D+1)  [dF/dW1; dF/db1] = [x 1]^T dF/dz1 (transposed)
     P["W1aT"] -= lr * dW1aT
@@ -229,6 +241,7 @@ def train_block(params, data, spec, xp=np, on_log=None, progress=None):
     onehot = xp.asarray(np.eye(K)[y].T.copy())  # (K, N)
     onehot_v = xp.asarray(np.eye(K)[yv].T.copy())
     P = _pack(params, xp)
+    work = _workspace(M, H, len(X), xp)
     steps_logged = log_steps(spec.steps, spec.log_every)
     S = len(steps_logged)
     hist = {f: np.full((S, M), np.nan) for f in LOG_FIELDS}
@@ -243,8 +256,8 @@ def train_block(params, data, spec, xp=np, on_log=None, progress=None):
             ts = np.arange(t0, min(t0 + chunk, spec.steps + 1))
             gammas = xp.asarray(class_weights(ts, spec.A, spec.T, K, spec.stop_step))
             for i, t in enumerate(ts):
-                F, dlogits, hidden, logits = _forward_loss(
-                    P, Xa, y_d, onehot, gammas[i], spec.loss, xp
+                F, dlogits, logits = _forward_loss(
+                    P, Xa, y_d, onehot, gammas[i], spec.loss, xp, work
                 )
                 newly = ~xp.isfinite(F) & (diverged < 0)
                 diverged = xp.where(newly, int(t), diverged)  # first non-finite loss
@@ -269,7 +282,7 @@ def train_block(params, data, spec, xp=np, on_log=None, progress=None):
                 F_prev = F
                 if t == spec.steps:
                     break
-                _backward_update(P, Xa, dlogits, hidden, spec.lr, xp)
+                _backward_update(P, Xa, dlogits, spec.lr, xp, work)
                 if progress is not None and (t + 1) % tick == 0:
                     progress(M * tick)
             if bool((diverged >= 0).all()):  # one host sync per chunk: stop when all diverged
