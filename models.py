@@ -100,6 +100,8 @@ Gauss-Newton approximation), at about twice the cost of a gradient given the cac
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from dynloss import log_softmax, loss_backward, loss_forward
@@ -398,6 +400,19 @@ def avgpool2_backward(dout, cache):
     return xp.broadcast_to(d6, (N, Hx // 2, 2, Wx // 2, 2, C)).reshape(cache)  # (N, Hx, Wx, C)
 
 
+def relu_avgpool2_backward(dout, pool_cache, relu_cache):
+    """dz of z -> relu -> avgpool2 in one broadcast product: the same numbers as
+    relu_backward(avgpool2_backward(dout, pool_cache), relu_cache), without writing the upsampled
+    gradient (0.53 -> 0.37 ms at batch 512, c = 64, 32x32 on an H200).
+
+    dout : (N, Hx/2, Wx/2, C);  relu_cache : h (N, Hx, Wx, C).  Returns dz (N, Hx, Wx, C).
+    """
+    N, Hx, Wx, C = pool_cache
+    mask = relu_cache.reshape(N, Hx // 2, 2, Wx // 2, 2, C) > 0  # (N, Hx/2, 2, Wx/2, 2, C)
+    dz = mask * (0.25 * dout)[:, :, None, :, None, :]  # dF/dz = 1[z > 0] dout / 4
+    return dz.reshape(pool_cache)  # (N, Hx, Wx, C)
+
+
 def global_avgpool_forward(x):
     """Mean over the image: (N, Hx, Wx, C) -> (N, C); cache x.shape."""
     return x.mean(axis=(1, 2)), x.shape  # (N, C)
@@ -496,9 +511,9 @@ def _myrtle5_backward(dlogits, cache):
     dg, dW5, db5 = dense_backward(dlogits, c["dense5"])  # (N, c)
     dz4 = relu_backward(global_avgpool_backward(dg, c["pool4"]), c["relu4"])  # (N, Hx/4, Wx/4, c)
     dp3, dW4, db4 = conv3x3_backward(dz4, c["conv4"])
-    dz3 = relu_backward(avgpool2_backward(dp3, c["pool3"]), c["relu3"])  # (N, Hx/2, Wx/2, c)
+    dz3 = relu_avgpool2_backward(dp3, c["pool3"], c["relu3"])  # (N, Hx/2, Wx/2, c)
     dp2, dW3, db3 = conv3x3_backward(dz3, c["conv3"])
-    dz2 = relu_backward(avgpool2_backward(dp2, c["pool2"]), c["relu2"])  # (N, Hx, Wx, c)
+    dz2 = relu_avgpool2_backward(dp2, c["pool2"], c["relu2"])  # (N, Hx, Wx, c)
     dh1, dW2, db2 = conv3x3_backward(dz2, c["conv2"])
     dz1 = relu_backward(dh1, c["relu1"])  # (N, Hx, Wx, c)
     _, dW1, db1 = conv3x3_backward(dz1, c["conv1"], need_dx=False)
@@ -604,9 +619,9 @@ def _myrtle5_rop(params, cache, logits, dlogits, dz, y, gamma, loss, V):
     Rdg = Rdg + dlogits @ V["W5"].T  # (N, c)
     Rdz4 = relu_backward(global_avgpool_backward(Rdg, c["pool4"]), c["relu4"])
     Rdp3, RdW4, Rdb4 = _conv_rop_backward(dz["dz4"], Rdz4, conv4, V["W4"], convR4[0])
-    Rdz3 = relu_backward(avgpool2_backward(Rdp3, c["pool3"]), c["relu3"])
+    Rdz3 = relu_avgpool2_backward(Rdp3, c["pool3"], c["relu3"])
     Rdp2, RdW3, Rdb3 = _conv_rop_backward(dz["dz3"], Rdz3, conv3, V["W3"], convR3[0])
-    Rdz2 = relu_backward(avgpool2_backward(Rdp2, c["pool2"]), c["relu2"])
+    Rdz2 = relu_avgpool2_backward(Rdp2, c["pool2"], c["relu2"])
     Rdh1, RdW2, Rdb2 = _conv_rop_backward(dz["dz2"], Rdz2, conv2, V["W2"], convR2[0])
     Rdz1 = relu_backward(Rdh1, c["relu1"])
     _, RdW1, Rdb1 = _conv_rop_backward(dz["dz1"], Rdz1, conv1, V["W1"], None, need_dx=False)
@@ -660,12 +675,30 @@ def nesterov_step(params, grads, velocity, lr, momentum=0.9):
 
     with v = 0 before the first step (PyTorch's first buffer, g, is the same thing). ``params``,
     ``grads`` and ``velocity`` are dicts with the same keys (or three arrays); the trainer owns
-    params and velocity, which are edited in place; grads is only read.
+    params and velocity, which are edited in place; grads is only read. On CuPy each array takes
+    one fused elementwise kernel (the NumPy lines below, compiled), not six launches.
     """
     if not isinstance(params, dict):
         params, grads, velocity = {"": params}, {"": grads}, {"": velocity}
     for k, theta in params.items():
         v, g = velocity[k], grads[k]
-        v *= momentum
-        v += g  # v <- momentum v + g
-        theta -= lr * (g + momentum * v)  # theta <- theta - lr (g + momentum v)
+        if get_array_module(theta) is np:
+            v *= momentum
+            v += g  # v <- momentum v + g
+            theta -= lr * (g + momentum * v)  # theta <- theta - lr (g + momentum v)
+        else:
+            scalar = theta.dtype.type
+            _nesterov_kernel()(g, scalar(lr), scalar(momentum), theta, v)
+
+
+@functools.lru_cache(maxsize=1)
+def _nesterov_kernel():
+    """The CuPy kernel of :func:`nesterov_step` (theta and v are read and written in place)."""
+    import cupy
+
+    return cupy.ElementwiseKernel(
+        "T g, T lr, T momentum",
+        "T theta, T v",
+        "v = momentum * v + g; theta -= lr * (g + momentum * v);",
+        "dynloss_nesterov_step",
+    )

@@ -34,6 +34,8 @@ from models import (
     myrtle5_loss_and_grads,
     myrtle5_unflatten,
     nesterov_step,
+    relu_avgpool2_backward,
+    relu_backward,
     relu_forward,
     to_device,
 )
@@ -212,6 +214,14 @@ def test_pools_and_dense_gradients(xp):
     f = lambda: np.sum(dense_forward(g, W, b)[0] * d_dense)
     for arr, analytic in ((g, dg), (W, dW), (b, db)):
         assert fd_check(f, arr, analytic, rng) < GRAD_RTOL
+
+
+def test_fused_relu_pool_backward_equals_the_composition(xp):
+    rng = np.random.default_rng(14)
+    h, _ = relu_forward(xp.asarray(rng.normal(size=(2, 8, 6, 3))))
+    dp = xp.asarray(rng.normal(size=(2, 4, 3, 3)))
+    fused = relu_avgpool2_backward(dp, h.shape, h)
+    assert rel_err(fused, relu_backward(avgpool2_backward(dp, h.shape), h)) == 0.0
 
 
 def test_global_pool_is_three_2x2_pools_at_8x8():
