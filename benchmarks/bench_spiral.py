@@ -72,7 +72,7 @@ def main():
             M, steps = (2048, 2000) if width == 100 else (512, 2000)
         rate(width, 2, 3, xp, True, args.workers)  # warm-up
         fast = rate(width, M, steps, xp, True, args.workers)
-        m1 = max(1, M // 8)
+        m1 = max(1, M // 8) if xp is np else 2  # one at a time on a GPU is launch-bound
         slow = rate(width, m1, steps, xp, False, 1)
         print(
             f"{width:>6} {M:>8} {steps:>6} {fast:>10.0f} {slow:>10.0f} {fast / slow:>6.1f} "
