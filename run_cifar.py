@@ -77,7 +77,6 @@ import re
 import shutil
 import sys
 import time
-import warnings
 
 import numpy as np
 
@@ -828,9 +827,9 @@ def cmd_phase(args):
         state, info = train_run(
             settings, data, xp, work, args.checkpoint_every, progress=not args.quiet, say=print
         )
-        arrays = {k: np.float64(v) for k, v in final_metrics(state).items()}
-        arrays["diverged_epoch"] = np.int64(state.diverged_epoch)
-        arrays["val_acc_history"] = state.hist["test_acc"]
+        arrays = {k: np.array([v], dtype=np.float64) for k, v in final_metrics(state).items()}
+        arrays["diverged_epoch"] = np.array([state.diverged_epoch], dtype=np.int64)
+        arrays["val_acc_history"] = state.hist["test_acc"][None]  # a leading axis of one seed
         sweep.save_unit(args.out, name, arrays)
         shutil.rmtree(work)
         if not args.quiet:
@@ -848,95 +847,19 @@ def merge_phase(out):
     A_list, T_list, seeds = cfg["A"], cfg["T"], cfg["seeds"]
     units = phase_units(len(T_list), len(A_list), seeds)
     done = sweep.load_units(out, [u[0] for u in units])
-    shape = (len(T_list), len(A_list), len(seeds))  # (b, a, seeds)
-    arrays = {f: np.full(shape, np.nan) for f in PHASE_FIELDS}
-    arrays["diverged_epoch"] = np.full(shape, -1, dtype=np.int64)
-    arrays["val_acc_history"] = np.full((*shape, cfg["epochs"] + 1), np.nan)
-    for name, ti, ai, seed in units:
-        si = seeds.index(seed)
-        for f in (*PHASE_FIELDS, "diverged_epoch", "val_acc_history"):
-            arrays[f][ti, ai, si] = done[name][f]
-    summary = {
-        "A": np.array(A_list, dtype=float),
-        "T": np.array(T_list, dtype=float),
-        "seeds": np.array(seeds),
-        "diverged": (arrays["diverged_epoch"] >= 0).sum(axis=2),  # (b, a)
-    }
-    with warnings.catch_warnings():  # a cell whose runs all diverged has no mean: NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for f in PHASE_FIELDS:
-            summary[f + "_mean"] = np.nanmean(arrays[f], axis=2)  # (b, a), diverged left out
-            summary[f + "_std"] = np.nanstd(arrays[f], axis=2)
+    placements = [(name, ti, ai, seeds.index(seed)) for name, ti, ai, seed in units]
+    arrays = sweep.assemble(done, placements, len(T_list), len(A_list), len(seeds))
+    summary = sweep.summarize(arrays, PHASE_FIELDS, A_list, T_list, seeds, "diverged_epoch")
     atomic_savez(os.path.join(out, "phase.npz"), **arrays, **summary)
     png = os.path.join(out, "phase.png")
-    plot_phase(summary, cfg, png)
-    print_phase_table(summary)
+    title = (
+        f"Myrtle5 c={cfg['channels']}, {cfg['data']}, {len(seeds)} seeds per point, "
+        f"{cfg['epochs']} epochs, batch {cfg['batch']}, lr peak {cfg['lr_peak']:g}"
+    )
+    sweep.plot_phase(summary, png, title, "period T (minibatch steps)")
+    sweep.print_table(summary, digits=3)
     print(f"wrote {out}/phase.npz and the figure {png}")
     return summary
-
-
-def print_phase_table(summary):
-    """Mean final training / validation (test) accuracy per cell, one row per T."""
-    A = summary["A"]
-    print("mean train / val accuracy; rows T, columns A = " + " ".join(f"{a:g}" for a in A))
-    for ti, T in enumerate(summary["T"]):
-        cells = " ".join(
-            f"{summary['train_acc_mean'][ti, ai]:.3f}/{summary['val_acc_mean'][ti, ai]:.3f}"
-            for ai in range(len(A))
-        )
-        print(f"T={T:>6g}: {cells}")
-
-
-def plot_phase(summary, cfg, path):
-    """Fig. 1: contour maps of mean training (a) and validation (b) accuracy over (T, A)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    T, A = summary["T"], summary["A"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, f, label in zip(
-        axes, ("train_acc", "val_acc"), ("(a) training", "(b) validation"), strict=True
-    ):
-        Z = summary[f + "_mean"].T  # (a, b): rows A, columns T
-        lo, hi = np.nanmin(Z), np.nanmax(Z)
-        if not np.isfinite(lo):
-            lo, hi = 0.0, 1.0
-        if hi - lo < 1e-3:
-            lo, hi = lo - 5e-4, hi + 5e-4
-        if len(T) > 1 and len(A) > 1:
-            cs = ax.contourf(T, A, Z, levels=np.linspace(lo, hi, 15), cmap="viridis")
-        else:
-            cs = ax.scatter(
-                np.tile(T, len(A)),
-                np.repeat(A, len(T)),
-                c=Z.ravel(),
-                s=200,
-                vmin=lo,
-                vmax=hi,
-                cmap="viridis",
-            )
-        ax.plot(*np.meshgrid(T, A), "k.", ms=2)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_ylim(A.min() / 1.15, A.max() * 1.15)  # the A = 1 row stays inside the frame
-        ax.set_xlim(T.min() / 1.15, T.max() * 1.15)
-        ax.set_xticks(T, [f"{t:g}" for t in T], minor=False)
-        ax.set_yticks(A, [f"{a:g}" for a in A], minor=False)
-        ax.minorticks_off()
-        ax.set_xlabel("period T (minibatch steps)")
-        ax.set_title(f"{label} accuracy")
-        fig.colorbar(cs, ax=ax, format="%.3f")
-    axes[0].set_ylabel("amplitude A (A = 1: static loss)")
-    fig.suptitle(
-        f"Myrtle5 c={cfg['channels']}, {cfg['data']}, {len(cfg['seeds'])} seeds per point, "
-        f"{cfg['epochs']} epochs, batch {cfg['batch']}, lr peak {cfg['lr_peak']:g}",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def cmd_merge(args):

@@ -20,7 +20,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -687,88 +686,19 @@ def merge_phase(out):
     A_list, T_list, seeds = cfg["A"], cfg["T"], cfg["seeds"]
     units = phase_units(len(T_list), len(A_list), seeds, cfg["seed_block"])
     done = sweep.load_units(out, [u[0] for u in units])
-    shape = (len(T_list), len(A_list), len(seeds))
-    arrays = {f: np.full(shape, np.nan) for f in PHASE_FIELDS}
-    arrays["diverged_step"] = np.full(shape, -1, dtype=np.int64)
-    for name, ti, ai, useeds in units:
-        s0 = seeds.index(useeds[0])
-        for f in (*PHASE_FIELDS, "diverged_step"):
-            arrays[f][ti, ai, s0 : s0 + len(useeds)] = done[name][f]
-    summary = {
-        "A": np.array(A_list),
-        "T": np.array(T_list),
-        "seeds": np.array(seeds),
-        "diverged": (arrays["diverged_step"] >= 0).sum(axis=2),
-    }
-    with warnings.catch_warnings():  # a cell whose runs all diverged has no mean: NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for f in PHASE_FIELDS:
-            summary[f + "_mean"] = np.nanmean(arrays[f], axis=2)  # (b, a), diverged runs left out
-            summary[f + "_std"] = np.nanstd(arrays[f], axis=2)
+    placements = [(name, ti, ai, seeds.index(us[0])) for name, ti, ai, us in units]
+    arrays = sweep.assemble(done, placements, len(T_list), len(A_list), len(seeds))
+    summary = sweep.summarize(arrays, PHASE_FIELDS, A_list, T_list, seeds, "diverged_step")
     atomic_savez(os.path.join(out, "phase.npz"), **arrays, **summary)
     png = os.path.join(out, "phase.png")
-    plot_phase(summary, cfg, png)
-    print_phase_table(summary)
+    title = (
+        f"spiral, width {cfg['width']}, {len(seeds)} seeds, {cfg['steps']} steps, "
+        f"lr {cfg['lr']:g}, {cfg['init']} init"
+    )
+    sweep.plot_phase(summary, png, title, "period T (steps)")
+    sweep.print_table(summary)
     print(f"wrote {out}/phase.npz and the figure {png}")
     return summary
-
-
-def print_phase_table(summary):
-    """Mean final training / validation accuracy per cell, one row per T."""
-    A = summary["A"]
-    print("mean train / val accuracy; rows T, columns A = " + " ".join(f"{a:g}" for a in A))
-    for ti, T in enumerate(summary["T"]):
-        cells = " ".join(
-            f"{summary['train_acc_mean'][ti, ai]:.2f}/{summary['val_acc_mean'][ti, ai]:.2f}"
-            for ai in range(len(A))
-        )
-        print(f"T={T:>6g}: {cells}")
-
-
-def plot_phase(summary, cfg, path):
-    """Fig. 3: contour maps of mean training and validation accuracy over (T, A)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    T, A = summary["T"], summary["A"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    levels = np.linspace(0.3, 1.0, 15)
-    for ax, f, label in zip(
-        axes, ("train_acc", "val_acc"), ("training", "validation"), strict=True
-    ):
-        Z = summary[f + "_mean"].T  # (a, b): rows A, columns T
-        if len(T) > 1 and len(A) > 1:
-            cs = ax.contourf(T, A, Z, levels=levels, cmap="viridis", extend="min")
-        else:
-            cs = ax.scatter(
-                np.repeat(T, len(A)),
-                np.tile(A, len(T)),
-                c=Z.T.ravel(),
-                s=200,
-                vmin=0.3,
-                vmax=1.0,
-                cmap="viridis",
-            )
-        ax.plot(*np.meshgrid(T, A), "k.", ms=3, clip_on=False)  # the grid points
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xticks(T, [f"{t:g}" for t in T], minor=False, fontsize=7)
-        ax.set_yticks(A, [f"{a:g}" for a in A], minor=False, fontsize=7)
-        ax.minorticks_off()
-        ax.set_xlabel("period T (steps)")
-        ax.set_title(f"{label} accuracy")
-        fig.colorbar(cs, ax=ax)
-    axes[0].set_ylabel("amplitude A (A = 1: static loss)")
-    fig.suptitle(
-        f"spiral, width {cfg['width']}, {len(cfg['seeds'])} seeds, {cfg['steps']} steps, "
-        f"lr {cfg['lr']:g}, {cfg['init']} init",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def cmd_merge(args):

@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import tempfile
+import warnings
 
 import numpy as np
 
@@ -159,3 +160,111 @@ def versions():
     except ImportError:
         pass
     return v
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase diagrams: assembling the units, the summary, the table and the figure (Figs. 1 and 3)
+# ---------------------------------------------------------------------------------------------
+
+
+def assemble(done, placements, n_T, n_A, n_seeds):
+    """Place every unit's results into (T, A, seed, ...) arrays.
+
+    done : {name: {field: array (n, ...)}}, each unit's values with a leading axis of its n seeds
+    placements : [(name, T index, A index, index of the unit's first seed)]
+    Returns {field: (n_T, n_A, n_seeds, ...)}; integer fields are filled with -1, others NaN.
+    """
+    arrays = {}
+    for name, ti, ai, s0 in placements:
+        for f, v in done[name].items():
+            v = np.asarray(v)
+            if f not in arrays:
+                integer = v.dtype.kind in "iu"
+                arrays[f] = np.full(
+                    (n_T, n_A, n_seeds, *v.shape[1:]),
+                    -1 if integer else np.nan,
+                    dtype=np.int64 if integer else np.float64,
+                )
+            arrays[f][ti, ai, s0 : s0 + len(v)] = v
+    return arrays
+
+
+def summarize(arrays, fields, A, T, seeds, diverged_field):
+    """Grid, per-cell diverged counts, and the mean and std over seeds of each field, (b, a).
+
+    Diverged runs hold NaN and are left out of the means; a cell whose runs all diverged is NaN.
+    """
+    summary = {
+        "A": np.array(A, dtype=float),
+        "T": np.array(T, dtype=float),
+        "seeds": np.array(seeds),
+        "diverged": (arrays[diverged_field] >= 0).sum(axis=2),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # mean of an all-NaN cell: NaN
+        for f in fields:
+            summary[f + "_mean"] = np.nanmean(arrays[f], axis=2)
+            summary[f + "_std"] = np.nanstd(arrays[f], axis=2)
+    return summary
+
+
+def print_table(summary, digits=2):
+    """Mean final training / validation accuracy per cell, one row per T."""
+    A = summary["A"]
+    print("mean train / val accuracy; rows T, columns A = " + " ".join(f"{a:g}" for a in A))
+    for ti, T in enumerate(summary["T"]):
+        cells = " ".join(
+            f"{summary['train_acc_mean'][ti, ai]:.{digits}f}/"
+            f"{summary['val_acc_mean'][ti, ai]:.{digits}f}"
+            for ai in range(len(A))
+        )
+        print(f"T={T:>6g}: {cells}")
+
+
+def plot_phase(summary, path, title, t_label):
+    """Contour maps of mean training (a) and validation (b) accuracy over (T, A), log axes.
+
+    Colour levels span each panel's own range, so small gains (Fig. 1) stay visible; the grid
+    points are marked and the A = 1 row (the static loss) lies inside the frame.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    T, A = summary["T"], summary["A"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    panels = (("train_acc", "(a) training"), ("val_acc", "(b) validation"))
+    for ax, (f, label) in zip(axes, panels, strict=True):
+        Z = summary[f + "_mean"].T  # (a, b): rows A, columns T
+        lo, hi = (np.nanmin(Z), np.nanmax(Z)) if np.isfinite(Z).any() else (0.0, 1.0)
+        if hi - lo < 1e-3:
+            lo, hi = lo - 5e-4, hi + 5e-4
+        if len(T) > 1 and len(A) > 1:
+            cs = ax.contourf(T, A, Z, levels=np.linspace(lo, hi, 15), cmap="viridis")
+        else:
+            cs = ax.scatter(
+                np.tile(T, len(A)),
+                np.repeat(A, len(T)),
+                c=Z.ravel(),
+                s=200,
+                vmin=lo,
+                vmax=hi,
+                cmap="viridis",
+            )
+        ax.plot(*np.meshgrid(T, A), "k.", ms=3, clip_on=False)  # the grid points
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_ylim(A.min() / 1.15, A.max() * 1.15)
+        ax.set_xlim(T.min() / 1.15, T.max() * 1.15)
+        ax.set_xticks(T, [f"{t:g}" for t in T], minor=False, fontsize=7)
+        ax.set_yticks(A, [f"{a:g}" for a in A], minor=False, fontsize=7)
+        ax.minorticks_off()
+        ax.set_xlabel(t_label)
+        ax.set_title(f"{label} accuracy")
+        fig.colorbar(cs, ax=ax, format="%.3f")
+    axes[0].set_ylabel("amplitude A (A = 1: static loss)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
