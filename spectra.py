@@ -654,16 +654,18 @@ def ntk_multiplier(lam, lr, N):
 class SpectraTracker:
     """An ``on_log(step, params_host)`` callback for run_spiral.train_block.
 
-    At every call (with ``every``: at steps that are multiples of it) it computes, for network
-    ``net`` of the block and the current Gamma = dynloss.class_weights(step, A, T, K,
-    stop_step), the top-k Hessian eigenvalues and lambda_max of the full and of the traced NTK,
-    on one shared forward pass. The first call (and the first after a divergence) is a cold
-    eigsh to TRACK_COLD_TOL; later calls start from the previous eigenvectors plus ``mix``
-    times a random unit vector (so that an eigenvalue rising past the previous top one still
-    appears in the Krylov space) and stop at relative residual ``tol``: :func:`warm_top_eig`
-    for k = 1, :func:`top_eigs` (eigsh) for k > 1. At the defaults the eigenvalues are within
-    tol = 1e-3 of an eigenvalue by construction and measured within 1e-5 (relative) of the
-    exact lambda_max (tests, benchmarks/bench_spectra.py), about 3 Hessian and 4 NTK products
+    At steps that are multiples of ``every`` it computes, for network ``net`` of the block and
+    the current Gamma = dynloss.class_weights(step, A, T, K, stop_step), the top-k Hessian
+    eigenvalues, and at multiples of ``ntk_every`` (default: ``every``; 0: never) lambda_max of
+    the full and of the traced NTK, on one shared forward pass. ``force=True`` in a call
+    measures whatever the step (used for the final parameters). The first call (and the first
+    after a divergence) is a cold eigsh to TRACK_COLD_TOL; later calls start from the previous
+    eigenvectors plus ``mix`` times a random unit vector (so that an eigenvalue rising past the
+    previous top one still appears in the Krylov space) and stop at relative residual ``tol``:
+    :func:`warm_top_eig` for k = 1, :func:`top_eigs` (eigsh) for k > 1. At the defaults the
+    eigenvalues are within tol = 1e-3 of an eigenvalue by construction and measured within 1e-5
+    (relative) of the exact lambda_max (tests, benchmarks/bench_spectra.py), about 3 Hessian
+    and 4 NTK products
     per call. Results, as arrays:
 
     hess_step (S,), hess_lmax (S,), hess_topk (S, k), ntk_step (S,), ntk_lmax (S,),
@@ -673,7 +675,19 @@ class SpectraTracker:
     stride: at an even one the two branches of a period-two bounce are never both seen.
     """
 
-    def __init__(self, X, y, spec, net=0, k=1, every=1, tol=TRACK_TOL, mix=TRACK_MIX, ntk=True):
+    def __init__(
+        self,
+        X,
+        y,
+        spec,
+        net=0,
+        k=1,
+        every=1,
+        tol=TRACK_TOL,
+        mix=TRACK_MIX,
+        ntk=True,
+        ntk_every=None,
+    ):
         """X (N, D), y (N,) training data; spec: any object with A, T, stop_step ((M,) arrays
         or scalars) and loss, e.g. run_spiral.TrainSpec."""
         X = np.asarray(X, dtype=np.float64)
@@ -682,7 +696,9 @@ class SpectraTracker:
         pick = lambda a: None if a is None else float(np.atleast_1d(a)[net])
         self.A, self.T, self.stop_step = pick(spec.A), pick(spec.T), pick(spec.stop_step)
         self.loss = getattr(spec, "loss", "ce")
-        self.net, self.k, self.every, self.tol, self.with_ntk = net, k, every, tol, ntk
+        self.net, self.k, self.every, self.tol = net, k, every, tol
+        self.ntk_every = (every if ntk_every is None else ntk_every) if ntk else 0
+        self.with_ntk = self.ntk_every > 0
         self.products = {"hess": 0, "ntk": 0, "traced": 0}
         self.mix, self._rng = mix, np.random.default_rng(0)
         self.seconds = 0.0
@@ -701,8 +717,10 @@ class SpectraTracker:
             self._gamma = (start, block)
         return block[step - start]
 
-    def __call__(self, step, params_host):
-        if step % self.every:
+    def __call__(self, step, params_host, force=False):
+        do_hess = force or step % self.every == 0
+        do_ntk = self.with_ntk and (force or step % self.ntk_every == 0)
+        if not (do_hess or do_ntk):
             return
         t0 = time.perf_counter()
         one = {name: np.asarray(a)[self.net : self.net + 1] for name, a in params_host.items()}
@@ -714,14 +732,17 @@ class SpectraTracker:
         s = net_state(one, self.xa, work=self._work)
         if not np.all(np.isfinite(s["logits"])):
             self._vecs = dict.fromkeys(self._vecs)
-            self._rows["hess"].append((step, np.full(self.k, np.nan)))
-            if self.with_ntk:
+            if do_hess:
+                self._rows["hess"].append((step, np.full(self.k, np.nan)))
+            if do_ntk:
                 self._rows["ntk"].append((step, np.nan, np.nan))
             self.seconds += time.perf_counter() - t0
             return
-        vals, self._vecs["hess"] = self._top(hessian_matvec(s, self.y, gamma, self.loss), "hess", s)
-        self._rows["hess"].append((step, vals))
-        if self.with_ntk:
+        if do_hess:
+            matvec = hessian_matvec(s, self.y, gamma, self.loss)
+            vals, self._vecs["hess"] = self._top(matvec, "hess", s)
+            self._rows["hess"].append((step, vals))
+        if do_ntk:
             lam, self._vecs["ntk"] = self._top(ntk_matvec(s), "ntk", s)
             lam_tr, self._vecs["traced"] = self._top(ntk_traced_matvec(s), "traced", s)
             self._rows["ntk"].append((step, lam[0], lam_tr[0]))
