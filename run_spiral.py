@@ -190,7 +190,7 @@ def _unpack(P):
         "W1": np.ascontiguousarray(W1a[:, :-1]),
         "b1": np.ascontiguousarray(W1a[:, -1]),
         "W2": np.ascontiguousarray(host["W2T"].transpose(0, 2, 1)),
-        "b2": host["b2"][:, :, 0],
+        "b2": host["b2"][:, :, 0].copy(),  # not a view of the live training buffer
     }
 
 
@@ -459,8 +459,21 @@ def run_train(args, seeds, on_log=None):
     )
     if on_log is None:
         res = train_many(params0, data, spec, xp=xp, progress=not args.quiet)
-    else:
-        res = train_block(params0, data, spec, xp=xp, on_log=on_log)
+    else:  # one block, one thread: small products are slower on two BLAS threads
+        from threadpoolctl import threadpool_limits
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=M * args.steps,
+            unit="net-step",
+            unit_scale=True,
+            disable=args.quiet,
+            mininterval=0.5,
+            desc="training + spectra",
+        )
+        with threadpool_limits(limits=1):
+            res = train_block(params0, data, spec, xp=xp, on_log=on_log, progress=bar.update)
+        bar.close()
     return data, params0, res, spec
 
 
@@ -706,6 +719,419 @@ def cmd_merge(args):
     merge_phase(args.out)
 
 
+# ---------------------------------------------------------------------------------------------
+# Spectra along a trajectory: Fig. 4 (dynamics) and Fig. 5 (threshold)
+# ---------------------------------------------------------------------------------------------
+
+SPECTRA_FIELDS = ("hess_step", "hess_lmax", "hess_topk", "ntk_step", "ntk_lmax", "ntk_traced_lmax")
+
+
+def check_spectra_options(args):
+    """Validate --hess-every, --ntk-every and --top-k."""
+    if args.hess_every <= 0:
+        raise InputError(f"--hess-every must be positive, got {args.hess_every}")
+    if args.ntk_every < 0:
+        raise InputError(f"--ntk-every must be >= 0 (0: no NTK), got {args.ntk_every}")
+    if args.top_k <= 0:
+        raise InputError(f"--top-k must be positive, got {args.top_k}")
+
+
+def spectra_run(args, seed):
+    """One network trained with a SpectraTracker; returns (data, params0, res, spec, spectra)."""
+    import spectra
+
+    X, y = make_spiral_train()
+    stop = args.steps + 1 if args.no_stop else max(0, args.steps - args.T)
+    spec = TrainSpec(
+        np.array([args.A]),
+        np.array([args.T]),
+        np.array([stop]),
+        args.lr,
+        args.steps,
+        args.log_every,
+        args.loss,
+    )
+    tracker = spectra.SpectraTracker(
+        X, y, spec, k=args.top_k, every=args.hess_every, ntk_every=args.ntk_every
+    )
+    data, params0, res, spec = run_train(args, [seed], on_log=tracker)
+    if res["diverged_step"][0] < 0:  # the last entries: measured at the final parameters
+        tracker(args.steps, res["params"], force=True)
+    return data, params0, res, spec, tracker.arrays()
+
+
+def analyze_stability(arrays, lr, N, T, stop_step):
+    """Bifurcations of F, the Hessian threshold (Fig. 4 caption), and when lambda_max settles.
+
+    Returns a dict: ``bif_start, bif_end`` (episodes of F(t) - F(t-1) alternating in sign, from
+    F at every logged step), ``thr_start, thr_end`` (instabilities of lambda_max),
+    ``threshold``, ``gd_bound`` = 2/eta, ``ntk_bound`` = 2N/eta (eq. 14), and
+    ``settled_period``: the number of periods T after which lambda_max never again exceeds the
+    threshold while the loss still oscillates (nan when there is no threshold).
+    """
+    import spectra
+
+    step = arrays["step"]
+    contiguous = len(step) > 2 and np.all(np.diff(step[:-1]) == 1)
+    if contiguous:
+        bif_start, bif_end = spectra.bifurcation_episodes(arrays["loss"], step)
+    else:  # F was not logged at every step: period-two bouncing cannot be seen
+        bif_start = bif_end = np.zeros(0, dtype=np.int64)
+    ok = np.isfinite(arrays["hess_lmax"])
+    thr, thr_start, thr_end = spectra.hessian_threshold(
+        arrays["hess_step"][ok], arrays["hess_lmax"][ok]
+    )
+    settled = np.nan
+    if np.isfinite(thr):
+        osc = ok & (arrays["hess_step"] < stop_step)
+        above = arrays["hess_step"][osc][arrays["hess_lmax"][osc] > thr]
+        settled = float(above.max() // T + 1) if len(above) else 0.0
+    return {
+        "bif_start": np.asarray(bif_start, dtype=np.int64),
+        "bif_end": np.asarray(bif_end, dtype=np.int64),
+        "thr_start": np.asarray(thr_start, dtype=np.int64),
+        "thr_end": np.asarray(thr_end, dtype=np.int64),
+        "threshold": np.float64(thr),
+        "gd_bound": np.float64(2 / lr),
+        "ntk_bound": np.float64(2 * N / lr),
+        "settled_period": np.float64(settled),
+    }
+
+
+def zoom_window(info, step, T):
+    """(t0, t1) around the first instability of lambda_max after the first period (else of F,
+    else mid-run)."""
+    for s0, s1 in (("thr_start", "thr_end"), ("bif_start", "bif_end")):
+        if len(info[s0]):
+            later = np.flatnonzero(info[s0] >= T)  # past the first period's transient if we can
+            i = later[0] if len(later) else 0
+            a, b = int(info[s0][i]), int(info[s1][i])
+            pad = max(50, (b - a) // 2)
+            return a - pad, b + pad
+    mid = int(step[-1] // 2)
+    return mid - int(T // 10), mid + int(T // 10)
+
+
+def zoom_spectra(args, data, params0, spec, window):
+    """Replay the run (it is deterministic) up to the end of ``window`` = (t0, t1), measuring
+    the spectra every ``args.zoom_every`` steps inside it: the zoomed panels (k), (l)."""
+    from threadpoolctl import threadpool_limits
+
+    import spectra
+
+    t0, t1 = max(0, window[0]), min(args.steps, window[1])
+    tracker = spectra.SpectraTracker(
+        data[0],
+        data[1],
+        spec,
+        k=args.top_k,
+        every=args.zoom_every,
+        ntk_every=args.zoom_every if args.ntk_every else 0,
+    )
+    replay = TrainSpec(spec.A, spec.T, spec.stop_step, spec.lr, t1, 1, spec.loss)
+    inside = lambda step, params: tracker(step, params) if t0 <= step <= t1 else None
+    with threadpool_limits(limits=1):
+        train_block(params0, data, replay, on_log=inside)
+    return {"zoom_" + k: v for k, v in tracker.arrays().items()}
+
+
+def plot_dynamics(arrays, info, path, title):
+    """Fig. 4: (a) Gamma, (b) F, (c) F(t) - F(t-1), (d) accuracies, (e) Hessian lambda_max with
+    the threshold, (f) NTK lambda_max with the eq. (14) bound; (g)-(l) the same zoomed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    step = arrays["step"]
+    t0, t1 = zoom_window(info, step, arrays["T"])
+    fig, ax = plt.subplots(6, 2, figsize=(13, 13), sharex="col")
+    for col, (lo, hi) in enumerate(((step[0], step[-1]), (t0, t1))):
+        sel = (step >= lo) & (step <= hi)
+        pre = "zoom_" if col == 1 and "zoom_hess_step" in arrays else ""
+        sp = {k: arrays[pre + k] for k in SPECTRA_FIELDS}
+        hs = (sp["hess_step"] >= lo) & (sp["hess_step"] <= hi)
+        ns = (sp["ntk_step"] >= lo) & (sp["ntk_step"] <= hi)
+        a = ax[:, col]
+        for i in range(arrays["gamma"].shape[1]):
+            a[0].plot(step[sel], arrays["gamma"][sel, i], lw=1)
+        a[1].plot(step[sel], arrays["loss"][sel], lw=0.6)
+        a[1].set_yscale("log")
+        a[2].plot(step[sel], arrays["dloss"][sel], lw=0.4)
+        a[3].plot(step[sel], arrays["train_acc"][sel], lw=0.6, label="training")
+        a[3].plot(step[sel], arrays["val_acc"][sel], lw=0.6, label="validation")
+        a[4].plot(sp["hess_step"][hs], sp["hess_lmax"][hs], lw=0.6, color="k")
+        if np.isfinite(info["threshold"]):
+            a[4].axhline(info["threshold"], ls="--", color="C3", lw=1, label="threshold")
+        a[4].axhline(info["gd_bound"], ls=":", color="C7", lw=1, label=r"$2/\eta$")
+        a[5].plot(sp["ntk_step"][ns], sp["ntk_lmax"][ns], lw=0.6, label="full (NK x NK)")
+        a[5].plot(sp["ntk_step"][ns], sp["ntk_traced_lmax"][ns], lw=0.6, label="traced (N x N)")
+        a[5].axhline(info["ntk_bound"], ls=":", color="C7", lw=1, label=r"$2N/\eta$ (eq. 14)")
+        a[5].set_xlabel("step t")
+        for s0, color in (("thr_start", "g"), ("thr_end", "r")):
+            for t in info[s0]:
+                if lo <= t <= hi:
+                    for row in a[1:]:
+                        row.axvline(t, ls="--", color=color, lw=0.5, alpha=0.6)
+        letters = "abcdef" if col == 0 else "ghijkl"
+        for row, letter in zip(a, letters, strict=True):
+            row.text(0.01, 0.85, f"({letter})", transform=row.transAxes)
+    labels = (
+        r"$\Gamma_i(t)$",
+        r"$\mathcal{F}(t)$",
+        r"$\mathcal{F}(t)-\mathcal{F}(t-1)$",
+        "accuracy",
+        r"Hessian $\lambda_{max}$",
+        r"NTK $\lambda_{max}$",
+    )
+    for row, label in zip(ax[:, 0], labels, strict=True):
+        row.set_ylabel(label)
+    ax[3, 0].legend(fontsize=7, loc="lower right")
+    ax[4, 0].legend(fontsize=7, loc="upper right")
+    ax[5, 0].legend(fontsize=7, loc="upper right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+
+
+def cmd_dynamics(args):
+    """``dynamics``: one run with the Hessian and NTK spectra along it (Fig. 4)."""
+    if args.quick:
+        args.T, args.steps = QUICK["T"], QUICK["steps"]
+    seeds = check_train(args)
+    check_spectra_options(args)
+    if len(seeds) != 1:
+        raise InputError("dynamics follows one network: give one --seed")
+    t0 = time.time()
+    data, params0, res, spec, spec_arrays = spectra_run(args, seeds[0])
+    os.makedirs(args.out, exist_ok=True)
+    arrays = run_arrays(data, params0, res, squeeze=True)
+    arrays.update(spec_arrays)
+    arrays["T"] = np.float64(args.T)
+    info = analyze_stability(arrays, args.lr, len(data[0]), args.T, int(spec.stop_step[0]))
+    arrays.update(info)
+    if args.zoom_every > 0:
+        window = zoom_window(info, arrays["step"], args.T)
+        arrays.update(zoom_spectra(args, data, params0, spec, window))
+    atomic_savez(os.path.join(args.out, "run.npz"), **arrays)
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    config.update(
+        seeds=seeds,
+        stop_step=int(spec.stop_step[0]),
+        versions=versions(),
+        seconds=round(time.time() - t0, 2),
+        threshold=float(info["threshold"]),
+        settled_period=float(info["settled_period"]),
+        bifurcation_episodes=len(info["bif_start"]),
+        instabilities=len(info["thr_start"]),
+    )
+    write_json(os.path.join(args.out, "config.json"), config)
+    png = os.path.join(args.out, "dynamics.png")
+    title = (
+        f"width {args.width}, A = {args.A:g}, T = {args.T:g}, lr = {args.lr:g}, "
+        f"{args.steps} steps, Hessian every {args.hess_every}, NTK every {args.ntk_every}"
+    )
+    plot_dynamics(arrays, info, png, title)
+    print(
+        f"Hessian threshold {info['threshold']:.4g} (2/lr = {2 / args.lr:.4g}) from "
+        f"{len(info['thr_start'])} instabilities; {len(info['bif_start'])} bifurcation episodes "
+        f"of F; lambda_max stays below the threshold after {info['settled_period']:g} periods"
+    )
+    print(
+        f"final train acc {arrays['train_acc'][-1]:.3f}, val acc {arrays['val_acc'][-1]:.3f}; "
+        f"final Hessian lambda_max {arrays['hess_lmax'][-1]:.4g}, NTK lambda_max "
+        f"{arrays['ntk_lmax'][-1]:.4g}"
+        if len(arrays["ntk_lmax"])
+        else ""
+    )
+    print(f"wrote {args.out}/run.npz, config.json and the figure {png}")
+
+
+def threshold_units(widths, lrs):
+    """Fig. 5 units: (name, width, lr, kind) for the dynamical runs and the static ones."""
+    units = [(f"w{w}_lr{lr:g}", w, lr, "dynamic") for w in widths for lr in lrs]
+    return units + [(f"static_w{w}", w, 1.0, "static") for w in widths]
+
+
+def cmd_threshold(args):
+    """``threshold``: Fig. 5, the Hessian threshold against the learning rate, and static runs."""
+    check_common(args)
+    check_spectra_options(args)
+    widths = [int(w) for w in sweep.parse_list(args.widths, "--widths", int)]
+    lrs = sweep.parse_list(args.lrs, "--lrs")
+    if min(widths) <= 0 or min(lrs) <= 0:
+        raise InputError("--widths and --lrs must be positive")
+    if not args.A >= 1:
+        raise InputError(f"--A must be >= 1, got {args.A}")
+    cfg = {
+        "kind": "spiral-threshold",
+        "widths": widths,
+        "lrs": lrs,
+        "A": args.A,
+        "T0": args.T0,
+        "steps0": args.steps0,
+        "static_steps": args.static_steps,
+        "seed": args.seed,
+        "init": args.init,
+        "loss": args.loss,
+        "hess_every": args.hess_every,
+    }
+    sweep.prepare(args.out, cfg)
+    units = threshold_units(widths, lrs)
+    todo = sweep.pending(args.out, [u[0] for u in units])
+    for name, w, lr, kind in units:
+        if name not in todo:
+            continue
+        sub = argparse.Namespace(**vars(args))
+        sub.width, sub.lr, sub.no_stop, sub.top_k, sub.ntk_every = w, lr, False, 1, 0
+        if kind == "dynamic":  # the Fig. 4 protocol rescaled: T = T0/eta, steps = steps0/eta
+            sub.T, sub.steps = args.T0 / lr, int(round(args.steps0 / lr))
+        else:
+            sub.A, sub.T, sub.steps = 1.0, args.T0, args.static_steps
+        sub.log_every = args.hess_every
+        print(f"{name}: width {w}, lr {lr:g}, A {sub.A:g}, T {sub.T:g}, {sub.steps} steps")
+        data, _, res, spec, sa = spectra_run(sub, args.seed)
+        info = analyze_stability(
+            {**sa, "step": res["step"], "loss": res["loss"][:, 0]},
+            lr,
+            len(data[0]),
+            sub.T,
+            int(spec.stop_step[0]),
+        )
+        sweep.save_unit(
+            args.out,
+            name,
+            {
+                "hess_step": sa["hess_step"],
+                "hess_lmax": sa["hess_lmax"],
+                "threshold": info["threshold"],
+                "thr_start": info["thr_start"],
+                "thr_end": info["thr_end"],
+                "train_acc": res["train_acc"][-1, 0],
+                "val_acc": res["val_acc"][-1, 0],
+            },
+        )
+    merge_threshold(args.out)
+
+
+def merge_threshold(out):
+    """Fit the threshold's exponent per width and for all widths; threshold.npz and the figure."""
+    from scipy.stats import linregress
+
+    cfg = sweep.load_config(out)
+    widths, lrs = cfg["widths"], np.array(cfg["lrs"])
+    units = threshold_units(widths, cfg["lrs"])
+    done = sweep.load_units(out, [u[0] for u in units])
+    thr = np.array([[float(done[f"w{w}_lr{lr:g}"]["threshold"]) for lr in lrs] for w in widths])
+    fits = {}
+    for key, rows in [(str(w), thr[i : i + 1]) for i, w in enumerate(widths)] + [("all", thr)]:
+        x = np.log(np.tile(lrs, (len(rows), 1))).ravel()
+        yv = np.log(rows).ravel()
+        ok = np.isfinite(yv)
+        if ok.sum() >= 3:
+            r = linregress(x[ok], yv[ok])
+            fits[key] = (r.slope, r.stderr, r.intercept)
+        else:
+            fits[key] = (np.nan, np.nan, np.nan)
+    arrays = {
+        "widths": np.array(widths),
+        "lrs": lrs,
+        "threshold": thr,
+        "slope": np.array([fits[str(w)][0] for w in widths]),
+        "slope_stderr": np.array([fits[str(w)][1] for w in widths]),
+        "slope_all": np.float64(fits["all"][0]),
+        "slope_all_stderr": np.float64(fits["all"][1]),
+    }
+    for w in widths:
+        arrays[f"static_w{w}_hess_step"] = done[f"static_w{w}"]["hess_step"]
+        arrays[f"static_w{w}_hess_lmax"] = done[f"static_w{w}"]["hess_lmax"]
+        arrays[f"static_w{w}_train_acc"] = done[f"static_w{w}"]["train_acc"]
+    atomic_savez(os.path.join(out, "threshold.npz"), **arrays)
+    png = os.path.join(out, "threshold.png")
+    plot_threshold(arrays, fits, cfg, png)
+    for i, w in enumerate(widths):
+        print(
+            f"width {w}: threshold "
+            + " ".join(f"{t:.4g}" for t in thr[i])
+            + f" at lr {' '.join(f'{v:g}' for v in lrs)}; exponent {fits[str(w)][0]:.3f} "
+            f"+- {fits[str(w)][1]:.3f}"
+        )
+    print(
+        f"all widths: exponent {fits['all'][0]:.3f} +- {fits['all'][1]:.3f} (paper about -0.9, "
+        "eq. (7): -1)"
+    )
+    print(f"wrote {out}/threshold.npz and the figure {png}")
+    return arrays
+
+
+def plot_threshold(arrays, fits, cfg, path):
+    """Fig. 5: (a) threshold against eta (log-log) with fits; (b, c) static runs against it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    widths, lrs, thr = arrays["widths"], arrays["lrs"], arrays["threshold"]
+    fig, ax = plt.subplots(1, 1 + len(widths), figsize=(5 + 4.5 * len(widths), 4))
+    grid = np.geomspace(lrs.min(), lrs.max(), 50)
+    for i, w in enumerate(widths):
+        slope, err, icpt = fits[str(w)]
+        ax[0].plot(lrs, thr[i], "o", color=f"C{i}", label=f"width {w}")
+        if np.isfinite(slope):
+            ax[0].plot(
+                grid,
+                np.exp(icpt) * grid**slope,
+                "-",
+                color=f"C{i}",
+                lw=0.8,
+                label=f"fit: exponent {slope:.2f} ± {err:.2f}",
+            )
+    ax[0].plot(grid, 2 / grid, ":", color="C7", label=r"$2/\eta$")
+    ax[0].set_xscale("log")
+    ax[0].set_yscale("log")
+    ax[0].set_xticks(lrs, [f"{v:g}" for v in lrs])
+    ax[0].minorticks_off()
+    ax[0].set_xlabel(r"learning rate $\eta$")
+    ax[0].set_ylabel(r"Hessian $\lambda_{max}$ threshold")
+    ax[0].legend(fontsize=7)
+    ax[0].set_title("(a)")
+    at1 = np.nanmean(thr[:, np.argmin(np.abs(np.log(lrs)))])  # threshold at the lr nearest 1
+    for i, w in enumerate(widths):
+        a = ax[1 + i]
+        a.plot(
+            arrays[f"static_w{w}_hess_step"], arrays[f"static_w{w}_hess_lmax"], lw=0.6, color="k"
+        )
+        if np.isfinite(at1):
+            a.axhline(at1, ls="--", color="C3", label="threshold from (a)")
+        a.set_yscale("log")
+        a.set_xlabel("step t")
+        a.set_title(
+            f"({'bc'[i] if i < 2 else i}) static loss (A = 1), lr 1, width {w}, "
+            f"train acc {float(arrays[f'static_w{w}_train_acc']):.2f}",
+            fontsize=9,
+        )
+        a.legend(fontsize=7)
+    fig.suptitle(
+        f"Fig. 5: A = {cfg['A']:g}, T = {cfg['T0']:g}/eta, {cfg['steps0']}/eta steps, "
+        f"Hessian every {cfg['hess_every']} steps",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+DYNAMICS_DEFAULTS = {
+    "width": 100,
+    "A": 70.0,
+    "T": 5000.0,
+    "steps": 70000,
+    "log_every": 1,
+    "out": "runs/fig4",
+}
+QUICK = {"T": 1000.0, "steps": 14000}  # dynamics --quick: the same A, periods 5x shorter
+
 TRAIN_DEFAULTS = {
     "width": 100,
     "A": 20.0,
@@ -716,6 +1142,13 @@ TRAIN_DEFAULTS = {
 }
 
 
+def add_spectra_options(p):
+    """How often the spectra are measured (both in steps; an odd stride shows period-two
+    bouncing, which an even one never samples on both branches)."""
+    p.add_argument("--hess-every", type=int, default=25, help="steps between Hessian lambda_max")
+    p.add_argument("--ntk-every", type=int, default=25, help="steps between NTK lambda_max (0: no)")
+
+
 def build_parser():
     """The argparse parser of every spiral command."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -723,6 +1156,39 @@ def build_parser():
     p = sub.add_parser("train", help="one training run (or a few seeds); Fig. 4 (a)-(d)")
     add_train_options(p, TRAIN_DEFAULTS)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("dynamics", help="one run with Hessian and NTK spectra: Fig. 4")
+    add_train_options(p, DYNAMICS_DEFAULTS)
+    add_spectra_options(p)
+    p.add_argument("--top-k", type=int, default=1, help="Hessian eigenvalues kept (top k)")
+    p.add_argument(
+        "--zoom-every",
+        type=int,
+        default=1,
+        help="replay the zoomed window with spectra every this many steps (0: off)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a shorter look: T = {QUICK['T']:g}, {QUICK['steps']} steps",
+    )
+    p.set_defaults(func=cmd_dynamics)
+
+    p = sub.add_parser("threshold", help="Hessian threshold against the learning rate: Fig. 5")
+    p.add_argument("--widths", default="100,1000")
+    p.add_argument("--lrs", default="0.5,1,2,4", help="learning rates eta")
+    p.add_argument("--A", type=float, default=70.0)
+    p.add_argument("--T0", type=float, default=5000.0, help="T = T0/eta")
+    p.add_argument("--steps0", type=int, default=70000, help="steps = steps0/eta")
+    p.add_argument("--static-steps", type=int, default=35000, help="steps of the A = 1 runs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default="standard", help=f"one of {', '.join(INITS)}")
+    p.add_argument("--loss", default="ce", help=f"base loss: {', '.join(LOSSES)}")
+    add_spectra_options(p)
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+    p.add_argument("--out", default="runs/fig5", help="output folder (resumable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_threshold, width=100, steps=1, lr=1.0, log_every=1, top_k=1)
 
     p = sub.add_parser("phase", help="a (T, A) grid x seeds: Fig. 3 (resumable, shardable)")
     p.add_argument("--width", type=int, default=100, help="hidden units H")

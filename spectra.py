@@ -608,17 +608,22 @@ def hessian_threshold(step, lmax, jump=HESS_JUMP, min_length=2):
     """The curvature threshold of the Fig. 4 caption, from a tracked Hessian lambda_max.
 
     Times where |lambda_max(t) - lambda_max(t-1)| >= jump (consecutive tracked values; the
-    caption's "~ 0.1") form runs; a run of at least ``min_length`` such times is an
-    instability, its first time the start (green line) and its last the end (red line). The
-    threshold is the average of lambda_max at all starts and ends, each taken as the midpoint
-    (lambda(t) + lambda(t-1))/2 of the two branches the system alternates between. Track at an
-    odd stride (the authors' notebook: 25 steps) or every step, or the bouncing is invisible.
+    caption's "~ 0.1") next to a jump of the opposite sign (bouncing between two branches, not
+    a fast but smooth change such as the first steps from the initialisation) form runs; a run
+    of at least ``min_length`` such times is an instability, its first time the start (green
+    line) and its last the end (red line). The threshold is the average of lambda_max at all
+    starts and ends, each taken as the midpoint (lambda(t) + lambda(t-1))/2 of the two
+    branches the system alternates between. Track at an odd stride (the authors' notebook: 25
+    steps) or every step, or the bouncing is invisible.
 
     Returns threshold (nan when no instability), starts (E,), ends (E,) steps.
     """
     step, lmax = np.asarray(step), np.asarray(lmax, dtype=np.float64)
     d = np.diff(lmax)  # (S-1,) at step[1:]
-    first, last = _runs(np.abs(d) >= jump)
+    big = np.abs(d) >= jump
+    flip = big[1:] & big[:-1] & (np.sign(d[1:]) != np.sign(d[:-1]))  # (S-2,) between d's
+    bouncing = big & (np.r_[False, flip] | np.r_[flip, False])  # a jump next to a reversed one
+    first, last = _runs(bouncing)
     keep = last - first + 1 >= min_length
     first, last = first[keep], last[keep]
     mid = 0.5 * (lmax[1:] + lmax[:-1])  # (S-1,)
@@ -657,16 +662,15 @@ class SpectraTracker:
     At steps that are multiples of ``every`` it computes, for network ``net`` of the block and
     the current Gamma = dynloss.class_weights(step, A, T, K, stop_step), the top-k Hessian
     eigenvalues, and at multiples of ``ntk_every`` (default: ``every``; 0: never) lambda_max of
-    the full and of the traced NTK, on one shared forward pass. ``force=True`` in a call
-    measures whatever the step (used for the final parameters). The first call (and the first
-    after a divergence) is a cold eigsh to TRACK_COLD_TOL; later calls start from the previous
-    eigenvectors plus ``mix`` times a random unit vector (so that an eigenvalue rising past the
-    previous top one still appears in the Krylov space) and stop at relative residual ``tol``:
-    :func:`warm_top_eig` for k = 1, :func:`top_eigs` (eigsh) for k > 1. At the defaults the
-    eigenvalues are within tol = 1e-3 of an eigenvalue by construction and measured within 1e-5
-    (relative) of the exact lambda_max (tests, benchmarks/bench_spectra.py), about 3 Hessian
-    and 4 NTK products
-    per call. Results, as arrays:
+    the full and of the traced NTK, on one shared forward pass. ``force=True`` measures what
+    was not measured at this step yet, whatever the step (used for the final parameters).
+    The first call (and the first after a divergence) is a cold eigsh to TRACK_COLD_TOL;
+    later calls start from the previous eigenvectors plus ``mix`` times a random unit vector
+    (so that an eigenvalue rising past the previous top one still appears in the Krylov space)
+    and stop at relative residual ``tol``: :func:`warm_top_eig` for k = 1, :func:`top_eigs`
+    (eigsh) for k > 1. At the defaults the eigenvalues are within tol = 1e-3 of an eigenvalue
+    by construction and measured within 1e-5 (relative) of the exact lambda_max (tests,
+    benchmarks/bench_spectra.py), about 3 Hessian and 4 NTK products per call. Results:
 
     hess_step (S,), hess_lmax (S,), hess_topk (S, k), ntk_step (S,), ntk_lmax (S,),
     ntk_traced_lmax (S,); ``seconds``: time spent in the callback; ``products``: operator
@@ -718,8 +722,9 @@ class SpectraTracker:
         return block[step - start]
 
     def __call__(self, step, params_host, force=False):
-        do_hess = force or step % self.every == 0
-        do_ntk = self.with_ntk and (force or step % self.ntk_every == 0)
+        last = lambda which: self._rows[which][-1][0] if self._rows[which] else None
+        do_hess = (force or step % self.every == 0) and last("hess") != step
+        do_ntk = self.with_ntk and (force or step % self.ntk_every == 0) and last("ntk") != step
         if not (do_hess or do_ntk):
             return
         t0 = time.perf_counter()

@@ -315,6 +315,8 @@ def test_hessian_threshold_on_synthetic_lambda_max():
     ]
     np.testing.assert_allclose(threshold, np.mean(marks), rtol=1e-12)
     assert np.isnan(spectra.hessian_threshold(t, base)[0])
+    # a fast but smooth fall (steps of -0.2, no bouncing) is not an instability
+    assert np.isnan(spectra.hessian_threshold(t, 200.0 - 0.2 * np.arange(600))[0])
 
 
 def test_stability_helpers():

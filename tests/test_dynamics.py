@@ -1,0 +1,138 @@
+"""The ``dynamics`` (Fig. 4) and ``threshold`` (Fig. 5) commands."""
+
+import json
+
+import numpy as np
+import pytest
+
+import run_spiral as rs
+import spectra
+from dynloss import class_weights
+
+EIG_RTOL = 1e-5  # the tracker's warm Lanczos stops at residual 1e-3; measured within 1e-5
+SMALL = ["--width", "12", "--A", "20", "--T", "60", "--steps", "300", "--quiet"]
+
+
+def load(path):
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="module")
+def dyn(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dyn")
+    assert (
+        rs.main(
+            [
+                "dynamics",
+                *SMALL,
+                "--hess-every",
+                "7",
+                "--ntk-every",
+                "5",
+                "--zoom-every",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    return out, load(out / "run.npz"), json.loads((out / "config.json").read_text())
+
+
+def test_dynamics_writes_the_spectra_and_the_figure(dyn):
+    out, z, cfg = dyn
+    for k in (
+        "hess_step",
+        "hess_lmax",
+        "hess_topk",
+        "ntk_step",
+        "ntk_lmax",
+        "ntk_traced_lmax",
+        "threshold",
+        "bif_start",
+        "thr_start",
+        "zoom_hess_step",
+        "zoom_hess_lmax",
+    ):
+        assert k in z, k
+    np.testing.assert_array_equal(z["hess_step"][:-1], np.arange(0, 300, 7))
+    np.testing.assert_array_equal(z["ntk_step"], np.arange(0, 301, 5))  # 300 measured once
+    assert z["hess_step"][-1] == 300 and z["ntk_step"][-1] == 300  # the final parameters
+    np.testing.assert_array_equal(z["step"], np.arange(301))  # F at every step (log-every 1)
+    zs = z["zoom_hess_step"]
+    assert len(zs) > 1 and np.all(np.diff(zs) == 1)  # the zoomed window, every step
+    assert (out / "dynamics.png").stat().st_size > 10000
+    assert cfg["hess_every"] == 7 and "threshold" in cfg
+
+
+def test_last_entries_are_the_exact_spectra_of_the_saved_final_parameters(dyn):
+    _, z, cfg = dyn
+    params = {k: z[k][None] for k in ("W1", "b1", "W2", "b2")}
+    gamma = class_weights(300, cfg["A"], cfg["T"], 3, cfg["stop_step"])
+    H = spectra.hessian(params, z["X_train"], z["y_train"], gamma)
+    np.testing.assert_allclose(z["hess_lmax"][-1], np.linalg.eigvalsh(H)[-1], rtol=EIG_RTOL)
+    Theta = spectra.ntk(params, z["X_train"])
+    np.testing.assert_allclose(z["ntk_lmax"][-1], np.linalg.eigvalsh(Theta)[-1], rtol=EIG_RTOL)
+    traced = spectra.ntk_traced(params, z["X_train"])
+    np.testing.assert_allclose(
+        z["ntk_traced_lmax"][-1], np.linalg.eigvalsh(traced)[-1], rtol=EIG_RTOL
+    )
+
+
+def test_zoom_replay_reproduces_the_run(dyn):
+    _, z, _ = dyn
+    common = np.intersect1d(z["zoom_hess_step"], z["hess_step"][:-1])
+    assert len(common)  # steps measured in both passes agree: the replay is the same run
+    a = z["hess_lmax"][np.searchsorted(z["hess_step"][:-1], common)]
+    b = z["zoom_hess_lmax"][np.searchsorted(z["zoom_hess_step"], common)]
+    np.testing.assert_allclose(a, b, rtol=EIG_RTOL)
+
+
+@pytest.mark.parametrize(
+    "bad,msg",
+    [
+        (["--hess-every", "0"], "--hess-every must be positive"),
+        (["--ntk-every", "-1"], "--ntk-every must be >= 0"),
+        (["--seed", "0,1"], "dynamics follows one network"),
+        (["--A", "0.2"], "--A must be >= 1"),
+    ],
+)
+def test_dynamics_refuses_bad_input(tmp_path, capsys, bad, msg):
+    with pytest.raises(SystemExit):
+        rs.main(["dynamics", *SMALL, *bad, "--out", str(tmp_path / "o")])
+    assert msg in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_threshold_fits_the_exponent_and_resumes(tmp_path, capsys):
+    args = [
+        "threshold",
+        "--widths",
+        "10,14",
+        "--lrs",
+        "1,2,4",
+        "--T0",
+        "200",
+        "--steps0",
+        "1200",
+        "--static-steps",
+        "300",
+        "--hess-every",
+        "5",
+        "--quiet",
+        "--out",
+        str(tmp_path / "f5"),
+    ]
+    assert rs.main(args) == 0
+    z = load(tmp_path / "f5" / "threshold.npz")
+    assert z["threshold"].shape == (2, 3) and z["slope"].shape == (2,)
+    x, y = np.log(z["lrs"]), np.log(z["threshold"][0])
+    if np.isfinite(y).all():  # the fitted exponent is the least-squares slope of log-log
+        np.testing.assert_allclose(z["slope"][0], np.polyfit(x, y, 1)[0], rtol=1e-10)
+    assert len(z["static_w10_hess_lmax"]) == len(z["static_w10_hess_step"]) > 10
+    assert (tmp_path / "f5" / "threshold.png").stat().st_size > 10000
+    capsys.readouterr()
+    assert rs.main(args) == 0  # every unit on disk: nothing is trained again
+    assert "lr 1, A" not in capsys.readouterr().out
