@@ -1023,7 +1023,13 @@ def merge_threshold(out):
     widths, lrs = cfg["widths"], np.array(cfg["lrs"])
     units = threshold_units(widths, cfg["lrs"])
     done = sweep.load_units(out, [u[0] for u in units])
-    thr = np.array([[float(done[f"w{w}_lr{lr:g}"]["threshold"]) for lr in lrs] for w in widths])
+    import spectra
+
+    def threshold_of(unit):  # recomputed from the stored lambda_max series
+        ok = np.isfinite(unit["hess_lmax"])
+        return spectra.hessian_threshold(unit["hess_step"][ok], unit["hess_lmax"][ok])[0]
+
+    thr = np.array([[threshold_of(done[f"w{w}_lr{lr:g}"]) for lr in lrs] for w in widths])
     fits = {}
     for key, rows in [(str(w), thr[i : i + 1]) for i, w in enumerate(widths)] + [("all", thr)]:
         x = np.log(np.tile(lrs, (len(rows), 1))).ravel()
