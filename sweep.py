@@ -66,6 +66,7 @@ def atomic_savez(path, **arrays):
     os.close(fd)
     try:
         np.savez(tmp, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results are for everyone to read
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -78,6 +79,7 @@ def write_json(path, obj):
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
