@@ -35,8 +35,8 @@ import numpy as np
 LOSSES = ("ce", "mse")
 
 
-def _xp(*arrays):
-    """The array module (numpy or cupy) of the first array that is not a NumPy array."""
+def get_array_module(*arrays):
+    """numpy, or cupy when any of ``arrays`` is a CuPy array (CuPy is optional)."""
     for a in arrays:
         if type(a).__module__.split(".")[0] == "cupy":
             import cupy
@@ -93,7 +93,7 @@ def _onehot(y, K, xp):
 
 def log_softmax(logits):
     """Numerically stable log-softmax over the last axis: (..., K) -> (..., K)."""
-    xp = _xp(logits)
+    xp = get_array_module(logits)
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
 
@@ -115,7 +115,7 @@ def loss_forward(logits, y, gamma, loss="ce"):
     F : array (M,)
     cache : tuple for :func:`loss_backward`.
     """
-    xp = _xp(logits, gamma)
+    xp = get_array_module(logits, gamma)
     M, N, K = logits.shape
     w = gamma[:, y]  # (M, N)  Gamma_{y_j}
     if loss == "ce":
@@ -138,7 +138,7 @@ def loss_backward(cache):
     dlogits : array (M, N, K)
     """
     loss, a, y, w = cache
-    xp = _xp(a)
+    xp = get_array_module(a)
     M, N, K = a.shape
     if loss == "ce":
         dz = xp.exp(a)  # (M, N, K)  softmax(z)
@@ -149,7 +149,7 @@ def loss_backward(cache):
 
 def cross_entropy(logits, y):
     """Plain (static) cross-entropy, the mean over samples: (M, N, K), (N,) -> (M,)."""
-    xp = _xp(logits)
+    xp = get_array_module(logits)
     logp = log_softmax(logits)
     return -xp.take_along_axis(logp, y[None, :, None], axis=-1)[..., 0].mean(axis=1)
 

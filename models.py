@@ -104,20 +104,10 @@ import functools
 
 import numpy as np
 
-from dynloss import log_softmax, loss_backward, loss_forward
+from dynloss import get_array_module, log_softmax, loss_backward, loss_forward
 
 INITS = ("standard", "glorot")
 MLP_PARAM_NAMES = ("W1", "b1", "W2", "b2")
-
-
-def get_array_module(*arrays):
-    """numpy, or cupy when any of ``arrays`` is a CuPy array (CuPy is optional)."""
-    for a in arrays:
-        if type(a).__module__.split(".")[0] == "cupy":
-            import cupy
-
-            return cupy
-    return np
 
 
 def backend(device):

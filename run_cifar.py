@@ -833,7 +833,8 @@ def cmd_phase(args):
         sweep.save_unit(args.out, name, arrays)
         shutil.rmtree(work)
         if not args.quiet:
-            print(f"{name}: train acc {arrays['train_acc']:.4f}, val acc {arrays['val_acc']:.4f}")
+            acc, val = arrays["train_acc"][0], arrays["val_acc"][0]
+            print(f"{name}: train acc {acc:.4f}, val acc {val:.4f}")
     print(f"shard {i}/{n} done in {time.time() - t0:.0f} s")
     if n == 1:
         merge_phase(args.out)

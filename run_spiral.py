@@ -244,7 +244,7 @@ def train_block(params, data, spec, xp=np, on_log=None, progress=None):
     steps_logged = log_steps(spec.steps, spec.log_every)
     S = len(steps_logged)
     hist = {f: np.full((S, M), np.nan) for f in LOG_FIELDS}
-    gamma_log = class_weights(steps_logged, spec.A, spec.T, K, spec.stop_step)  # (S, M, K)
+    gamma_log = class_weights(steps_logged, spec.A, spec.T, K, spec.stop_step)  # Eqs. (2)-(5)
     diverged = xp.full(M, -1, dtype=xp.int64)  # kept on the device: no host sync per step
     F_prev = xp.full(M, xp.nan)
     chunk = 256  # Gamma for this many steps at a time, (chunk, M, K); also the host-sync interval
@@ -253,7 +253,7 @@ def train_block(params, data, spec, xp=np, on_log=None, progress=None):
     with np.errstate(all="ignore"):
         for t0 in range(0, spec.steps + 1, chunk):
             ts = np.arange(t0, min(t0 + chunk, spec.steps + 1))
-            gammas = xp.asarray(class_weights(ts, spec.A, spec.T, K, spec.stop_step))
+            gammas = xp.asarray(class_weights(ts, spec.A, spec.T, K, spec.stop_step))  # (2)-(5)
             for i, t in enumerate(ts):
                 F, dlogits, logits = _forward_loss(
                     P, Xa, y_d, onehot, gammas[i], spec.loss, xp, work
@@ -272,8 +272,10 @@ def train_block(params, data, spec, xp=np, on_log=None, progress=None):
                         "val_loss": loss_v,
                     }
                     host = to_host({**vals, "div": diverged})
-                    ok = (host["div"] < 0) | (host["div"] == t)  # keep the diverging value
+                    alive = host["div"] < 0
+                    keep = alive | (host["div"] == t)  # the loss keeps its diverging value
                     for f in LOG_FIELDS:
+                        ok = keep if f in ("loss", "dloss") else alive
                         hist[f][row] = np.where(ok, host[f], np.nan)
                     if on_log is not None:
                         on_log(int(t), _unpack(P))
@@ -404,6 +406,10 @@ def check_common(args):
         raise InputError(f"unknown --init {args.init!r}; choose one of {', '.join(INITS)}")
     if args.loss not in LOSSES:
         raise InputError(f"unknown --loss {args.loss!r}; choose one of {', '.join(LOSSES)}")
+    try:
+        backend(args.device)  # --device gpu without CuPy or a GPU: one line, before any work
+    except RuntimeError as err:
+        raise InputError(str(err)) from None
     check_out_dir(args.out)
 
 
@@ -672,7 +678,8 @@ def cmd_phase(args):
     write_json(os.path.join(args.out, "versions.json"), versions())
     units = phase_units(len(T_list), len(A_list), seeds, args.seed_block)
     todo = sweep.pending(args.out, [u[0] for u in sweep.shard(units, i, n)])
-    mine = [u for u in units if u[0] in set(todo)]
+    todo = set(todo)
+    mine = [u for u in units if u[0] in todo]
     if args.batch is None:
         args.batch = (4096 if args.width <= 100 else 1024) if xp is not np else 64
     per_batch = max(1, args.batch // args.seed_block)
@@ -831,7 +838,7 @@ def zoom_spectra(args, data, params0, spec, window):
     replay = TrainSpec(spec.A, spec.T, spec.stop_step, spec.lr, t1, 1, spec.loss)
     inside = lambda step, params: tracker(step, params) if t0 <= step <= t1 else None
     with threadpool_limits(limits=1):
-        train_block(params0, data, replay, on_log=inside)
+        train_block(params0, data, replay, xp=backend(args.device), on_log=inside)
     return {"zoom_" + k: v for k, v in tracker.arrays().items()}
 
 
@@ -964,6 +971,12 @@ def cmd_threshold(args):
         raise InputError("--widths and --lrs must be positive")
     if not args.A >= 1:
         raise InputError(f"--A must be >= 1, got {args.A}")
+    if not (args.T0 / max(lrs) >= 1 and args.steps0 > args.T0 and args.static_steps > 0):
+        raise InputError(
+            f"need T0/eta >= 1 for every eta, steps0 > T0 (an oscillating part) and "
+            f"--static-steps > 0; got T0 {args.T0:g}, steps0 {args.steps0}, "
+            f"static steps {args.static_steps}"
+        )
     cfg = {
         "kind": "spiral-threshold",
         "widths": widths,

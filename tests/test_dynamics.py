@@ -129,10 +129,21 @@ def test_threshold_fits_the_exponent_and_resumes(tmp_path, capsys):
     z = load(tmp_path / "f5" / "threshold.npz")
     assert z["threshold"].shape == (2, 3) and z["slope"].shape == (2,)
     x, y = np.log(z["lrs"]), np.log(z["threshold"][0])
-    if np.isfinite(y).all():  # the fitted exponent is the least-squares slope of log-log
-        np.testing.assert_allclose(z["slope"][0], np.polyfit(x, y, 1)[0], rtol=1e-10)
+    assert np.isfinite(y).all()  # width 10 bounces at every learning rate here
+    np.testing.assert_allclose(z["slope"][0], np.polyfit(x, y, 1)[0], rtol=1e-10)  # log-log fit
     assert len(z["static_w10_hess_lmax"]) == len(z["static_w10_hess_step"]) > 10
     assert (tmp_path / "f5" / "threshold.png").stat().st_size > 10000
     capsys.readouterr()
     assert rs.main(args) == 0  # every unit on disk: nothing is trained again
     assert "lr 1, A" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [["--T0", "100", "--steps0", "50"], ["--static-steps", "0"], ["--T0", "2", "--lrs", "1,4"]],
+)
+def test_threshold_refuses_settings_without_oscillations(tmp_path, capsys, bad):
+    with pytest.raises(SystemExit):
+        rs.main(["threshold", "--widths", "10", "--quiet", *bad, "--out", str(tmp_path / "o")])
+    assert "need T0/eta >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -102,7 +102,7 @@ def test_sweep_killed_then_rerun_equals_uninterrupted(tmp_path):
         "--seed-block",
         "1",
         "--steps",
-        "3000",
+        "6000",
         "--width",
         "30",
         "--batch",

@@ -457,3 +457,10 @@ def test_script_runs_as_a_command(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "run.png" in r.stdout and "test acc" in r.stdout
+
+
+def test_phase_with_progress_output_runs(tmp_path, capsys):
+    """Without --quiet every finished unit prints its accuracies (a crash there once)."""
+    args = [a for a in PHASE if a != "--quiet"]
+    assert rc.main(["phase", *args, "--seeds", "1", "--out", str(tmp_path / "p")]) == 0
+    assert "train acc" in capsys.readouterr().out

@@ -36,9 +36,8 @@ def test_spiral_data(data):
     assert (np.linalg.norm(X, axis=1) == 0).sum() == 3
     # the notebook's legacy seed 0: the first class's noise is RandomState(0).randn(100) * 0.2
     noise = np.random.RandomState(0).randn(100) * 0.2
-    r, a = 0.5 / 99 * 99, np.linspace(0, 4 * np.pi, 100)[99] + noise[99]
+    a = np.linspace(0, 4 * np.pi, 100)[99] + noise[99]  # the last point: radius 1
     np.testing.assert_allclose(X[99], [np.cos(a), np.sin(a)], rtol=1e-12)
-    assert r == 0.5
     # validation: the same arms, but no point at a training radius
     rt = np.unique(np.linalg.norm(X, axis=1).round(12))
     rv = np.linalg.norm(Xv, axis=1).round(12)
@@ -185,6 +184,7 @@ def test_train_writes_run_config_and_figure(tmp_path):
     assert cfg["width"] == 12 and cfg["seeds"] == [0, 1] and "numpy" in cfg["versions"]
     assert cfg["stop_step"] == 24
     assert (out / "run.png").stat().st_size > 1000
+    assert z["loss_static"][-1, 0] < z["loss_static"][0, 0]  # it learns
     # the saved initial parameters replay to the saved final ones
     X, y = z["X_train"], z["y_train"]
     p = {k: z[k + "_init"].copy() for k in ("W1", "b1", "W2", "b2")}
@@ -253,3 +253,22 @@ def test_script_runs_as_a_command(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "run.png" in r.stdout
+
+
+def _has_cupy():
+    try:
+        import cupy  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(_has_cupy(), reason="only meaningful where CuPy is missing")
+def test_gpu_without_cupy_is_refused_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        rs.main(["train", "--device", "gpu", "--quiet", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs CuPy" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
