@@ -96,7 +96,7 @@ from models import (
     to_device,
     to_host,
 )
-from sweep import atomic_savez, versions, write_json
+from sweep import InputError, atomic_savez, check_out_dir, versions, write_json
 
 # The Fig. 1 protocol (caption; SETUP.md)
 EPOCHS = 700
@@ -123,19 +123,9 @@ HIST_FIELDS = (
 )
 
 
-class InputError(ValueError):
-    """Bad user input: reported in one line, with nothing written."""
-
-
 def fail(msg):
     """Print one line to stderr and exit 2."""
-    print(f"run_cifar.py: error: {' '.join(str(msg).split())}", file=sys.stderr)
-    sys.exit(2)
-
-
-# ---------------------------------------------------------------------------------------------
-# Schedules
-# ---------------------------------------------------------------------------------------------
+    sweep.fail("run_cifar.py", msg)
 
 
 def lr_at(
@@ -271,12 +261,6 @@ def check_image_size(size, name):
             f"{name} {size}: Myrtle5 needs image sides that are positive multiples of "
             f"{MYRTLE5_DIVISOR} (three 2x2 average pools)"
         )
-
-
-def check_out_dir(path):
-    """Refuse an output path that is an existing file (before any work)."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise InputError(f"--out {path!r} is a file, not a folder")
 
 
 def check_run(settings, A, T, seed):
@@ -962,7 +946,7 @@ def main(argv=None):
         return 2
     try:
         args.func(args)
-    except (InputError, sweep.SweepError, cifar.CifarError) as err:
+    except (InputError, cifar.CifarError) as err:
         fail(str(err))
     return 0
 

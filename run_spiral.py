@@ -28,7 +28,7 @@ import numpy as np
 import sweep
 from dynloss import LOSSES, class_weights
 from models import INITS, MLP_PARAM_NAMES, backend, init_mlp, to_host
-from sweep import atomic_savez, versions, write_json
+from sweep import InputError, atomic_savez, check_out_dir, versions, write_json
 
 K_SPIRAL = 3
 N_PER_CLASS = 100
@@ -365,14 +365,9 @@ def train_many(params, data, spec, xp=np, block=None, workers=2, progress=True, 
 # ---------------------------------------------------------------------------------------------
 
 
-class InputError(ValueError):
-    """Bad user input: reported in one line, with nothing written."""
-
-
 def fail(msg):
     """Print one line to stderr and exit 2."""
-    print(f"run_spiral.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
+    sweep.fail("run_spiral.py", msg)
 
 
 def parse_int_list(text, name):
@@ -384,12 +379,6 @@ def parse_int_list(text, name):
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise InputError(f"{name}: cannot read {text!r} as integers (e.g. 0,1,2 or 0-9)") from None
-
-
-def check_out_dir(path):
-    """Refuse an output path that is an existing file (before any work)."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise InputError(f"--out {path!r} is a file, not a folder")
 
 
 def check_common(args):
@@ -1249,7 +1238,7 @@ def main(argv=None):
         return 2
     try:
         args.func(args)
-    except (InputError, sweep.SweepError) as err:
+    except InputError as err:
         fail(str(err))
     return 0
 

@@ -20,14 +20,31 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import tempfile
 import warnings
 
 import numpy as np
 
 
-class SweepError(ValueError):
-    """A bad grid, shard or folder: reported in one line before any work starts."""
+class InputError(ValueError):
+    """Bad user input (an option, a grid, a shard, a folder): reported in one line by
+    :func:`fail`, before any work starts and with nothing written."""
+
+
+SweepError = InputError  # what the sweep functions below raise
+
+
+def fail(script, msg):
+    """Print ``script: error: msg`` as one line to stderr and exit 2."""
+    print(f"{script}: error: {' '.join(str(msg).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_out_dir(path):
+    """Refuse an output path that is an existing file (before any work)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"--out {path!r} is a file, not a folder")
 
 
 def parse_list(text, name, kind=float):
