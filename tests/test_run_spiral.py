@@ -46,9 +46,10 @@ def test_spiral_data(data):
 
 
 @pytest.mark.parametrize("loss", ["ce", "mse"])
-def test_one_fused_step_equals_the_layer_by_layer_gradient(data, loss):
+@pytest.mark.parametrize("width", [16, rs.CPU_TILE + 50])  # one tile; two, the second partial
+def test_one_fused_step_equals_the_layer_by_layer_gradient(data, loss, width):
     X, y, _, _ = data
-    params = init_mlp([0, 1], 2, 16, 3)
+    params = init_mlp([0, 1], 2, width, 3)
     spec = spec_for(2, 8.0, 10, steps=1, lr=0.3, log_every=1, loss=loss)
     spec.T = np.array([10.0, 7.0])
     out = rs.train_block(params, data, spec)
