@@ -596,6 +596,20 @@ def plot_run(arrays, path, title):
     plt.close(fig)
 
 
+def run_config(args, seeds, spec, t0, **extra):
+    """config.json of a run: every option, the seeds, the stop step, versions, wall time."""
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    config.update(
+        seeds=seeds,
+        stop_step=int(spec.stop_step[0]),
+        versions=versions(),
+        seconds=round(time.time() - t0, 2),
+        data="spiral (run_spiral.make_spiral_*)",
+    )
+    config.update(extra)
+    return config
+
+
 def cmd_train(args):
     """``train``: one setting, one or a few seeds; writes run.npz, config.json, run.png."""
     seeds = check_train(args)
@@ -604,15 +618,7 @@ def cmd_train(args):
     os.makedirs(args.out, exist_ok=True)
     arrays = run_arrays(data, params0, res, squeeze=len(seeds) == 1)
     atomic_savez(os.path.join(args.out, "run.npz"), **arrays)
-    config = {k: v for k, v in vars(args).items() if k != "func"}
-    config.update(
-        seeds=seeds,
-        stop_step=int(spec.stop_step[0]),
-        versions=versions(),
-        seconds=round(time.time() - t0, 2),
-        data="spiral (run_spiral.make_spiral_*)",
-        diverged_step=[int(d) for d in res["diverged_step"]],
-    )
+    config = run_config(args, seeds, spec, t0, diverged_step=[int(d) for d in res["diverged_step"]])
     write_json(os.path.join(args.out, "config.json"), config)
     title = (
         f"width {args.width}, A = {args.A:g}, T = {args.T:g}, lr = {args.lr:g}, "
@@ -978,12 +984,11 @@ def cmd_dynamics(args):
         window = zoom_window(info, arrays["step"], args.T)
         arrays.update(zoom_spectra(args, data, params0, spec, window))
     atomic_savez(os.path.join(args.out, "run.npz"), **arrays)
-    config = {k: v for k, v in vars(args).items() if k != "func"}
-    config.update(
-        seeds=seeds,
-        stop_step=int(spec.stop_step[0]),
-        versions=versions(),
-        seconds=round(time.time() - t0, 2),
+    config = run_config(
+        args,
+        seeds,
+        spec,
+        t0,
         threshold=float(info["threshold"]),
         settled_period=float(info["settled_period"]),
         bifurcation_episodes=len(info["bif_start"]),
