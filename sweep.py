@@ -228,16 +228,23 @@ def summarize(arrays, fields, A, T, seeds, diverged_field):
 
 
 def print_table(summary, digits=2):
-    """Mean final training / validation accuracy per cell, one row per T."""
-    A = summary["A"]
+    """Mean final training / validation accuracy per cell, one row per T; a cell with diverged
+    runs (left out of its means) is marked ``!k``, k the number of diverged runs."""
+    A, div = summary["A"], summary["diverged"]
     print("mean train / val accuracy; rows T, columns A = " + " ".join(f"{a:g}" for a in A))
     for ti, T in enumerate(summary["T"]):
-        cells = " ".join(
-            f"{summary['train_acc_mean'][ti, ai]:.{digits}f}/"
-            f"{summary['val_acc_mean'][ti, ai]:.{digits}f}"
-            for ai in range(len(A))
+        cells = []
+        for ai in range(len(A)):
+            cell = (
+                f"{summary['train_acc_mean'][ti, ai]:.{digits}f}/"
+                f"{summary['val_acc_mean'][ti, ai]:.{digits}f}"
+            )
+            cells.append(cell + (f"!{div[ti, ai]}" if div[ti, ai] else ""))
+        print(f"T={T:>6g}: {' '.join(cells)}")
+    if div.any():
+        print(
+            f"!k: k runs of that cell diverged and are left out of its means ({div.sum()} in all)"
         )
-        print(f"T={T:>6g}: {cells}")
 
 
 def plot_phase(summary, path, title, t_label):

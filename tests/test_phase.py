@@ -137,7 +137,7 @@ def test_rerun_skips_finished_units(tmp_path, capsys):
     assert "0 of 8 units to run" in capsys.readouterr().out
 
 
-def test_diverged_runs_are_counted_and_the_sweep_goes_on(tmp_path):
+def test_diverged_runs_are_counted_and_the_sweep_goes_on(tmp_path, capsys):
     args = [
         "--A",
         "1",
@@ -160,6 +160,8 @@ def test_diverged_runs_are_counted_and_the_sweep_goes_on(tmp_path):
     assert rs.main(["phase", *args, "--out", str(tmp_path / "d")]) == 0
     ph = load(tmp_path / "d" / "phase.npz")
     assert ph["diverged"][0, 0] == 2 and (ph["diverged_step"] >= 0).all()
+    assert np.isnan(ph["train_acc"]).all()  # no accuracy is reported for a diverged run
+    assert "nan/nan!2" in capsys.readouterr().out  # the table flags the cell
 
 
 @pytest.mark.parametrize(

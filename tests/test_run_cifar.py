@@ -333,25 +333,42 @@ def test_sharded_and_merged_phase_equals_unsharded(tmp_path):
 
 
 def test_phase_resumes_a_killed_unit_from_its_checkpoint(tmp_path):
-    """A unit whose checkpoint is on disk continues from it (here: a finished checkpoint that
-    ``train`` left, copied to where the sweep keeps its work), and gives the same result."""
-    out = tmp_path / "p"
-    one = [*PHASE[:16], "--A", "4", "--T", "5", "--seeds", "1", "--quiet"]
-    assert rc.main(["phase", *one, "--out", str(out)]) == 0
-    ref = load(out / "phase.npz")
-    os.remove(out / "units" / "T000_A000_s00000.npz")
-    train = [*PHASE[:16], "--A", "4", "--T", "5", "--seed", "0", "--train-eval-every", "0"]
-    assert (
-        rc.main(
-            ["train", *train, "--checkpoint-every", "1", "--quiet", "--out", str(tmp_path / "t")]
-        )
-        == 0
-    )
-    work = out / "work" / "T000_A000_s00000"
-    work.mkdir(parents=True)
-    os.replace(tmp_path / "t" / rc.CHECKPOINT_NAME, work / rc.CHECKPOINT_NAME)
-    assert rc.main(["phase", *one, "--out", str(out)]) == 0
-    assert_same(ref, load(out / "phase.npz"))
+    """A sweep killed (SIGKILL) in the middle of a run resumes that run from its checkpoint in
+    OUT/work/<unit>/ and ends with exactly the uninterrupted sweep's results."""
+    argv = [
+        *TINY,
+        "--synthetic-train",
+        "1000",
+        "--epochs",
+        "16",
+        "--A",
+        "4",
+        "--T",
+        "9",
+        "--seeds",
+        "1",
+        "--checkpoint-every",
+        "1",
+    ]
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "run_cifar.py"), "phase", *argv, "--out", str(killed)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoint = killed / "work" / "T000_A000_s00000" / rc.CHECKPOINT_NAME
+    deadline = time.time() + 60
+    while not checkpoint.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline, "no checkpoint within 60 s"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert not (killed / "phase.npz").exists()
+    assert 1 <= int(np.load(checkpoint)["epoch"]) < 16  # killed part-way through the run
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout  # from the checkpoint, not from scratch
+    assert rc.main(["phase", *argv, "--out", str(tmp_path / "clean")]) == 0
+    assert_same(load(tmp_path / "clean" / "phase.npz"), load(killed / "phase.npz"))
 
 
 # ---------------------------------------------------------------------------------------------
