@@ -967,6 +967,8 @@ def plot_dynamics(arrays, info, path, title):
 def cmd_dynamics(args):
     """``dynamics``: one run with the Hessian and NTK spectra along it (Fig. 4)."""
     if args.quick:
+        if (args.T, args.steps) != (DYNAMICS_DEFAULTS["T"], DYNAMICS_DEFAULTS["steps"]):
+            raise InputError("--quick sets --T and --steps: give one or the other")
         args.T, args.steps = QUICK["T"], QUICK["steps"]
     seeds = check_train(args)
     check_spectra_options(args)
