@@ -97,6 +97,7 @@ def test_zoom_replay_reproduces_the_run(dyn):
         (["--ntk-every", "-1"], "--ntk-every must be >= 0"),
         (["--seed", "0,1"], "dynamics follows one network"),
         (["--A", "0.2"], "--A must be >= 1"),
+        (["--quick"], "--quick sets --T and --steps"),
     ],
 )
 def test_dynamics_refuses_bad_input(tmp_path, capsys, bad, msg):
