@@ -195,24 +195,27 @@ def test_same_command_same_result_and_resume_of_a_finished_run(tmp_path, capsys)
     assert_same(a, load(tmp_path / "a" / "run.npz"))
 
 
-def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
-    argv = [
-        *TINY,
-        "--synthetic-train",
-        "1000",
-        "--epochs",
-        "16",
-        "--A",
-        "4",
-        "--T",
-        "9",
-        "--checkpoint-every",
-        "1",
-    ]
-    killed = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "run_cifar.py"), "train", *argv, "--out", str(killed)]
+KILL_ARGS = [
+    *TINY,
+    "--synthetic-train",
+    "1000",
+    "--epochs",
+    "16",
+    "--A",
+    "4",
+    "--T",
+    "9",
+    "--checkpoint-every",
+    "1",
+]
+
+
+def kill_after_first_checkpoint(command, out, checkpoint, extra=()):
+    """Run ``run_cifar.py command KILL_ARGS extra --out out``, SIGKILL it once ``checkpoint``
+    exists and check that it was killed part-way; returns the command line to rerun."""
+    cmd = [sys.executable, str(ROOT / "run_cifar.py"), command, *KILL_ARGS, *extra]
+    cmd += ["--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    checkpoint = killed / rc.CHECKPOINT_NAME
     deadline = time.time() + 60
     while not checkpoint.exists():
         assert proc.poll() is None, proc.stderr.read().decode()
@@ -221,13 +224,22 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
-    assert not (killed / "run.npz").exists()
-    epoch_at_kill = int(np.load(checkpoint)["epoch"])
-    assert 1 <= epoch_at_kill < 16
+    assert 1 <= int(np.load(checkpoint)["epoch"]) < 16  # killed part-way through the run
+    return cmd
+
+
+def rerun_resumes(cmd):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "resuming" in r.stdout
-    assert rc.main(["train", *argv, "--out", str(tmp_path / "clean")]) == 0
+    assert "resuming" in r.stdout  # from the checkpoint, not from scratch
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
+    killed = tmp_path / "killed"
+    cmd = kill_after_first_checkpoint("train", killed, killed / rc.CHECKPOINT_NAME)
+    assert not (killed / "run.npz").exists()
+    rerun_resumes(cmd)
+    assert rc.main(["train", *KILL_ARGS, "--out", str(tmp_path / "clean")]) == 0
     assert_same(load(tmp_path / "clean" / "run.npz"), load(killed / "run.npz"))
 
 
@@ -335,39 +347,12 @@ def test_sharded_and_merged_phase_equals_unsharded(tmp_path):
 def test_phase_resumes_a_killed_unit_from_its_checkpoint(tmp_path):
     """A sweep killed (SIGKILL) in the middle of a run resumes that run from its checkpoint in
     OUT/work/<unit>/ and ends with exactly the uninterrupted sweep's results."""
-    argv = [
-        *TINY,
-        "--synthetic-train",
-        "1000",
-        "--epochs",
-        "16",
-        "--A",
-        "4",
-        "--T",
-        "9",
-        "--seeds",
-        "1",
-        "--checkpoint-every",
-        "1",
-    ]
     killed = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "run_cifar.py"), "phase", *argv, "--out", str(killed)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoint = killed / "work" / "T000_A000_s00000" / rc.CHECKPOINT_NAME
-    deadline = time.time() + 60
-    while not checkpoint.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.time() < deadline, "no checkpoint within 60 s"
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    cmd = kill_after_first_checkpoint("phase", killed, checkpoint, extra=["--seeds", "1"])
     assert not (killed / "phase.npz").exists()
-    assert 1 <= int(np.load(checkpoint)["epoch"]) < 16  # killed part-way through the run
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert "resuming" in r.stdout  # from the checkpoint, not from scratch
-    assert rc.main(["phase", *argv, "--out", str(tmp_path / "clean")]) == 0
+    rerun_resumes(cmd)
+    assert rc.main(["phase", *KILL_ARGS, "--seeds", "1", "--out", str(tmp_path / "clean")]) == 0
     assert_same(load(tmp_path / "clean" / "phase.npz"), load(killed / "phase.npz"))
 
 
