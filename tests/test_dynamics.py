@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import load
 
 import run_spiral as rs
 import spectra
@@ -11,11 +12,6 @@ from dynloss import class_weights
 
 EIG_RTOL = 1e-5  # the tracker's warm Lanczos stops at residual 1e-3; measured within 1e-5
 SMALL = ["--width", "12", "--A", "20", "--T", "60", "--steps", "300", "--quiet"]
-
-
-def load(path):
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +40,7 @@ def dyn(tmp_path_factory):
 def test_dynamics_writes_the_spectra_and_the_figure(dyn):
     out, z, cfg = dyn
     for k in (
-        "hess_step",
-        "hess_lmax",
-        "hess_topk",
-        "ntk_step",
-        "ntk_lmax",
-        "ntk_traced_lmax",
+        *rs.SPECTRA_FIELDS,
         "threshold",
         "bif_start",
         "thr_start",

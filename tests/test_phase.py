@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import assert_same, load
 
 import run_spiral as rs
 import sweep
@@ -32,17 +33,6 @@ SMALL = [
 FIELDS = ("train_acc", "val_acc", "train_loss", "val_loss", "diverged_step")
 
 
-def load(path):
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
-
-
-def assert_same_phase(a, b):
-    assert sorted(a) == sorted(b)
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-
-
 def test_sharded_and_merged_equals_unsharded(tmp_path):
     assert rs.main(["phase", *SMALL, "--out", str(tmp_path / "whole")]) == 0
     for i in range(3):
@@ -50,7 +40,7 @@ def test_sharded_and_merged_equals_unsharded(tmp_path):
     assert not (tmp_path / "sh" / "phase.npz").exists()  # shards do not merge by themselves
     assert rs.main(["merge", "--out", str(tmp_path / "sh")]) == 0
     whole = load(tmp_path / "whole" / "phase.npz")
-    assert_same_phase(whole, load(tmp_path / "sh" / "phase.npz"))
+    assert_same(whole, load(tmp_path / "sh" / "phase.npz"))
     assert whole["train_acc"].shape == (2, 2, 3)  # (T, A, seeds)
     np.testing.assert_array_equal(whole["A"], [1, 8])
     np.testing.assert_array_equal(whole["T"], [20, 50])
@@ -126,7 +116,7 @@ def test_sweep_killed_then_rerun_equals_uninterrupted(tmp_path):
     assert not (out / "phase.npz").exists()
     assert rs.main(["phase", *args, "--out", str(out)]) == 0  # resumes: runs only what is left
     assert rs.main(["phase", *args, "--out", str(tmp_path / "clean")]) == 0
-    assert_same_phase(load(out / "phase.npz"), load(tmp_path / "clean" / "phase.npz"))
+    assert_same(load(out / "phase.npz"), load(tmp_path / "clean" / "phase.npz"))
     assert not list(units.glob(".tmp-*"))  # no half-written file survives
 
 

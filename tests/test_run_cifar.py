@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import assert_same, load
 
 import cifar
 import run_cifar as rc
@@ -42,17 +43,6 @@ TINY = [
     "float64",
     "--quiet",
 ]
-
-
-def load(path):
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
-
-
-def assert_same(a, b):
-    assert sorted(a) == sorted(b)
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def settings_for(argv):
