@@ -101,6 +101,7 @@ Gauss-Newton approximation), at about twice the cost of a gradient given the cac
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 
@@ -290,9 +291,13 @@ def im2col3x3(x):
     The copies move each pixel's C values as the widest machine words that tile them (16-byte
     complex128 for float32 with C % 4 == 0): the bytes are unchanged, the copy kernels do a
     quarter of the index arithmetic (1.7 -> about 0.5 ms for c = 64, batch 512, on an H200).
+    On CuPy, where the C values of a pixel are whole 16-byte words, one CUDA kernel writes cols
+    straight from x (``dynloss_im2col3x3``), without the padded copy.
     """
     xp = get_array_module(x)
     N, Hx, Wx, C = x.shape
+    if xp is not np and (C * x.itemsize) % 16 == 0 and N * Hx * Wx * 9 * C * x.itemsize < 2**35:
+        return _gpu_im2col3x3(x)
     word = _copy_word(C * x.itemsize)
     xw = xp.ascontiguousarray(x).view(word)  # (N, Hx, Wx, Cw), the same bytes
     xpad = xp.zeros((N, Hx + 2, Wx + 2, xw.shape[3]), dtype=word)  # (N, Hx+2, Wx+2, Cw)
@@ -324,13 +329,39 @@ def conv3x3_forward(x, W, b):
     """3x3 convolution, stride 1, SAME zero padding, NHWC (cross-correlation, as in deep learning).
 
     x : (N, Hx, Wx, C);  W : (3, 3, C, C_out);  b : (C_out,)
-    Returns out (N, Hx, Wx, C_out) and the cache (cols, W, x.shape).
+    Returns out (N, Hx, Wx, C_out) and the cache (x, W, cols); cols (N*Hx*Wx, 9C) is None on
+    the implicit-GEMM path (TF32 on the GPU, see "GPU kernels"), which never writes it.
     """
     _check_conv_shapes(x, W)
+    if _implicit_conv_ok(x, W):
+        return _implicit_conv(x, W, b), (x, W, None)
     cols = im2col3x3(x)  # (N*Hx*Wx, 9C)
     out = _conv_apply(cols, W, x.shape)  # (N, Hx, Wx, C_out)
     out += b
-    return out, (cols, W, x.shape)
+    return out, (x, W, cols)
+
+
+def conv3x3_relu_forward(x, W, b):
+    """h = relu(conv3x3(x, W) + b): :func:`conv3x3_forward` then :func:`relu_forward`.
+
+    x : (N, Hx, Wx, C);  W : (3, 3, C, C_out);  b : (C_out,)
+    Returns h (N, Hx, Wx, C_out) and the caches (conv cache, relu cache = h). On the GPU the bias
+    and the ReLU are applied to the GEMM's fresh output in one pass (or inside the implicit-GEMM
+    kernel), so the pre-activation z is never stored: the ReLU's backward pass needs only h > 0.
+    """
+    _check_conv_shapes(x, W)
+    xp = get_array_module(x)
+    if _implicit_conv_ok(x, W):
+        h = _implicit_conv(x, W, b, relu=True)
+        return h, ((x, W, None), h)
+    if xp is np:
+        z, conv_cache = conv3x3_forward(x, W, b)
+        h, relu_cache = relu_forward(z)
+        return h, (conv_cache, relu_cache)
+    cols = im2col3x3(x)  # (N*Hx*Wx, 9C)
+    h = _conv_apply(cols, W, x.shape)  # (N, Hx, Wx, C_out): cols W, no bias yet
+    _bias_relu_kernel()(b, h)  # h = max(cols W + b, 0), in place on the array just made
+    return h, ((x, W, cols), h)
 
 
 def _column_sums(a):
@@ -348,28 +379,48 @@ def _conv_apply(cols, W, x_shape):
     return out.reshape(x_shape[:3] + (C_out,))
 
 
-def conv3x3_backward(dout, cache, need_dx=True):
+def conv3x3_backward(dout, cache, need_dx=True, gate=None):
     """Gradients of :func:`conv3x3_forward` (derivation in the module docstring).
 
-    dout : (N, Hx, Wx, C_out)
+    dout : (N, Hx, Wx, C_out);  cache : (x, W, cols) from the forward pass
+    gate : None, or the ReLU output h (N, Hx, Wx, C) that was this convolution's input x: then
+    dx is returned already multiplied by 1[h > 0], the ReLU's backward pass (one kernel on the
+    GPU's implicit-GEMM path).
     Returns dx (N, Hx, Wx, C), or None when ``need_dx`` is False (the input is data);
     dW (3, 3, C, C_out); db (C_out,).
     """
-    cols, W, x_shape = cache
+    x, W, cols = cache
     C_out = W.shape[3]
     dout2 = dout.reshape(-1, C_out)  # (N*Hx*Wx, C_out)
-    dW = (cols.T @ dout2).reshape(W.shape)  # (3, 3, C, C_out)  dF/dW = cols^T dout
     db = _column_sums(dout2)  # (C_out,)  dF/db = sum_{n,i,j} dout
-    dx = _conv_input_grad(dout, W, x_shape) if need_dx else None  # (N, Hx, Wx, C)
+    if _implicit_conv_ok(x, W):
+        dW = _implicit_wgrad(x, dout, W.shape)  # (3, 3, C, C_out)  dF/dW = cols^T dout
+        dx = _implicit_conv(dout, _flipped_kernel(W), gate=gate) if need_dx else None
+        return dx, dW, db
+    if cols is None:
+        cols = im2col3x3(x)
+    dW = (cols.T @ dout2).reshape(W.shape)  # (3, 3, C, C_out)  dF/dW = cols^T dout
+    dx = None
+    if need_dx:
+        dx = _conv_input_grad(dout, W, x.shape)  # (N, Hx, Wx, C)
+        if gate is not None:
+            dx = relu_backward(dx, gate)  # dF/dz = dF/dx * 1[h > 0] for the ReLU below
     return dx, dW, db
+
+
+def _flipped_kernel(W):
+    """W (3, 3, C, C_out) flipped in both spatial axes, C and C_out swapped: (3, 3, C_out, C)."""
+    xp = get_array_module(W)
+    return xp.ascontiguousarray(W[::-1, ::-1].transpose(0, 1, 3, 2))
 
 
 def _conv_input_grad(dout, W, x_shape):
     """dF/dx of a SAME 3x3 conv: the SAME conv of dout with W flipped and C/C_out swapped."""
-    xp = get_array_module(dout)
-    C, C_out = W.shape[2:]
-    W_flip = xp.ascontiguousarray(W[::-1, ::-1].transpose(0, 1, 3, 2))  # (3, 3, C_out, C)
-    dx = im2col3x3(dout) @ W_flip.reshape(9 * C_out, C)  # (N*Hx*Wx, C)
+    W_flip = _flipped_kernel(W)  # (3, 3, C_out, C)
+    if _implicit_conv_ok(dout, W_flip):
+        return _implicit_conv(dout, W_flip)  # (N, Hx, Wx, C)
+    C = W.shape[2]
+    dx = im2col3x3(dout) @ W_flip.reshape(-1, C)  # (N*Hx*Wx, C)
     return dx.reshape(x_shape)
 
 
@@ -378,6 +429,8 @@ def avgpool2_forward(x):
     N, Hx, Wx, C = x.shape
     if Hx % 2 or Wx % 2:
         raise ValueError(f"avgpool2 needs even image sides, got {Hx}x{Wx}")
+    if _gpu_float32(x):
+        return _gpu_avgpool2(x), x.shape  # the same four-term mean as one CUDA kernel
     out = x.reshape(N, Hx // 2, 2, Wx // 2, 2, C).mean(axis=(2, 4))  # (N, Hx/2, Wx/2, C)
     return out, x.shape
 
@@ -393,11 +446,14 @@ def avgpool2_backward(dout, cache):
 def relu_avgpool2_backward(dout, pool_cache, relu_cache):
     """dz of z -> relu -> avgpool2 in one broadcast product: the same numbers as
     relu_backward(avgpool2_backward(dout, pool_cache), relu_cache), without writing the upsampled
-    gradient (0.53 -> 0.37 ms at batch 512, c = 64, 32x32 on an H200).
+    gradient (0.53 -> 0.37 ms at batch 512, c = 64, 32x32 on an H200; one CUDA kernel for
+    float32 on the GPU).
 
     dout : (N, Hx/2, Wx/2, C);  relu_cache : h (N, Hx, Wx, C).  Returns dz (N, Hx, Wx, C).
     """
     N, Hx, Wx, C = pool_cache
+    if _gpu_float32(dout, relu_cache):
+        return _gpu_relu_avgpool2_backward(dout, relu_cache)
     mask = relu_cache.reshape(N, Hx // 2, 2, Wx // 2, 2, C) > 0  # (N, Hx/2, 2, Wx/2, 2, C)
     dz = mask * (0.25 * dout)[:, :, None, :, None, :]  # dF/dz = 1[z > 0] dout / 4
     return dz.reshape(pool_cache)  # (N, Hx, Wx, C)
@@ -478,16 +534,12 @@ def myrtle5_forward(x, params):
     """
     _check_image(x)
     P = params
-    z1, conv1 = conv3x3_forward(x, P["W1"], P["b1"])  # (N, Hx, Wx, c)
-    h1, relu1 = relu_forward(z1)
-    z2, conv2 = conv3x3_forward(h1, P["W2"], P["b2"])  # (N, Hx, Wx, c)
-    h2, relu2 = relu_forward(z2)
+    h1, (conv1, relu1) = conv3x3_relu_forward(x, P["W1"], P["b1"])  # (N, Hx, Wx, c)
+    h2, (conv2, relu2) = conv3x3_relu_forward(h1, P["W2"], P["b2"])  # (N, Hx, Wx, c)
     p2, pool2 = avgpool2_forward(h2)  # (N, Hx/2, Wx/2, c)
-    z3, conv3 = conv3x3_forward(p2, P["W3"], P["b3"])
-    h3, relu3 = relu_forward(z3)
+    h3, (conv3, relu3) = conv3x3_relu_forward(p2, P["W3"], P["b3"])
     p3, pool3 = avgpool2_forward(h3)  # (N, Hx/4, Wx/4, c)
-    z4, conv4 = conv3x3_forward(p3, P["W4"], P["b4"])
-    h4, relu4 = relu_forward(z4)
+    h4, (conv4, relu4) = conv3x3_relu_forward(p3, P["W4"], P["b4"])
     g, pool4 = global_avgpool_forward(h4)  # (N, c)
     logits, dense5 = dense_forward(g, P["W5"], P["b5"])  # (N, K)
     cache = dict(conv1=conv1, relu1=relu1, conv2=conv2, relu2=relu2, pool2=pool2, conv3=conv3)
@@ -504,8 +556,7 @@ def _myrtle5_backward(dlogits, cache):
     dz3 = relu_avgpool2_backward(dp3, c["pool3"], c["relu3"])  # (N, Hx/2, Wx/2, c)
     dp2, dW3, db3 = conv3x3_backward(dz3, c["conv3"])
     dz2 = relu_avgpool2_backward(dp2, c["pool2"], c["relu2"])  # (N, Hx, Wx, c)
-    dh1, dW2, db2 = conv3x3_backward(dz2, c["conv2"])
-    dz1 = relu_backward(dh1, c["relu1"])  # (N, Hx, Wx, c)
+    dz1, dW2, db2 = conv3x3_backward(dz2, c["conv2"], gate=c["relu1"])  # dz1 = dh1 1[h1 > 0]
     _, dW1, db1 = conv3x3_backward(dz1, c["conv1"], need_dx=False)
     grads = dict(W1=dW1, b1=db1, W2=dW2, b2=db2, W3=dW3, b3=db3, W4=dW4, b4=db4, W5=dW5, b5=db5)
     return grads, dict(dz1=dz1, dz2=dz2, dz3=dz3, dz4=dz4)
@@ -570,18 +621,29 @@ def _loss_rop(logits, y, gamma, Rlogits, loss):
     return w * s * (Rlogits - (s * Rlogits).sum(axis=1, keepdims=True))  # (N, K)
 
 
-def _conv_rop_backward(dz, Rdz, cache, V, cols_R, need_dx=True):
+def _conv_rop_backward(dz, Rdz, cache, V, cache_R, need_dx=True):
     """R of conv3x3_backward: (R{dx} or None, R{dW}, R{db}) from dz = dF/dout and R{dz}.
 
-    cache: the forward cache (cols, W, x.shape) of the input a; cols_R: im2col of R{a}, or None
-    where R{a} = 0 (the data); V: the direction's kernel (3, 3, C, C_out).
+    cache: the forward cache (a, W, cols) of the input a; cache_R: the cache of a convolution
+    whose input was R{a}, or None where R{a} = 0 (the data); V: the direction's kernel
+    (3, 3, C, C_out).
     """
     Rdx, RdW, Rdb = conv3x3_backward(Rdz, cache, need_dx)  # R{dz} * W~, a^T R{dz}, sum R{dz}
-    if cols_R is not None:
-        RdW = RdW + (cols_R.T @ dz.reshape(-1, V.shape[3])).reshape(V.shape)  # + R{a}^T dz
+    if cache_R is not None:
+        RdW = RdW + conv3x3_backward(dz, cache_R, need_dx=False)[1]  # + R{a}^T dz
     if need_dx:
-        Rdx = Rdx + _conv_input_grad(dz, V, cache[2])  # + dz * V~
+        Rdx = Rdx + _conv_input_grad(dz, V, cache[0].shape)  # + dz * V~
     return Rdx, RdW, Rdb
+
+
+def _conv_of_cached_input(cache, V):
+    """conv3x3 (no bias) of the input a of a cached convolution with another kernel V
+    (3, 3, C, C_out): reuses the cached cols where there are any. Returns (N, Hx, Wx, C_out)."""
+    a, _, cols = cache
+    if cols is not None:
+        return _conv_apply(cols, V, a.shape)
+    xp = get_array_module(a)
+    return conv3x3_forward(a, V, xp.zeros(V.shape[3], dtype=V.dtype))[0]
 
 
 def _myrtle5_rop(params, cache, logits, dlogits, dz, y, gamma, loss, V):
@@ -589,16 +651,16 @@ def _myrtle5_rop(params, cache, logits, dlogits, dz, y, gamma, loss, V):
     P, c = params, cache
     # R forward pass: R{z} = conv(R{a}, W) + conv(a, V) + v_b; R{h} = 1[z > 0] R{z}
     conv1, conv2, conv3, conv4 = c["conv1"], c["conv2"], c["conv3"], c["conv4"]
-    Rz1 = _conv_apply(conv1[0], V["W1"], conv1[2]) + V["b1"]  # (N, Hx, Wx, c)  R{x} = 0
+    Rz1 = _conv_of_cached_input(conv1, V["W1"]) + V["b1"]  # (N, Hx, Wx, c)  R{x} = 0
     Rh1 = relu_backward(Rz1, c["relu1"])
     Rz2, convR2 = conv3x3_forward(Rh1, P["W2"], V["b2"])
-    Rz2 += _conv_apply(conv2[0], V["W2"], conv2[2])  # (N, Hx, Wx, c)
+    Rz2 += _conv_of_cached_input(conv2, V["W2"])  # (N, Hx, Wx, c)
     Rp2, _ = avgpool2_forward(relu_backward(Rz2, c["relu2"]))  # (N, Hx/2, Wx/2, c)
     Rz3, convR3 = conv3x3_forward(Rp2, P["W3"], V["b3"])
-    Rz3 += _conv_apply(conv3[0], V["W3"], conv3[2])
+    Rz3 += _conv_of_cached_input(conv3, V["W3"])
     Rp3, _ = avgpool2_forward(relu_backward(Rz3, c["relu3"]))  # (N, Hx/4, Wx/4, c)
     Rz4, convR4 = conv3x3_forward(Rp3, P["W4"], V["b4"])
-    Rz4 += _conv_apply(conv4[0], V["W4"], conv4[2])
+    Rz4 += _conv_of_cached_input(conv4, V["W4"])
     Rg, _ = global_avgpool_forward(relu_backward(Rz4, c["relu4"]))  # (N, c)
     g, W5 = c["dense5"]
     Rlogits = Rg @ W5 + g @ V["W5"] + V["b5"]  # (N, K)
@@ -608,11 +670,11 @@ def _myrtle5_rop(params, cache, logits, dlogits, dz, y, gamma, loss, V):
     RdW5 = RdW5 + Rg.T @ dlogits  # (c, K)
     Rdg = Rdg + dlogits @ V["W5"].T  # (N, c)
     Rdz4 = relu_backward(global_avgpool_backward(Rdg, c["pool4"]), c["relu4"])
-    Rdp3, RdW4, Rdb4 = _conv_rop_backward(dz["dz4"], Rdz4, conv4, V["W4"], convR4[0])
+    Rdp3, RdW4, Rdb4 = _conv_rop_backward(dz["dz4"], Rdz4, conv4, V["W4"], convR4)
     Rdz3 = relu_avgpool2_backward(Rdp3, c["pool3"], c["relu3"])
-    Rdp2, RdW3, Rdb3 = _conv_rop_backward(dz["dz3"], Rdz3, conv3, V["W3"], convR3[0])
+    Rdp2, RdW3, Rdb3 = _conv_rop_backward(dz["dz3"], Rdz3, conv3, V["W3"], convR3)
     Rdz2 = relu_avgpool2_backward(Rdp2, c["pool2"], c["relu2"])
-    Rdh1, RdW2, Rdb2 = _conv_rop_backward(dz["dz2"], Rdz2, conv2, V["W2"], convR2[0])
+    Rdh1, RdW2, Rdb2 = _conv_rop_backward(dz["dz2"], Rdz2, conv2, V["W2"], convR2)
     Rdz1 = relu_backward(Rdh1, c["relu1"])
     _, RdW1, Rdb1 = _conv_rop_backward(dz["dz1"], Rdz1, conv1, V["W1"], None, need_dx=False)
     return dict(
@@ -692,3 +754,512 @@ def _nesterov_kernel():
         "v = momentum * v + g; theta -= lr * (g + momentum * v);",
         "dynloss_nesterov_step",
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU kernels (CuPy): see "GPU kernels" in the module docstring
+# ---------------------------------------------------------------------------------------------
+
+IMPLICIT_CONV = True  # False: im2col + cuBLAS in TF32 too (benchmarks/bench_myrtle5.py compares)
+# (warps along M, warps along N, warp tile M, warp tile N, reduction slice BK) of the two kernels
+IGEMM_TILES = (4, 2, 32, 32, 32)  # output tile 128 pixels x 64 channels, 256 threads
+WGRAD_TILES = (2, 4, 32, 16, 32)  # dW tile 64 x 64 over 32-pixel slices, 256 threads
+WGRAD_BLOCKS_PER_SM = 8  # the dW kernel splits the pixels into this many blocks per SM
+
+
+def _tf32_enabled():
+    """CuPy multiplies float32 matrices in TF32 when CUPY_TF32=1 (CuPy reads the variable)."""
+    return os.environ.get("CUPY_TF32", "0") not in ("", "0")
+
+
+def _gpu_float32(*arrays):
+    """True if every array is a float32 CuPy array."""
+    return all(get_array_module(a) is not np and a.dtype == np.float32 for a in arrays)
+
+
+def _implicit_conv_ok(x, W):
+    """Whether conv3x3(x, W) runs as the TF32 implicit GEMM: CuPy, float32, CUPY_TF32=1, and
+    W's input and output channels both multiples of 64 (every tile divides them)."""
+    return (
+        IMPLICIT_CONV
+        and _gpu_float32(x, W)
+        and _tf32_enabled()
+        and W.shape[2] % 64 == 0
+        and W.shape[3] % 64 == 0
+    )
+
+
+def _tile_shape(tiles):
+    """(block rows BM, block columns BN, threads) of a tile tuple."""
+    warps_m, warps_n, wm, wn, _ = tiles
+    return warps_m * wm, warps_n * wn, 32 * warps_m * warps_n
+
+
+@functools.cache
+def _cuda_module(tiles):
+    """CONV_CUDA_SOURCE compiled (NVRTC, by CuPy) for one tile tuple."""
+    import cupy
+
+    names = ("WARPS_M", "WARPS_N", "WM", "WN", "BK")
+    options = ("--std=c++17",) + tuple(f"-D{k}={int(v)}" for k, v in zip(names, tiles, strict=True))
+    return cupy.RawModule(code=CONV_CUDA_SOURCE, options=options)
+
+
+def _cuda_kernel(name, tiles=None):
+    return _cuda_module(tuple(tiles or IGEMM_TILES)).get_function(name)
+
+
+@functools.cache
+def _sm_count(device_id):
+    import cupy
+
+    return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
+
+
+def _grid1d(total, threads=256):
+    return ((total + threads - 1) // threads,), (threads,)
+
+
+def _implicit_conv(x, W, b=None, relu=False, gate=None):
+    """conv3x3(x, W) on the TF32 tensor cores without im2col, with its epilogue fused.
+
+    x : (N, Hx, Wx, C) float32 CuPy;  W : (3, 3, C, C_out);  b : (C_out,) or None (zero)
+    relu : apply max(., 0) after the bias;  gate : None or (N, Hx, Wx, C_out), then the result
+    is multiplied by 1[gate > 0] instead (no bias): the input gradient times the ReLU's mask.
+    Returns (N, Hx, Wx, C_out) float32.
+    """
+    import cupy
+
+    N, Hx, Wx, C = x.shape
+    C_out = W.shape[3]
+    x = cupy.ascontiguousarray(x)
+    w = cupy.ascontiguousarray(W).reshape(9 * C, C_out)  # (9C, C_out)
+    out = cupy.empty((N, Hx, Wx, C_out), dtype=np.float32)
+    bias = cupy.zeros(C_out, dtype=np.float32) if b is None else cupy.ascontiguousarray(b)
+    mode = 2 if gate is not None else (1 if relu else 0)
+    gate = out if gate is None else cupy.ascontiguousarray(gate)  # unread unless mode 2
+    BM, BN, threads = _tile_shape(IGEMM_TILES)
+    grid = ((N * Hx * Wx + BM - 1) // BM, C_out // BN)
+    i32 = np.int32
+    _cuda_kernel("dynloss_conv3x3_igemm")(
+        grid, (threads,), (x, w, bias, gate, out, i32(N), i32(Hx), i32(Wx), i32(C), i32(C_out),
+                           i32(mode))
+    )  # fmt: skip
+    return out
+
+
+def _implicit_wgrad(x, dout, W_shape):
+    """dF/dW = cols^T dout of conv3x3 without cols: per-chunk partial sums on the tensor cores,
+    then one fixed-order sum over the chunks (deterministic, no atomics).
+
+    x : (N, Hx, Wx, C), dout : (N, Hx, Wx, C_out), float32 CuPy.  Returns dW (3, 3, C, C_out).
+    """
+    import cupy
+
+    N, Hx, Wx, C = x.shape
+    C_out = W_shape[3]
+    BM, BN, threads = _tile_shape(WGRAD_TILES)
+    BK = WGRAD_TILES[4]
+    P = N * Hx * Wx
+    blocks_per_chunk = (9 * C // BM) * (C_out // BN)
+    target = max(1, WGRAD_BLOCKS_PER_SM * _sm_count(x.device.id) // blocks_per_chunk)
+    chunk = -(-P // target)
+    chunk = -(-chunk // BK) * BK  # a whole number of BK-pixel slices
+    S = -(-P // chunk)
+    L = 9 * C * C_out
+    part = cupy.empty((S, L), dtype=np.float32)
+    i32 = np.int32
+    _cuda_kernel("dynloss_conv3x3_wgrad", WGRAD_TILES)(
+        (9 * C // BM, C_out // BN, S), (threads,),
+        (cupy.ascontiguousarray(x), cupy.ascontiguousarray(dout), part, i32(N), i32(Hx), i32(Wx),
+         i32(C), i32(C_out), i32(chunk)),
+    )  # fmt: skip
+    dW = cupy.empty(L, dtype=np.float32)
+    _cuda_kernel("dynloss_sum_parts")(*_grid1d(L), (part, dW, i32(S), i32(L)))
+    return dW.reshape(W_shape)
+
+
+def _gpu_im2col3x3(x):
+    """im2col3x3 on CuPy in one kernel, copying 16-byte words; needs (C * itemsize) % 16 == 0."""
+    import cupy
+
+    N, Hx, Wx, C = x.shape
+    C16 = C * x.itemsize // 16
+    total = N * Hx * Wx * 9 * C16
+    cols = cupy.empty((N * Hx * Wx, 9 * C), dtype=x.dtype)
+    x = cupy.ascontiguousarray(x)
+    i32 = np.int32
+    _cuda_kernel("dynloss_im2col3x3")(
+        *_grid1d(total), (x, cols, i32(Hx), i32(Wx), i32(C16), i32(total))
+    )
+    return cols
+
+
+def _gpu_avgpool2(x):
+    """avgpool2 of a float32 CuPy array (N, Hx, Wx, C) in one kernel: (N, Hx/2, Wx/2, C)."""
+    import cupy
+
+    N, Hx, Wx, C = x.shape
+    out = cupy.empty((N, Hx // 2, Wx // 2, C), dtype=np.float32)
+    total = out.size
+    i32 = np.int32
+    _cuda_kernel("dynloss_avgpool2")(
+        *_grid1d(total), (cupy.ascontiguousarray(x), out, i32(Hx), i32(Wx), i32(C), i32(total))
+    )
+    return out
+
+
+def _gpu_relu_avgpool2_backward(dp, h):
+    """relu_avgpool2_backward for float32 CuPy arrays in one kernel: dz (N, Hx, Wx, C)."""
+    import cupy
+
+    N, Hx, Wx, C = h.shape
+    dz = cupy.empty(h.shape, dtype=np.float32)
+    i32 = np.int32
+    args = (cupy.ascontiguousarray(dp), cupy.ascontiguousarray(h), dz, i32(Hx), i32(Wx), i32(C))
+    _cuda_kernel("dynloss_relu_avgpool2_backward")(*_grid1d(dz.size), args + (i32(dz.size),))
+    return dz
+
+
+@functools.lru_cache(maxsize=1)
+def _bias_relu_kernel():
+    """z <- max(z + b, 0) in place, b (C_out,) broadcast over the last axis (NaN stays NaN)."""
+    import cupy
+
+    return cupy.ElementwiseKernel(
+        "T b", "T z", "z = z + b; z = z < (T)0 ? (T)0 : z;", "dynloss_bias_relu"
+    )
+
+
+CONV_CUDA_SOURCE = r"""
+// Implicit-GEMM 3x3 SAME convolutions, NHWC float32, on TF32 tensor cores (mma.sync m16n8k8).
+// Compiled with -DWARPS_M -DWARPS_N -DWM -DWN -DBK (block of WARPS_M x WARPS_N warps, each
+// computing a WM x WN tile of the output, BK-deep slices of the reduction per shared-memory tile).
+#define MI (WM / 16)
+#define NI (WN / 8)
+#define BM (WARPS_M * WM)
+#define BN (WARPS_N * WN)
+#define NT (WARPS_M * WARPS_N * 32)
+
+static_assert(WM % 16 == 0 && WN % 8 == 0 && BK % 8 == 0, "warp tiles of m16n8k8 steps");
+
+#ifndef DYNLOSS_EMULATED_MMA  // the CPU emulator in tests/ brings its own
+// float -> TF32 (round to nearest, ties away), as the bit pattern the tensor cores read
+__device__ __forceinline__ unsigned tf32(float f) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(f));
+    return r;
+}
+
+__device__ __forceinline__ uint4 tf32x4(float4 v) {
+    return make_uint4(tf32(v.x), tf32(v.y), tf32(v.z), tf32(v.w));
+}
+
+// c (16x8, fp32) += a (16x8, tf32, row-major) b (8x8, tf32, column-major); lane = 4 g + t holds
+// a = A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4];  b = B[t][g], B[t+4][g];
+// c = C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1]   (PTX ISA, mma.m16n8k8 fragments)
+__device__ __forceinline__ void mma_tf32(float* c, const unsigned* a, const unsigned* b) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+
+// out[p, o] = epilogue(sum_{a, b, c} x[p + (a-1) W + (b-1), c] w[(3a + b) C + c, o]) over the
+// output pixels p = (n, i, j) whose tap (i + a - 1, j + b - 1) lies inside the image (SAME zeros).
+// x (N*H*W, C), w (9C, CO), out (N*H*W, CO), all contiguous; C % BK == 0, CO % BN == 0.
+// mode 0: out = acc + bias[o];  mode 1: out = relu(acc + bias[o]);  mode 2: out = acc * (gate > 0).
+// Grid (ceil(P / BM), CO / BN), NT threads.
+extern "C" __global__ void __launch_bounds__(NT)
+dynloss_conv3x3_igemm(const float* __restrict__ x, const float* __restrict__ w,
+                      const float* __restrict__ bias, const float* __restrict__ gate,
+                      float* __restrict__ out, const int N, const int H, const int W,
+                      const int C, const int CO, const int mode)
+{
+    constexpr int LDA = BK + 4;  // rows of As: g * LDA + t hits 32 distinct banks
+    constexpr int LDB = BN + 8;  // rows of Bs: t * LDB + g hits 32 distinct banks
+    __shared__ __align__(16) unsigned As[BM * LDA];  // [pixel][k], TF32 bits
+    __shared__ __align__(16) unsigned Bs[BK * LDB];  // [k][out channel], TF32 bits
+    constexpr int AV = BK / 4, AR = NT / AV, AP = BM / AR;  // float4 loads of the A tile
+    constexpr int BV = BN / 4, BR = NT / BV, BP = BK / BR;  // float4 loads of the B tile
+    static_assert(NT % AV == 0 && BM % AR == 0 && NT % BV == 0 && BK % BR == 0, "tile loads");
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int wm = (warp / WARPS_N) * WM, wn = (warp % WARPS_N) * WN;
+    const int HW = H * W;
+    const long long P = (long long)N * HW;
+    const long long m0 = (long long)blockIdx.x * BM;
+    const int n0 = blockIdx.y * BN;
+    const int ac = (tid % AV) * 4, ar = tid / AV;
+    const int bc = (tid % BV) * 4, br = tid / BV;
+
+    int pi[AP], pj[AP];  // image row and column of this thread's A rows (-4: past the end)
+#pragma unroll
+    for (int r = 0; r < AP; ++r) {
+        const long long p = m0 + ar + r * AR;
+        const int rem = (int)(p % HW);
+        pi[r] = p < P ? rem / W : -4;
+        pj[r] = p < P ? rem % W : -4;
+    }
+    float4 ra[AP], rb[BP];
+    auto load = [&](int kt) {  // global -> registers: the k-slice kt of A (shifted x) and of w
+        const int k0 = kt * BK, tap = k0 / C, c0 = k0 - tap * C;
+        const int da = tap / 3 - 1, db = tap % 3 - 1;
+#pragma unroll
+        for (int r = 0; r < AP; ++r) {
+            const int ii = pi[r] + da, jj = pj[r] + db;
+            ra[r] = make_float4(0.f, 0.f, 0.f, 0.f);
+            if ((unsigned)ii < (unsigned)H && (unsigned)jj < (unsigned)W)
+                ra[r] = __ldg(reinterpret_cast<const float4*>(
+                    x + (m0 + ar + r * AR + da * W + db) * C + c0 + ac));
+        }
+#pragma unroll
+        for (int r = 0; r < BP; ++r)
+            rb[r] = __ldg(reinterpret_cast<const float4*>(
+                w + (long long)(k0 + br + r * BR) * CO + n0 + bc));
+    };
+
+    float acc[MI][NI][4];
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int j = 0; j < NI; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+    const int KT = 9 * C / BK;
+    load(0);
+    for (int kt = 0; kt < KT; ++kt) {
+#pragma unroll
+        for (int r = 0; r < AP; ++r)
+            *reinterpret_cast<uint4*>(&As[(ar + r * AR) * LDA + ac]) = tf32x4(ra[r]);
+#pragma unroll
+        for (int r = 0; r < BP; ++r)
+            *reinterpret_cast<uint4*>(&Bs[(br + r * BR) * LDB + bc]) = tf32x4(rb[r]);
+        __syncthreads();
+        if (kt + 1 < KT) load(kt + 1);  // in flight while the tensor cores work on slice kt
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 8) {
+            unsigned af[MI][4], bf[NI][2];
+#pragma unroll
+            for (int i = 0; i < MI; ++i) {
+                const unsigned* a = &As[(wm + i * 16 + g) * LDA + kk + t];
+                af[i][0] = a[0];
+                af[i][1] = a[8 * LDA];
+                af[i][2] = a[4];
+                af[i][3] = a[8 * LDA + 4];
+            }
+#pragma unroll
+            for (int j = 0; j < NI; ++j) {
+                const unsigned* b = &Bs[(kk + t) * LDB + wn + j * 8 + g];
+                bf[j][0] = b[0];
+                bf[j][1] = b[4 * LDB];
+            }
+#pragma unroll
+            for (int i = 0; i < MI; ++i)
+#pragma unroll
+                for (int j = 0; j < NI; ++j) mma_tf32(acc[i][j], af[i], bf[j]);
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int i = 0; i < MI; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const long long p = m0 + wm + i * 16 + g + 8 * h;
+            if (p >= P) continue;
+#pragma unroll
+            for (int j = 0; j < NI; ++j) {
+                const int o = n0 + wn + j * 8 + 2 * t;
+                const long long at = p * CO + o;
+                float2 v = make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+                if (mode == 2) {
+                    const float2 gv = __ldg(reinterpret_cast<const float2*>(gate + at));
+                    v.x *= gv.x > 0.f ? 1.f : 0.f;
+                    v.y *= gv.y > 0.f ? 1.f : 0.f;
+                } else {
+                    v.x += __ldg(bias + o);
+                    v.y += __ldg(bias + o + 1);
+                    if (mode == 1) {
+                        v.x = v.x < 0.f ? 0.f : v.x;
+                        v.y = v.y < 0.f ? 0.f : v.y;
+                    }
+                }
+                *reinterpret_cast<float2*>(out + at) = v;
+            }
+        }
+    }
+}
+
+// Weight gradient, one partial sum per chunk of pixels:
+// part[s, (3a + b) C + c, o] = sum_{p in chunk s} x[p + (a-1) W + (b-1), c] dz[p, o]
+// (taps inside the image only).
+// x (N*H*W, C), dz (N*H*W, CO), part (S, 9C, CO); C % BM == 0, CO % BN == 0, chunk % BK == 0.
+// Grid (9 C / BM, CO / BN, S = ceil(P / chunk)), NT threads.
+extern "C" __global__ void __launch_bounds__(NT)
+dynloss_conv3x3_wgrad(const float* __restrict__ x, const float* __restrict__ dz,
+                      float* __restrict__ part, const int N, const int H, const int W,
+                      const int C, const int CO, const int chunk)
+{
+    constexpr int LDA = BM + 8;  // As[k][m]: t * LDA + g hits 32 distinct banks
+    constexpr int LDB = BN + 8;
+    __shared__ __align__(16) unsigned As[BK * LDA];  // [pixel][in channel], TF32 bits
+    __shared__ __align__(16) unsigned Bs[BK * LDB];  // [pixel][out channel], TF32 bits
+    constexpr int AV = BM / 4, AR = NT / AV, AP = BK / AR;
+    constexpr int BV = BN / 4, BR = NT / BV, BP = BK / BR;
+    static_assert(NT % AV == 0 && BK % AR == 0 && NT % BV == 0 && BK % BR == 0, "tile loads");
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int wm = (warp / WARPS_N) * WM, wn = (warp % WARPS_N) * WN;
+    const int HW = H * W;
+    const long long P = (long long)N * HW;
+    const int mtiles = C / BM;
+    const int tap = blockIdx.x / mtiles, c0 = (blockIdx.x % mtiles) * BM;
+    const int da = tap / 3 - 1, db = tap % 3 - 1;
+    const int n0 = blockIdx.y * BN;
+    const long long p0 = (long long)blockIdx.z * chunk;
+    const long long p1 = p0 + chunk < P ? p0 + chunk : P;
+    const int ac = (tid % AV) * 4, ar = tid / AV;
+    const int bc = (tid % BV) * 4, br = tid / BV;
+
+    float4 ra[AP], rb[BP];
+    auto load = [&](long long pb) {
+#pragma unroll
+        for (int r = 0; r < AP; ++r) {
+            const long long p = pb + ar + r * AR;
+            ra[r] = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (p < p1) {
+                const int rem = (int)(p % HW);
+                const int ii = rem / W + da, jj = rem % W + db;
+                if ((unsigned)ii < (unsigned)H && (unsigned)jj < (unsigned)W)
+                    ra[r] = __ldg(reinterpret_cast<const float4*>(
+                        x + (p + da * W + db) * C + c0 + ac));
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < BP; ++r) {
+            const long long p = pb + br + r * BR;
+            rb[r] = p < p1 ? __ldg(reinterpret_cast<const float4*>(dz + p * CO + n0 + bc))
+                           : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+    };
+
+    float acc[MI][NI][4];
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int j = 0; j < NI; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+    const int KT = (int)((p1 - p0 + BK - 1) / BK);
+    load(p0);
+    for (int kt = 0; kt < KT; ++kt) {
+#pragma unroll
+        for (int r = 0; r < AP; ++r)
+            *reinterpret_cast<uint4*>(&As[(ar + r * AR) * LDA + ac]) = tf32x4(ra[r]);
+#pragma unroll
+        for (int r = 0; r < BP; ++r)
+            *reinterpret_cast<uint4*>(&Bs[(br + r * BR) * LDB + bc]) = tf32x4(rb[r]);
+        __syncthreads();
+        if (kt + 1 < KT) load(p0 + (long long)(kt + 1) * BK);
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 8) {
+            unsigned af[MI][4], bf[NI][2];
+#pragma unroll
+            for (int i = 0; i < MI; ++i) {  // A[m][k] = As[k][m]
+                const unsigned* a = &As[(kk + t) * LDA + wm + i * 16 + g];
+                af[i][0] = a[0];
+                af[i][1] = a[8];
+                af[i][2] = a[4 * LDA];
+                af[i][3] = a[4 * LDA + 8];
+            }
+#pragma unroll
+            for (int j = 0; j < NI; ++j) {
+                const unsigned* b = &Bs[(kk + t) * LDB + wn + j * 8 + g];
+                bf[j][0] = b[0];
+                bf[j][1] = b[4 * LDB];
+            }
+#pragma unroll
+            for (int i = 0; i < MI; ++i)
+#pragma unroll
+                for (int j = 0; j < NI; ++j) mma_tf32(acc[i][j], af[i], bf[j]);
+        }
+        __syncthreads();
+    }
+
+    float* dst = part + ((long long)blockIdx.z * 9 * C + tap * C + c0) * CO + n0;
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int j = 0; j < NI; ++j)
+                *reinterpret_cast<float2*>(dst + (long long)(wm + i * 16 + g + 8 * h) * CO
+                                           + wn + j * 8 + 2 * t)
+                    = make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+}
+
+// part (S, L) -> out (L,): out[l] = sum_s part[s, l], in a fixed order (deterministic).
+extern "C" __global__ void dynloss_sum_parts(const float* __restrict__ part,
+                                             float* __restrict__ out, const int S, const int L)
+{
+    const int l = blockIdx.x * blockDim.x + threadIdx.x;
+    if (l >= L) return;
+    float s = 0.f;
+    for (int k = 0; k < S; ++k) s += part[(long long)k * L + l];
+    out[l] = s;
+}
+
+// im2col without a padded copy: cols[(p * 9 + 3a + b) * C16 + c] = x[p + (a-1) W + (b-1), c] for
+// taps inside the image, else 0. Copies 16-byte words (C16 = C * itemsize / 16, any dtype);
+// one thread per word; 32-bit indices (total = N*H*W * 9 * C16 < 2^31).
+extern "C" __global__ void dynloss_im2col3x3(const int4* __restrict__ x, int4* __restrict__ cols,
+                                             const int H, const int W, const int C16,
+                                             const int total)
+{
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= total) return;
+    const int c = e % C16, q = e / C16, tap = q % 9, p = q / 9;
+    const int da = tap / 3 - 1, db = tap % 3 - 1;
+    const int rem = p % (H * W), i = rem / W + da, j = rem % W + db;
+    int4 v = make_int4(0, 0, 0, 0);
+    if ((unsigned)i < (unsigned)H && (unsigned)j < (unsigned)W)
+        v = __ldg(x + (p + da * W + db) * C16 + c);
+    cols[e] = v;
+}
+
+// 2x2 average pool, stride 2, float32 NHWC: out (N, H/2, W/2, C) from x (N, H, W, C); one thread
+// per output value; 32-bit indices (total = N*H*W*C / 4 < 2^31).
+extern "C" __global__ void dynloss_avgpool2(const float* __restrict__ x, float* __restrict__ out,
+                                            const int H, const int W, const int C,
+                                            const int total)
+{
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= total) return;
+    const int c = e % C, q = e / C, j = q % (W / 2), q2 = q / (W / 2);
+    const int i = q2 % (H / 2), n = q2 / (H / 2);
+    const int at = ((n * H + 2 * i) * W + 2 * j) * C + c;
+    out[e] = (__ldg(x + at) + __ldg(x + at + C) + __ldg(x + at + W * C) + __ldg(x + at + W * C + C))
+             * 0.25f;
+}
+
+// The gradient through h = relu(z), p = avgpool2(h): dz (N, H, W, C) = 1[h > 0] * dp / 4, with
+// dp (N, H/2, W/2, C) = dF/dp; one thread per input value; 32-bit indices (total = N*H*W*C).
+extern "C" __global__ void dynloss_relu_avgpool2_backward(const float* __restrict__ dp,
+                                                          const float* __restrict__ h,
+                                                          float* __restrict__ dz, const int H,
+                                                          const int W, const int C,
+                                                          const int total)
+{
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= total) return;
+    const int c = e % C, q = e / C, j = q % W, q2 = q / W, i = q2 % H, n = q2 / H;
+    const float up = __ldg(dp + ((n * (H / 2) + i / 2) * (W / 2) + j / 2) * C + c);
+    dz[e] = (__ldg(h + e) > 0.f ? 1.f : 0.f) * (0.25f * up);
+}
+"""

@@ -1,0 +1,236 @@
+"""The CUDA kernels of models.CONV_CUDA_SOURCE (TF32 implicit-GEMM convolution and helpers).
+
+Without a GPU they are still tested twice over: nvcc compiles the source for sm_90 (where nvcc is
+installed), and tests/cuda_emulator.cpp runs the very same source on the CPU (where g++ is), one
+std::thread per CUDA thread, with mma.sync emulated from the PTX ISA's fragment layout; the
+results are compared with the NumPy layers. The ``gpu`` tests run the kernels through CuPy.
+
+TF32 keeps 10 mantissa bits, so the references take TF32-rounded inputs in float64: what is left
+is float32 accumulation (relative 1e-6 of the largest value).
+"""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import models
+from dynloss import class_weights
+from models import (
+    avgpool2_forward,
+    conv3x3_backward,
+    conv3x3_forward,
+    im2col3x3,
+    init_myrtle5,
+    myrtle5_loss_and_grads,
+    relu_avgpool2_backward,
+    to_device,
+    to_host,
+)
+
+HERE = Path(__file__).resolve().parent
+ACC_RTOL = 1e-5  # float32 accumulation over 9C = 576 terms, relative to the largest output
+TF32_STEP_RTOL = 1e-2  # whole TF32 gradients against float64 (as benchmarks/gpu_check_myrtle5.py)
+TILE_NAMES = ("WARPS_M", "WARPS_N", "WM", "WN", "BK")
+SHAPE = dict(N=3, H=8, W=8, C=64, CO=64)  # 192 pixels: a full and a partial 128-pixel block
+
+
+def tf32_round(a):
+    """Round float32 values to TF32 (10 mantissa bits), to nearest, ties away: cvt.rna.tf32.f32."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).copy()
+    finite = (u & 0x7F800000) != 0x7F800000
+    u[finite] += 0x1000
+    return (u & 0xFFFFE000).view(np.float32)
+
+
+def rel_err(a, b):
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+
+
+def tile_defines(tiles):
+    return [f"-D{k}={v}" for k, v in zip(TILE_NAMES, tiles, strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Without a GPU: compile, and emulate
+# ---------------------------------------------------------------------------------------------
+
+
+def test_default_tiles_fit_the_channel_rule():
+    """_implicit_conv_ok admits channel counts that are multiples of 64: every tile must divide 64."""
+    BM, BN, threads = models._tile_shape(models.IGEMM_TILES)
+    assert 64 % BN == 0 and 64 % models.IGEMM_TILES[4] == 0 and threads <= 1024
+    BMw, BNw, threads_w = models._tile_shape(models.WGRAD_TILES)
+    assert 64 % BMw == 0 and 64 % BNw == 0 and threads_w <= 1024
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("which", ["IGEMM_TILES", "WGRAD_TILES"])
+def test_cuda_source_compiles_for_hopper_without_spills(tmp_path, which):
+    src = tmp_path / "conv.cu"
+    src.write_text(models.CONV_CUDA_SOURCE)
+    cmd = ["nvcc", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "conv.cubin"), "-Xptxas", "-v"]
+    proc = subprocess.run(
+        cmd + tile_defines(getattr(models, which)) + [str(src)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "dynloss_conv3x3_igemm" in proc.stderr and "dynloss_conv3x3_wgrad" in proc.stderr
+    spills = [line for line in proc.stderr.splitlines() if "spill" in line]
+    assert spills and all(" 0 bytes spill stores, 0 bytes spill loads" in s for s in spills)
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    """Build tests/cuda_emulator.cpp for a tile tuple (cached); returns a runner."""
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not installed")
+    root = tmp_path_factory.mktemp("emulator")
+    (root / "conv.cu").write_text(models.CONV_CUDA_SOURCE)
+    built = {}
+
+    def run(tiles, *args):
+        if tiles not in built:
+            exe = root / ("emu_" + "_".join(map(str, tiles)))
+            cmd = ["g++", "-std=c++20", "-O1", "-pthread", f"-I{root}", *tile_defines(tiles)]
+            cmd += [str(HERE / "cuda_emulator.cpp"), "-o", str(exe)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0 and "barrier" in proc.stderr:
+                pytest.skip("this g++ lacks C++20 <barrier>")
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            built[tiles] = exe
+        proc = subprocess.run([str(built[tiles]), *map(str, args)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+
+    return run
+
+
+def write(d, **arrays):
+    for name, a in arrays.items():
+        np.ascontiguousarray(a, dtype=np.float32).tofile(d / f"{name}.f32")
+
+
+def read(d, name, shape):
+    return np.fromfile(d / f"{name}.f32", dtype=np.float32).reshape(shape)
+
+
+@pytest.fixture(scope="module")
+def conv_case():
+    rng = np.random.default_rng(5)
+    N, H, W, C, CO = SHAPE.values()
+    return dict(
+        x=rng.normal(size=(N, H, W, C)).astype(np.float32),
+        w=rng.normal(size=(3, 3, C, CO)).astype(np.float32),
+        bias=rng.normal(size=CO).astype(np.float32),
+        gate=rng.normal(size=(N, H, W, CO)).astype(np.float32),
+        dz=rng.normal(size=(N, H, W, CO)).astype(np.float32),
+    )
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_emulated_implicit_conv_matches_numpy(emulator, conv_case, tmp_path, mode):
+    """mode 0: conv + bias, 1: relu(conv + bias), 2: conv * 1[gate > 0]; SAME borders, a partial
+    last block of pixels."""
+    N, H, W, C, CO = SHAPE.values()
+    write(tmp_path, **conv_case)
+    emulator(models.IGEMM_TILES, "igemm", tmp_path, N, H, W, C, CO, mode)
+    out = read(tmp_path, "out", (N, H, W, CO))
+    x64, w64 = (tf32_round(conv_case[k]).astype(np.float64) for k in ("x", "w"))
+    z, _ = conv3x3_forward(x64, w64, np.zeros(CO))
+    ref = {
+        0: z + conv_case["bias"],
+        1: np.maximum(z + conv_case["bias"], 0),
+        2: z * (conv_case["gate"] > 0),
+    }[mode]
+    assert rel_err(out, ref) < ACC_RTOL
+
+
+@pytest.mark.parametrize("chunk", [32, 96])
+def test_emulated_weight_gradient_matches_numpy(emulator, conv_case, tmp_path, chunk):
+    """dW = cols^T dz from per-chunk partial sums; chunk 96 leaves a partial last chunk."""
+    N, H, W, C, CO = SHAPE.values()
+    write(tmp_path, **conv_case)
+    emulator(models.WGRAD_TILES, "wgrad", tmp_path, N, H, W, C, CO, chunk)
+    dW = read(tmp_path, "dw", (3, 3, C, CO))
+    x64, dz64 = (tf32_round(conv_case[k]).astype(np.float64) for k in ("x", "dz"))
+    cache = (x64, np.zeros((3, 3, C, CO)), None)
+    _, ref, _ = conv3x3_backward(dz64, cache, need_dx=False)
+    assert rel_err(dW, ref) < ACC_RTOL
+
+
+def test_emulated_im2col_and_pools_equal_numpy_exactly(emulator, tmp_path):
+    rng = np.random.default_rng(6)
+    N, H, W, C = 2, 6, 8, 8
+    x = rng.normal(size=(N, H, W, C)).astype(np.float32)
+    dp = rng.normal(size=(N, H // 2, W // 2, C)).astype(np.float32)
+    write(tmp_path, x=x, dp=dp)
+    tiles = models.IGEMM_TILES
+    emulator(tiles, "im2col", tmp_path, N, H, W, C, 0, 0)
+    np.testing.assert_array_equal(read(tmp_path, "cols", (N * H * W, 9 * C)), im2col3x3(x))
+    emulator(tiles, "pool", tmp_path, N, H, W, C, 0, 0)
+    np.testing.assert_array_equal(read(tmp_path, "pool", dp.shape), avgpool2_forward(x)[0])
+    emulator(tiles, "poolgrad", tmp_path, N, H, W, C, 0, 0)
+    ref = relu_avgpool2_backward(dp, x.shape, x)
+    np.testing.assert_array_equal(read(tmp_path, "dz", x.shape), ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU, through CuPy
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cupy_tf32(monkeypatch):
+    """CuPy with CUPY_TF32=1 for dynloss's dispatch (CuPy's own GEMMs keep what they read)."""
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("CuPy is installed but finds no GPU")
+    except Exception:
+        pytest.skip("CuPy is installed but finds no GPU")
+    monkeypatch.setenv("CUPY_TF32", "1")
+    return cupy
+
+
+@pytest.mark.gpu
+def test_gpu_implicit_conv_layers_match_numpy(cupy_tf32, conv_case):
+    cp = cupy_tf32
+    x, w, b, gate, dz = (cp.asarray(conv_case[k]) for k in ("x", "w", "bias", "gate", "dz"))
+    assert models._implicit_conv_ok(x, w)
+    out, cache = conv3x3_forward(x, w, b)
+    assert cache[2] is None  # the implicit path: no cols
+    dx, dW, db = conv3x3_backward(dz, cache, gate=gate)
+    x64, w64, dz64 = (tf32_round(conv_case[k]).astype(np.float64) for k in ("x", "w", "dz"))
+    z, ref_cache = conv3x3_forward(x64, w64, conv_case["bias"].astype(np.float64))
+    rdx, rdW, rdb = conv3x3_backward(dz64, ref_cache, gate=conv_case["gate"])
+    assert rel_err(to_host(out), z) < ACC_RTOL
+    assert rel_err(to_host(dx), rdx) < ACC_RTOL
+    assert rel_err(to_host(dW), rdW) < ACC_RTOL
+    assert rel_err(to_host(db), conv_case["dz"].astype(np.float64).sum(axis=(0, 1, 2))) < 1e-6
+
+
+@pytest.mark.gpu
+def test_gpu_tf32_myrtle5_gradients_match_float64(cupy_tf32):
+    rng = np.random.default_rng(7)
+    params = init_myrtle5(3, c=64, dtype=np.float64)
+    x = rng.normal(size=(8, 16, 16, 3))
+    y = rng.integers(0, 10, size=8)
+    gamma = class_weights(13, 20.0, 10, 10)
+    F, grads, _ = myrtle5_loss_and_grads(params, x, y, gamma)
+    p32 = to_device({k: v.astype(np.float32) for k, v in params.items()}, cupy_tf32)
+    F32, g32, _ = myrtle5_loss_and_grads(p32, cupy_tf32.asarray(x, np.float32), y, gamma)
+    assert abs(float(F32) - F) < TF32_STEP_RTOL * abs(F)
+    for k in grads:
+        assert rel_err(to_host(g32[k]), grads[k]) < TF32_STEP_RTOL, k
+
+
+@pytest.mark.gpu
+def test_gpu_implicit_path_only_for_tf32_float32_and_64_channels(cupy_tf32, monkeypatch):
+    cp = cupy_tf32
+    x, w = cp.zeros((1, 8, 8, 64), np.float32), cp.zeros((3, 3, 64, 64), np.float32)
+    assert models._implicit_conv_ok(x, w)
+    assert not models._implicit_conv_ok(x.astype(np.float64), w.astype(np.float64))
+    assert not models._implicit_conv_ok(x[..., :32], w[:, :, :32])
+    monkeypatch.setenv("CUPY_TF32", "0")
+    assert not models._implicit_conv_ok(x, w)
