@@ -393,8 +393,9 @@ def conv3x3_backward(dout, cache, need_dx=True, gate=None):
     C_out = W.shape[3]
     dout2 = dout.reshape(-1, C_out)  # (N*Hx*Wx, C_out)
     db = _column_sums(dout2)  # (C_out,)  dF/db = sum_{n,i,j} dout
-    if _implicit_conv_ok(x, W):
-        dW = _implicit_wgrad(x, dout, W.shape)  # (3, 3, C, C_out)  dF/dW = cols^T dout
+    split = _implicit_split(x, W)
+    if split is not None:
+        dW = _implicit_wgrad(x, dout, W.shape, split)  # (3, 3, C, C_out)  dF/dW = cols^T dout
         dx = _implicit_conv(dout, _flipped_kernel(W), gate=gate) if need_dx else None
         return dx, dW, db
     if cols is None:
@@ -760,7 +761,7 @@ def _nesterov_kernel():
 # GPU kernels (CuPy): see "GPU kernels" in the module docstring
 # ---------------------------------------------------------------------------------------------
 
-IMPLICIT_CONV = True  # False: im2col + cuBLAS in TF32 too (benchmarks/bench_myrtle5.py compares)
+CONV_METHODS = ("auto", "im2col", "3xtf32")  # the values of the DYNLOSS_CONV variable
 # (warps along M, warps along N, warp tile M, warp tile N, reduction slice BK) of the two kernels
 IGEMM_TILES = (4, 2, 32, 32, 32)  # output tile 128 pixels x 64 channels, 256 threads
 WGRAD_TILES = (2, 4, 32, 16, 32)  # dW tile 64 x 64 over 32-pixel slices, 256 threads
@@ -777,16 +778,25 @@ def _gpu_float32(*arrays):
     return all(get_array_module(a) is not np and a.dtype == np.float32 for a in arrays)
 
 
+def _implicit_split(x, W):
+    """How conv3x3(x, W) multiplies: None = im2col + a CuPy (cuBLAS) GEMM; 0 = the implicit GEMM
+    in TF32; 1 = the implicit GEMM in 3xTF32. The implicit kernels need float32 CuPy arrays and
+    input and output channels that are multiples of 64 (every tile divides them). Then TF32 when
+    CUPY_TF32=1, and otherwise 3xTF32 only when DYNLOSS_CONV=3xtf32; DYNLOSS_CONV=im2col turns
+    both off."""
+    method = os.environ.get("DYNLOSS_CONV", "auto")
+    if method not in CONV_METHODS:
+        raise ValueError(f"DYNLOSS_CONV={method!r}: expected one of {', '.join(CONV_METHODS)}")
+    if method == "im2col" or not _gpu_float32(x, W) or W.shape[2] % 64 or W.shape[3] % 64:
+        return None
+    if _tf32_enabled():
+        return 0
+    return 1 if method == "3xtf32" else None
+
+
 def _implicit_conv_ok(x, W):
-    """Whether conv3x3(x, W) runs as the TF32 implicit GEMM: CuPy, float32, CUPY_TF32=1, and
-    W's input and output channels both multiples of 64 (every tile divides them)."""
-    return (
-        IMPLICIT_CONV
-        and _gpu_float32(x, W)
-        and _tf32_enabled()
-        and W.shape[2] % 64 == 0
-        and W.shape[3] % 64 == 0
-    )
+    """Whether conv3x3(x, W) (and its backward pass) runs on the implicit-GEMM kernels."""
+    return _implicit_split(x, W) is not None
 
 
 def _tile_shape(tiles):
@@ -796,17 +806,18 @@ def _tile_shape(tiles):
 
 
 @functools.cache
-def _cuda_module(tiles):
-    """CONV_CUDA_SOURCE compiled (NVRTC, by CuPy) for one tile tuple."""
+def _cuda_module(tiles, split):
+    """CONV_CUDA_SOURCE compiled (NVRTC, by CuPy) for one tile tuple, TF32 or 3xTF32 (split)."""
     import cupy
 
     names = ("WARPS_M", "WARPS_N", "WM", "WN", "BK")
-    options = ("--std=c++17",) + tuple(f"-D{k}={int(v)}" for k, v in zip(names, tiles, strict=True))
+    defines = tuple(f"-D{k}={int(v)}" for k, v in zip(names, tiles, strict=True))
+    options = ("--std=c++17", f"-DSPLIT={int(split)}") + defines
     return cupy.RawModule(code=CONV_CUDA_SOURCE, options=options)
 
 
-def _cuda_kernel(name, tiles=None):
-    return _cuda_module(tuple(tiles or IGEMM_TILES)).get_function(name)
+def _cuda_kernel(name, tiles=None, split=0):
+    return _cuda_module(tuple(tiles or IGEMM_TILES), split).get_function(name)
 
 
 @functools.cache
@@ -821,7 +832,7 @@ def _grid1d(total, threads=256):
 
 
 def _implicit_conv(x, W, b=None, relu=False, gate=None):
-    """conv3x3(x, W) on the TF32 tensor cores without im2col, with its epilogue fused.
+    """conv3x3(x, W) on the tensor cores (TF32 or 3xTF32) without im2col, epilogue fused.
 
     x : (N, Hx, Wx, C) float32 CuPy;  W : (3, 3, C, C_out);  b : (C_out,) or None (zero)
     relu : apply max(., 0) after the bias;  gate : None or (N, Hx, Wx, C_out), then the result
@@ -830,6 +841,7 @@ def _implicit_conv(x, W, b=None, relu=False, gate=None):
     """
     import cupy
 
+    split = _implicit_split(x, W)
     N, Hx, Wx, C = x.shape
     C_out = W.shape[3]
     x = cupy.ascontiguousarray(x)
@@ -841,18 +853,19 @@ def _implicit_conv(x, W, b=None, relu=False, gate=None):
     BM, BN, threads = _tile_shape(IGEMM_TILES)
     grid = ((N * Hx * Wx + BM - 1) // BM, C_out // BN)
     i32 = np.int32
-    _cuda_kernel("dynloss_conv3x3_igemm")(
+    _cuda_kernel("dynloss_conv3x3_igemm", IGEMM_TILES, split)(
         grid, (threads,), (x, w, bias, gate, out, i32(N), i32(Hx), i32(Wx), i32(C), i32(C_out),
                            i32(mode))
     )  # fmt: skip
     return out
 
 
-def _implicit_wgrad(x, dout, W_shape):
+def _implicit_wgrad(x, dout, W_shape, split):
     """dF/dW = cols^T dout of conv3x3 without cols: per-chunk partial sums on the tensor cores,
     then one fixed-order sum over the chunks (deterministic, no atomics).
 
-    x : (N, Hx, Wx, C), dout : (N, Hx, Wx, C_out), float32 CuPy.  Returns dW (3, 3, C, C_out).
+    x : (N, Hx, Wx, C), dout : (N, Hx, Wx, C_out), float32 CuPy; split : 0 (TF32) or 1 (3xTF32).
+    Returns dW (3, 3, C, C_out).
     """
     import cupy
 
@@ -869,7 +882,7 @@ def _implicit_wgrad(x, dout, W_shape):
     L = 9 * C * C_out
     part = cupy.empty((S, L), dtype=np.float32)
     i32 = np.int32
-    _cuda_kernel("dynloss_conv3x3_wgrad", WGRAD_TILES)(
+    _cuda_kernel("dynloss_conv3x3_wgrad", WGRAD_TILES, split)(
         (9 * C // BM, C_out // BN, S), (threads,),
         (cupy.ascontiguousarray(x), cupy.ascontiguousarray(dout), part, i32(N), i32(Hx), i32(Wx),
          i32(C), i32(C_out), i32(chunk)),
@@ -942,6 +955,9 @@ CONV_CUDA_SOURCE = r"""
 #define NT (WARPS_M * WARPS_N * 32)
 
 static_assert(WM % 16 == 0 && WN % 8 == 0 && BK % 8 == 0, "warp tiles of m16n8k8 steps");
+#ifndef SPLIT
+#define SPLIT 0  // 1: 3xTF32, each operand split into big + small TF32 parts, three MMAs
+#endif
 
 #ifndef DYNLOSS_EMULATED_MMA  // the CPU emulator in tests/ brings its own
 // float -> TF32 (round to nearest, ties away), as the bit pattern the tensor cores read
@@ -951,9 +967,6 @@ __device__ __forceinline__ unsigned tf32(float f) {
     return r;
 }
 
-__device__ __forceinline__ uint4 tf32x4(float4 v) {
-    return make_uint4(tf32(v.x), tf32(v.y), tf32(v.z), tf32(v.w));
-}
 
 // c (16x8, fp32) += a (16x8, tf32, row-major) b (8x8, tf32, column-major); lane = 4 g + t holds
 // a = A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4];  b = B[t][g], B[t+4][g];
@@ -965,6 +978,40 @@ __device__ __forceinline__ void mma_tf32(float* c, const unsigned* a, const unsi
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 #endif
+
+// What a tile keeps in shared memory: TF32 bits, or (SPLIT) the float32 bits, split later
+__device__ __forceinline__ uint4 stash4(float4 v) {
+#if SPLIT
+    return make_uint4(__float_as_uint(v.x), __float_as_uint(v.y), __float_as_uint(v.z),
+                      __float_as_uint(v.w));
+#else
+    return make_uint4(tf32(v.x), tf32(v.y), tf32(v.z), tf32(v.w));
+#endif
+}
+
+// acc += A B for one m16n8k8 step from the stashed fragments. SPLIT: v = big + small with
+// big = tf32(v), small = tf32(v - big); A B ~ As Bb + Ab Bs + Ab Bb (the small x small term,
+// 2^-22 relative, is dropped), which is about as accurate as float32 (3xTF32).
+__device__ __forceinline__ void mma_step(float* acc, const unsigned* a, const unsigned* b) {
+#if SPLIT
+    unsigned ab[4], as[4], bb[2], bs[2];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        ab[e] = tf32(__uint_as_float(a[e]));
+        as[e] = tf32(__uint_as_float(a[e]) - __uint_as_float(ab[e]));
+    }
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        bb[e] = tf32(__uint_as_float(b[e]));
+        bs[e] = tf32(__uint_as_float(b[e]) - __uint_as_float(bb[e]));
+    }
+    mma_tf32(acc, as, bb);
+    mma_tf32(acc, ab, bs);
+    mma_tf32(acc, ab, bb);
+#else
+    mma_tf32(acc, a, b);
+#endif
+}
 
 // out[p, o] = epilogue(sum_{a, b, c} x[p + (a-1) W + (b-1), c] w[(3a + b) C + c, o]) over the
 // output pixels p = (n, i, j) whose tap (i + a - 1, j + b - 1) lies inside the image (SAME zeros).
@@ -979,8 +1026,8 @@ dynloss_conv3x3_igemm(const float* __restrict__ x, const float* __restrict__ w,
 {
     constexpr int LDA = BK + 4;  // rows of As: g * LDA + t hits 32 distinct banks
     constexpr int LDB = BN + 8;  // rows of Bs: t * LDB + g hits 32 distinct banks
-    __shared__ __align__(16) unsigned As[BM * LDA];  // [pixel][k], TF32 bits
-    __shared__ __align__(16) unsigned Bs[BK * LDB];  // [k][out channel], TF32 bits
+    __shared__ __align__(16) unsigned As[BM * LDA];  // [pixel][k], stash4 bits
+    __shared__ __align__(16) unsigned Bs[BK * LDB];  // [k][out channel], stash4 bits
     constexpr int AV = BK / 4, AR = NT / AV, AP = BM / AR;  // float4 loads of the A tile
     constexpr int BV = BN / 4, BR = NT / BV, BP = BK / BR;  // float4 loads of the B tile
     static_assert(NT % AV == 0 && BM % AR == 0 && NT % BV == 0 && BK % BR == 0, "tile loads");
@@ -1034,10 +1081,10 @@ dynloss_conv3x3_igemm(const float* __restrict__ x, const float* __restrict__ w,
     for (int kt = 0; kt < KT; ++kt) {
 #pragma unroll
         for (int r = 0; r < AP; ++r)
-            *reinterpret_cast<uint4*>(&As[(ar + r * AR) * LDA + ac]) = tf32x4(ra[r]);
+            *reinterpret_cast<uint4*>(&As[(ar + r * AR) * LDA + ac]) = stash4(ra[r]);
 #pragma unroll
         for (int r = 0; r < BP; ++r)
-            *reinterpret_cast<uint4*>(&Bs[(br + r * BR) * LDB + bc]) = tf32x4(rb[r]);
+            *reinterpret_cast<uint4*>(&Bs[(br + r * BR) * LDB + bc]) = stash4(rb[r]);
         __syncthreads();
         if (kt + 1 < KT) load(kt + 1);  // in flight while the tensor cores work on slice kt
 #pragma unroll
@@ -1060,7 +1107,7 @@ dynloss_conv3x3_igemm(const float* __restrict__ x, const float* __restrict__ w,
 #pragma unroll
             for (int i = 0; i < MI; ++i)
 #pragma unroll
-                for (int j = 0; j < NI; ++j) mma_tf32(acc[i][j], af[i], bf[j]);
+                for (int j = 0; j < NI; ++j) mma_step(acc[i][j], af[i], bf[j]);
         }
         __syncthreads();
     }
@@ -1106,8 +1153,8 @@ dynloss_conv3x3_wgrad(const float* __restrict__ x, const float* __restrict__ dz,
 {
     constexpr int LDA = BM + 8;  // As[k][m]: t * LDA + g hits 32 distinct banks
     constexpr int LDB = BN + 8;
-    __shared__ __align__(16) unsigned As[BK * LDA];  // [pixel][in channel], TF32 bits
-    __shared__ __align__(16) unsigned Bs[BK * LDB];  // [pixel][out channel], TF32 bits
+    __shared__ __align__(16) unsigned As[BK * LDA];  // [pixel][in channel], stash4 bits
+    __shared__ __align__(16) unsigned Bs[BK * LDB];  // [pixel][out channel], stash4 bits
     constexpr int AV = BM / 4, AR = NT / AV, AP = BK / AR;
     constexpr int BV = BN / 4, BR = NT / BV, BP = BK / BR;
     static_assert(NT % AV == 0 && BK % AR == 0 && NT % BV == 0 && BK % BR == 0, "tile loads");
@@ -1161,10 +1208,10 @@ dynloss_conv3x3_wgrad(const float* __restrict__ x, const float* __restrict__ dz,
     for (int kt = 0; kt < KT; ++kt) {
 #pragma unroll
         for (int r = 0; r < AP; ++r)
-            *reinterpret_cast<uint4*>(&As[(ar + r * AR) * LDA + ac]) = tf32x4(ra[r]);
+            *reinterpret_cast<uint4*>(&As[(ar + r * AR) * LDA + ac]) = stash4(ra[r]);
 #pragma unroll
         for (int r = 0; r < BP; ++r)
-            *reinterpret_cast<uint4*>(&Bs[(br + r * BR) * LDB + bc]) = tf32x4(rb[r]);
+            *reinterpret_cast<uint4*>(&Bs[(br + r * BR) * LDB + bc]) = stash4(rb[r]);
         __syncthreads();
         if (kt + 1 < KT) load(p0 + (long long)(kt + 1) * BK);
 #pragma unroll
@@ -1187,7 +1234,7 @@ dynloss_conv3x3_wgrad(const float* __restrict__ x, const float* __restrict__ dz,
 #pragma unroll
             for (int i = 0; i < MI; ++i)
 #pragma unroll
-                for (int j = 0; j < NI; ++j) mma_tf32(acc[i][j], af[i], bf[j]);
+                for (int j = 0; j < NI; ++j) mma_step(acc[i][j], af[i], bf[j]);
         }
         __syncthreads();
     }

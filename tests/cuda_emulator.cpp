@@ -9,7 +9,7 @@
 // keeping 10 mantissa bits (cvt.rna.tf32.f32). Blocks run one after another.
 //
 // Build: g++ -std=c++20 -O1 -pthread -I<dir with conv.cu> -DWARPS_M=.. -DWARPS_N=.. -DWM=.. -DWN=..
-//        -DBK=.. cuda_emulator.cpp
+//        -DBK=.. [-DSPLIT=1] cuda_emulator.cpp
 // Run:   emulator igemm DIR N H W C CO MODE        reads DIR/{x,w,bias,gate}.f32, writes DIR/out.f32
 //        emulator wgrad DIR N H W C CO CHUNK       reads DIR/{x,dz}.f32, writes DIR/dw.f32 (9C, CO)
 //        emulator im2col DIR N H W C 0 0           reads DIR/x.f32, writes DIR/cols.f32 (P, 9C)
@@ -83,7 +83,12 @@ inline float bits_to_float(unsigned u) {
     std::memcpy(&f, &u, 4);
     return f;
 }
-inline uint4 tf32x4(float4 v) { return make_uint4(tf32(v.x), tf32(v.y), tf32(v.z), tf32(v.w)); }
+inline float __uint_as_float(unsigned u) { return bits_to_float(u); }
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
 
 inline void mma_tf32(float* c, const unsigned* a, const unsigned* b) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

@@ -90,17 +90,18 @@ def emulator(tmp_path_factory):
     (root / "conv.cu").write_text(models.CONV_CUDA_SOURCE)
     built = {}
 
-    def run(tiles, *args):
-        if tiles not in built:
-            exe = root / ("emu_" + "_".join(map(str, tiles)))
+    def run(tiles, *args, split=0):
+        key = (tiles, split)
+        if key not in built:
+            exe = root / ("emu_" + "_".join(map(str, tiles)) + f"_split{split}")
             cmd = ["g++", "-std=c++20", "-O1", "-pthread", f"-I{root}", *tile_defines(tiles)]
-            cmd += [str(HERE / "cuda_emulator.cpp"), "-o", str(exe)]
+            cmd += [f"-DSPLIT={split}", str(HERE / "cuda_emulator.cpp"), "-o", str(exe)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0 and "barrier" in proc.stderr:
                 pytest.skip("this g++ lacks C++20 <barrier>")
             assert proc.returncode == 0, proc.stderr[-3000:]
-            built[tiles] = exe
-        proc = subprocess.run([str(built[tiles]), *map(str, args)], capture_output=True, text=True)
+            built[key] = exe
+        proc = subprocess.run([str(built[key]), *map(str, args)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
 
     return run
@@ -128,15 +129,21 @@ def conv_case():
     )
 
 
+def operand(a, split):
+    """What the tensor cores multiply, in float64: TF32-rounded values, or (3xTF32) the values."""
+    return (a if split else tf32_round(a)).astype(np.float64)
+
+
+@pytest.mark.parametrize("split", [0, 1], ids=["tf32", "3xtf32"])
 @pytest.mark.parametrize("mode", [0, 1, 2])
-def test_emulated_implicit_conv_matches_numpy(emulator, conv_case, tmp_path, mode):
+def test_emulated_implicit_conv_matches_numpy(emulator, conv_case, tmp_path, mode, split):
     """mode 0: conv + bias, 1: relu(conv + bias), 2: conv * 1[gate > 0]; SAME borders, a partial
-    last block of pixels."""
+    last block of pixels. 3xTF32 is compared with the unrounded float64 convolution."""
     N, H, W, C, CO = SHAPE.values()
     write(tmp_path, **conv_case)
-    emulator(models.IGEMM_TILES, "igemm", tmp_path, N, H, W, C, CO, mode)
+    emulator(models.IGEMM_TILES, "igemm", tmp_path, N, H, W, C, CO, mode, split=split)
     out = read(tmp_path, "out", (N, H, W, CO))
-    x64, w64 = (tf32_round(conv_case[k]).astype(np.float64) for k in ("x", "w"))
+    x64, w64 = (operand(conv_case[k], split) for k in ("x", "w"))
     z, _ = conv3x3_forward(x64, w64, np.zeros(CO))
     ref = {
         0: z + conv_case["bias"],
@@ -146,17 +153,32 @@ def test_emulated_implicit_conv_matches_numpy(emulator, conv_case, tmp_path, mod
     assert rel_err(out, ref) < ACC_RTOL
 
 
+@pytest.mark.parametrize("split", [0, 1], ids=["tf32", "3xtf32"])
 @pytest.mark.parametrize("chunk", [32, 96])
-def test_emulated_weight_gradient_matches_numpy(emulator, conv_case, tmp_path, chunk):
+def test_emulated_weight_gradient_matches_numpy(emulator, conv_case, tmp_path, chunk, split):
     """dW = cols^T dz from per-chunk partial sums; chunk 96 leaves a partial last chunk."""
     N, H, W, C, CO = SHAPE.values()
     write(tmp_path, **conv_case)
-    emulator(models.WGRAD_TILES, "wgrad", tmp_path, N, H, W, C, CO, chunk)
+    emulator(models.WGRAD_TILES, "wgrad", tmp_path, N, H, W, C, CO, chunk, split=split)
     dW = read(tmp_path, "dw", (3, 3, C, CO))
-    x64, dz64 = (tf32_round(conv_case[k]).astype(np.float64) for k in ("x", "dz"))
+    x64, dz64 = (operand(conv_case[k], split) for k in ("x", "dz"))
     cache = (x64, np.zeros((3, 3, C, CO)), None)
     _, ref, _ = conv3x3_backward(dz64, cache, need_dx=False)
     assert rel_err(dW, ref) < ACC_RTOL
+
+
+def test_emulated_3xtf32_is_float32_accurate_where_tf32_is_not(emulator, conv_case, tmp_path):
+    """Against the unrounded float64 convolution, TF32 errs by about 1e-3 relative and 3xTF32 by
+    float32 rounding: the split must buy at least two orders of magnitude."""
+    N, H, W, C, CO = SHAPE.values()
+    write(tmp_path, **conv_case)
+    x64, w64 = (conv_case[k].astype(np.float64) for k in ("x", "w"))
+    ref, _ = conv3x3_forward(x64, w64, conv_case["bias"].astype(np.float64))
+    errs = []
+    for split in (0, 1):
+        emulator(models.IGEMM_TILES, "igemm", tmp_path, N, H, W, C, CO, 0, split=split)
+        errs.append(rel_err(read(tmp_path, "out", (N, H, W, CO)), ref))
+    assert errs[1] < ACC_RTOL < errs[0] and errs[1] < errs[0] / 100
 
 
 def test_emulated_im2col_and_pools_equal_numpy_exactly(emulator, tmp_path):
@@ -226,11 +248,43 @@ def test_gpu_tf32_myrtle5_gradients_match_float64(cupy_tf32):
 
 
 @pytest.mark.gpu
-def test_gpu_implicit_path_only_for_tf32_float32_and_64_channels(cupy_tf32, monkeypatch):
+def test_gpu_3xtf32_layers_match_float64(cupy_tf32, conv_case, monkeypatch):
+    monkeypatch.setenv("CUPY_TF32", "0")
+    monkeypatch.setenv("DYNLOSS_CONV", "3xtf32")
+    cp = cupy_tf32
+    x, w, b, gate, dz = (cp.asarray(conv_case[k]) for k in ("x", "w", "bias", "gate", "dz"))
+    assert models._implicit_split(x, w) == 1
+    out, cache = conv3x3_forward(x, w, b)
+    dx, dW, _ = conv3x3_backward(dz, cache, gate=gate)
+    x64, w64, dz64 = (conv_case[k].astype(np.float64) for k in ("x", "w", "dz"))
+    z, ref_cache = conv3x3_forward(x64, w64, conv_case["bias"].astype(np.float64))
+    rdx, rdW, _ = conv3x3_backward(dz64, ref_cache, gate=conv_case["gate"])
+    for got, ref in ((out, z), (dx, rdx), (dW, rdW)):
+        assert rel_err(to_host(got), ref) < ACC_RTOL
+
+
+def test_conv_method_switch_and_its_errors(monkeypatch):
+    """On NumPy every method is im2col; a misspelt DYNLOSS_CONV is an error, not a silent default."""
+    x, w = np.zeros((1, 8, 8, 64), np.float32), np.zeros((3, 3, 64, 64), np.float32)
+    for method in models.CONV_METHODS:
+        monkeypatch.setenv("DYNLOSS_CONV", method)
+        assert models._implicit_split(x, w) is None
+    monkeypatch.setenv("DYNLOSS_CONV", "3xTF32")
+    with pytest.raises(ValueError, match="DYNLOSS_CONV"):
+        models._implicit_split(x, w)
+
+
+@pytest.mark.gpu
+def test_gpu_implicit_path_only_for_float32_and_64_channels(cupy_tf32, monkeypatch):
     cp = cupy_tf32
     x, w = cp.zeros((1, 8, 8, 64), np.float32), cp.zeros((3, 3, 64, 64), np.float32)
-    assert models._implicit_conv_ok(x, w)
-    assert not models._implicit_conv_ok(x.astype(np.float64), w.astype(np.float64))
-    assert not models._implicit_conv_ok(x[..., :32], w[:, :, :32])
+    assert models._implicit_split(x, w) == 0
+    assert models._implicit_split(x.astype(np.float64), w.astype(np.float64)) is None
+    assert models._implicit_split(x[..., :32], w[:, :, :32]) is None
+    monkeypatch.setenv("DYNLOSS_CONV", "im2col")
+    assert models._implicit_split(x, w) is None
+    monkeypatch.setenv("DYNLOSS_CONV", "auto")
     monkeypatch.setenv("CUPY_TF32", "0")
-    assert not models._implicit_conv_ok(x, w)
+    assert models._implicit_split(x, w) is None
+    monkeypatch.setenv("DYNLOSS_CONV", "3xtf32")
+    assert models._implicit_split(x, w) == 1
