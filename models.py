@@ -430,7 +430,7 @@ def avgpool2_forward(x):
     N, Hx, Wx, C = x.shape
     if Hx % 2 or Wx % 2:
         raise ValueError(f"avgpool2 needs even image sides, got {Hx}x{Wx}")
-    if _gpu_float32(x):
+    if _gpu_float32(x) and x.size < 2**31:  # the kernel's indices are 32-bit
         return _gpu_avgpool2(x), x.shape  # the same four-term mean as one CUDA kernel
     out = x.reshape(N, Hx // 2, 2, Wx // 2, 2, C).mean(axis=(2, 4))  # (N, Hx/2, Wx/2, C)
     return out, x.shape
@@ -453,7 +453,7 @@ def relu_avgpool2_backward(dout, pool_cache, relu_cache):
     dout : (N, Hx/2, Wx/2, C);  relu_cache : h (N, Hx, Wx, C).  Returns dz (N, Hx, Wx, C).
     """
     N, Hx, Wx, C = pool_cache
-    if _gpu_float32(dout, relu_cache):
+    if _gpu_float32(dout, relu_cache) and relu_cache.size < 2**31:  # 32-bit kernel indices
         return _gpu_relu_avgpool2_backward(dout, relu_cache)
     mask = relu_cache.reshape(N, Hx // 2, 2, Wx // 2, 2, C) > 0  # (N, Hx/2, 2, Wx/2, 2, C)
     dz = mask * (0.25 * dout)[:, :, None, :, None, :]  # dF/dz = 1[z > 0] dout / 4

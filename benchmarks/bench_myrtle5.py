@@ -46,13 +46,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import models  # noqa: E402
 from dynloss import class_weights  # noqa: E402
 from models import (  # noqa: E402
     _column_sums,
     _conv_input_grad,
     avgpool2_backward,
     avgpool2_forward,
+    conv3x3_backward,
     conv3x3_forward,
+    conv3x3_relu_forward,
     im2col3x3,
     init_myrtle5,
     myrtle5_forward,
@@ -69,6 +72,13 @@ K = 10
 LR = 0.02  # the paper's peak learning rate
 A_DYN, T_DYN = 20.0, 100  # a tilted loss, so gamma is not all ones
 RESULT = "RESULT "  # prefix of the JSON line a child process prints
+# our GPU rows: (label, precision compared with PyTorch, profile column, child's environment)
+OUR_GPU_ROWS = (
+    ("ours, im2col+cuBLAS", "fp32", "fp32-im2col", {"CUPY_TF32": "0", "DYNLOSS_CONV": "auto"}),
+    ("ours, implicit 3xTF32", "fp32", "3xtf32", {"CUPY_TF32": "0", "DYNLOSS_CONV": "3xtf32"}),
+    ("ours, im2col+cuBLAS", "tf32", "tf32-im2col", {"CUPY_TF32": "1", "DYNLOSS_CONV": "im2col"}),
+    ("ours, implicit TF32", "tf32", "tf32-implicit", {"CUPY_TF32": "1", "DYNLOSS_CONV": "auto"}),
+)
 
 
 def make_batch(xp, batch, side, dtype, seed=0):
@@ -124,8 +134,19 @@ def gpu_time(step, start, end, elapsed_ms, warmup, reps, inner):
 # ---------------------------------------------------------------------------------------------
 
 
+def apply_tiles(path):
+    """Set the implicit-GEMM tiles from a benchmarks/tune_conv.py result (JSON)."""
+    best = json.loads(Path(path).read_text())
+    models.IGEMM_TILES = tuple(best["IGEMM_TILES"])
+    models.WGRAD_TILES = tuple(best["WGRAD_TILES"])
+    models.WGRAD_BLOCKS_PER_SM = int(best["WGRAD_BLOCKS_PER_SM"])
+
+
 def child_cupy(args):
     import cupy
+
+    if args.tiles:
+        apply_tiles(args.tiles)
 
     step = our_step_fn(cupy, args.batch, args.width, 32, np.float32)
     start, end = cupy.cuda.Event(), cupy.cuda.Event()
@@ -153,10 +174,13 @@ def profile_cupy(cupy, args):
     velocity = {k: cupy.zeros_like(p) for k, p in params.items()}
     hvp = myrtle5_hvp_operator(params, x, y, gamma)
     v = cupy.asarray(rng.normal(size=sum(p.size for p in params.values())).astype(np.float32))
+    _, cache = conv3x3_forward(h, W, b)
     pieces = {
         "im2col 32x32xc": lambda: im2col3x3(h),
         "GEMM fwd cols@W 32x32": lambda: cols @ W.reshape(-1, c),
-        "conv fwd 32x32 (all)": lambda: conv3x3_forward(h, W, b),
+        "conv fwd 32x32 (this method)": lambda: conv3x3_forward(h, W, b),
+        "conv+bias+relu fwd 32x32": lambda: conv3x3_relu_forward(h, W, b),
+        "conv bwd 32x32: dW, db, dx*1[h>0]": lambda: conv3x3_backward(dout, cache, gate=h),
         "GEMM dW cols.T@dout 32x32": lambda: cols.T @ dout.reshape(-1, c),
         "conv dx (flipped conv) 32x32": lambda: _conv_input_grad(dout, W, h.shape),
         "relu fwd 32x32": lambda: relu_forward(dout),
@@ -164,15 +188,9 @@ def profile_cupy(cupy, args):
         "avgpool2 fwd 32x32": lambda: avgpool2_forward(h),
         "avgpool2 bwd 32x32": lambda: avgpool2_backward(dout[:, :16, :16], h.shape),
         "relu_avgpool2_backward 32x32": lambda: relu_avgpool2_backward(dp, h.shape, h),
-        "  alt: pool bwd then relu bwd": lambda: relu_backward(avgpool2_backward(dp, h.shape), h),
-        "  alt: im2col, 4-byte copies": lambda: _im2col_narrow(h),
-        "  alt: im2col by 9 slice copies": lambda: _im2col_slices(h),
         "db ones@dout 32x32": lambda: _column_sums(dout2),
-        "  alt: db dout.sum(axis=0) 32x32": lambda: dout2.sum(axis=0),
         "conv1 fwd (C_in = 3)": lambda: conv3x3_forward(x, params["W1"], params["b1"]),
         "conv1 dW (K = 27)": lambda: cols1.T @ dout2,
-        "  alt: GEMM dW split-K x16 (batched)": lambda: _dW_split(cols, dout, 16),
-        "  alt: GEMM dW split-K x64 (batched)": lambda: _dW_split(cols, dout, 64),
         "Myrtle5 forward": lambda: myrtle5_forward(x, params),
         "Myrtle5 loss+grads": lambda: myrtle5_loss_and_grads(params, x, y, gamma),
         "Myrtle5 HVP (cached forward/backward)": lambda: hvp(v),
@@ -192,37 +210,6 @@ def profile_cupy(cupy, args):
         host.append(1e3 * (time.perf_counter() - t0))  # no sync: the time to enqueue
     out["host time to enqueue one step"] = float(np.median(host[1:]))
     return out
-
-
-def _im2col_narrow(x):
-    """The previous im2col (for --profile only): copies in units of the dtype itself."""
-    xp = __import__("cupy")
-    N, Hx, Wx, C = x.shape
-    xpad = xp.zeros((N, Hx + 2, Wx + 2, C), dtype=x.dtype)
-    xpad[:, 1:-1, 1:-1, :] = x
-    sn, sh, sw, sc = xpad.strides
-    view = xp.lib.stride_tricks.as_strided(xpad, (N, Hx, Wx, 3, 3, C), (sn, sh, sw, sh, sw, sc))
-    return xp.ascontiguousarray(view).reshape(N * Hx * Wx, 9 * C)
-
-
-def _im2col_slices(x):
-    """Alternative im2col (for --profile only): nine strided slice copies, no padded copy."""
-    xp = __import__("cupy")
-    N, Hx, Wx, C = x.shape
-    cols = xp.zeros((N, Hx, Wx, 3, 3, C), dtype=x.dtype)
-    for a in range(3):
-        for b in range(3):
-            i0, i1, j0, j1 = max(0, 1 - a), min(Hx, Hx + 1 - a), max(0, 1 - b), min(Wx, Wx + 1 - b)
-            cols[:, i0:i1, j0:j1, a, b] = x[:, i0 + a - 1 : i1 + a - 1, j0 + b - 1 : j1 + b - 1]
-    return cols.reshape(N * Hx * Wx, 9 * C)
-
-
-def _dW_split(cols, dout, S):
-    """Alternative dW GEMM (for --profile only): S batched partial products, then a sum."""
-    R, KC = cols.shape
-    c = dout.shape[-1]
-    part = cols.reshape(S, R // S, KC).transpose(0, 2, 1) @ dout.reshape(S, R // S, c)
-    return part.sum(axis=0)
 
 
 def set_torch_tf32(torch, on):
@@ -285,6 +272,7 @@ def run_child(kind, args, env_extra):
     cmd = [sys.executable, __file__, "--child", kind, "--batch", str(args.batch)]
     cmd += ["--width", str(args.width), "--reps", str(args.reps), "--inner", str(args.inner)]
     cmd += ["--profile"] if args.profile else []
+    cmd += ["--tiles", str(args.tiles)] if args.tiles else []
     env = {**os.environ, **env_extra}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
@@ -354,6 +342,8 @@ def main(argv=None):
     ap.add_argument("--inner", type=int, default=5, help="GPU steps per timed repetition")
     ap.add_argument("--profile", action="store_true", help="also time the pieces of a GPU step")
     ap.add_argument("--no-gpu", action="store_true")
+    ap.add_argument("--tiles", help="implicit-GEMM tiles from benchmarks/tune_conv.py --out")
+    ap.add_argument("--json", type=Path, help="also write the rows and the profile here (JSON)")
     ap.add_argument("--child", choices=("cupy", "torch"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child == "cupy":
@@ -366,18 +356,18 @@ def main(argv=None):
     profile = None
     if gpu is not None:
         torch_ms = run_child("torch", args, {}) if torch_available() else None
-        for prec, flag in (("fp32", "0"), ("tf32", "1")):
-            res = run_child("cupy", args, {"CUPY_TF32": flag})
+        for what, prec, column, env in OUR_GPU_ROWS:
+            res = run_child("cupy", args, env)
             if res is None:
                 continue
             base = None
             if torch_ms:
                 base = min(torch_ms[f"nchw {prec}"], torch_ms[f"channels_last {prec}"])
-            rows.append(("ours, CuPy", prec, args.batch, args.width, res["ms"], base))
+            rows.append((what, prec, args.batch, args.width, res["ms"], base))
             if "profile" in res:
                 profile = profile or {}
                 for name, ms in res["profile"].items():
-                    profile.setdefault(name, {})[prec] = ms
+                    profile.setdefault(name, {})[column] = ms
         for key, ms in (torch_ms or {}).items():
             layout, prec = key.split()
             rows.append((f"PyTorch+cuDNN {layout}", prec, args.batch, args.width, ms, None))
@@ -404,10 +394,17 @@ def main(argv=None):
               "7.1 ms fp32, 3.5 ms TF32)")  # fmt: skip
     if profile:
         print(f"\nprofile of our step (ms, median), batch {args.batch}, c {args.width}")
-        print(f"  {'piece':<40}{'fp32':>8}{'tf32':>8}")
+        cols = [column for _, _, column, _ in OUR_GPU_ROWS]
+        print(f"  {'piece':<40}" + "".join(f"{k:>14}" for k in cols))
         for name, ms in profile.items():
-            cells = "".join(f"{ms[p]:8.3f}" if p in ms else f"{'-':>8}" for p in ("fp32", "tf32"))
+            cells = "".join(f"{ms[k]:14.3f}" if k in ms else f"{'-':>14}" for k in cols)
             print(f"  {name:<40}{cells}")
+    if args.json:
+        keys = ("implementation", "precision", "batch", "c", "ms", "pytorch_ms")
+        record = {"gpu": gpu and gpu[0], "cpu": cpu_name(), "versions": v, "tiles": args.tiles}
+        record["rows"] = [dict(zip(keys, row, strict=True)) for row in rows]
+        record["profile"] = profile
+        args.json.write_text(json.dumps(record, indent=1) + "\n")
     return 0
 
 

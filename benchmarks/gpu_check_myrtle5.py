@@ -4,11 +4,13 @@ Command
 -------
 python benchmarks/gpu_check_myrtle5.py
 
-In float64, on two small problems, the logits, the loss, every gradient and the exact
+In float64, on three small problems, the logits, the loss, every gradient and the exact
 Hessian-vector product computed with CuPy must agree with NumPy to a relative error (norm-wise)
 below ``F64_RTOL``; one Nesterov step too. A float32 run on the GPU is compared with the float64
 host result at ``F32_RTOL``, or at ``TF32_RTOL`` when CUPY_TF32=1 is set (CuPy then multiplies
-float32 matrices in TF32): ``CUPY_TF32=1 python benchmarks/gpu_check_myrtle5.py``.
+float32 matrices in TF32, and dynloss its TF32 implicit-GEMM convolutions):
+``CUPY_TF32=1 python benchmarks/gpu_check_myrtle5.py``; ``DYNLOSS_CONV=3xtf32`` checks the 3xTF32
+convolutions at the float32 tolerance. The float32 exact HVP is checked too (at ``F32_HVP_RTOL``).
 Prints one PASS/FAIL line per check and exits 1 on any failure; without CuPy or a GPU it prints
 'skipped: no CuPy/GPU' and exits 0.
 """
@@ -37,7 +39,13 @@ from models import (  # noqa: E402
 F64_RTOL = 1e-10  # same float64 arithmetic, other summation order (cuBLAS vs OpenBLAS)
 F32_RTOL = 1e-5  # float32 gradients against float64 (rounding 6e-8, hundreds of terms deep)
 TF32_RTOL = 1e-2  # TF32 rounds GEMM inputs to 10-bit mantissas (5e-4), compounded over 5 layers
-PROBLEMS = ({"N": 8, "side": 16, "c": 8}, {"N": 4, "side": 32, "c": 16})  # small, both sizes
+F32_HVP_RTOL = 1e-4  # the HVP has more cancellation than the gradient
+# small, both image sizes, and c = 64, where float32 takes the implicit-GEMM kernels
+PROBLEMS = (
+    {"N": 8, "side": 16, "c": 8},
+    {"N": 4, "side": 32, "c": 16},
+    {"N": 4, "side": 16, "c": 64},
+)
 
 
 def get_cupy():
@@ -113,6 +121,9 @@ def run_checks(cupy):
         err32 = rel(myrtle5_flatten(grads3), myrtle5_flatten(grads_ref))
         label = f"{'TF32' if tf32 else 'float32'} grads vs float64 {tag}"
         results.append((label, err32, TF32_RTOL if tf32 else F32_RTOL))
+        Hv3 = myrtle5_hvp(p32, cupy.asarray(x, dtype=cupy.float32), y_gpu, g_gpu, v)
+        label = f"{'TF32' if tf32 else 'float32'} HVP vs float64 {tag}"
+        results.append((label, rel(Hv3, Hv), TF32_RTOL if tf32 else F32_HVP_RTOL))
     return results
 
 
@@ -123,7 +134,8 @@ def main():
         return 0
     name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
     name = name.decode() if isinstance(name, bytes) else name
-    print(f"GPU {name}, CuPy {cupy.__version__}, CUPY_TF32={os.environ.get('CUPY_TF32', 'unset')}")
+    env = {k: os.environ.get(k, "unset") for k in ("CUPY_TF32", "DYNLOSS_CONV")}
+    print(f"GPU {name}, CuPy {cupy.__version__}, " + ", ".join(f"{k}={v}" for k, v in env.items()))
     failed = 0
     for label, err, tol in run_checks(cupy):
         ok = err < tol
