@@ -229,7 +229,8 @@ def test_gpu_implicit_conv_layers_match_numpy(cupy_tf32, conv_case):
     assert rel_err(to_host(out), z) < ACC_RTOL
     assert rel_err(to_host(dx), rdx) < ACC_RTOL
     assert rel_err(to_host(dW), rdW) < ACC_RTOL
-    assert rel_err(to_host(db), conv_case["dz"].astype(np.float64).sum(axis=(0, 1, 2))) < 1e-6
+    ref_db = conv_case["dz"].astype(np.float64).sum(axis=(0, 1, 2))
+    assert rel_err(to_host(db), ref_db) < TF32_STEP_RTOL  # CuPy's GEMV: TF32 or not, its choice
 
 
 @pytest.mark.gpu
