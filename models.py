@@ -291,13 +291,14 @@ def im2col3x3(x):
     The copies move each pixel's C values as the widest machine words that tile them (16-byte
     complex128 for float32 with C % 4 == 0): the bytes are unchanged, the copy kernels do a
     quarter of the index arithmetic (1.7 -> about 0.5 ms for c = 64, batch 512, on an H200).
-    On CuPy, where the C values of a pixel are whole 16-byte words, one CUDA kernel writes cols
-    straight from x (``dynloss_im2col3x3``), without the padded copy.
+    On CuPy, where the C values of a pixel are whole 4-byte words, one CUDA kernel writes cols
+    straight from x in the widest of 16-, 8- or 4-byte words (``dynloss_im2col3x3_*``), without
+    the padded copy.
     """
     xp = get_array_module(x)
     N, Hx, Wx, C = x.shape
-    if xp is not np and (C * x.itemsize) % 16 == 0 and N * Hx * Wx * 9 * C * x.itemsize < 2**35:
-        return _gpu_im2col3x3(x)
+    if xp is not np and (C * x.itemsize) % 4 == 0 and N * Hx * Wx * 9 * C * x.itemsize < 2**33:
+        return _gpu_im2col3x3(x)  # (< 2^31 words of 4 bytes: the kernel's indices are 32-bit)
     word = _copy_word(C * x.itemsize)
     xw = xp.ascontiguousarray(x).view(word)  # (N, Hx, Wx, Cw), the same bytes
     xpad = xp.zeros((N, Hx + 2, Wx + 2, xw.shape[3]), dtype=word)  # (N, Hx+2, Wx+2, Cw)
@@ -893,17 +894,20 @@ def _implicit_wgrad(x, dout, W_shape, split):
 
 
 def _gpu_im2col3x3(x):
-    """im2col3x3 on CuPy in one kernel, copying 16-byte words; needs (C * itemsize) % 16 == 0."""
+    """im2col3x3 on CuPy in one kernel, copying the widest words (16, 8 or 4 bytes) that tile a
+    pixel's C values; needs (C * itemsize) % 4 == 0."""
     import cupy
 
     N, Hx, Wx, C = x.shape
-    C16 = C * x.itemsize // 16
-    total = N * Hx * Wx * 9 * C16
+    row_bytes = C * x.itemsize
+    word = next(w for w in (16, 8, 4) if row_bytes % w == 0)
+    CW = row_bytes // word
+    total = N * Hx * Wx * 9 * CW
     cols = cupy.empty((N * Hx * Wx, 9 * C), dtype=x.dtype)
     x = cupy.ascontiguousarray(x)
     i32 = np.int32
-    _cuda_kernel("dynloss_im2col3x3")(
-        *_grid1d(total), (x, cols, i32(Hx), i32(Wx), i32(C16), i32(total))
+    _cuda_kernel(f"dynloss_im2col3x3_{word}")(
+        *_grid1d(total), (x, cols, i32(Hx), i32(Wx), i32(CW), i32(total))
     )
     return cols
 
@@ -1262,22 +1266,43 @@ extern "C" __global__ void dynloss_sum_parts(const float* __restrict__ part,
     out[l] = s;
 }
 
-// im2col without a padded copy: cols[(p * 9 + 3a + b) * C16 + c] = x[p + (a-1) W + (b-1), c] for
-// taps inside the image, else 0. Copies 16-byte words (C16 = C * itemsize / 16, any dtype);
-// one thread per word; 32-bit indices (total = N*H*W * 9 * C16 < 2^31).
-extern "C" __global__ void dynloss_im2col3x3(const int4* __restrict__ x, int4* __restrict__ cols,
-                                             const int H, const int W, const int C16,
-                                             const int total)
+// im2col without a padded copy: cols[(p * 9 + 3a + b) * CW + c] = x[p + (a-1) W + (b-1), c] for
+// taps inside the image, else 0. Copies machine words of 16, 8 or 4 bytes (CW words per pixel,
+// any dtype); one thread per word; 32-bit indices (total = N*H*W * 9 * CW < 2^31).
+template <class Word>
+__device__ __forceinline__ void im2col3x3(const Word* __restrict__ x, Word* __restrict__ cols,
+                                          const int H, const int W, const int CW, const int total)
 {
     const int e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= total) return;
-    const int c = e % C16, q = e / C16, tap = q % 9, p = q / 9;
+    const int c = e % CW, q = e / CW, tap = q % 9, p = q / 9;
     const int da = tap / 3 - 1, db = tap % 3 - 1;
     const int rem = p % (H * W), i = rem / W + da, j = rem % W + db;
-    int4 v = make_int4(0, 0, 0, 0);
+    Word v{};
     if ((unsigned)i < (unsigned)H && (unsigned)j < (unsigned)W)
-        v = __ldg(x + (p + da * W + db) * C16 + c);
+        v = __ldg(x + (p + da * W + db) * CW + c);
     cols[e] = v;
+}
+
+extern "C" __global__ void dynloss_im2col3x3_16(const int4* __restrict__ x, int4* __restrict__ cols,
+                                                const int H, const int W, const int CW,
+                                                const int total)
+{
+    im2col3x3(x, cols, H, W, CW, total);
+}
+
+extern "C" __global__ void dynloss_im2col3x3_8(const int2* __restrict__ x, int2* __restrict__ cols,
+                                               const int H, const int W, const int CW,
+                                               const int total)
+{
+    im2col3x3(x, cols, H, W, CW, total);
+}
+
+extern "C" __global__ void dynloss_im2col3x3_4(const int* __restrict__ x, int* __restrict__ cols,
+                                               const int H, const int W, const int CW,
+                                               const int total)
+{
+    im2col3x3(x, cols, H, W, CW, total);
 }
 
 // 2x2 average pool, stride 2, float32 NHWC: out (N, H/2, W/2, C) from x (N, H, W, C); one thread

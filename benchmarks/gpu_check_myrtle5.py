@@ -38,7 +38,8 @@ from models import (  # noqa: E402
 
 F64_RTOL = 1e-10  # same float64 arithmetic, other summation order (cuBLAS vs OpenBLAS)
 F32_RTOL = 1e-5  # float32 gradients against float64 (rounding 6e-8, hundreds of terms deep)
-TF32_RTOL = 1e-2  # TF32 rounds GEMM inputs to 10-bit mantissas (5e-4), compounded over 5 layers
+TF32_RTOL = 5e-2  # TF32 rounds GEMM inputs to 10-bit mantissas (5e-4), compounded over 5 layers;
+# at c = 64 the gradients differ from float64 by 1-2e-2 (README: cuBLAS TF32 and ours alike)
 F32_HVP_RTOL = 1e-4  # the HVP has more cancellation than the gradient
 # small, both image sizes, and c = 64, where float32 takes the implicit-GEMM kernels
 PROBLEMS = (
@@ -114,7 +115,8 @@ def run_checks(cupy):
         F3, grads3, _ = myrtle5_loss_and_grads(
             p32, cupy.asarray(x, dtype=cupy.float32), y_gpu, g_gpu
         )
-        _, grads_ref, _ = myrtle5_loss_and_grads(params, x, y, gamma)
+        _, grads_ref, _ = myrtle5_loss_and_grads(params, x, y, gamma)  # at the stepped weights
+        Hv_ref = myrtle5_hvp(params, x, y, gamma, v)
         f32 = F3.dtype == cupy.float32 and all(g.dtype == cupy.float32 for g in grads3.values())
         results.append((f"float32 loss and grads stay float32 {tag}", 0.0 if f32 else np.inf, 1.0))
         tf32 = os.environ.get("CUPY_TF32", "0") == "1"
@@ -123,7 +125,7 @@ def run_checks(cupy):
         results.append((label, err32, TF32_RTOL if tf32 else F32_RTOL))
         Hv3 = myrtle5_hvp(p32, cupy.asarray(x, dtype=cupy.float32), y_gpu, g_gpu, v)
         label = f"{'TF32' if tf32 else 'float32'} HVP vs float64 {tag}"
-        results.append((label, rel(Hv3, Hv), TF32_RTOL if tf32 else F32_HVP_RTOL))
+        results.append((label, rel(Hv3, Hv_ref), TF32_RTOL if tf32 else F32_HVP_RTOL))
     return results
 
 

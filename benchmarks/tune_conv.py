@@ -5,13 +5,14 @@ Command
 python benchmarks/tune_conv.py [--precision tf32|3xtf32] [--out tiles.json]
 
 Every candidate is first checked: the gradients of a small batch (8 images 32x32, c = 64) must
-agree with float64 NumPy within 1e-2 (TF32) or 1e-5 (3xTF32); a candidate that fails is reported
-and skipped. Then each one is timed on the training step of benchmarks/bench_myrtle5.py (batch
-512, c = 64, forward + backward + Nesterov; CUDA events, median). The search is by coordinates:
-the forward/input-gradient tiles first (default weight-gradient tiles), then the weight-gradient
-tiles and the blocks per SM with the best forward tiles. The im2col + cuBLAS step
-(DYNLOSS_CONV=im2col) is timed in the same run for comparison. Prints a table and writes the best
-setting to --out (JSON), which ``bench_myrtle5.py --tiles FILE`` reads. Needs CuPy and a GPU.
+agree with float64 NumPy within 5e-2 (TF32) or 1e-4 (3xTF32), max-abs relative (a kernel bug
+gives errors of order 1); a candidate that fails is reported and skipped. Then each one is timed
+on the training step of benchmarks/bench_myrtle5.py (batch 512, c = 64, forward + backward +
+Nesterov; CUDA events, median). The search is by coordinates: the forward/input-gradient tiles
+first (default weight-gradient tiles), then the weight-gradient tiles and the blocks per SM with
+the best forward tiles. The im2col + cuBLAS step (DYNLOSS_CONV=im2col) is timed in the same run
+for comparison. Prints a table and writes the best setting to --out (JSON), which
+``bench_myrtle5.py --tiles FILE`` reads. Needs CuPy and a GPU.
 Tile tuples: (warps along M, warps along N, warp tile M, warp tile N, reduction slice BK).
 """
 
@@ -46,7 +47,7 @@ WGRAD_CANDIDATES = [
     (1, 4, 64, 16, 32),
 ]
 BLOCKS_PER_SM = [4, 8, 16]
-RTOL = {"tf32": 1e-2, "3xtf32": 1e-5}
+RTOL = {"tf32": 5e-2, "3xtf32": 1e-4}  # max-abs relative errors; gross bugs give O(1)
 
 
 def main(argv=None):
@@ -62,7 +63,7 @@ def main(argv=None):
     from bench_myrtle5 import gpu_time, make_batch, our_step_fn
 
     import models
-    from models import init_myrtle5, myrtle5_loss_and_grads, to_device, to_host
+    from models import init_myrtle5, myrtle5_loss_and_grads, to_device
 
     # the float64 reference gradients of a small batch
     params64 = init_myrtle5(0, c=64, dtype=np.float64)
@@ -73,7 +74,7 @@ def main(argv=None):
 
     def check():
         _, g, _ = myrtle5_loss_and_grads(params32, x32, y, gamma)
-        return max(float(np.abs(to_host(g[k]) - ref[k]).max() / np.abs(ref[k]).max()) for k in ref)
+        return max(float(np.abs(g[k].get() - ref[k]).max() / np.abs(ref[k]).max()) for k in ref)
 
     start, end = cupy.cuda.Event(), cupy.cuda.Event()
     elapsed = cupy.cuda.get_elapsed_time
@@ -116,8 +117,9 @@ def main(argv=None):
             print(_fmt(rows[-1]), flush=True)
     best = min((r for r in rows if "ms" in r), key=lambda r: r["ms"])
     os.environ["DYNLOSS_CONV"] = "im2col"
-    im2col_ms = step_ms()
-    print(f"im2col + cuBLAS (DYNLOSS_CONV=im2col): {im2col_ms:.3f} ms/step")
+    im2col_err, im2col_ms = check(), step_ms()
+    print(f"im2col + cuBLAS (DYNLOSS_CONV=im2col): {im2col_ms:.3f} ms/step "
+          f"(grad rel err {im2col_err:.1e})")  # fmt: skip
     print(f"best: {_fmt(best)}")
     if args.out:
         result = {
@@ -128,6 +130,7 @@ def main(argv=None):
             "WGRAD_BLOCKS_PER_SM": best["bps"],
             "ms": best["ms"],
             "im2col_ms": im2col_ms,
+            "im2col_grad_rel_err": im2col_err,
             "trials": rows,
         }
         args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -12,7 +12,7 @@
 //        -DBK=.. [-DSPLIT=1] cuda_emulator.cpp
 // Run:   emulator igemm DIR N H W C CO MODE        reads DIR/{x,w,bias,gate}.f32, writes DIR/out.f32
 //        emulator wgrad DIR N H W C CO CHUNK       reads DIR/{x,dz}.f32, writes DIR/dw.f32 (9C, CO)
-//        emulator im2col DIR N H W C 0 0           reads DIR/x.f32, writes DIR/cols.f32 (P, 9C)
+//        emulator im2col DIR N H W C 0 WORD        reads DIR/x.f32, writes DIR/cols.f32 (P, 9C)
 //        emulator pool DIR N H W C 0 0             reads DIR/x.f32, writes DIR/pool.f32
 //        emulator poolgrad DIR N H W C 0 0         reads DIR/{x,dp}.f32 (x as h), writes DIR/dz.f32
 // Arrays are raw little-endian float32 in C order, with the shapes of the kernels' comments.
@@ -42,6 +42,9 @@ struct uint4 {
 };
 struct int4 {
     int x, y, z, w;
+};
+struct int2 {
+    int x, y;
 };
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 inline float2 make_float2(float a, float b) { return {a, b}; }
@@ -186,12 +189,19 @@ int main(int argc, char** argv) {
         launch(dim3e{(unsigned)((L + 255) / 256), 1, 1}, 256,
                [&] { dynloss_sum_parts(part.data(), dw.data(), S, L); });
         write_f32(dir + "/dw.f32", dw);
-    } else if (what == "im2col") {
-        const int C16 = C / 4, total = (int)(P * 9 * C16);
+    } else if (what == "im2col") {  // last = the word size in bytes: 16, 8 or 4
+        const int CW = C * 4 / last, total = (int)(P * 9 * CW);
         std::vector<float> cols(P * 9 * C, NAN);
         launch(dim3e{(unsigned)((total + 255) / 256), 1, 1}, 256, [&] {
-            dynloss_im2col3x3(reinterpret_cast<const int4*>(x.data()),
-                              reinterpret_cast<int4*>(cols.data()), H, W, C16, total);
+            if (last == 16)
+                dynloss_im2col3x3_16(reinterpret_cast<const int4*>(x.data()),
+                                     reinterpret_cast<int4*>(cols.data()), H, W, CW, total);
+            else if (last == 8)
+                dynloss_im2col3x3_8(reinterpret_cast<const int2*>(x.data()),
+                                    reinterpret_cast<int2*>(cols.data()), H, W, CW, total);
+            else
+                dynloss_im2col3x3_4(reinterpret_cast<const int*>(x.data()),
+                                    reinterpret_cast<int*>(cols.data()), H, W, CW, total);
         });
         write_f32(dir + "/cols.f32", cols);
     } else if (what == "pool") {
