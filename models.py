@@ -331,11 +331,13 @@ def conv3x3_forward(x, W, b):
 
     x : (N, Hx, Wx, C);  W : (3, 3, C, C_out);  b : (C_out,)
     Returns out (N, Hx, Wx, C_out) and the cache (x, W, cols); cols (N*Hx*Wx, 9C) is None on
-    the implicit-GEMM path (TF32 on the GPU, see "GPU kernels"), which never writes it.
+    the GPU kernels that never write it (implicit GEMM, direct conv; see "GPU kernels").
     """
     _check_conv_shapes(x, W)
     if _implicit_conv_ok(x, W):
         return _implicit_conv(x, W, b), (x, W, None)
+    if _direct_conv_ok(x, W):
+        return _direct_conv(x, W, b), (x, W, None)
     cols = im2col3x3(x)  # (N*Hx*Wx, 9C)
     out = _conv_apply(cols, W, x.shape)  # (N, Hx, Wx, C_out)
     out += b
@@ -354,6 +356,9 @@ def conv3x3_relu_forward(x, W, b):
     xp = get_array_module(x)
     if _implicit_conv_ok(x, W):
         h = _implicit_conv(x, W, b, relu=True)
+        return h, ((x, W, None), h)
+    if _direct_conv_ok(x, W):
+        h = _direct_conv(x, W, b, relu=True)
         return h, ((x, W, None), h)
     if xp is np:
         z, conv_cache = conv3x3_forward(x, W, b)
@@ -767,6 +772,7 @@ CONV_METHODS = ("auto", "im2col", "3xtf32")  # the values of the DYNLOSS_CONV va
 IGEMM_TILES = (4, 2, 32, 32, 32)  # output tile 128 pixels x 64 channels, 256 threads
 WGRAD_TILES = (2, 4, 32, 16, 32)  # dW tile 64 x 64 over 32-pixel slices, 256 threads
 WGRAD_BLOCKS_PER_SM = 8  # the dW kernel splits the pixels into this many blocks per SM
+DIRECT_SMEM_FLOATS = 4800  # DIRECT_SMEM in the CUDA source: room for (9C + 1) C_out weights
 
 
 def _tf32_enabled():
@@ -779,16 +785,24 @@ def _gpu_float32(*arrays):
     return all(get_array_module(a) is not np and a.dtype == np.float32 for a in arrays)
 
 
+def _conv_method():
+    """The DYNLOSS_CONV setting, checked: one of CONV_METHODS (default "auto")."""
+    method = os.environ.get("DYNLOSS_CONV", "auto")
+    if method not in CONV_METHODS:
+        raise ValueError(f"DYNLOSS_CONV={method!r}: expected one of {', '.join(CONV_METHODS)}")
+    return method
+
+
 def _implicit_split(x, W):
     """How conv3x3(x, W) multiplies: None = im2col + a CuPy (cuBLAS) GEMM; 0 = the implicit GEMM
     in TF32; 1 = the implicit GEMM in 3xTF32. The implicit kernels need float32 CuPy arrays and
     input and output channels that are multiples of 64 (every tile divides them). Then TF32 when
     CUPY_TF32=1, and otherwise 3xTF32 only when DYNLOSS_CONV=3xtf32; DYNLOSS_CONV=im2col turns
     both off."""
-    method = os.environ.get("DYNLOSS_CONV", "auto")
-    if method not in CONV_METHODS:
-        raise ValueError(f"DYNLOSS_CONV={method!r}: expected one of {', '.join(CONV_METHODS)}")
+    method = _conv_method()
     if method == "im2col" or not _gpu_float32(x, W) or W.shape[2] % 64 or W.shape[3] % 64:
+        return None
+    if x.shape[0] * x.shape[1] * x.shape[2] >= 2**31:  # pixel indices are 32-bit in the kernels
         return None
     if _tf32_enabled():
         return 0
@@ -798,6 +812,21 @@ def _implicit_split(x, W):
 def _implicit_conv_ok(x, W):
     """Whether conv3x3(x, W) (and its backward pass) runs on the implicit-GEMM kernels."""
     return _implicit_split(x, W) is not None
+
+
+def _direct_conv_ok(x, W):
+    """Whether conv3x3(x, W) runs as the direct float32 kernel: CuPy float32, at most 4 input
+    channels (conv1), C_out % 4 == 0, the weights fit DIRECT_SMEM_FLOATS; not with
+    DYNLOSS_CONV=im2col. (There im2col + cuBLAS is a K = 9C <= 36 GEMM over unaligned rows.)"""
+    C, C_out = W.shape[2], W.shape[3]
+    return (
+        _conv_method() != "im2col"
+        and _gpu_float32(x, W)
+        and C <= 4
+        and C_out % 4 == 0
+        and (9 * C + 1) * C_out <= DIRECT_SMEM_FLOATS
+        and x.shape[0] * x.shape[1] * x.shape[2] * (C_out // 4) < 2**31
+    )
 
 
 def _tile_shape(tiles):
@@ -858,6 +887,25 @@ def _implicit_conv(x, W, b=None, relu=False, gate=None):
         grid, (threads,), (x, w, bias, gate, out, i32(N), i32(Hx), i32(Wx), i32(C), i32(C_out),
                            i32(mode))
     )  # fmt: skip
+    return out
+
+
+def _direct_conv(x, W, b, relu=False):
+    """conv3x3(x, W) + b [relu] for a few input channels, one float32 CUDA kernel (no TF32).
+
+    x : (N, Hx, Wx, C) float32 CuPy, C <= 4;  W : (3, 3, C, C_out);  b : (C_out,)
+    Returns (N, Hx, Wx, C_out) float32.
+    """
+    import cupy
+
+    N, Hx, Wx, C = x.shape
+    C_out = W.shape[3]
+    out = cupy.empty((N, Hx, Wx, C_out), dtype=np.float32)
+    total = N * Hx * Wx * (C_out // 4)
+    i32 = np.int32
+    args = (cupy.ascontiguousarray(x), cupy.ascontiguousarray(W), cupy.ascontiguousarray(b), out)
+    args += (i32(Hx), i32(Wx), i32(C), i32(C_out), i32(relu), i32(total))
+    _cuda_kernel("dynloss_conv3x3_direct")(*_grid1d(total), args)
     return out
 
 
@@ -1050,7 +1098,7 @@ dynloss_conv3x3_igemm(const float* __restrict__ x, const float* __restrict__ w,
 #pragma unroll
     for (int r = 0; r < AP; ++r) {
         const long long p = m0 + ar + r * AR;
-        const int rem = (int)(p % HW);
+        const int rem = (int)(p % HW);  // once per thread
         pi[r] = p < P ? rem / W : -4;
         pj[r] = p < P ? rem % W : -4;
     }
@@ -1184,7 +1232,7 @@ dynloss_conv3x3_wgrad(const float* __restrict__ x, const float* __restrict__ dz,
             const long long p = pb + ar + r * AR;
             ra[r] = make_float4(0.f, 0.f, 0.f, 0.f);
             if (p < p1) {
-                const int rem = (int)(p % HW);
+                const int rem = (int)p % HW;  // P < 2^31 (checked by the caller): 32-bit division
                 const int ii = rem / W + da, jj = rem % W + db;
                 if ((unsigned)ii < (unsigned)H && (unsigned)jj < (unsigned)W)
                     ra[r] = __ldg(reinterpret_cast<const float4*>(
@@ -1303,6 +1351,53 @@ extern "C" __global__ void dynloss_im2col3x3_4(const int* __restrict__ x, int* _
                                                const int total)
 {
     im2col3x3(x, cols, H, W, CW, total);
+}
+
+// Direct 3x3 SAME convolution for a few input channels (conv1, C = 3), in float32 FMAs:
+// out[p, o] = [relu](bias[o] + sum_{a, b, c} x[p + (a-1) W + (b-1), c] w[(3a + b) C + c, o]).
+// One thread per pixel and 4 output channels; w (9C, CO) and bias in shared memory
+// ((9C + 1) CO <= DIRECT_SMEM floats); CO % 4 == 0; total = N*H*W * CO/4 < 2^31.
+#define DIRECT_SMEM 4800
+extern "C" __global__ void dynloss_conv3x3_direct(const float* __restrict__ x,
+                                                  const float* __restrict__ w,
+                                                  const float* __restrict__ bias,
+                                                  float* __restrict__ out, const int H,
+                                                  const int W, const int C, const int CO,
+                                                  const int relu, const int total)
+{
+    __shared__ __align__(16) float ws[DIRECT_SMEM];
+    const int nw = 9 * C * CO;
+    for (int k = threadIdx.x; k < nw; k += blockDim.x) ws[k] = w[k];
+    for (int k = threadIdx.x; k < CO; k += blockDim.x) ws[nw + k] = bias[k];
+    __syncthreads();
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= total) return;
+    const int G = CO / 4, o = (e % G) * 4, p = e / G;
+    const int rem = p % (H * W), i = rem / W, j = rem % W;
+    float4 acc = *reinterpret_cast<const float4*>(ws + nw + o);
+    for (int a = 0; a < 3; ++a) {
+        if ((unsigned)(i + a - 1) >= (unsigned)H) continue;
+        for (int b = 0; b < 3; ++b) {
+            if ((unsigned)(j + b - 1) >= (unsigned)W) continue;
+            const float* xs = x + (long long)(p + (a - 1) * W + (b - 1)) * C;
+            const float* wt = ws + (3 * a + b) * C * CO + o;
+            for (int c = 0; c < C; ++c) {
+                const float v = __ldg(xs + c);
+                const float4 wv = *reinterpret_cast<const float4*>(wt + c * CO);
+                acc.x = fmaf(v, wv.x, acc.x);
+                acc.y = fmaf(v, wv.y, acc.y);
+                acc.z = fmaf(v, wv.z, acc.z);
+                acc.w = fmaf(v, wv.w, acc.w);
+            }
+        }
+    }
+    if (relu) {
+        acc.x = acc.x < 0.f ? 0.f : acc.x;
+        acc.y = acc.y < 0.f ? 0.f : acc.y;
+        acc.z = acc.z < 0.f ? 0.f : acc.z;
+        acc.w = acc.w < 0.f ? 0.f : acc.w;
+    }
+    *reinterpret_cast<float4*>(out + (long long)p * CO + o) = acc;
 }
 
 // 2x2 average pool, stride 2, float32 NHWC: out (N, H/2, W/2, C) from x (N, H, W, C); one thread

@@ -12,6 +12,7 @@
 //        -DBK=.. [-DSPLIT=1] cuda_emulator.cpp
 // Run:   emulator igemm DIR N H W C CO MODE        reads DIR/{x,w,bias,gate}.f32, writes DIR/out.f32
 //        emulator wgrad DIR N H W C CO CHUNK       reads DIR/{x,dz}.f32, writes DIR/dw.f32 (9C, CO)
+//        emulator direct DIR N H W C CO RELU       reads DIR/{x,w,bias}.f32, writes DIR/out.f32
 //        emulator im2col DIR N H W C 0 WORD        reads DIR/x.f32, writes DIR/cols.f32 (P, 9C)
 //        emulator pool DIR N H W C 0 0             reads DIR/x.f32, writes DIR/pool.f32
 //        emulator poolgrad DIR N H W C 0 0         reads DIR/{x,dp}.f32 (x as h), writes DIR/dz.f32
@@ -189,6 +190,16 @@ int main(int argc, char** argv) {
         launch(dim3e{(unsigned)((L + 255) / 256), 1, 1}, 256,
                [&] { dynloss_sum_parts(part.data(), dw.data(), S, L); });
         write_f32(dir + "/dw.f32", dw);
+    } else if (what == "direct") {  // last = relu
+        auto w = read_f32(dir + "/w.f32", 9LL * C * CO);
+        auto bias = read_f32(dir + "/bias.f32", CO);
+        const int total = (int)(P * (CO / 4));
+        std::vector<float> out(P * CO, NAN);
+        launch(dim3e{(unsigned)((total + 255) / 256), 1, 1}, 256, [&] {
+            dynloss_conv3x3_direct(x.data(), w.data(), bias.data(), out.data(), H, W, C, CO, last,
+                                   total);
+        });
+        write_f32(dir + "/out.f32", out);
     } else if (what == "im2col") {  // last = the word size in bytes: 16, 8 or 4
         const int CW = C * 4 / last, total = (int)(P * 9 * CW);
         std::vector<float> cols(P * 9 * C, NAN);

@@ -168,6 +168,20 @@ def test_emulated_weight_gradient_matches_numpy(emulator, conv_case, tmp_path, c
     assert rel_err(dW, ref) < ACC_RTOL
 
 
+@pytest.mark.parametrize("relu", [0, 1])
+def test_emulated_direct_conv_matches_numpy(emulator, tmp_path, relu):
+    """conv1's kernel: C = 3 input channels, float32 FMAs (no TF32 rounding), bias, ReLU."""
+    rng = np.random.default_rng(8)
+    N, H, W, C, CO = 2, 8, 6, 3, 64
+    x, w = rng.normal(size=(N, H, W, C)), rng.normal(size=(3, 3, C, CO))
+    b = rng.normal(size=CO)
+    write(tmp_path, x=x, w=w, bias=b)
+    emulator(models.IGEMM_TILES, "direct", tmp_path, N, H, W, C, CO, relu)
+    f32 = [a.astype(np.float32).astype(np.float64) for a in (x, w, b)]
+    z, _ = conv3x3_forward(*f32)
+    assert rel_err(read(tmp_path, "out", (N, H, W, CO)), np.maximum(z, 0) if relu else z) < 1e-6
+
+
 @pytest.mark.parametrize("C, word", [(3, 4), (2, 8), (6, 8), (4, 16)])
 def test_emulated_im2col_words_of_4_8_16_bytes(emulator, tmp_path, C, word):
     """float32 pixels of C values copied as C*4/word words (conv1 has C = 3: 4-byte words)."""
