@@ -375,7 +375,9 @@ def _column_sums(a):
     over the leading axis of a tall (N*Hx*Wx, c) array took 12 ms against 0.08 ms on an H200 at
     batch 512, c = 64, 32x32.)"""
     xp = get_array_module(a)
-    return xp.ones(a.shape[0], dtype=a.dtype) @ a  # (C,)
+    if xp is np:
+        return np.ones(a.shape[0], dtype=a.dtype) @ a  # (C,)
+    return _gpu_constant(1, a.shape[0], a.dtype.str, a.device.id) @ a  # (C,)
 
 
 def _conv_apply(cols, W, x_shape):
@@ -580,8 +582,12 @@ def myrtle5_backward(dlogits, cache):
 
 
 def _loss_on_batch(logits, y, gamma, loss):
-    """dynloss on one network: adds and removes the leading M = 1 axis; keeps logits' dtype."""
+    """dynloss on one network: adds and removes the leading M = 1 axis; keeps logits' dtype.
+    On CuPy the cross-entropy and its gradient are one kernel (``dynloss_ce_rows_*``, checked
+    against dynloss.loss_forward/loss_backward) plus one sum, instead of about twenty calls."""
     xp = get_array_module(logits)
+    if xp is not np and loss == "ce" and logits.dtype in (np.float32, np.float64):
+        return _gpu_ce_loss(logits, y, gamma)
     gamma = xp.asarray(gamma, dtype=logits.dtype)[None, :]  # (1, K)
     F, lcache = loss_forward(logits[None], xp.asarray(y), gamma, loss)  # (1,)
     dlogits = loss_backward(lcache)[0].astype(logits.dtype, copy=False)  # (N, K)
@@ -850,6 +856,16 @@ def _cuda_kernel(name, tiles=None, split=0):
     return _cuda_module(tuple(tiles or IGEMM_TILES), split).get_function(name)
 
 
+@functools.lru_cache(maxsize=64)
+def _gpu_constant(value, n, dtype, device_id):
+    """A cached CuPy vector (n,) filled with value: read-only by convention (no allocation and
+    fill on every call: the host, not the GPU, paces a Myrtle5 step)."""
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        return cupy.full(n, value, dtype=dtype)
+
+
 @functools.cache
 def _sm_count(device_id):
     import cupy
@@ -877,7 +893,7 @@ def _implicit_conv(x, W, b=None, relu=False, gate=None):
     x = cupy.ascontiguousarray(x)
     w = cupy.ascontiguousarray(W).reshape(9 * C, C_out)  # (9C, C_out)
     out = cupy.empty((N, Hx, Wx, C_out), dtype=np.float32)
-    bias = cupy.zeros(C_out, dtype=np.float32) if b is None else cupy.ascontiguousarray(b)
+    bias = _gpu_constant(0, C_out, "<f4", x.device.id) if b is None else cupy.ascontiguousarray(b)
     mode = 2 if gate is not None else (1 if relu else 0)
     gate = out if gate is None else cupy.ascontiguousarray(gate)  # unread unless mode 2
     BM, BN, threads = _tile_shape(IGEMM_TILES)
@@ -888,6 +904,22 @@ def _implicit_conv(x, W, b=None, relu=False, gate=None):
                            i32(mode))
     )  # fmt: skip
     return out
+
+
+def _gpu_ce_loss(logits, y, gamma):
+    """F (0-d) and dF/dlogits (N, K) of the weighted cross-entropy (eq. 1) on CuPy."""
+    import cupy
+
+    N, K = logits.shape
+    z = cupy.ascontiguousarray(logits)
+    y = cupy.asarray(y).astype(np.int64, copy=False)
+    gamma = cupy.asarray(gamma, dtype=z.dtype)
+    per_sample = cupy.empty(N, dtype=z.dtype)
+    dz = cupy.empty((N, K), dtype=z.dtype)
+    name = "dynloss_ce_rows_f32" if z.dtype == np.float32 else "dynloss_ce_rows_f64"
+    args = (z, y, gamma, per_sample, dz, np.int32(N), np.int32(K))
+    _cuda_kernel(name)(*_grid1d(N, 128), args)
+    return per_sample.sum(), dz
 
 
 def _direct_conv(x, W, b, relu=False):
@@ -1398,6 +1430,48 @@ extern "C" __global__ void dynloss_conv3x3_direct(const float* __restrict__ x,
         acc.w = acc.w < 0.f ? 0.f : acc.w;
     }
     *reinterpret_cast<float4*>(out + (long long)p * CO + o) = acc;
+}
+
+// The weighted cross-entropy of eq. (1) for one network and its gradient, one thread per
+// sample n (log-softmax shifted by the row maximum, as dynloss.log_softmax):
+// loss[n] = gamma[y_n] (logsumexp(z_n) - z_n[y_n]) / N;
+// dz[n, k] = gamma[y_n] (softmax(z_n)_k - [k == y_n]) / N.  z, dz (N, K); y (N,) int64.
+template <class T>
+__device__ __forceinline__ void ce_rows(const T* __restrict__ z, const long long* __restrict__ y,
+                                        const T* __restrict__ gamma, T* __restrict__ loss,
+                                        T* __restrict__ dz, const int N, const int K)
+{
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    const T* zn = z + (long long)n * K;
+    T m = zn[0];
+    for (int k = 1; k < K; ++k) m = zn[k] > m ? zn[k] : m;
+    T s = 0;
+    for (int k = 0; k < K; ++k) s += exp(zn[k] - m);
+    const T lse = m + log(s);
+    const int yn = (int)y[n];
+    const T w = gamma[yn] / (T)N;
+    loss[n] = w * (lse - zn[yn]);
+    for (int k = 0; k < K; ++k)
+        dz[(long long)n * K + k] = w * (exp(zn[k] - lse) - (k == yn ? (T)1 : (T)0));
+}
+
+extern "C" __global__ void dynloss_ce_rows_f32(const float* __restrict__ z,
+                                               const long long* __restrict__ y,
+                                               const float* __restrict__ gamma,
+                                               float* __restrict__ loss, float* __restrict__ dz,
+                                               const int N, const int K)
+{
+    ce_rows(z, y, gamma, loss, dz, N, K);
+}
+
+extern "C" __global__ void dynloss_ce_rows_f64(const double* __restrict__ z,
+                                               const long long* __restrict__ y,
+                                               const double* __restrict__ gamma,
+                                               double* __restrict__ loss, double* __restrict__ dz,
+                                               const int N, const int K)
+{
+    ce_rows(z, y, gamma, loss, dz, N, K);
 }
 
 // 2x2 average pool, stride 2, float32 NHWC: out (N, H/2, W/2, C) from x (N, H, W, C); one thread

@@ -13,6 +13,7 @@
 // Run:   emulator igemm DIR N H W C CO MODE        reads DIR/{x,w,bias,gate}.f32, writes DIR/out.f32
 //        emulator wgrad DIR N H W C CO CHUNK       reads DIR/{x,dz}.f32, writes DIR/dw.f32 (9C, CO)
 //        emulator direct DIR N H W C CO RELU       reads DIR/{x,w,bias}.f32, writes DIR/out.f32
+//        emulator ce DIR N 1 1 K 0 0               reads DIR/{x,y,gamma}.f32, writes DIR/{loss,dz}.f32
 //        emulator im2col DIR N H W C 0 WORD        reads DIR/x.f32, writes DIR/cols.f32 (P, 9C)
 //        emulator pool DIR N H W C 0 0             reads DIR/x.f32, writes DIR/pool.f32
 //        emulator poolgrad DIR N H W C 0 0         reads DIR/{x,dp}.f32 (x as h), writes DIR/dz.f32
@@ -190,6 +191,16 @@ int main(int argc, char** argv) {
         launch(dim3e{(unsigned)((L + 255) / 256), 1, 1}, 256,
                [&] { dynloss_sum_parts(part.data(), dw.data(), S, L); });
         write_f32(dir + "/dw.f32", dw);
+    } else if (what == "ce") {  // x = logits (N, C = K); reads DIR/{y,gamma}.f32 (labels as floats)
+        auto yf = read_f32(dir + "/y.f32", N);
+        auto gamma = read_f32(dir + "/gamma.f32", C);
+        std::vector<long long> y(yf.begin(), yf.end());
+        std::vector<float> loss(N, NAN), dz((size_t)N * C, NAN);
+        launch(dim3e{(unsigned)((N + 127) / 128), 1, 1}, 128, [&] {
+            dynloss_ce_rows_f32(x.data(), y.data(), gamma.data(), loss.data(), dz.data(), N, C);
+        });
+        write_f32(dir + "/loss.f32", loss);
+        write_f32(dir + "/dz.f32", dz);
     } else if (what == "direct") {  // last = relu
         auto w = read_f32(dir + "/w.f32", 9LL * C * CO);
         auto bias = read_f32(dir + "/bias.f32", CO);

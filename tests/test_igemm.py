@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import models
-from dynloss import class_weights
+from dynloss import class_weights, loss_backward, loss_forward
 from models import (
     avgpool2_forward,
     conv3x3_backward,
@@ -166,6 +166,21 @@ def test_emulated_weight_gradient_matches_numpy(emulator, conv_case, tmp_path, c
     cache = (x64, np.zeros((3, 3, C, CO)), None)
     _, ref, _ = conv3x3_backward(dz64, cache, need_dx=False)
     assert rel_err(dW, ref) < ACC_RTOL
+
+
+def test_emulated_cross_entropy_kernel_matches_dynloss(emulator, tmp_path):
+    """The fused loss kernel against dynloss.loss_forward / loss_backward (eq. 1), float32."""
+    rng = np.random.default_rng(9)
+    N, K = 37, 10
+    z = (5 * rng.normal(size=(N, K))).astype(np.float32)
+    y = rng.integers(0, K, size=N)
+    gamma = class_weights(13, 20.0, 10, K).astype(np.float32)
+    write(tmp_path, x=z, y=y.astype(np.float32), gamma=gamma)
+    emulator(models.IGEMM_TILES, "ce", tmp_path, N, 1, 1, K, 0, 0)
+    F, cache = loss_forward(z[None].astype(np.float64), y, gamma[None].astype(np.float64))
+    dz = loss_backward(cache)[0]
+    assert abs(read(tmp_path, "loss", (N,)).astype(np.float64).sum() - F[0]) < 1e-6 * abs(F[0])
+    assert rel_err(read(tmp_path, "dz", (N, K)), dz) < 1e-6
 
 
 @pytest.mark.parametrize("relu", [0, 1])
