@@ -55,7 +55,36 @@ broadcast over the last axis: no transpose anywhere in the forward or backward p
 Convolution method: im2col + one GEMM. The padded input is viewed (``as_strided``, no copy) as
 (N, Hx, Wx, 3, 3, C) patches, copied once into cols (N*Hx*Wx, 9C), and multiplied by W reshaped
 to (9C, C_out) (a free view of the (3, 3, C, C_out) kernel), so on a GPU the work is one cuBLAS
-GEMM with K = 9C. The backward pass needs no scatter-adding col2im: see the derivation.
+GEMM with K = 9C. The backward pass needs no scatter-adding col2im: see the derivation. On the
+GPU, see "GPU kernels" below.
+
+GPU kernels (CuPy; the CUDA source is ``CONV_CUDA_SOURCE``, compiled by CuPy with NVRTC)
+--------------------------------------------------------------------------------------
+CuPy 14 has no cuDNN, so on the GPU the convolutions are ours. The NumPy code above is the
+reference; every kernel is checked against it (tests/test_igemm.py: on a GPU through CuPy, and
+without one by running the same source on the CPU in tests/cuda_emulator.cpp).
+
+- TF32 implicit GEMM (float32 with CUPY_TF32=1, input and output channels multiples of 64): out =
+  cols @ W without writing cols. A block of ``IGEMM_TILES`` computes 128 pixels x 64 output
+  channels; for each 32-wide slice of the K = 9C reduction it gathers the shifted input pixels
+  (zeros outside the image) and the weight rows into shared memory, rounded to TF32, and the warps
+  multiply them with ``mma.sync.m16n8k8`` (float32 accumulators). The epilogue adds the bias and
+  the ReLU (forward) or multiplies by the ReLU mask of the layer below (input gradient: the same
+  kernel with the flipped kernel). dW = cols^T dout is a second kernel: pixels are split into
+  chunks (``WGRAD_BLOCKS_PER_SM`` blocks per SM), each block writes the partial sum of one
+  (tap, 64 x 64) tile, and one kernel adds the partials in a fixed order: deterministic.
+- 3xTF32 (DYNLOSS_CONV=3xtf32, float32 without TF32): the same kernels with every operand split
+  into big = tf32(v) and small = tf32(v - big), three MMAs per step; float32-level accuracy (not
+  IEEE float32) on the tensor cores.
+- float32 (default): im2col + cuBLAS SGEMM, with the memory-bound pieces fused: im2col written
+  straight from x in one kernel (no padded copy), bias + ReLU in place on the GEMM output, one
+  kernel each for the 2x2 pool and for the ReLU + pool backward pass, conv1 (at most 4 input
+  channels) as a direct float32 kernel, and the weighted cross-entropy with its gradient in one
+  kernel (the host, not the GPU, is near the limit of a Myrtle5 step: about 90 CuPy calls).
+- DYNLOSS_CONV=im2col turns the implicit-GEMM and direct kernels off (im2col + CuPy GEMMs).
+  float64 on the GPU always takes im2col + cuBLAS: the implicit, direct and pool kernels are
+  float32 only, while the im2col, bias + ReLU and loss kernels serve float64 too (the float64
+  checks against NumPy, to 1e-10, cover them).
 
 Initialisation (``init_myrtle5``): He scale W ~ N(0, 2/fan_in) with fan_in = 9 C_in for the
 convolutions and fan_in = c for the dense layer, zero (trainable) biases. This is neural-tangents'

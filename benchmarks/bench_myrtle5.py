@@ -14,20 +14,24 @@ fp32 with TF32 off, then TF32 on) in the same run. The ratio is ours over the fa
 (target <= 1). Timing: warm-up steps, then CUDA events around ``inner`` steps, median of ``reps``.
 CPU rows: NumPy at a small batch (32, c = 64) in float32 and float64, median of a few steps.
 
-Measured (``python benchmarks/bench_myrtle5.py --profile``; one H200, CuPy 14.2, CUDA 13.0,
-PyTorch 2.11 + cuDNN; 16-core Xeon host):
+Measured (``FULL=1 bash benchmarks/gpu_check.sh``, which runs ``bench_myrtle5.py --profile``;
+one H200, CuPy 14.2, CUDA 13, PyTorch 2.11 + cuDNN; 16-core Xeon host; default tiles;
+results/gpu-h200/):
 
-    implementation          precision  ms/step  ours/PyTorch
-    ours, CuPy              fp32          7.35          1.02
-    ours, CuPy              tf32          5.30          1.53
-    PyTorch+cuDNN NCHW      fp32          7.18
-    PyTorch+cuDNN NHWC      tf32          3.47
-    ours, NumPy CPU (b 32)  float32        105 (16-core Xeon), 155 (2-core EPYC)
-    ours, NumPy CPU (b 32)  float64        187 (16-core Xeon), 364 (2-core EPYC)
+    implementation                 precision  ms/step  ours/PyTorch
+    ours, im2col+cuBLAS (default)  fp32          6.13          0.86
+    ours, implicit 3xTF32          ~fp32         4.94          0.69
+    ours, implicit TF32 (default)  tf32          3.08          0.90
+    ours, im2col+cuBLAS            tf32          4.06          1.18
+    PyTorch+cuDNN NCHW             fp32 / tf32   7.16 / 3.90
+    PyTorch+cuDNN channels-last    fp32 / tf32   8.12 / 3.43
+    ours, NumPy CPU (b 32)         float32        122 (16-core Xeon), 155 (2-core EPYC)
+    ours, NumPy CPU (b 32)         float64        229 (16-core Xeon), 364 (2-core EPYC)
 
-In TF32 the GEMMs are no longer the cost: the 32x32 layer's GEMMs read the 1.2 GB im2col matrix
-(0.4 ms each), and im2col, ReLU and pooling are memory-bound copies that cuDNN's implicit GEMM
-never writes. Closing that gap needs a fused (implicit-GEMM) convolution kernel.
+Before our CUDA kernels (im2col + cuBLAS for everything) the step took 7.35 ms fp32 and 5.30 ms
+TF32 (ratios 1.02 and 1.53). Three H200 runs of the TF32 row gave ratios 0.93, 1.06 and 0.90:
+enqueueing a step costs 1.4-2.3 ms of host time against about 3 ms of GPU work, so a slow host
+moment stalls the GPU (the profile's last line).
 """
 
 from __future__ import annotations
