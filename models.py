@@ -1331,7 +1331,7 @@ dynloss_conv3x3_wgrad(const float* __restrict__ x, const float* __restrict__ dz,
         for (int kk = 0; kk < BK; kk += 8) {
             unsigned af[MI][4], bf[NI][2];
 #pragma unroll
-            for (int i = 0; i < MI; ++i) {  // A[m][k] = As[k][m]
+            for (int i = 0; i < MI; ++i) {  // as in the igemm kernel, but A[m][k] = As[k][m]
                 const unsigned* a = &As[(kk + t) * LDA + wm + i * 16 + g];
                 af[i][0] = a[0];
                 af[i][1] = a[8];
