@@ -326,8 +326,12 @@ def im2col3x3(x):
     """
     xp = get_array_module(x)
     N, Hx, Wx, C = x.shape
-    if xp is not np and (C * x.itemsize) % 4 == 0 and N * Hx * Wx * 9 * C * x.itemsize < 2**33:
-        return _gpu_im2col3x3(x)  # (< 2^31 words of 4 bytes: the kernel's indices are 32-bit)
+    if (
+        xp is not np
+        and (C * x.itemsize) % 4 == 0
+        and N * Hx * Wx * 9 * C * x.itemsize < 2**33 - 2**10
+    ):
+        return _gpu_im2col3x3(x)  # (< 2^31 - 256 words: the kernel's indices are 32-bit)
     word = _copy_word(C * x.itemsize)
     xw = xp.ascontiguousarray(x).view(word)  # (N, Hx, Wx, Cw), the same bytes
     xpad = xp.zeros((N, Hx + 2, Wx + 2, xw.shape[3]), dtype=word)  # (N, Hx+2, Wx+2, Cw)
@@ -467,7 +471,7 @@ def avgpool2_forward(x):
     N, Hx, Wx, C = x.shape
     if Hx % 2 or Wx % 2:
         raise ValueError(f"avgpool2 needs even image sides, got {Hx}x{Wx}")
-    if _gpu_float32(x) and x.size < 2**31:  # the kernel's indices are 32-bit
+    if _gpu_float32(x) and x.size < 2**31 - 256:  # the kernel's indices are 32-bit
         return _gpu_avgpool2(x), x.shape  # the same four-term mean as one CUDA kernel
     out = x.reshape(N, Hx // 2, 2, Wx // 2, 2, C).mean(axis=(2, 4))  # (N, Hx/2, Wx/2, C)
     return out, x.shape
@@ -490,7 +494,7 @@ def relu_avgpool2_backward(dout, pool_cache, relu_cache):
     dout : (N, Hx/2, Wx/2, C);  relu_cache : h (N, Hx, Wx, C).  Returns dz (N, Hx, Wx, C).
     """
     N, Hx, Wx, C = pool_cache
-    if _gpu_float32(dout, relu_cache) and relu_cache.size < 2**31:  # 32-bit kernel indices
+    if _gpu_float32(dout, relu_cache) and relu_cache.size < 2**31 - 256:  # 32-bit indices
         return _gpu_relu_avgpool2_backward(dout, relu_cache)
     mask = relu_cache.reshape(N, Hx // 2, 2, Wx // 2, 2, C) > 0  # (N, Hx/2, 2, Wx/2, 2, C)
     dz = mask * (0.25 * dout)[:, :, None, :, None, :]  # dF/dz = 1[z > 0] dout / 4
@@ -554,8 +558,8 @@ def init_myrtle5(rng, c=64, in_channels=3, n_classes=10, dtype=np.float64):
 
 
 def _check_image(x):
-    if x.ndim != 4:
-        raise ValueError(f"Myrtle5 takes NHWC images (N, Hx, Wx, C); got shape {x.shape}")
+    if x.ndim != 4 or x.shape[0] == 0:
+        raise ValueError(f"Myrtle5 takes a non-empty NHWC batch (N, Hx, Wx, C); got {x.shape}")
     Hx, Wx = x.shape[1:3]
     if Hx % MYRTLE5_DIVISOR or Wx % MYRTLE5_DIVISOR:
         raise ValueError(
@@ -835,13 +839,22 @@ def _implicit_split(x, W):
     CUPY_TF32=1, and otherwise 3xTF32 only when DYNLOSS_CONV=3xtf32; DYNLOSS_CONV=im2col turns
     both off."""
     method = _conv_method()
-    if method == "im2col" or not _gpu_float32(x, W) or W.shape[2] % 64 or W.shape[3] % 64:
+    if method == "im2col" or not _gpu_float32(x, W) or not _channels_fit_tiles(*W.shape[2:]):
         return None
     if x.shape[0] * x.shape[1] * x.shape[2] >= 2**31:  # pixel indices are 32-bit in the kernels
         return None
     if _tf32_enabled():
         return 0
     return 1 if method == "3xtf32" else None
+
+
+def _channels_fit_tiles(C, C_out):
+    """Both channel counts are multiples of 64 and of every tile side that divides them (the input
+    gradient swaps C and C_out)."""
+    BM, BN, _ = _tile_shape(IGEMM_TILES)
+    BMw, BNw, _ = _tile_shape(WGRAD_TILES)
+    sides = (64, BN, IGEMM_TILES[4], BMw, BNw)
+    return all(ch % d == 0 for ch in (C, C_out) for d in sides)
 
 
 def _implicit_conv_ok(x, W):
@@ -860,7 +873,7 @@ def _direct_conv_ok(x, W):
         and C <= 4
         and C_out % 4 == 0
         and (9 * C + 1) * C_out <= DIRECT_SMEM_FLOATS
-        and x.shape[0] * x.shape[1] * x.shape[2] * (C_out // 4) < 2**31
+        and x.shape[0] * x.shape[1] * x.shape[2] * (C_out // 4) < 2**31 - 256
     )
 
 
@@ -902,6 +915,17 @@ def _sm_count(device_id):
     return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
 
 
+def _kernel_array(a, dtype, shape=None):
+    """A C-contiguous, 16-byte-aligned CuPy array of dtype for a kernel argument (a copy only where
+    needed: float4 loads need the alignment, and a view such as a row of a matrix may lack it)."""
+    import cupy
+
+    a = cupy.ascontiguousarray(a, dtype=dtype)
+    if shape is not None and a.shape != tuple(shape):
+        raise ValueError(f"expected an array of shape {tuple(shape)}, got {a.shape}")
+    return a if a.data.ptr % 16 == 0 else a.copy()
+
+
 def _grid1d(total, threads=256):
     return ((total + threads - 1) // threads,), (threads,)
 
@@ -919,12 +943,15 @@ def _implicit_conv(x, W, b=None, relu=False, gate=None):
     split = _implicit_split(x, W)
     N, Hx, Wx, C = x.shape
     C_out = W.shape[3]
-    x = cupy.ascontiguousarray(x)
-    w = cupy.ascontiguousarray(W).reshape(9 * C, C_out)  # (9C, C_out)
+    x = _kernel_array(x, np.float32)
+    w = _kernel_array(W, np.float32).reshape(9 * C, C_out)  # (9C, C_out)
     out = cupy.empty((N, Hx, Wx, C_out), dtype=np.float32)
-    bias = _gpu_constant(0, C_out, "<f4", x.device.id) if b is None else cupy.ascontiguousarray(b)
+    if b is None:
+        bias = _gpu_constant(0, C_out, "<f4", x.device.id)
+    else:
+        bias = _kernel_array(b, np.float32, (C_out,))
     mode = 2 if gate is not None else (1 if relu else 0)
-    gate = out if gate is None else cupy.ascontiguousarray(gate)  # unread unless mode 2
+    gate = out if gate is None else _kernel_array(gate, np.float32, out.shape)  # read in mode 2
     BM, BN, threads = _tile_shape(IGEMM_TILES)
     grid = ((N * Hx * Wx + BM - 1) // BM, C_out // BN)
     i32 = np.int32
@@ -941,8 +968,8 @@ def _gpu_ce_loss(logits, y, gamma):
 
     N, K = logits.shape
     z = cupy.ascontiguousarray(logits)
-    y = cupy.asarray(y).astype(np.int64, copy=False)
-    gamma = cupy.asarray(gamma, dtype=z.dtype)
+    y = cupy.ascontiguousarray(cupy.asarray(y), dtype=np.int64)  # labels in 0..K-1, unchecked
+    gamma = cupy.ascontiguousarray(cupy.asarray(gamma), dtype=z.dtype)
     per_sample = cupy.empty(N, dtype=z.dtype)
     dz = cupy.empty((N, K), dtype=z.dtype)
     name = "dynloss_ce_rows_f32" if z.dtype == np.float32 else "dynloss_ce_rows_f64"
@@ -964,7 +991,8 @@ def _direct_conv(x, W, b, relu=False):
     out = cupy.empty((N, Hx, Wx, C_out), dtype=np.float32)
     total = N * Hx * Wx * (C_out // 4)
     i32 = np.int32
-    args = (cupy.ascontiguousarray(x), cupy.ascontiguousarray(W), cupy.ascontiguousarray(b), out)
+    args = (_kernel_array(x, np.float32), _kernel_array(W, np.float32))
+    args += (_kernel_array(b, np.float32, (C_out,)), out)
     args += (i32(Hx), i32(Wx), i32(C), i32(C_out), i32(relu), i32(total))
     _cuda_kernel("dynloss_conv3x3_direct")(*_grid1d(total), args)
     return out
@@ -994,8 +1022,8 @@ def _implicit_wgrad(x, dout, W_shape, split):
     i32 = np.int32
     _cuda_kernel("dynloss_conv3x3_wgrad", WGRAD_TILES, split)(
         (9 * C // BM, C_out // BN, S), (threads,),
-        (cupy.ascontiguousarray(x), cupy.ascontiguousarray(dout), part, i32(N), i32(Hx), i32(Wx),
-         i32(C), i32(C_out), i32(chunk)),
+        (_kernel_array(x, np.float32), _kernel_array(dout, np.float32, (N, Hx, Wx, C_out)), part,
+         i32(N), i32(Hx), i32(Wx), i32(C), i32(C_out), i32(chunk)),
     )  # fmt: skip
     dW = cupy.empty(L, dtype=np.float32)
     _cuda_kernel("dynloss_sum_parts")(*_grid1d(L), (part, dW, i32(S), i32(L)))
@@ -1013,7 +1041,7 @@ def _gpu_im2col3x3(x):
     CW = row_bytes // word
     total = N * Hx * Wx * 9 * CW
     cols = cupy.empty((N * Hx * Wx, 9 * C), dtype=x.dtype)
-    x = cupy.ascontiguousarray(x)
+    x = _kernel_array(x, x.dtype)
     i32 = np.int32
     _cuda_kernel(f"dynloss_im2col3x3_{word}")(
         *_grid1d(total), (x, cols, i32(Hx), i32(Wx), i32(CW), i32(total))
@@ -1030,7 +1058,7 @@ def _gpu_avgpool2(x):
     total = out.size
     i32 = np.int32
     _cuda_kernel("dynloss_avgpool2")(
-        *_grid1d(total), (cupy.ascontiguousarray(x), out, i32(Hx), i32(Wx), i32(C), i32(total))
+        *_grid1d(total), (_kernel_array(x, np.float32), out, i32(Hx), i32(Wx), i32(C), i32(total))
     )
     return out
 
@@ -1042,7 +1070,8 @@ def _gpu_relu_avgpool2_backward(dp, h):
     N, Hx, Wx, C = h.shape
     dz = cupy.empty(h.shape, dtype=np.float32)
     i32 = np.int32
-    args = (cupy.ascontiguousarray(dp), cupy.ascontiguousarray(h), dz, i32(Hx), i32(Wx), i32(C))
+    args = (_kernel_array(dp, np.float32, (N, Hx // 2, Wx // 2, C)), _kernel_array(h, np.float32))
+    args += (dz, i32(Hx), i32(Wx), i32(C))
     _cuda_kernel("dynloss_relu_avgpool2_backward")(*_grid1d(dz.size), args + (i32(dz.size),))
     return dz
 

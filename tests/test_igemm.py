@@ -33,7 +33,8 @@ HERE = Path(__file__).resolve().parent
 ACC_RTOL = 1e-5  # float32 accumulation over 9C = 576 terms, relative to the largest output
 TF32_STEP_RTOL = 5e-2  # whole TF32 gradients against float64 (as benchmarks/gpu_check_myrtle5.py)
 TILE_NAMES = ("WARPS_M", "WARPS_N", "WM", "WN", "BK")
-SHAPE = dict(N=3, H=8, W=8, C=64, CO=64)  # 192 pixels: a full and a partial 128-pixel block
+SHAPE = dict(N=3, H=8, W=6, C=64, CO=64)  # 144 pixels: a full and a partial 128-pixel block
+WIDE = dict(N=2, H=4, W=8, C=128, CO=128)  # two tiles of output channels and of dW rows
 
 
 def tf32_round(a):
@@ -67,12 +68,18 @@ def test_default_tiles_fit_the_channel_rule():
     assert 64 % BMw == 0 and 64 % BNw == 0 and threads_w <= 1024
 
 
+def test_direct_kernel_shared_memory_constant_matches_the_source():
+    assert f"#define DIRECT_SMEM {models.DIRECT_SMEM_FLOATS}\n" in models.CONV_CUDA_SOURCE
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("split", [0, 1], ids=["tf32", "3xtf32"])
 @pytest.mark.parametrize("which", ["IGEMM_TILES", "WGRAD_TILES"])
-def test_cuda_source_compiles_for_hopper_without_spills(tmp_path, which):
+def test_cuda_source_compiles_for_hopper_without_spills(tmp_path, which, split):
     src = tmp_path / "conv.cu"
     src.write_text(models.CONV_CUDA_SOURCE)
     cmd = ["nvcc", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "conv.cubin"), "-Xptxas", "-v"]
+    cmd += [f"-DSPLIT={split}"]
     proc = subprocess.run(
         cmd + tile_defines(getattr(models, which)) + [str(src)], capture_output=True, text=True
     )
@@ -117,10 +124,9 @@ def read(d, name, shape):
     return np.fromfile(d / f"{name}.f32", dtype=np.float32).reshape(shape)
 
 
-@pytest.fixture(scope="module")
-def conv_case():
-    rng = np.random.default_rng(5)
-    N, H, W, C, CO = SHAPE.values()
+def make_case(shape, seed=5):
+    rng = np.random.default_rng(seed)
+    N, H, W, C, CO = shape.values()
     return dict(
         x=rng.normal(size=(N, H, W, C)).astype(np.float32),
         w=rng.normal(size=(3, 3, C, CO)).astype(np.float32),
@@ -130,17 +136,26 @@ def conv_case():
     )
 
 
+@pytest.fixture(scope="module")
+def conv_case():
+    return make_case(SHAPE)
+
+
 def operand(a, split):
     """What the tensor cores multiply, in float64: TF32-rounded values, or (3xTF32) the values."""
     return (a if split else tf32_round(a)).astype(np.float64)
 
 
 @pytest.mark.parametrize("split", [0, 1], ids=["tf32", "3xtf32"])
-@pytest.mark.parametrize("mode", [0, 1, 2])
-def test_emulated_implicit_conv_matches_numpy(emulator, conv_case, tmp_path, mode, split):
+@pytest.mark.parametrize(
+    "mode, shape", [(0, SHAPE), (1, SHAPE), (2, SHAPE), (1, WIDE)], ids=["0", "1", "2", "1-wide"]
+)
+def test_emulated_implicit_conv_matches_numpy(emulator, tmp_path, mode, shape, split):
     """mode 0: conv + bias, 1: relu(conv + bias), 2: conv * 1[gate > 0]; SAME borders, a partial
-    last block of pixels. 3xTF32 is compared with the unrounded float64 convolution."""
-    N, H, W, C, CO = SHAPE.values()
+    last block of pixels, non-square images, two blocks of output channels (WIDE). 3xTF32 is
+    compared with the unrounded float64 convolution."""
+    N, H, W, C, CO = shape.values()
+    conv_case = make_case(shape)
     write(tmp_path, **conv_case)
     emulator(models.IGEMM_TILES, "igemm", tmp_path, N, H, W, C, CO, mode, split=split)
     out = read(tmp_path, "out", (N, H, W, CO))
@@ -155,10 +170,14 @@ def test_emulated_implicit_conv_matches_numpy(emulator, conv_case, tmp_path, mod
 
 
 @pytest.mark.parametrize("split", [0, 1], ids=["tf32", "3xtf32"])
-@pytest.mark.parametrize("chunk", [32, 96])
-def test_emulated_weight_gradient_matches_numpy(emulator, conv_case, tmp_path, chunk, split):
-    """dW = cols^T dz from per-chunk partial sums; chunk 96 leaves a partial last chunk."""
-    N, H, W, C, CO = SHAPE.values()
+@pytest.mark.parametrize(
+    "chunk, shape", [(32, SHAPE), (96, SHAPE), (96, WIDE)], ids=["32", "96", "96-wide"]
+)
+def test_emulated_weight_gradient_matches_numpy(emulator, tmp_path, chunk, shape, split):
+    """dW = cols^T dz from per-chunk partial sums. 144 pixels in chunks of 96: the last chunk has
+    48, so its second 32-pixel slice is partial; WIDE has two dW tiles in rows and in columns."""
+    N, H, W, C, CO = shape.values()
+    conv_case = make_case(shape)
     write(tmp_path, **conv_case)
     emulator(models.WGRAD_TILES, "wgrad", tmp_path, N, H, W, C, CO, chunk, split=split)
     dW = read(tmp_path, "dw", (3, 3, C, CO))
@@ -301,6 +320,18 @@ def test_gpu_3xtf32_layers_match_float64(cupy_tf32, conv_case, monkeypatch):
     rdx, rdW, _ = conv3x3_backward(dz64, ref_cache, gate=conv_case["gate"])
     for got, ref in ((out, z), (dx, rdx), (dW, rdW)):
         assert rel_err((got), ref) < ACC_RTOL
+
+
+def test_channels_must_fit_the_active_tiles(monkeypatch):
+    assert models._channels_fit_tiles(64, 128) and not models._channels_fit_tiles(64, 96)
+    monkeypatch.setattr(models, "IGEMM_TILES", (4, 4, 32, 32, 32))  # 128 output channels a block
+    assert not models._channels_fit_tiles(64, 64) and models._channels_fit_tiles(128, 256)
+
+
+def test_empty_batch_is_refused():
+    params = init_myrtle5(0, c=4)
+    with pytest.raises(ValueError, match="non-empty"):
+        myrtle5_loss_and_grads(params, np.zeros((0, 8, 8, 3)), np.zeros(0, int), np.ones(10))
 
 
 def test_conv_method_switch_and_its_errors(monkeypatch):
