@@ -5,7 +5,7 @@ K classes (10).
 
 Images are returned in NHWC layout, ``x[n, row, col, channel]`` with shape (N, H, W, C), because
 the Myrtle5 network in ``models.py`` takes NHWC input. Labels are int64 of shape (N,). There is no
-augmentation (SETUP.md, Myrtle5 training).
+augmentation (the Fig. 1 protocol).
 
 Where the data comes from
 -------------------------
@@ -24,10 +24,10 @@ The batches are pickles. Unpickling can run arbitrary code, so they are read wit
 that only resolves the few globals an official batch uses (NumPy's array reconstruction and
 ``_codecs.encode``) and refuses anything else.
 
-Format (SETUP.md): ``data_batch_1`` .. ``data_batch_5``, ``test_batch``: a dict with ``b'data'``
-uint8 (10000, 3072) -- each row 1024 red, then 1024 green, then 1024 blue values, each plane
-32x32 row-major, i.e. a row is one image in CHW order -- and ``b'labels'``: a list of ints in
-0..9. ``batches.meta`` has ``b'label_names'``.
+Format (the official CIFAR-10 python version): ``data_batch_1`` .. ``data_batch_5``,
+``test_batch``: a dict with ``b'data'`` uint8 (10000, 3072) -- each row 1024 red, then 1024
+green, then 1024 blue values, each plane 32x32 row-major, i.e. a row is one image in CHW order --
+and ``b'labels'``: a list of ints in 0..9. ``batches.meta`` has ``b'label_names'``.
 
 Synthetic data
 --------------

@@ -1,4 +1,4 @@
-"""The dynamical loss of Ruiz-Garcia et al. (ICML 2021), eqs. (1)-(5), and its gradient.
+"""The dynamical loss of Ruiz-Garcia et al. (ICML 2021), eqs. (1)-(5), its gradient and R-operator.
 
 Symbols
 -------
@@ -25,7 +25,18 @@ The MSE base loss (a second option; the paper's discussion asks how it compares)
 weighted the same way, F = (1/(2N)) sum_j Gamma_{y_j} sum_k (z_jk - onehot(y_j)_k)^2, with
 dF/dz_{jk} = Gamma_{y_j} (z_jk - onehot(y_j)_k) / N.
 
-Every function here works on NumPy and on CuPy arrays alike (the ``xp`` switch of models.py).
+Derivation (second order: the R-operator, for Hessian-vector products)
+----------------------------------------------------------------------
+For a direction R{z} of the logits, R{dF/dz} = (d^2F/dz^2) R{z} (Pearlmutter 1994). The logit
+Hessian is block diagonal over samples: with w_j = Gamma_{y_j} / N and s = softmax(z_j),
+ds_k/dz_l = s_k (delta_kl - s_l), so
+
+    d^2F/dz_j dz_j = w_j (diag(s) - s s^T),   R{dF/dz}_jk = w_j s_k (R{z}_jk - sum_l s_l R{z}_jl)
+
+(MSE: w_j I_K and R{dF/dz} = w_j R{z}). models.py (Myrtle5) and spectra.py (the MLP) push this
+through their networks; they take it from :func:`loss_rop` and :func:`logit_curvature`.
+
+Every function here works on NumPy and on CuPy arrays alike (``get_array_module`` picks ``xp``).
 """
 
 from __future__ import annotations
@@ -147,11 +158,42 @@ def loss_backward(cache):
     return a * (w[..., None] / N)  # dF/dz = Gamma_y * (z - onehot(y)) / N
 
 
+def logit_curvature(cache):
+    """The pieces of the logit Hessian d^2F/dz^2 at a :func:`loss_forward` cache.
+
+    Returns w (M, N), the weights Gamma_{y_j} / N, and s (M, N, K) = softmax(z) for "ce" (None
+    for "mse"): d^2F/dz_j dz_j = w_j (diag(s_j) - s_j s_j^T), or w_j I_K for "mse".
+    """
+    loss, a, y, w = cache
+    xp = get_array_module(a)
+    N = a.shape[1]
+    return w / N, (xp.exp(a) if loss == "ce" else None)
+
+
+def loss_rop(cache, Rlogits):
+    """R{dF/dz} = (d^2F/dz^2) R{z}: the Hessian of F in the logits applied to a direction.
+
+    cache : from :func:`loss_forward`;  Rlogits : (M, N, K) the direction R{z}
+    Returns (M, N, K) (derivation in the module docstring).
+    """
+    loss, a, y, w = cache
+    N = a.shape[1]
+    if loss == "mse":
+        return (w[..., None] / N) * Rlogits  # R{dF/dz} = w R{z}
+    s = get_array_module(a).exp(a)  # (M, N, K)  softmax(z)
+    sR = (s * Rlogits).sum(axis=-1, keepdims=True)  # (M, N, 1)  s . R{z}
+    return (w[..., None] / N) * s * (Rlogits - sR)  # w s (R{z} - s . R{z})
+
+
+def per_sample_cross_entropy(logits, y):
+    """CE_j = -log softmax(z_j)_{y_j} of every sample: (M, N, K), (N,) -> (M, N)."""
+    xp = get_array_module(logits)
+    return -xp.take_along_axis(log_softmax(logits), y[None, :, None], axis=-1)[..., 0]
+
+
 def cross_entropy(logits, y):
     """Plain (static) cross-entropy, the mean over samples: (M, N, K), (N,) -> (M,)."""
-    xp = get_array_module(logits)
-    logp = log_softmax(logits)
-    return -xp.take_along_axis(logp, y[None, :, None], axis=-1)[..., 0].mean(axis=1)
+    return per_sample_cross_entropy(logits, y).mean(axis=1)
 
 
 def accuracy(logits, y):

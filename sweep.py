@@ -20,44 +20,14 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 import tempfile
 import warnings
 
 import numpy as np
 
+from cli import InputError
 
-class InputError(ValueError):
-    """Bad user input (an option, a grid, a shard, a folder): reported in one line by
-    :func:`fail`, before any work starts and with nothing written."""
-
-
-SweepError = InputError  # what the sweep functions below raise
-
-
-def fail(script, msg):
-    """Print ``script: error: msg`` as one line to stderr and exit 2."""
-    print(f"{script}: error: {' '.join(str(msg).split())}", file=sys.stderr)
-    sys.exit(2)
-
-
-def check_out_dir(path):
-    """Refuse an output path that is an existing file (before any work)."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise InputError(f"--out {path!r} is a file, not a folder")
-
-
-def parse_list(text, name, kind=float):
-    """'1,5,10' -> [1.0, 5.0, 10.0] (sorted, unique); refuses empty or unreadable lists."""
-    try:
-        values = [kind(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise SweepError(f"{name}: cannot read {text!r} as a comma-separated list") from None
-    if not values:
-        raise SweepError(f"{name}: the list is empty")
-    if len(set(values)) != len(values):
-        raise SweepError(f"{name}: repeated values in {text!r}")
-    return sorted(values)
+PHASE_FIELDS = ("train_acc", "val_acc", "train_loss", "val_loss")  # per run of a phase diagram
 
 
 def parse_shard(text):
@@ -65,9 +35,9 @@ def parse_shard(text):
     try:
         i, n = (int(v) for v in str(text).split("/"))
     except ValueError:
-        raise SweepError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+        raise InputError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
     if n < 1 or not 0 <= i < n:
-        raise SweepError(f"--shard {text}: need 0 <= i < n and n >= 1")
+        raise InputError(f"--shard {text}: need 0 <= i < n and n >= 1")
     return i, n
 
 
@@ -107,14 +77,14 @@ def prepare(out, config):
     work is split (shard, device, batch size), so every shard writes the same sweep.json.
     """
     if os.path.exists(out) and not os.path.isdir(out):
-        raise SweepError(f"--out {out!r} is a file, not a folder")
+        raise InputError(f"--out {out!r} is a file, not a folder")
     path = os.path.join(out, "sweep.json")
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
         if old != json.loads(json.dumps(config)):
             diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-            raise SweepError(
+            raise InputError(
                 f"{out} holds a different sweep (differs in: {', '.join(diff)}); use another --out"
             )
     os.makedirs(os.path.join(out, "units"), exist_ok=True)
@@ -125,7 +95,7 @@ def load_config(out):
     """The sweep.json of a sweep folder."""
     path = os.path.join(out, "sweep.json")
     if not os.path.exists(path):
-        raise SweepError(f"{out} is not a sweep folder (no sweep.json)")
+        raise InputError(f"{out} is not a sweep folder (no sweep.json)")
     with open(path) as f:
         return json.load(f)
 
@@ -149,7 +119,7 @@ def load_units(out, names):
     """Load every unit; refuse with the count (and a few names) of those still missing."""
     missing = pending(out, names)
     if missing:
-        raise SweepError(
+        raise InputError(
             f"{len(missing)} of {len(names)} units are not done yet in {out} "
             f"(e.g. {', '.join(missing[:3])}): run the remaining shards first"
         )
@@ -182,7 +152,7 @@ def versions():
 
 
 # ---------------------------------------------------------------------------------------------
-# Phase diagrams: assembling the units, the summary, the table and the figure (Figs. 1 and 3)
+# Phase diagrams: assembling the units, the summary and the table (Figs. 1 and 3)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -245,52 +215,3 @@ def print_table(summary, digits=2):
         print(
             f"!k: k runs of that cell diverged and are left out of its means ({div.sum()} in all)"
         )
-
-
-def plot_phase(summary, path, title, t_label):
-    """Contour maps of mean training (a) and validation (b) accuracy over (T, A), log axes.
-
-    Colour levels span each panel's own range, so small gains (Fig. 1) stay visible; the grid
-    points are marked and the A = 1 row (the static loss) lies inside the frame.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    T, A = summary["T"], summary["A"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    panels = (("train_acc", "(a) training"), ("val_acc", "(b) validation"))
-    for ax, (f, label) in zip(axes, panels, strict=True):
-        Z = summary[f + "_mean"].T  # (a, b): rows A, columns T
-        lo, hi = (np.nanmin(Z), np.nanmax(Z)) if np.isfinite(Z).any() else (0.0, 1.0)
-        if hi - lo < 1e-3:
-            lo, hi = lo - 5e-4, hi + 5e-4
-        if len(T) > 1 and len(A) > 1:
-            cs = ax.contourf(T, A, Z, levels=np.linspace(lo, hi, 15), cmap="viridis")
-        else:
-            cs = ax.scatter(
-                np.tile(T, len(A)),
-                np.repeat(A, len(T)),
-                c=Z.ravel(),
-                s=200,
-                vmin=lo,
-                vmax=hi,
-                cmap="viridis",
-            )
-        ax.plot(*np.meshgrid(T, A), "k.", ms=3, clip_on=False)  # the grid points
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_ylim(A.min() / 1.15, A.max() * 1.15)
-        ax.set_xlim(T.min() / 1.15, T.max() * 1.15)
-        ax.set_xticks(T, [f"{t:g}" for t in T], minor=False, fontsize=7)
-        ax.set_yticks(A, [f"{a:g}" for a in A], minor=False, fontsize=7)
-        ax.minorticks_off()
-        ax.set_xlabel(t_label)
-        ax.set_title(f"{label} accuracy")
-        fig.colorbar(cs, ax=ax, format="%.3f")
-    axes[0].set_ylabel("amplitude A (A = 1: static loss)")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)

@@ -50,15 +50,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import models  # noqa: E402
+import gpu  # noqa: E402
 from dynloss import class_weights  # noqa: E402
 from models import (  # noqa: E402
-    _column_sums,
-    _conv_input_grad,
     avgpool2_backward,
     avgpool2_forward,
+    column_sums,
     conv3x3_backward,
     conv3x3_forward,
+    conv3x3_input_grad,
     conv3x3_relu_forward,
     im2col3x3,
     init_myrtle5,
@@ -141,9 +141,9 @@ def gpu_time(step, start, end, elapsed_ms, warmup, reps, inner):
 def apply_tiles(path):
     """Set the implicit-GEMM tiles from a benchmarks/tune_conv.py result (JSON)."""
     best = json.loads(Path(path).read_text())
-    models.IGEMM_TILES = tuple(best["IGEMM_TILES"])
-    models.WGRAD_TILES = tuple(best["WGRAD_TILES"])
-    models.WGRAD_BLOCKS_PER_SM = int(best["WGRAD_BLOCKS_PER_SM"])
+    gpu.IGEMM_TILES = tuple(best["IGEMM_TILES"])
+    gpu.WGRAD_TILES = tuple(best["WGRAD_TILES"])
+    gpu.WGRAD_BLOCKS_PER_SM = int(best["WGRAD_BLOCKS_PER_SM"])
 
 
 def child_cupy(args):
@@ -186,13 +186,13 @@ def profile_cupy(cupy, args):
         "conv+bias+relu fwd 32x32": lambda: conv3x3_relu_forward(h, W, b),
         "conv bwd 32x32: dW, db, dx*1[h>0]": lambda: conv3x3_backward(dout, cache, gate=h),
         "GEMM dW cols.T@dout 32x32": lambda: cols.T @ dout.reshape(-1, c),
-        "conv dx (flipped conv) 32x32": lambda: _conv_input_grad(dout, W, h.shape),
+        "conv dx (flipped conv) 32x32": lambda: conv3x3_input_grad(dout, W),
         "relu fwd 32x32": lambda: relu_forward(dout),
         "relu bwd 32x32": lambda: relu_backward(dout, h),
         "avgpool2 fwd 32x32": lambda: avgpool2_forward(h),
         "avgpool2 bwd 32x32": lambda: avgpool2_backward(dout[:, :16, :16], h.shape),
         "relu_avgpool2_backward 32x32": lambda: relu_avgpool2_backward(dp, h.shape, h),
-        "db ones@dout 32x32": lambda: _column_sums(dout2),
+        "db ones@dout 32x32": lambda: column_sums(dout2),
         "conv1 fwd (C_in = 3)": lambda: conv3x3_forward(x, params["W1"], params["b1"]),
         "conv1 dW (K = 27)": lambda: cols1.T @ dout2,
         "Myrtle5 forward": lambda: myrtle5_forward(x, params),
@@ -356,9 +356,9 @@ def main(argv=None):
         return child_torch(args)
 
     rows = []  # (what, precision, batch, c, ms, PyTorch ms or None)
-    gpu = None if (args.tiny or args.no_gpu) else gpu_info()
+    gpu_name = None if (args.tiny or args.no_gpu) else gpu_info()
     profile = None
-    if gpu is not None:
+    if gpu_name is not None:
         torch_ms = run_child("torch", args, {}) if torch_available() else None
         for what, prec, column, env in OUR_GPU_ROWS:
             res = run_child("cupy", args, env)
@@ -383,8 +383,8 @@ def main(argv=None):
 
     v = versions()
     print(f"machine: {platform.node()} | CPU: {cpu_name()} ({os.cpu_count()} cores)")
-    if gpu is not None:
-        print(f"GPU: {gpu[0]} (CUDA runtime {gpu[1]})")
+    if gpu_name is not None:
+        print(f"GPU: {gpu_name[0]} (CUDA runtime {gpu_name[1]})")
     print("versions: " + ", ".join(f"{k} {val}" for k, val in v.items()))
     print("Myrtle5 training step (forward + backward + Nesterov), 32x32x3 images, dynamical CE")
     print(
@@ -393,9 +393,8 @@ def main(argv=None):
     for what, prec, batch, c, ms, base in rows:
         ratio = f"{ms / base:.2f}" if base else "-"
         print(f"{what:<28}{prec:>10}{batch:>7}{c:>5}{ms:>10.2f}{ratio:>14}")
-    if gpu is not None and not torch_available():
-        print("(PyTorch not importable or without CUDA: no baseline; SETUP.md's H200 anchor is "
-              "7.1 ms fp32, 3.5 ms TF32)")  # fmt: skip
+    if gpu_name is not None and not torch_available():
+        print("(PyTorch not importable or without CUDA: no baseline in this run)")
     if profile:
         print(f"\nprofile of our step (ms, median), batch {args.batch}, c {args.width}")
         cols = [column for _, _, column, _ in OUR_GPU_ROWS]
@@ -405,7 +404,8 @@ def main(argv=None):
             print(f"  {name:<40}{cells}")
     if args.json:
         keys = ("implementation", "precision", "batch", "c", "ms", "pytorch_ms")
-        record = {"gpu": gpu and gpu[0], "cpu": cpu_name(), "versions": v, "tiles": args.tiles}
+        record = {"gpu": gpu_name and gpu_name[0], "cpu": cpu_name(), "versions": v}
+        record["tiles"] = args.tiles
         record["rows"] = [dict(zip(keys, row, strict=True)) for row in rows]
         record["profile"] = profile
         args.json.write_text(json.dumps(record, indent=1) + "\n")

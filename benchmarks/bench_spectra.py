@@ -7,7 +7,7 @@ Command (about a minute on 2 shared cores):
 
 For each width: full-batch gradient descent on the 300-point spiral (A = 70, T = 500, learning
 rate 1), once plain (no logging at all) and once logging every ``--every`` steps with a
-spectra.SpectraTracker as
+stability.SpectraTracker as
 the on_log callback (Hessian top-k eigenvalues, full and traced NTK lambda_max at every logged
 step; a tight eigsh at the first call, warm-started Lanczos to residual 1e-3 after that). The
 table gives the best of ``--repeats`` runs, the ratio (training + tracking) / training, the
@@ -16,7 +16,7 @@ relative error of the tracked eigenvalues against exact ones at a few of the tra
 (dense eigvalsh of the exact Hessian and NTKs; at width 1000 the Hessian's exact lambda_max
 comes from a tight cold-started eigsh on the dense exact Hessian). Then the cost of one exact
 dense Hessian, spectra.hessian, per width. BLAS runs on ``--threads`` threads (1, as in
-run_spiral.train_many).
+spiral.train_many).
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ from threadpoolctl import threadpool_info, threadpool_limits
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import spectra  # noqa: E402
+import stability  # noqa: E402
 from dynloss import class_weights  # noqa: E402
 from models import init_mlp  # noqa: E402
-from run_spiral import TrainSpec, make_spiral_train, make_spiral_val, train_block  # noqa: E402
+from spiral import TrainSpec, make_spiral_train, make_spiral_val, train_block  # noqa: E402
 
 A_BENCH, T_BENCH = 70.0, 500.0  # Fig. 4's amplitude; a shorter period so the run sees cycles
 EXACT_SAMPLES = {100: 20, 1000: 3}  # tracked steps checked against exact eigenvalues
@@ -83,7 +84,7 @@ def timed_runs(H, steps, every, k, repeats):
         t0 = time.perf_counter()
         train_block(params0, data, quiet)  # plain training: no logging, no spectra
         plain = min(plain, time.perf_counter() - t0)
-        tracker = spectra.SpectraTracker(X, y, spec, k=k)
+        tracker = stability.SpectraTracker(X, y, spec, k=k)
         snaps, calls = {}, []
 
         def on_log(step, params, tracker=tracker, snaps=snaps, calls=calls):

@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import run_spiral as rs  # noqa: E402
+import spiral as rs  # noqa: E402
 from models import backend, init_mlp  # noqa: E402
 
 TARGETS = {100: 12000, 1000: 2000}

@@ -62,7 +62,7 @@ def main(argv=None):
     import cupy
     from bench_myrtle5 import gpu_time, make_batch, our_step_fn
 
-    import models
+    import gpu
     from models import init_myrtle5, myrtle5_loss_and_grads, to_device
 
     # the float64 reference gradients of a small batch
@@ -84,7 +84,7 @@ def main(argv=None):
         return gpu_time(step, start, end, elapsed, 3, 7, 3)
 
     def trial(igemm, wgrad, bps):
-        models.IGEMM_TILES, models.WGRAD_TILES, models.WGRAD_BLOCKS_PER_SM = igemm, wgrad, bps
+        gpu.IGEMM_TILES, gpu.WGRAD_TILES, gpu.WGRAD_BLOCKS_PER_SM = igemm, wgrad, bps
         try:
             err = check()
         except Exception as exc:  # a tile that does not compile or launch is reported, not fatal
@@ -100,7 +100,7 @@ def main(argv=None):
     name = name.decode() if isinstance(name, bytes) else name
     print(f"GPU {name}, CuPy {cupy.__version__}, precision {args.precision}, batch {args.batch}")
     rows = []
-    best_w, best_b = models.WGRAD_TILES, models.WGRAD_BLOCKS_PER_SM
+    best_w, best_b = gpu.WGRAD_TILES, gpu.WGRAD_BLOCKS_PER_SM
     for igemm in IGEMM_CANDIDATES:
         rows.append(trial(igemm, best_w, best_b))
         print(_fmt(rows[-1]), flush=True)

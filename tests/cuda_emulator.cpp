@@ -1,5 +1,6 @@
-// Runs the CUDA source of models.CONV_CUDA_SOURCE on the CPU, so that its index arithmetic, its
-// tiles and its use of the mma.sync fragments are tested where there is no GPU (tests/test_igemm.py).
+// Runs the CUDA sources kernels/conv_igemm.cu and kernels/layers.cu on the CPU, so that their index
+// arithmetic, tiles and use of the mma.sync fragments are tested where there is no GPU
+// (tests/test_igemm.py).
 //
 // Every CUDA thread of a block is one std::thread; __syncthreads() is a barrier over the block;
 // mma.sync m16n8k8 (TF32) is a barrier over the warp, after which each lane computes its own four
@@ -8,7 +9,7 @@
 // c = C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1]. TF32 rounding: to nearest, ties away from zero,
 // keeping 10 mantissa bits (cvt.rna.tf32.f32). Blocks run one after another.
 //
-// Build: g++ -std=c++20 -O1 -pthread -I<dir with conv.cu> -DWARPS_M=.. -DWARPS_N=.. -DWM=.. -DWN=..
+// Build: g++ -std=c++20 -O1 -pthread -I<the kernels folder> -DWARPS_M=.. -DWARPS_N=.. -DWM=.. -DWN=..
 //        -DBK=.. [-DSPLIT=1] cuda_emulator.cpp
 // Run:   emulator igemm DIR N H W C CO MODE        reads DIR/{x,w,bias,gate}.f32, writes DIR/out.f32
 //        emulator wgrad DIR N H W C CO CHUNK       reads DIR/{x,dz}.f32, writes DIR/dw.f32 (9C, CO)
@@ -113,7 +114,8 @@ inline void mma_tf32(float* c, const unsigned* a, const unsigned* b) {
     g_warp_barriers[warp]->arrive_and_wait();  // nobody overwrites F before all lanes read it
 }
 
-#include "conv.cu"
+#include "conv_igemm.cu"
+#include "layers.cu"
 
 static void launch(dim3e grid, unsigned threads, const std::function<void()>& kernel) {
     for (unsigned z = 0; z < grid.z; ++z)

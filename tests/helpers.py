@@ -2,6 +2,10 @@
 
 import numpy as np
 
+from models import init_mlp
+
+KINK = 1e-3  # pre-activations closer than this to 0 would make central differences cross the kink
+
 
 def load(path):
     """Every array of an .npz file, read into memory."""
@@ -14,3 +18,15 @@ def assert_same(a, b):
     assert sorted(a) == sorted(b)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def tiny_problem(seed=0, kink=KINK, N=20, D=2, H=8, K=3):
+    """One glorot MLP (M = 1) 2 -> 8 -> 3 and N = 20 inputs whose pre-activations avoid the kink."""
+    params = init_mlp([seed], D, H, K, init="glorot")
+    rng = np.random.default_rng(seed)
+    while True:
+        X = rng.normal(size=(N, D))
+        if np.abs(X @ params["W1"][0] + params["b1"][0]).min() > kink:
+            break
+    y = np.arange(N) % K
+    return params, X, y

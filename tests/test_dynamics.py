@@ -8,6 +8,7 @@ from helpers import load
 
 import run_spiral as rs
 import spectra
+import stability
 from dynloss import class_weights
 
 EIG_RTOL = 1e-5  # the tracker's warm Lanczos stops at residual 1e-3; measured within 1e-5
@@ -40,7 +41,7 @@ def dyn(tmp_path_factory):
 def test_dynamics_writes_the_spectra_and_the_figure(dyn):
     out, z, cfg = dyn
     for k in (
-        *rs.SPECTRA_FIELDS,
+        *stability.SPECTRA_FIELDS,
         "threshold",
         "bif_start",
         "thr_start",

@@ -1,9 +1,10 @@
-"""The CUDA kernels of models.CONV_CUDA_SOURCE (TF32 implicit-GEMM convolution and helpers).
+"""The CUDA kernels of kernels/*.cu (TF32 implicit-GEMM convolution and helpers), launched by gpu.py.
 
-Without a GPU they are still tested twice over: nvcc compiles the source for sm_90 (where nvcc is
-installed), and tests/cuda_emulator.cpp runs the very same source on the CPU (where g++ is), one
+Without a GPU they are still tested twice over: nvcc compiles the files for sm_90 (where nvcc is
+installed), and tests/cuda_emulator.cpp runs the very same files on the CPU (where g++ is), one
 std::thread per CUDA thread, with mma.sync emulated from the PTX ISA's fragment layout; the
-results are compared with the NumPy layers. The ``gpu`` tests run the kernels through CuPy.
+results are compared with the NumPy layers of models.py. The ``gpu`` tests run the kernels
+through CuPy.
 
 TF32 keeps 10 mantissa bits, so the references take TF32-rounded inputs in float64: what is left
 is float32 accumulation (relative 1e-6 of the largest value).
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import models
+import gpu
 from dynloss import class_weights, loss_backward, loss_forward
 from models import (
     avgpool2_forward,
@@ -32,7 +33,6 @@ from models import (
 HERE = Path(__file__).resolve().parent
 ACC_RTOL = 1e-5  # float32 accumulation over 9C = 576 terms, relative to the largest output
 TF32_STEP_RTOL = 5e-2  # whole TF32 gradients against float64 (as benchmarks/gpu_check_myrtle5.py)
-TILE_NAMES = ("WARPS_M", "WARPS_N", "WM", "WN", "BK")
 SHAPE = dict(N=3, H=8, W=6, C=64, CO=64)  # 144 pixels: a full and a partial 128-pixel block
 WIDE = dict(N=2, H=4, W=8, C=128, CO=128)  # two tiles of output channels and of dW rows
 
@@ -51,8 +51,22 @@ def rel_err(a, b):
     return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
 
 
+def setenv(monkeypatch, name, value):
+    """Set a variable that gpu.config() reads, and make it read the environment again."""
+    monkeypatch.setenv(name, value)
+    gpu.config.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def fresh_gpu_config():
+    """No test sees the settings another test left in gpu.config's cache."""
+    gpu.config.cache_clear()
+    yield
+    gpu.config.cache_clear()
+
+
 def tile_defines(tiles):
-    return [f"-D{k}={v}" for k, v in zip(TILE_NAMES, tiles, strict=True)]
+    return [f"-D{k}={v}" for k, v in zip(gpu.TILE_NAMES, tiles, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,27 +75,27 @@ def tile_defines(tiles):
 
 
 def test_default_tiles_fit_the_channel_rule():
-    """_implicit_conv_ok admits channel counts that are multiples of 64: every tile must divide 64."""
-    BM, BN, threads = models._tile_shape(models.IGEMM_TILES)
-    assert 64 % BN == 0 and 64 % models.IGEMM_TILES[4] == 0 and threads <= 1024
-    BMw, BNw, threads_w = models._tile_shape(models.WGRAD_TILES)
+    """implicit_split admits channel counts that are multiples of 64: every tile must divide 64."""
+    BM, BN, threads = gpu.tile_shape(gpu.IGEMM_TILES)
+    assert 64 % BN == 0 and 64 % gpu.IGEMM_TILES[4] == 0 and threads <= 1024
+    BMw, BNw, threads_w = gpu.tile_shape(gpu.WGRAD_TILES)
     assert 64 % BMw == 0 and 64 % BNw == 0 and threads_w <= 1024
 
 
 def test_direct_kernel_shared_memory_constant_matches_the_source():
-    assert f"#define DIRECT_SMEM {models.DIRECT_SMEM_FLOATS}\n" in models.CONV_CUDA_SOURCE
+    assert f"#define DIRECT_SMEM {gpu.DIRECT_SMEM_FLOATS}\n" in gpu.LAYERS_SOURCE.read_text()
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 @pytest.mark.parametrize("split", [0, 1], ids=["tf32", "3xtf32"])
 @pytest.mark.parametrize("which", ["IGEMM_TILES", "WGRAD_TILES"])
 def test_cuda_source_compiles_for_hopper_without_spills(tmp_path, which, split):
-    src = tmp_path / "conv.cu"
-    src.write_text(models.CONV_CUDA_SOURCE)
     cmd = ["nvcc", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "conv.cubin"), "-Xptxas", "-v"]
     cmd += [f"-DSPLIT={split}"]
     proc = subprocess.run(
-        cmd + tile_defines(getattr(models, which)) + [str(src)], capture_output=True, text=True
+        cmd + tile_defines(getattr(gpu, which)) + [str(gpu.IGEMM_SOURCE)],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr
     assert "dynloss_conv3x3_igemm" in proc.stderr and "dynloss_conv3x3_wgrad" in proc.stderr
@@ -95,14 +109,20 @@ def emulator(tmp_path_factory):
     if shutil.which("g++") is None:
         pytest.skip("g++ not installed")
     root = tmp_path_factory.mktemp("emulator")
-    (root / "conv.cu").write_text(models.CONV_CUDA_SOURCE)
     built = {}
 
     def run(tiles, *args, split=0):
         key = (tiles, split)
         if key not in built:
             exe = root / ("emu_" + "_".join(map(str, tiles)) + f"_split{split}")
-            cmd = ["g++", "-std=c++20", "-O1", "-pthread", f"-I{root}", *tile_defines(tiles)]
+            cmd = [
+                "g++",
+                "-std=c++20",
+                "-O1",
+                "-pthread",
+                f"-I{gpu.KERNEL_DIR}",
+                *tile_defines(tiles),
+            ]
             cmd += [f"-DSPLIT={split}", str(HERE / "cuda_emulator.cpp"), "-o", str(exe)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0 and "barrier" in proc.stderr:
@@ -157,7 +177,7 @@ def test_emulated_implicit_conv_matches_numpy(emulator, tmp_path, mode, shape, s
     N, H, W, C, CO = shape.values()
     conv_case = make_case(shape)
     write(tmp_path, **conv_case)
-    emulator(models.IGEMM_TILES, "igemm", tmp_path, N, H, W, C, CO, mode, split=split)
+    emulator(gpu.IGEMM_TILES, "igemm", tmp_path, N, H, W, C, CO, mode, split=split)
     out = read(tmp_path, "out", (N, H, W, CO))
     x64, w64 = (operand(conv_case[k], split) for k in ("x", "w"))
     z, _ = conv3x3_forward(x64, w64, np.zeros(CO))
@@ -179,7 +199,7 @@ def test_emulated_weight_gradient_matches_numpy(emulator, tmp_path, chunk, shape
     N, H, W, C, CO = shape.values()
     conv_case = make_case(shape)
     write(tmp_path, **conv_case)
-    emulator(models.WGRAD_TILES, "wgrad", tmp_path, N, H, W, C, CO, chunk, split=split)
+    emulator(gpu.WGRAD_TILES, "wgrad", tmp_path, N, H, W, C, CO, chunk, split=split)
     dW = read(tmp_path, "dw", (3, 3, C, CO))
     x64, dz64 = (operand(conv_case[k], split) for k in ("x", "dz"))
     cache = (x64, np.zeros((3, 3, C, CO)), None)
@@ -195,7 +215,7 @@ def test_emulated_cross_entropy_kernel_matches_dynloss(emulator, tmp_path):
     y = rng.integers(0, K, size=N)
     gamma = class_weights(13, 20.0, 10, K).astype(np.float32)
     write(tmp_path, x=z, y=y.astype(np.float32), gamma=gamma)
-    emulator(models.IGEMM_TILES, "ce", tmp_path, N, 1, 1, K, 0, 0)
+    emulator(gpu.IGEMM_TILES, "ce", tmp_path, N, 1, 1, K, 0, 0)
     F, cache = loss_forward(z[None].astype(np.float64), y, gamma[None].astype(np.float64))
     dz = loss_backward(cache)[0]
     assert abs(read(tmp_path, "loss", (N,)).astype(np.float64).sum() - F[0]) < 1e-6 * abs(F[0])
@@ -210,7 +230,7 @@ def test_emulated_direct_conv_matches_numpy(emulator, tmp_path, relu):
     x, w = rng.normal(size=(N, H, W, C)), rng.normal(size=(3, 3, C, CO))
     b = rng.normal(size=CO)
     write(tmp_path, x=x, w=w, bias=b)
-    emulator(models.IGEMM_TILES, "direct", tmp_path, N, H, W, C, CO, relu)
+    emulator(gpu.IGEMM_TILES, "direct", tmp_path, N, H, W, C, CO, relu)
     f32 = [a.astype(np.float32).astype(np.float64) for a in (x, w, b)]
     z, _ = conv3x3_forward(*f32)
     assert rel_err(read(tmp_path, "out", (N, H, W, CO)), np.maximum(z, 0) if relu else z) < 1e-6
@@ -221,7 +241,7 @@ def test_emulated_im2col_words_of_4_8_16_bytes(emulator, tmp_path, C, word):
     """float32 pixels of C values copied as C*4/word words (conv1 has C = 3: 4-byte words)."""
     x = np.random.default_rng(C).normal(size=(2, 8, 6, C)).astype(np.float32)
     write(tmp_path, x=x)
-    emulator(models.IGEMM_TILES, "im2col", tmp_path, 2, 8, 6, C, 0, word)
+    emulator(gpu.IGEMM_TILES, "im2col", tmp_path, 2, 8, 6, C, 0, word)
     np.testing.assert_array_equal(read(tmp_path, "cols", (2 * 8 * 6, 9 * C)), im2col3x3(x))
 
 
@@ -234,7 +254,7 @@ def test_emulated_3xtf32_is_float32_accurate_where_tf32_is_not(emulator, conv_ca
     ref, _ = conv3x3_forward(x64, w64, conv_case["bias"].astype(np.float64))
     errs = []
     for split in (0, 1):
-        emulator(models.IGEMM_TILES, "igemm", tmp_path, N, H, W, C, CO, 0, split=split)
+        emulator(gpu.IGEMM_TILES, "igemm", tmp_path, N, H, W, C, CO, 0, split=split)
         errs.append(rel_err(read(tmp_path, "out", (N, H, W, CO)), ref))
     assert errs[1] < ACC_RTOL < errs[0] and errs[1] < errs[0] / 100
 
@@ -245,7 +265,7 @@ def test_emulated_im2col_and_pools_equal_numpy_exactly(emulator, tmp_path):
     x = rng.normal(size=(N, H, W, C)).astype(np.float32)
     dp = rng.normal(size=(N, H // 2, W // 2, C)).astype(np.float32)
     write(tmp_path, x=x, dp=dp)
-    tiles = models.IGEMM_TILES
+    tiles = gpu.IGEMM_TILES
     emulator(tiles, "im2col", tmp_path, N, H, W, C, 0, 16)
     np.testing.assert_array_equal(read(tmp_path, "cols", (N * H * W, 9 * C)), im2col3x3(x))
     emulator(tiles, "pool", tmp_path, N, H, W, C, 0, 0)
@@ -269,7 +289,7 @@ def cupy_tf32(monkeypatch):
             pytest.skip("CuPy is installed but finds no GPU")
     except Exception:
         pytest.skip("CuPy is installed but finds no GPU")
-    monkeypatch.setenv("CUPY_TF32", "1")
+    setenv(monkeypatch, "CUPY_TF32", "1")
     return cupy
 
 
@@ -277,7 +297,7 @@ def cupy_tf32(monkeypatch):
 def test_gpu_implicit_conv_layers_match_numpy(cupy_tf32, conv_case):
     cp = cupy_tf32
     x, w, b, gate, dz = (cp.asarray(conv_case[k]) for k in ("x", "w", "bias", "gate", "dz"))
-    assert models._implicit_conv_ok(x, w)
+    assert gpu.implicit_split(x, w) is not None
     out, cache = conv3x3_forward(x, w, b)
     assert cache[2] is None  # the implicit path: no cols
     dx, dW, db = conv3x3_backward(dz, cache, gate=gate)
@@ -308,11 +328,11 @@ def test_gpu_tf32_myrtle5_gradients_match_float64(cupy_tf32):
 
 @pytest.mark.gpu
 def test_gpu_3xtf32_layers_match_float64(cupy_tf32, conv_case, monkeypatch):
-    monkeypatch.setenv("CUPY_TF32", "0")
-    monkeypatch.setenv("DYNLOSS_CONV", "3xtf32")
+    setenv(monkeypatch, "CUPY_TF32", "0")
+    setenv(monkeypatch, "DYNLOSS_CONV", "3xtf32")
     cp = cupy_tf32
     x, w, b, gate, dz = (cp.asarray(conv_case[k]) for k in ("x", "w", "bias", "gate", "dz"))
-    assert models._implicit_split(x, w) == 1
+    assert gpu.implicit_split(x, w) == 1
     out, cache = conv3x3_forward(x, w, b)
     dx, dW, _ = conv3x3_backward(dz, cache, gate=gate)
     x64, w64, dz64 = (conv_case[k].astype(np.float64) for k in ("x", "w", "dz"))
@@ -322,10 +342,10 @@ def test_gpu_3xtf32_layers_match_float64(cupy_tf32, conv_case, monkeypatch):
         assert rel_err((got), ref) < ACC_RTOL
 
 
-def test_channels_must_fit_the_active_tiles(monkeypatch):
-    assert models._channels_fit_tiles(64, 128) and not models._channels_fit_tiles(64, 96)
-    monkeypatch.setattr(models, "IGEMM_TILES", (4, 4, 32, 32, 32))  # 128 output channels a block
-    assert not models._channels_fit_tiles(64, 64) and models._channels_fit_tiles(128, 256)
+def test_channels_must_fit_the_active_tiles():
+    assert gpu.channels_fit_tiles(64, 128) and not gpu.channels_fit_tiles(64, 96)
+    wide = (4, 4, 32, 32, 32)  # 128 output channels a block
+    assert not gpu.channels_fit_tiles(64, 64, wide) and gpu.channels_fit_tiles(128, 256, wide)
 
 
 def test_empty_batch_is_refused():
@@ -337,25 +357,25 @@ def test_empty_batch_is_refused():
 def test_conv_method_switch_and_its_errors(monkeypatch):
     """On NumPy every method is im2col; a misspelt DYNLOSS_CONV is an error, not a silent default."""
     x, w = np.zeros((1, 8, 8, 64), np.float32), np.zeros((3, 3, 64, 64), np.float32)
-    for method in models.CONV_METHODS:
-        monkeypatch.setenv("DYNLOSS_CONV", method)
-        assert models._implicit_split(x, w) is None
-    monkeypatch.setenv("DYNLOSS_CONV", "3xTF32")
+    for method in gpu.CONV_METHODS:
+        setenv(monkeypatch, "DYNLOSS_CONV", method)
+        assert gpu.implicit_split(x, w) is None
+    setenv(monkeypatch, "DYNLOSS_CONV", "3xTF32")
     with pytest.raises(ValueError, match="DYNLOSS_CONV"):
-        models._implicit_split(x, w)
+        gpu.implicit_split(x, w)
 
 
 @pytest.mark.gpu
 def test_gpu_implicit_path_only_for_float32_and_64_channels(cupy_tf32, monkeypatch):
     cp = cupy_tf32
     x, w = cp.zeros((1, 8, 8, 64), np.float32), cp.zeros((3, 3, 64, 64), np.float32)
-    assert models._implicit_split(x, w) == 0
-    assert models._implicit_split(x.astype(np.float64), w.astype(np.float64)) is None
-    assert models._implicit_split(x[..., :32], w[:, :, :32]) is None
-    monkeypatch.setenv("DYNLOSS_CONV", "im2col")
-    assert models._implicit_split(x, w) is None
-    monkeypatch.setenv("DYNLOSS_CONV", "auto")
-    monkeypatch.setenv("CUPY_TF32", "0")
-    assert models._implicit_split(x, w) is None
-    monkeypatch.setenv("DYNLOSS_CONV", "3xtf32")
-    assert models._implicit_split(x, w) == 1
+    assert gpu.implicit_split(x, w) == 0
+    assert gpu.implicit_split(x.astype(np.float64), w.astype(np.float64)) is None
+    assert gpu.implicit_split(x[..., :32], w[:, :, :32]) is None
+    setenv(monkeypatch, "DYNLOSS_CONV", "im2col")
+    assert gpu.implicit_split(x, w) is None
+    setenv(monkeypatch, "DYNLOSS_CONV", "auto")
+    setenv(monkeypatch, "CUPY_TF32", "0")
+    assert gpu.implicit_split(x, w) is None
+    setenv(monkeypatch, "DYNLOSS_CONV", "3xtf32")
+    assert gpu.implicit_split(x, w) == 1

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from scipy.sparse.linalg import LinearOperator, eigsh
 
+import spectra
 from dynloss import class_weights
 from models import (
     MYRTLE5_PARAM_NAMES,
@@ -307,7 +308,6 @@ def test_lanczos_top_eigenvalues_match_eigh(dense_hessians):
 
 def test_spectra_top_eigs_on_the_myrtle5_hvp(dense_hessians):
     """spectra.top_eigs (generic eigsh 'LA' wrapper) plugs straight into the Myrtle5 HVP."""
-    spectra = pytest.importorskip("spectra")
     H_fd, _, matvec = dense_hessians
     vals, vecs = spectra.top_eigs(matvec, H_fd.shape[0], k=2)
     exact = np.linalg.eigvalsh(0.5 * (H_fd + H_fd.T))[::-1][:2]

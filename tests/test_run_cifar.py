@@ -3,6 +3,7 @@
 Everything runs on tiny synthetic data (8x8 images, Myrtle5 with 2-4 channels) in float64.
 """
 
+import argparse
 import json
 import os
 import signal
@@ -16,7 +17,10 @@ import pytest
 from helpers import assert_same, load
 
 import cifar
+import protocol
 import run_cifar as rc
+import spectra
+import sweep
 from dynloss import class_weights
 from models import MYRTLE5_PARAM_NAMES, init_myrtle5, myrtle5_loss_and_grads, nesterov_step
 
@@ -46,10 +50,21 @@ TINY = [
 
 
 def settings_for(argv):
-    """The resolved settings of a ``train`` command line (what the trainer uses)."""
-    args = rc.build_parser().parse_args(["train", *argv])
-    s = rc.resolve_settings(args)
-    s.update(A=args.A, T=args.T, seed=args.seed, hess_every=0, hess_batch=None)
+    """The resolved settings of a ``train`` command line (what the trainer uses), from the
+    options of protocol.DEFAULTS overridden by ``argv`` (--name value pairs)."""
+    opts = dict(protocol.DEFAULTS, A=50.0, T=100.0, seed=0, hess_every=0, hess_batch=512)
+    flags = [a for a in argv if a != "--quiet"]
+    for key, value in zip(flags[::2], flags[1::2], strict=True):
+        name = key.removeprefix("--").replace("-", "_")
+        default = opts[name]
+        if name in ("peak_epoch", "stop_epoch"):  # default None: a float when given
+            opts[name] = float(value)
+        else:
+            opts[name] = (
+                value if default is None or isinstance(default, str) else type(default)(value)
+            )
+    s = protocol.resolve_settings(argparse.Namespace(**opts))
+    s.update(A=opts["A"], T=opts["T"], seed=opts["seed"], hess_every=0, hess_batch=None)
     return s
 
 
@@ -60,13 +75,13 @@ def settings_for(argv):
 
 def test_learning_rate_of_the_paper_protocol():
     epochs = np.array([0, 300, 600, 700])
-    lr = rc.lr_at(epochs * SPE_PAPER, SPE_PAPER)
+    lr = protocol.lr_at(epochs * SPE_PAPER, SPE_PAPER)
     expected = [0.0, 0.02, 0.002 + (0.02 - 0.002) * 100 / 400, 0.002]
     np.testing.assert_allclose(lr, expected, rtol=LR_RTOL, atol=0)
     assert expected[2] == pytest.approx(0.0065, rel=LR_RTOL)
     # per step, not per epoch: linear in the fractional epoch
-    assert rc.lr_at(1, SPE_PAPER) == pytest.approx(0.02 / (300 * SPE_PAPER), rel=LR_RTOL)
-    assert rc.lr_at(150 * SPE_PAPER + 48, SPE_PAPER) == pytest.approx(
+    assert protocol.lr_at(1, SPE_PAPER) == pytest.approx(0.02 / (300 * SPE_PAPER), rel=LR_RTOL)
+    assert protocol.lr_at(150 * SPE_PAPER + 48, SPE_PAPER) == pytest.approx(
         0.02 * (150 + 48 / SPE_PAPER) / 300, rel=LR_RTOL
     )
     # the defaults are the protocol
@@ -85,7 +100,7 @@ def test_schedule_is_scaled_to_a_short_run():
     s = settings_for(["--data", "synthetic", "--epochs", "7"])
     assert (s["peak_epoch"], s["stop_epoch"]) == (3, 6)
     spe = 10
-    lr = rc.step_lrs(s, spe, 0, 71)
+    lr = protocol.step_lrs(s, spe, 0, 71)
     np.testing.assert_allclose(
         lr[[0, 30, 60, 70]], [0.0, 0.02, 0.0065, 0.002], rtol=LR_RTOL, atol=0
     )
@@ -93,14 +108,14 @@ def test_schedule_is_scaled_to_a_short_run():
     # explicit epochs win over the scaling
     s = settings_for(["--data", "synthetic", "--epochs", "7", "--peak-epoch", "1"])
     assert s["peak_epoch"] == 1 and s["stop_epoch"] == 6
-    assert rc.step_lrs(s, spe, 10, 11)[0] == 0.02
+    assert protocol.step_lrs(s, spe, 10, 11)[0] == 0.02
 
 
 def test_gamma_is_one_from_the_stop_step_on_and_not_before():
     s = settings_for(["--data", "synthetic", "--epochs", "7", "--A", "5", "--T", "7"])
     spe, K = 10, 10
-    assert rc.stop_step(s, spe) == 60
-    gam = rc.step_gammas(s, spe, 0, 70, K)  # (70, K)
+    assert protocol.stop_step(s, spe) == 60
+    gam = protocol.step_gammas(s, spe, 0, 70, K)  # (70, K)
     np.testing.assert_allclose(gam.sum(axis=1), K, rtol=EXACT)
     assert (gam[60:] == 1.0).all()
     assert not (gam[59] == 1.0).all()
@@ -121,7 +136,7 @@ def test_train_writes_run_config_and_figure(tmp_path):
     assert rc.main(["train", *argv]) == 0
     z = load(out / "run.npz")
     E, K = 7, 10
-    for f in (*rc.HIST_FIELDS, "epoch", "step"):
+    for f in (*protocol.HIST_FIELDS, "epoch", "step"):
         assert z[f].shape == (E + 1,), f
     assert z["gamma"].shape == (E + 1, K)
     assert int(z["steps_per_epoch"]) == 10 and int(z["stop_step"]) == 60
@@ -140,7 +155,7 @@ def test_train_writes_run_config_and_figure(tmp_path):
     assert cfg["settings"]["stop_epoch"] == 6 and "numpy" in cfg["versions"]
     assert cfg["final"]["val_acc"] == z["test_acc"][-1]
     assert (out / "run.png").stat().st_size > 1000
-    assert (out / rc.CHECKPOINT_NAME).exists()
+    assert (out / protocol.CHECKPOINT_NAME).exists()
 
 
 def test_training_replays_by_hand(tmp_path):
@@ -150,7 +165,7 @@ def test_training_replays_by_hand(tmp_path):
     assert rc.main(["train", *argv, "--out", str(tmp_path / "r")]) == 0
     z = load(tmp_path / "r" / "run.npz")
     s = settings_for(argv)
-    data = rc.load_data(s, None)
+    data = protocol.load_data(s, None)
     x, y = data["x_train"], data["y_train"]
     init_seq, shuffle_seq = np.random.SeedSequence(5).spawn(2)
     params = init_myrtle5(np.random.default_rng(init_seq), c=3, dtype=np.float64)
@@ -226,7 +241,7 @@ def rerun_resumes(cmd):
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
     killed = tmp_path / "killed"
-    cmd = kill_after_first_checkpoint("train", killed, killed / rc.CHECKPOINT_NAME)
+    cmd = kill_after_first_checkpoint("train", killed, killed / protocol.CHECKPOINT_NAME)
     assert not (killed / "run.npz").exists()
     rerun_resumes(cmd)
     assert rc.main(["train", *KILL_ARGS, "--out", str(tmp_path / "clean")]) == 0
@@ -255,7 +270,6 @@ def test_archive_path_and_environment_variable(tmp_path, monkeypatch):
 
 
 def test_top_hessian_eigenvalue_every_epoch(tmp_path):
-    spectra = pytest.importorskip("spectra")
     from models import myrtle5_flatten, myrtle5_hvp
 
     argv = [*TINY, "--epochs", "2", "--channels", "2", "--hess-every", "1", "--hess-batch", "40"]
@@ -264,7 +278,7 @@ def test_top_hessian_eigenvalue_every_epoch(tmp_path):
     assert np.isfinite(z["hess_top"]).all() and z["hess_top"].shape == (3,)
     # the last row against a dense Hessian built column by column from the exact HVP
     s = settings_for(argv)
-    data = rc.load_data(s, None, hess_batch=40)
+    data = protocol.load_data(s, None, hess_batch=40)
     params = {k: z[k] for k in MYRTLE5_PARAM_NAMES}
     P = myrtle5_flatten(params).size
     H = np.stack(
@@ -313,7 +327,7 @@ def test_sharded_and_merged_phase_equals_unsharded(tmp_path):
     assert rc.main(["merge", "--out", str(tmp_path / "sh")]) == 0
     whole = load(tmp_path / "whole" / "phase.npz")
     assert_same(whole, load(tmp_path / "sh" / "phase.npz"))
-    for f in rc.PHASE_FIELDS:
+    for f in sweep.PHASE_FIELDS:
         assert whole[f].shape == (2, 2, 2) and np.isfinite(whole[f]).all(), f  # (T, A, seeds)
         np.testing.assert_allclose(whole[f + "_mean"], whole[f].mean(axis=2), rtol=EXACT)
         np.testing.assert_allclose(whole[f + "_std"], whole[f].std(axis=2), rtol=EXACT)
@@ -338,7 +352,7 @@ def test_phase_resumes_a_killed_unit_from_its_checkpoint(tmp_path):
     """A sweep killed (SIGKILL) in the middle of a run resumes that run from its checkpoint in
     OUT/work/<unit>/ and ends with exactly the uninterrupted sweep's results."""
     killed = tmp_path / "killed"
-    checkpoint = killed / "work" / "T000_A000_s00000" / rc.CHECKPOINT_NAME
+    checkpoint = killed / "work" / "T000_A000_s00000" / protocol.CHECKPOINT_NAME
     cmd = kill_after_first_checkpoint("phase", killed, checkpoint, extra=["--seeds", "1"])
     assert not (killed / "phase.npz").exists()
     rerun_resumes(cmd)

@@ -1,12 +1,12 @@
-"""Second-order tools of spectra.py: exact Hessian, R-operator, NTK, eigensolvers, SLQ, stability."""
+"""Second-order tools of spectra.py: exact Hessian, R-operator, NTK, eigensolvers, SLQ, trace."""
 
 import numpy as np
 import pytest
+from helpers import tiny_problem
 
 import spectra
 from dynloss import class_weights, loss_backward, loss_forward
-from models import flatten, init_mlp, mlp_loss_and_grads, unflatten
-from run_spiral import TrainSpec, train_block
+from models import flatten, init_mlp, mlp_forward, mlp_loss_and_grads, unflatten
 
 N, D, H, K = 20, 2, 8, 3
 P = D * H + H + H * K + K  # 51
@@ -21,18 +21,6 @@ GAMMA_A10 = class_weights(30, 10.0, 50.0, K)  # A = 10: class 0 emphasised, weig
 
 def rel_err(a, b):
     return np.max(np.abs(a - b)) / max(np.max(np.abs(a)), np.max(np.abs(b)), 1e-300)
-
-
-def tiny_problem(seed=0, kink=KINK):
-    """One glorot MLP (M = 1) 2 -> 8 -> 3 and N = 20 inputs whose pre-activations avoid the kink."""
-    params = init_mlp([seed], D, H, K, init="glorot")
-    rng = np.random.default_rng(seed)
-    while True:
-        X = rng.normal(size=(N, D))
-        if np.abs(X @ params["W1"][0] + params["b1"][0]).min() > kink:
-            break
-    y = np.arange(N) % K
-    return params, X, y
 
 
 def analytic_grad(theta, like, X, y, gamma, loss):
@@ -73,21 +61,26 @@ def test_exact_hessian_matches_central_differences_of_the_gradient(loss):
     # the network's own second-derivative term (the W1a-W2 cross blocks) is not negligible, so
     # a Gauss-Newton-only Hessian would fail the check above
     s = spectra.net_state(params, X)
-    g, _, _ = spectra.loss_curvature(s["logits"], y, GAMMA_A10, loss)
+    g = spectra.loss_terms(s, y, GAMMA_A10, loss)[0]
     cross = spectra.cross_terms(s["xa"], s["mask"], g)
     assert np.abs(cross).max() > 1e3 * FD_RTOL * np.abs(hess).max()
 
 
 @pytest.mark.parametrize("loss", ["ce", "mse"])
-def test_loss_curvature_gradient_is_dynloss_gradient(loss):
+def test_loss_terms_are_dynloss_and_the_forward_pass_is_models(loss):
     params, X, y = tiny_problem(seed=1)
-    logits = spectra.net_state(params, X)["logits"]
-    g, w, p = spectra.loss_curvature(logits, y, GAMMA_A10, loss)
-    _, cache = loss_forward(logits[None], y, GAMMA_A10[None], loss)
-    np.testing.assert_allclose(g, loss_backward(cache)[0], rtol=EXACT_RTOL, atol=1e-17)
+    s = spectra.net_state(params, X)
+    logits, (_, h1, _) = mlp_forward(X, params)
+    np.testing.assert_array_equal(s["logits"], logits[0])  # the same forward pass, bit for bit
+    np.testing.assert_array_equal(s["mask"], h1[0] > 0)
+    np.testing.assert_array_equal(s["W1a"], np.vstack([params["W1"][0], params["b1"][0]]))
+    g, w, p, _ = spectra.loss_terms(s, y, GAMMA_A10, loss)
+    _, cache = loss_forward(logits, y, GAMMA_A10[None], loss)
+    np.testing.assert_array_equal(g, loss_backward(cache)[0])
     np.testing.assert_allclose(w, GAMMA_A10[y] / N, rtol=EXACT_RTOL)
+    assert (p is None) == (loss == "mse")
     with pytest.raises(ValueError, match="unknown loss"):
-        spectra.loss_curvature(logits, y, GAMMA_A10, "hinge")
+        spectra.loss_terms(s, y, GAMMA_A10, "hinge")
 
 
 @pytest.mark.parametrize("loss", ["ce", "mse"])
@@ -251,9 +244,9 @@ def test_slq_density_integrates_to_one_and_matches_the_moments():
 def test_lanczos_is_orthonormal_and_stops_at_an_invariant_subspace():
     A = np.diag(np.repeat([1.0, 2.0, 5.0], 4))  # three distinct eigenvalues: Krylov dimension 3
     alpha, beta, Q = spectra.lanczos(lambda v: A @ v, np.ones(12), 10)
-    assert len(alpha) == 3 and len(beta) == 2
+    assert len(alpha) == 3 and len(beta) == 3 and beta[-1] < 1e-10  # the residual vanishes
     np.testing.assert_allclose(Q.T @ Q, np.eye(3), atol=1e-14)
-    T = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
+    T = np.diag(alpha) + np.diag(beta[:-1], 1) + np.diag(beta[:-1], -1)
     np.testing.assert_allclose(np.linalg.eigvalsh(T), [1.0, 2.0, 5.0], rtol=1e-12)
 
 
@@ -270,69 +263,12 @@ def test_hutchinson_trace_is_within_its_standard_error():
     np.testing.assert_allclose(stderr, std, rtol=0.3)
 
 
-# ---------------------------------------------------------------------------------------------
-# Stability picture
-# ---------------------------------------------------------------------------------------------
-
-
-def test_bifurcation_episodes_on_a_synthetic_loss():
-    t = np.arange(400)
-    F = 1.0 / (1.0 + 0.01 * t)  # smooth descent: no flips
-    assert len(spectra.bifurcation_episodes(F)[0]) == 0
-    bounce = np.zeros_like(F)
-    bounce[100:161] = 0.05 * (-1.0) ** t[100:161]  # period two from step 100 to 160
-    bounce[250:301] = 0.02 * (-1.0) ** t[250:301]  # and from 250 to 300
-    starts, ends = spectra.bifurcation_episodes(F + bounce)
-    np.testing.assert_array_equal(starts, [100, 250])
-    np.testing.assert_array_equal(ends, [161, 301])
-    # logged steps with offsets; a gap in the log breaks the episode
-    starts, ends = spectra.bifurcation_episodes(F + bounce, step=t + 1000)
-    np.testing.assert_array_equal(starts, [1100, 1250])
-    keep = t != 130
-    starts, ends = spectra.bifurcation_episodes((F + bounce)[keep], step=t[keep])
-    np.testing.assert_array_equal(starts, [100, 133, 250])  # dF(131) needs F(130)
-    np.testing.assert_array_equal(ends, [129, 161, 301])
-    # roundoff-level wiggles are not bounces
-    wiggle = 1e-14 * (-1.0) ** t
-    assert len(spectra.bifurcation_episodes(np.full(400, 0.3) + wiggle)[0]) == 0
-
-
-def test_hessian_threshold_on_synthetic_lambda_max():
-    t = np.arange(600) * 25  # tracked every 25 steps, as in the authors' notebook
-    base = 1.0 + 0.004 * np.arange(600)  # smooth growth: steps of 0.004 < 0.1
-    bounce = np.zeros(600)
-    bounce[100:152] = 0.3 * (-1.0) ** np.arange(100, 152)  # +0.3 at 100 ... -0.3 at 151
-    bounce[400:461] = 0.3 * (-1.0) ** np.arange(400, 461)  # +0.3 at 400 ... +0.3 at 460
-    threshold, starts, ends = spectra.hessian_threshold(t, base + bounce)
-    np.testing.assert_array_equal(starts, t[[100, 400]])
-    np.testing.assert_array_equal(ends, t[[152, 461]])  # the first step back on the smooth branch
-    # each mark is the midpoint (lambda(t) + lambda(t-1)) / 2: base there plus half the bounce
-    marks = [
-        0.5 * (base[100] + base[99]) + 0.15,
-        0.5 * (base[152] + base[151]) - 0.15,
-        0.5 * (base[400] + base[399]) + 0.15,
-        0.5 * (base[461] + base[460]) + 0.15,
-    ]
-    np.testing.assert_allclose(threshold, np.mean(marks), rtol=1e-12)
-    assert np.isnan(spectra.hessian_threshold(t, base)[0])
-    # a fast but smooth fall (steps of -0.2, no bouncing) is not an instability
-    assert np.isnan(spectra.hessian_threshold(t, 200.0 - 0.2 * np.arange(600))[0])
-
-
-def test_stability_helpers():
-    assert spectra.gd_threshold(0.5) == 4.0
-    assert spectra.ntk_threshold(1.0, 300) == 600.0
-    np.testing.assert_allclose(
-        spectra.ntk_multiplier([150.0, 600.0, 900.0], 1.0, 300), [0.5, -1, -2]
-    )
-
-
 def test_mse_hessian_top_equals_ntk_top_over_n_without_the_network_term():
     """Gauss-Newton part of the MSE Hessian at Gamma = 1 is J^T J / N: same top as Theta / N."""
     params, X, y = tiny_problem(seed=9)
     s = spectra.net_state(params, X)
     hess = spectra.hessian(params, X, y, np.ones(K), "mse")
-    g, _, _ = spectra.loss_curvature(s["logits"], y, np.ones(K), "mse")
+    g = spectra.loss_terms(s, y, np.ones(K), "mse")[0]
     cross = spectra.cross_terms(s["xa"], s["mask"], g)  # (D+1, H, K)
     rows = (np.arange(D + 1)[:, None, None] * H + np.arange(H)[None, :, None]).repeat(K, 2)
     cols = D * H + H + np.arange(H)[None, :, None] * K + np.arange(K)[None, None, :]
@@ -342,63 +278,3 @@ def test_mse_hessian_top_equals_ntk_top_over_n_without_the_network_term():
     np.testing.assert_allclose(
         np.linalg.eigvalsh(hess)[-1], np.linalg.eigvalsh(spectra.ntk(params, X))[-1] / N, rtol=1e-10
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Following lambda_max during training
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("k", [1, 2])
-def test_tracker_follows_the_exact_top_eigenvalues_during_training(k):
-    params, X, y = tiny_problem(seed=10)
-    spec = TrainSpec(
-        A=np.array([20.0]),
-        T=np.array([40.0]),
-        stop_step=np.array([100]),
-        lr=1.0,
-        steps=120,
-        log_every=5,
-    )
-    tracker = spectra.SpectraTracker(X, y, spec, k=k)
-    snaps = {}
-
-    def on_log(step, params_host):
-        tracker(step, params_host)
-        snaps[step] = {name: a.copy() for name, a in params_host.items()}  # live views
-
-    train_block(params, (X, y, X, y), spec, on_log=on_log)
-    assert tracker.hess_topk.shape == (len(snaps), k)
-    np.testing.assert_array_equal(tracker.hess_step, sorted(snaps))
-    np.testing.assert_array_equal(tracker.ntk_step, sorted(snaps))
-    for i, step in enumerate(tracker.hess_step):
-        gamma = class_weights(step, 20.0, 40.0, K, 100)
-        hess = spectra.hessian(snaps[step], X, y, gamma)
-        np.testing.assert_allclose(
-            tracker.hess_topk[i], np.linalg.eigvalsh(hess)[::-1][:k], rtol=TRACK_RTOL
-        )
-        lam = np.linalg.eigvalsh(spectra.ntk(snaps[step], X))[-1]
-        lam_tr = np.linalg.eigvalsh(spectra.ntk_traced(snaps[step], X))[-1]
-        np.testing.assert_allclose(tracker.ntk_lmax[i], lam, rtol=TRACK_RTOL)
-        np.testing.assert_allclose(tracker.ntk_traced_lmax[i], lam_tr, rtol=TRACK_RTOL)
-    np.testing.assert_array_equal(tracker.hess_lmax, tracker.hess_topk[:, 0])
-    assert set(tracker.arrays()) == {
-        "hess_step",
-        "hess_lmax",
-        "hess_topk",
-        "ntk_step",
-        "ntk_lmax",
-        "ntk_traced_lmax",
-    }
-
-
-def test_tracker_records_nan_for_a_diverged_network_and_recovers():
-    params, X, y = tiny_problem(seed=11)
-    spec = TrainSpec(np.array([1.0]), np.array([10.0]), np.array([100]), 1.0, 10, 1)
-    tracker = spectra.SpectraTracker(X, y, spec)
-    bad = {name: np.full_like(a, np.nan) for name, a in params.items()}
-    tracker(0, params)
-    tracker(1, bad)
-    tracker(2, params)
-    assert np.isnan(tracker.hess_lmax[1]) and np.isnan(tracker.ntk_lmax[1])
-    np.testing.assert_allclose(tracker.hess_lmax[2], tracker.hess_lmax[0], rtol=EIG_RTOL)

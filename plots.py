@@ -1,0 +1,253 @@
+"""Every figure of the project, drawn with matplotlib from the arrays the commands save.
+
+plot_spiral_run      Fig. 4 (a)-(d) for one spiral run: Gamma_i(t), F(t), F(t) - F(t-1), accuracies
+plot_dynamics        Fig. 4: the same with the Hessian and NTK lambda_max, and a zoomed cascade
+plot_threshold       Fig. 5: the Hessian threshold against the learning rate; static runs
+plot_phase           Figs. 1 and 3: mean training and validation accuracy over (T, A)
+plot_cifar_run       one Myrtle5 run of the Fig. 1 protocol against epoch
+plot_density         the Hessian's spectral density (stochastic Lanczos quadrature) at chosen steps
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dynloss import class_weights  # noqa: E402
+from protocol import lr_schedule  # noqa: E402
+from stability import SPECTRA_FIELDS, zoom_window  # noqa: E402
+
+PLOT_MAX_POINTS = 20000  # points per curve of Gamma(t) in a CIFAR run figure
+
+
+def plot_spiral_run(arrays, path, title):
+    """Fig. 4 (a)-(d): Gamma_i(t), F(t), F(t) - F(t-1), training and validation accuracy."""
+    step = arrays["step"]
+    first = lambda a: a if a.ndim == 1 else a[:, 0]
+    fig, ax = plt.subplots(4, 1, figsize=(8, 9), sharex=True)
+    gamma = arrays["gamma"] if arrays["gamma"].ndim == 2 else arrays["gamma"][:, 0]
+    for i in range(gamma.shape[1]):
+        ax[0].plot(step, gamma[:, i], lw=1, label=f"class {i}")
+    ax[0].set_ylabel(r"$\Gamma_i(t)$")
+    ax[0].legend(loc="upper right", fontsize=7, ncol=3)
+    ax[1].plot(step, first(arrays["loss"]), lw=0.8)
+    ax[1].set_ylabel(r"$\mathcal{F}(t)$")
+    ax[1].set_yscale("log")
+    ax[2].plot(step, first(arrays["dloss"]), lw=0.5)
+    ax[2].set_ylabel(r"$\mathcal{F}(t)-\mathcal{F}(t-1)$")
+    ax[3].plot(step, arrays["train_acc"], lw=0.8, color="C0", label="training")
+    ax[3].plot(step, arrays["val_acc"], lw=0.8, color="C1", label="validation")
+    ax[3].set_ylabel("accuracy")
+    ax[3].set_ylim(0, 1.02)
+    ax[3].set_xlabel("step t")
+    h, lab = ax[3].get_legend_handles_labels()
+    ax[3].legend(h[:1] + h[-1:], lab[:1] + lab[-1:], loc="lower right", fontsize=8)
+    for a, letter in zip(ax, "abcd", strict=False):
+        a.text(0.01, 0.85, f"({letter})", transform=a.transAxes)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_dynamics(arrays, info, path, title):
+    """Fig. 4: (a) Gamma, (b) F, (c) F(t) - F(t-1), (d) accuracies, (e) Hessian lambda_max with
+    the threshold, (f) NTK lambda_max with the eq. (14) bound; (g)-(l) the same zoomed."""
+    step = arrays["step"]
+    t0, t1 = zoom_window(info, step, arrays["T"])
+    fig, ax = plt.subplots(6, 2, figsize=(13, 13), sharex="col")
+    for col, (lo, hi) in enumerate(((step[0], step[-1]), (t0, t1))):
+        sel = (step >= lo) & (step <= hi)
+        pre = "zoom_" if col == 1 and "zoom_hess_step" in arrays else ""
+        sp = {k: arrays[pre + k] for k in SPECTRA_FIELDS}
+        hs = (sp["hess_step"] >= lo) & (sp["hess_step"] <= hi)
+        ns = (sp["ntk_step"] >= lo) & (sp["ntk_step"] <= hi)
+        a = ax[:, col]
+        for i in range(arrays["gamma"].shape[1]):
+            a[0].plot(step[sel], arrays["gamma"][sel, i], lw=1)
+        a[1].plot(step[sel], arrays["loss"][sel], lw=0.6)
+        a[1].set_yscale("log")
+        a[2].plot(step[sel], arrays["dloss"][sel], lw=0.4)
+        a[3].plot(step[sel], arrays["train_acc"][sel], lw=0.6, label="training")
+        a[3].plot(step[sel], arrays["val_acc"][sel], lw=0.6, label="validation")
+        a[4].plot(sp["hess_step"][hs], sp["hess_lmax"][hs], lw=0.6, color="k")
+        if np.isfinite(info["threshold"]):
+            a[4].axhline(info["threshold"], ls="--", color="C3", lw=1, label="threshold")
+        a[4].axhline(info["gd_bound"], ls=":", color="C7", lw=1, label=r"$2/\eta$")
+        a[5].plot(sp["ntk_step"][ns], sp["ntk_lmax"][ns], lw=0.6, label="full (NK x NK)")
+        a[5].plot(sp["ntk_step"][ns], sp["ntk_traced_lmax"][ns], lw=0.6, label="traced (N x N)")
+        a[5].axhline(info["ntk_bound"], ls=":", color="C7", lw=1, label=r"$2N/\eta$ (eq. 14)")
+        a[5].set_xlabel("step t")
+        for s0, color in (("thr_start", "g"), ("thr_end", "r")):
+            for t in info[s0]:
+                if lo <= t <= hi:
+                    for row in a[1:]:
+                        row.axvline(t, ls="--", color=color, lw=0.5, alpha=0.6)
+        letters = "abcdef" if col == 0 else "ghijkl"
+        for row, letter in zip(a, letters, strict=True):
+            row.text(0.01, 0.85, f"({letter})", transform=row.transAxes)
+    labels = (
+        r"$\Gamma_i(t)$",
+        r"$\mathcal{F}(t)$",
+        r"$\mathcal{F}(t)-\mathcal{F}(t-1)$",
+        "accuracy",
+        r"Hessian $\lambda_{max}$",
+        r"NTK $\lambda_{max}$",
+    )
+    for row, label in zip(ax[:, 0], labels, strict=True):
+        row.set_ylabel(label)
+    ax[3, 0].legend(fontsize=7, loc="lower right")
+    ax[4, 0].legend(fontsize=7, loc="upper right")
+    ax[5, 0].legend(fontsize=7, loc="upper right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+
+
+def plot_threshold(arrays, fits, cfg, path):
+    """Fig. 5: (a) threshold against eta (log-log) with fits; (b, c) static runs against it."""
+    widths, lrs, thr = arrays["widths"], arrays["lrs"], arrays["threshold"]
+    fig, ax = plt.subplots(1, 1 + len(widths), figsize=(5 + 4.5 * len(widths), 4))
+    grid = np.geomspace(lrs.min(), lrs.max(), 50)
+    for i, w in enumerate(widths):
+        slope, err, icpt = fits[str(w)]
+        ax[0].plot(lrs, thr[i], "o", color=f"C{i}", label=f"width {w}")
+        if np.isfinite(slope):
+            ax[0].plot(
+                grid,
+                np.exp(icpt) * grid**slope,
+                "-",
+                color=f"C{i}",
+                lw=0.8,
+                label=f"fit: exponent {slope:.2f} ± {err:.2f}",
+            )
+    ax[0].plot(grid, 2 / grid, ":", color="C7", label=r"$2/\eta$")
+    ax[0].set_xscale("log")
+    ax[0].set_yscale("log")
+    ax[0].set_xticks(lrs, [f"{v:g}" for v in lrs])
+    ax[0].minorticks_off()
+    ax[0].set_xlabel(r"learning rate $\eta$")
+    ax[0].set_ylabel(r"Hessian $\lambda_{max}$ threshold")
+    ax[0].legend(fontsize=7)
+    ax[0].set_title("(a)")
+    at1 = np.nanmean(thr[:, np.argmin(np.abs(np.log(lrs)))])  # threshold at the lr nearest 1
+    for i, w in enumerate(widths):
+        a = ax[1 + i]
+        a.plot(
+            arrays[f"static_w{w}_hess_step"], arrays[f"static_w{w}_hess_lmax"], lw=0.6, color="k"
+        )
+        if np.isfinite(at1):
+            a.axhline(at1, ls="--", color="C3", label="threshold from (a)")
+        a.set_yscale("log")
+        a.set_xlabel("step t")
+        a.set_title(
+            f"({'bc'[i] if i < 2 else i}) static loss (A = 1), lr 1, width {w}, "
+            f"train acc {float(arrays[f'static_w{w}_train_acc']):.2f}",
+            fontsize=9,
+        )
+        a.legend(fontsize=7)
+    fig.suptitle(
+        f"Fig. 5: A = {cfg['A']:g}, T = {cfg['T0']:g}/eta, {cfg['steps0']}/eta steps, "
+        f"Hessian every {cfg['hess_every']} steps",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_phase(summary, path, title, t_label):
+    """Contour maps of mean training (a) and validation (b) accuracy over (T, A), log axes.
+
+    Colour levels span each panel's own range, so small gains (Fig. 1) stay visible; the grid
+    points are marked and the A = 1 row (the static loss) lies inside the frame.
+    """
+    T, A = summary["T"], summary["A"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    panels = (("train_acc", "(a) training"), ("val_acc", "(b) validation"))
+    for ax, (f, label) in zip(axes, panels, strict=True):
+        Z = summary[f + "_mean"].T  # (a, b): rows A, columns T
+        lo, hi = (np.nanmin(Z), np.nanmax(Z)) if np.isfinite(Z).any() else (0.0, 1.0)
+        if hi - lo < 1e-3:
+            lo, hi = lo - 5e-4, hi + 5e-4
+        if len(T) > 1 and len(A) > 1:
+            cs = ax.contourf(T, A, Z, levels=np.linspace(lo, hi, 15), cmap="viridis")
+        else:
+            cs = ax.scatter(
+                np.tile(T, len(A)),
+                np.repeat(A, len(T)),
+                c=Z.ravel(),
+                s=200,
+                vmin=lo,
+                vmax=hi,
+                cmap="viridis",
+            )
+        ax.plot(*np.meshgrid(T, A), "k.", ms=3, clip_on=False)  # the grid points
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_ylim(A.min() / 1.15, A.max() * 1.15)
+        ax.set_xlim(T.min() / 1.15, T.max() * 1.15)
+        ax.set_xticks(T, [f"{t:g}" for t in T], minor=False, fontsize=7)
+        ax.set_yticks(A, [f"{a:g}" for a in A], minor=False, fontsize=7)
+        ax.minorticks_off()
+        ax.set_xlabel(t_label)
+        ax.set_title(f"{label} accuracy")
+        fig.colorbar(cs, ax=ax, format="%.3f")
+    axes[0].set_ylabel("amplitude A (A = 1: static loss)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_cifar_run(arrays, settings, path, title):
+    """Gamma_i(t) (every step), learning rate, losses, accuracies (and lambda_max) vs epoch."""
+    spe = int(arrays["steps_per_epoch"])
+    epoch = arrays["epoch"]
+    E = int(epoch[-1])
+    K = arrays["gamma"].shape[1]
+    stride = max(1, E * spe // PLOT_MAX_POINTS)
+    steps = np.arange(0, E * spe, stride)
+    gam = class_weights(steps, settings["A"], settings["T"], K, int(arrays["stop_step"]))
+    has_hess = np.isfinite(arrays["hess_top"]).any()
+    n = 5 if has_hess else 4
+    fig, ax = plt.subplots(n, 1, figsize=(8, 2.1 * n + 0.6), sharex=True)
+    for i in range(K):
+        ax[0].plot(steps / spe, gam[:, i], lw=0.4, rasterized=True)
+    ax[0].set_ylabel(r"$\Gamma_i(t)$")
+    ax[1].plot(
+        steps / spe,
+        lr_schedule(steps, spe, settings),
+        color="k",
+        lw=1,
+    )
+    ax[1].set_ylabel("learning rate")
+    ok = np.isfinite(arrays["train_loss"])
+    ax[2].plot(epoch[ok], arrays["train_loss"][ok], ".-", ms=3, label="train (dynamical)")
+    ax[2].plot(epoch[ok], arrays["train_loss_static"][ok], ".-", ms=3, label="train (static)")
+    ax[2].plot(epoch, arrays["test_loss"], ".-", ms=3, label="test")
+    ax[2].set_yscale("log")
+    ax[2].set_ylabel("loss")
+    ax[2].legend(fontsize=7, loc="upper right")
+    ax[3].plot(epoch[ok], arrays["train_acc"][ok], ".-", ms=3, label="training")
+    ax[3].plot(epoch, arrays["test_acc"], ".-", ms=3, label="test")
+    ax[3].axhline(1.0 / K, color="grey", lw=0.5, ls=":")
+    ax[3].set_ylim(0, 1.02)
+    ax[3].set_ylabel("accuracy")
+    ax[3].legend(fontsize=7, loc="lower right")
+    if has_hess:
+        ok = np.isfinite(arrays["hess_top"])
+        ax[4].plot(epoch[ok], arrays["hess_top"][ok], "o-", ms=3)
+        ax[4].set_ylabel(r"$\lambda_{max}$ (Hessian)")
+    for a, letter in zip(ax, "abcde", strict=False):
+        a.text(0.01, 0.85, f"({letter})", transform=a.transAxes)
+        a.axvline(settings["stop_epoch"], color="grey", lw=0.5, ls="--")
+    ax[-1].set_xlabel("epoch")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

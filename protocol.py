@@ -1,0 +1,546 @@
+"""The Fig. 1 training protocol for Myrtle5: schedule, minibatches, evaluation, checkpoints.
+
+Protocol (the Fig. 1 caption), every item a setting of ``run_cifar.py``
+-------------------------------------------------------------------------
+Myrtle5 with c = 64 channels (models.py), CIFAR-10 without augmentation, normalised per channel
+with the training-set mean and std; Nesterov momentum 0.9 (models.nesterov_step, PyTorch's form);
+minibatches of 512; 700 epochs; the dynamical loss (eqs. 1-5) with t counted in minibatch steps;
+oscillations stopped (Gamma = 1) from epoch 600; test accuracy after every epoch.
+
+* Learning rate: changes EVERY STEP. ``lr_at(t, steps_per_epoch, ...)`` is the piecewise-linear
+  schedule evaluated at the fractional epoch e = t / steps_per_epoch: 0 at e = 0, lr_peak (0.02)
+  at the peak epoch (300), lr_final (0.002) at the final epoch (700). Update t uses lr_at(t), so
+  the first update only fills the momentum buffer (lr 0).
+* Short runs: without a peak or stop epoch both are SCALED to the number of epochs, at 300/700
+  and 600/700 of the run (fractional epochs are fine: everything is counted in steps).
+* Gamma: update t uses dynloss.class_weights(t, A, T, K, stop_step) with
+  stop_step = round(stop_epoch * steps_per_epoch); Gamma = 1 from that step on.
+* Minibatches: a new permutation of the training set every epoch, drawn from the run's own
+  np.random.Generator; the last partial batch is DROPPED, so every step sees exactly ``batch``
+  images (CIFAR-10: 50000 // 512 = 97 steps per epoch; the 336 images left out differ from epoch
+  to epoch). The paper does not say which it did.
+* Seeds: seed s spawns two streams from np.random.SeedSequence(s): the first initialises the
+  network (models.init_myrtle5), the second shuffles. The data do not depend on it.
+* dtype: float32 by default on the GPU and on the CPU (the paper's JAX runs were float32);
+  float64 for exact checks (the tests); the optional Hessian eigenvalue is always computed in
+  float64 on the CPU.
+
+Checkpoints: ``checkpoint.npz`` in the run's folder, written atomically (``p_<name>``/``v_<name>``:
+parameters and Nesterov buffers in the run's dtype; ``epoch``, ``step``; ``rng_state``: the
+shuffling Generator's bit_generator.state as JSON; ``hist_<field>`` and ``gamma``: the history
+so far; ``hess_vec``: the warm start of the eigenvalue solver; ``diverged_epoch``; ``settings``:
+the settings as JSON). Resuming from it gives exactly the result of an uninterrupted run (bit for
+bit on the CPU). docs/formats.md describes run.npz.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+import cifar
+from cli import InputError
+from dynloss import class_weights, get_array_module, per_sample_cross_entropy
+from models import (
+    MYRTLE5_DIVISOR,
+    MYRTLE5_PARAM_NAMES,
+    NESTEROV_MOMENTUM,
+    init_myrtle5,
+    myrtle5_forward,
+    myrtle5_hvp_operator,
+    myrtle5_loss_and_grads,
+    nesterov_step,
+    to_device,
+    to_host,
+)
+from spectra import top_eigs
+from sweep import atomic_savez
+
+# The Fig. 1 protocol (caption)
+EPOCHS = 700
+PEAK_EPOCH = 300  # learning rate 0 -> LR_PEAK linearly up to this epoch (of EPOCHS) ...
+STOP_EPOCH = 600  # ... and Gamma = 1 from this epoch (of EPOCHS) on
+LR_PEAK = 0.02
+LR_FINAL = 0.002  # reached at the final epoch
+BATCH = 512
+MOMENTUM = NESTEROV_MOMENTUM
+CHANNELS = 64
+CHECKPOINT_NAME = "checkpoint.npz"
+
+HIST_FIELDS = (
+    "lr",
+    "train_loss",
+    "train_loss_static",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "batch_loss",
+    "batch_acc",
+    "hess_top",
+)
+
+
+def lr_at(
+    step,
+    steps_per_epoch,
+    lr_peak=LR_PEAK,
+    lr_final=LR_FINAL,
+    peak_epoch=PEAK_EPOCH,
+    final_epoch=EPOCHS,
+):
+    """Learning rate of update ``step``; changes every step (not once per epoch).
+
+    Piecewise linear in the fractional epoch e = step / steps_per_epoch: lr_peak * e / peak_epoch
+    for e < peak_epoch, then linear from lr_peak at peak_epoch to lr_final at final_epoch. Needs
+    0 < peak_epoch <= final_epoch. step : int or array (S,); returns a float or (S,) float64.
+    """
+    e = np.asarray(step, dtype=np.float64) / steps_per_epoch
+    rise = lr_peak * e / peak_epoch
+    span = final_epoch - peak_epoch
+    fall = lr_peak + (lr_final - lr_peak) * (e - peak_epoch) / span if span > 0 else lr_peak + 0 * e
+    lr = np.where(e < peak_epoch, rise, fall)
+    return float(lr) if lr.ndim == 0 else lr
+
+
+def steps_per_epoch(n_train, batch):
+    """Minibatch steps per epoch: the last partial batch is dropped."""
+    return n_train // batch
+
+
+def stop_step(settings, spe):
+    """The first step with Gamma = 1: round(stop_epoch * steps_per_epoch)."""
+    return int(round(settings["stop_epoch"] * spe))
+
+
+def step_gammas(settings, spe, t0, t1, K):
+    """Gamma_i(t) (eqs. 2-5, stopped at the stop step) for the updates t0 <= t < t1: (t1-t0, K)."""
+    steps = np.arange(t0, t1)
+    return class_weights(steps, settings["A"], settings["T"], K, stop_step(settings, spe))
+
+
+def lr_schedule(steps, spe, settings):
+    """lr_at with the schedule of ``settings``: steps (S,) -> (S,) float64."""
+    s = settings
+    return lr_at(steps, spe, s["lr_peak"], s["lr_final"], s["peak_epoch"], s["epochs"])
+
+
+def step_lrs(settings, spe, t0, t1):
+    """lr_at for the updates t0 <= t < t1: (t1-t0,) float64."""
+    return lr_schedule(np.arange(t0, t1), spe, settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
+
+MD5_PATTERN = re.compile(r"^[0-9a-fA-F]{32}$")
+DEFAULTS = {  # the options of run_cifar.py train and phase, at the Fig. 1 protocol
+    "data": None,  # CIFAR-10 archive or folder (None: $CIFAR10_PATH), or "synthetic"
+    "md5": cifar.OFFICIAL_MD5,
+    "synthetic_train": 10000,
+    "synthetic_test": 2000,
+    "image_size": 32,
+    "data_seed": 0,
+    "epochs": EPOCHS,
+    "batch": BATCH,
+    "lr_peak": LR_PEAK,
+    "lr_final": LR_FINAL,
+    "peak_epoch": None,  # None: PEAK_EPOCH / EPOCHS of the run
+    "stop_epoch": None,  # None: STOP_EPOCH / EPOCHS of the run
+    "momentum": MOMENTUM,
+    "channels": CHANNELS,
+    "dtype": "auto",
+    "train_eval_every": 1,
+    "eval_batch": 500,
+    "checkpoint_every": 10,
+    "device": "cpu",
+}
+
+
+def positive(value, name, integer=False):
+    """Refuse a value that is not positive (and finite): InputError naming the option."""
+    ok = value > 0 and math.isfinite(value)
+    if not ok:
+        raise InputError(f"{name} must be positive{'' if integer else ' and finite'}, got {value}")
+
+
+def resolve_settings(args):
+    """Validate the protocol's options (names as in DEFAULTS); return the defining settings.
+
+    ``args`` : any object with the attributes of DEFAULTS (run_cifar.py's options). The settings
+    are what defines the result (not the output folder, device, checkpoint interval); the
+    schedule's peak and stop epochs are scaled to the number of epochs when not given. A, T and
+    seed are filled in by the caller. Raises InputError.
+    """
+    positive(args.epochs, "--epochs", integer=True)
+    positive(args.batch, "--batch", integer=True)
+    positive(args.lr_peak, "--lr-peak")
+    if not (args.lr_final >= 0 and math.isfinite(args.lr_final)):
+        raise InputError(f"--lr-final must be >= 0 and finite, got {args.lr_final}")
+    positive(args.channels, "--channels", integer=True)
+    if not 0 <= args.momentum < 1:
+        raise InputError(f"--momentum must be in [0, 1), got {args.momentum}")
+    positive(args.checkpoint_every, "--checkpoint-every", integer=True)
+    if args.train_eval_every < 0:
+        raise InputError(f"--train-eval-every must be >= 0, got {args.train_eval_every}")
+    positive(args.eval_batch, "--eval-batch", integer=True)
+    E = args.epochs
+    peak = E * PEAK_EPOCH / EPOCHS if args.peak_epoch is None else args.peak_epoch
+    stop = E * STOP_EPOCH / EPOCHS if args.stop_epoch is None else args.stop_epoch
+    if not 0 < peak <= E:
+        raise InputError(f"--peak-epoch must be in (0, --epochs = {E}], got {peak}")
+    if not 0 <= stop <= E:
+        raise InputError(f"--stop-epoch must be in [0, --epochs = {E}], got {stop}")
+    if args.dtype not in ("auto", "float32", "float64"):
+        raise InputError(f"--dtype must be auto, float32 or float64, got {args.dtype!r}")
+    if args.device not in ("cpu", "gpu"):
+        raise InputError(f"--device must be cpu or gpu, got {args.device!r}")
+    dtype = "float32" if args.dtype == "auto" else args.dtype
+    synthetic = args.data == "synthetic"
+    if synthetic:
+        positive(args.synthetic_train, "--synthetic-train", integer=True)
+        positive(args.synthetic_test, "--synthetic-test", integer=True)
+        n_batches = len(cifar.TRAIN_MEMBERS)
+        if args.synthetic_train % n_batches:
+            raise InputError(f"--synthetic-train must be a multiple of {n_batches}")
+        check_image_size(args.image_size, "--image-size")
+        md5 = None
+    else:
+        md5 = None if str(args.md5).lower() == "none" else str(args.md5).lower()
+        if md5 is not None and not MD5_PATTERN.match(md5):
+            raise InputError(f"--md5 must be 32 hex digits or 'none', got {args.md5!r}")
+    return {
+        "data": "synthetic" if synthetic else "cifar10",
+        "md5": md5,
+        "synthetic_train": args.synthetic_train if synthetic else None,
+        "synthetic_test": args.synthetic_test if synthetic else None,
+        "image_size": args.image_size if synthetic else None,
+        "data_seed": args.data_seed if synthetic else None,
+        "epochs": E,
+        "batch": args.batch,
+        "lr_peak": args.lr_peak,
+        "lr_final": args.lr_final,
+        "peak_epoch": peak,
+        "stop_epoch": stop,
+        "momentum": args.momentum,
+        "channels": args.channels,
+        "dtype": dtype,
+        "train_eval_every": args.train_eval_every,
+        "eval_batch": args.eval_batch,
+    }
+
+
+def check_run(settings, A, T, seed):
+    """Validate one run's amplitude, period and seed."""
+    if not (A >= 1 and math.isfinite(A)):
+        raise InputError(f"--A must be >= 1 (A = 1 is the static loss), got {A}")
+    if not (T >= 1 and math.isfinite(T)):
+        raise InputError(f"--T must be >= 1 minibatch step, got {T}")
+    if seed < 0:
+        raise InputError(f"--seed must be >= 0, got {seed}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def check_image_size(size, name):
+    """Refuse an image side that Myrtle5 cannot take (InputError)."""
+    if size <= 0 or size % MYRTLE5_DIVISOR:
+        raise InputError(
+            f"{name} {size}: Myrtle5 needs image sides that are positive multiples of "
+            f"{MYRTLE5_DIVISOR} (three 2x2 average pools)"
+        )
+
+
+def load_data(settings, path, hess_batch=0):
+    """Load and normalise the data (training-set statistics); check it fits the settings.
+
+    path : --data (None: $CIFAR10_PATH) for CIFAR-10, unused for synthetic data.
+    Returns a dict: x_train (N, Hx, Wx, 3) and x_test in the settings' dtype, y_train (N,),
+    y_test, K, source, and x_hess (hess_batch, Hx, Wx, 3) float64 / y_hess when hess_batch > 0.
+    Raises InputError (CifarError's one line, image sides, batch larger than the training set).
+    """
+    s = settings
+    try:
+        if s["data"] == "synthetic":
+            n_per_batch = s["synthetic_train"] // len(cifar.TRAIN_MEMBERS)
+            raw = cifar.load_synthetic(
+                s["data_seed"], n_per_batch, s["synthetic_test"], s["image_size"]
+            )
+        else:
+            raw = cifar.load_cifar10(path, expected_md5=s["md5"])
+    except cifar.CifarError as err:
+        raise InputError(str(err)) from None
+    check_image_size(raw.x_train.shape[1], "image size")
+    n_train = raw.x_train.shape[0]
+    if s["batch"] > n_train:
+        raise InputError(f"--batch {s['batch']} is larger than the {n_train} training images")
+    if hess_batch > n_train:
+        raise InputError(f"--hess-batch {hess_batch} exceeds the {n_train} training images")
+    data = cifar.normalize(raw, np.dtype(s["dtype"]))
+    out = {
+        "x_train": data.x_train,
+        "y_train": data.y_train,
+        "x_test": data.x_test,
+        "y_test": data.y_test,
+        "K": len(data.label_names),
+        "source": data.source,
+    }
+    if hess_batch:
+        mean, std = cifar.channel_stats(raw.x_train)
+        out["x_hess"] = cifar.normalize_images(raw.x_train[:hess_batch], mean, std, np.float64)
+        out["y_hess"] = raw.y_train[:hess_batch]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate(params, x, y, gamma, batch):
+    """Dynamical loss (eq. 1 with ``gamma``), static cross-entropy and accuracy on (x, y).
+
+    x : (N, Hx, Wx, 3) and y : (N,) on the backend of params; gamma : (K,); forward passes of
+    ``batch`` images. Returns three floats (one host sync).
+    """
+    xp = get_array_module(x)
+    w = xp.asarray(gamma, dtype=np.float64)  # (K,)
+    dyn = static = correct = xp.zeros((), dtype=np.float64)
+    for s in range(0, x.shape[0], batch):
+        yb = y[s : s + batch]  # (n,)
+        logits, _ = myrtle5_forward(x[s : s + batch], params)  # (n, K)
+        ce = per_sample_cross_entropy(logits.astype(np.float64)[None], yb)[0]  # (n,)  CE_j
+        dyn = dyn + (w[yb] * ce).sum()  # sum_j Gamma_{y_j} CE_j
+        static = static + ce.sum()
+        correct = correct + (logits.argmax(axis=1) == yb).sum()
+    n = x.shape[0]
+    host = to_host({"dyn": dyn, "static": static, "correct": correct})
+    return float(host["dyn"]) / n, float(host["static"]) / n, float(host["correct"]) / n
+
+
+def top_hessian_eig(params, x, y, gamma, v0):
+    """Top eigenvalue of the Hessian of the dynamical loss on (x, y), float64 on the CPU.
+
+    spectra.top_eigs (eigsh, which='LA') on models.myrtle5_hvp_operator, warm-started from v0
+    (P,) (None: a fixed random start). Returns (lambda_max, eigenvector (P,)).
+    """
+    host = {k: v.astype(np.float64) for k, v in to_host(params).items()}
+    matvec = myrtle5_hvp_operator(host, x, y, gamma)
+    P = sum(v.size for v in host.values())
+    vals, vecs = top_eigs(matvec, P, k=1, v0=v0)
+    return float(vals[0]), vecs[:, 0]
+
+
+class _State:
+    """A run in progress: parameters and buffers on the backend, everything else on the host."""
+
+    def __init__(self, params, velocity, rng, epochs, K):
+        self.params, self.velocity, self.rng = params, velocity, rng
+        self.epoch = 0  # epochs completed
+        self.step = 0  # updates done
+        self.hist = {f: np.full(epochs + 1, np.nan) for f in HIST_FIELDS}  # (E+1,) each
+        self.gamma = np.full((epochs + 1, K), np.nan)  # (E+1, K)
+        self.hess_vec = None
+        self.diverged_epoch = -1
+
+
+def _fresh_state(settings, K, xp):
+    init_seq, shuffle_seq = np.random.SeedSequence(settings["seed"]).spawn(2)
+    params = init_myrtle5(
+        np.random.default_rng(init_seq),
+        c=settings["channels"],
+        in_channels=3,
+        n_classes=K,
+        dtype=np.dtype(settings["dtype"]),
+    )
+    params = to_device(params, xp)
+    velocity = {k: xp.zeros_like(v) for k, v in params.items()}
+    return _State(params, velocity, np.random.default_rng(shuffle_seq), settings["epochs"], K)
+
+
+def _settings_json(settings):
+    return json.dumps(settings, sort_keys=True)
+
+
+def differing(old, new):
+    """The keys whose values differ between two settings dicts (after a JSON round trip)."""
+    new = json.loads(json.dumps(new))
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def save_checkpoint(path, state, settings):
+    """Write the state atomically (format: module docstring)."""
+    arrays = {f"p_{k}": v for k, v in to_host(state.params).items()}
+    arrays.update({f"v_{k}": v for k, v in to_host(state.velocity).items()})
+    arrays.update({f"hist_{f}": v for f, v in state.hist.items()})
+    arrays.update(
+        epoch=np.int64(state.epoch),
+        step=np.int64(state.step),
+        rng_state=np.array(json.dumps(state.rng.bit_generator.state)),
+        gamma=state.gamma,
+        hess_vec=np.zeros(0) if state.hess_vec is None else state.hess_vec,
+        diverged_epoch=np.int64(state.diverged_epoch),
+        settings=np.array(_settings_json(settings)),
+    )
+    atomic_savez(path, **arrays)
+
+
+def read_checkpoint_settings(path):
+    with np.load(path) as z:
+        return json.loads(str(z["settings"]))
+
+
+def load_checkpoint(path, settings, K, xp):
+    """Restore a :class:`_State` written by :func:`save_checkpoint`."""
+    with np.load(path) as z:
+        params = to_device({k: z[f"p_{k}"] for k in MYRTLE5_PARAM_NAMES}, xp)
+        velocity = to_device({k: z[f"v_{k}"] for k in MYRTLE5_PARAM_NAMES}, xp)
+        rng = np.random.default_rng()
+        rng.bit_generator.state = json.loads(str(z["rng_state"]))
+        state = _State(params, velocity, rng, settings["epochs"], K)
+        state.epoch, state.step = int(z["epoch"]), int(z["step"])
+        state.hist = {f: z[f"hist_{f}"].copy() for f in HIST_FIELDS}
+        state.gamma = z["gamma"].copy()
+        state.hess_vec = z["hess_vec"].copy() if z["hess_vec"].size else None
+        state.diverged_epoch = int(z["diverged_epoch"])
+    return state
+
+
+def _log_row(state, settings, data, dev, spe, hess_every):
+    """Fill history row e = state.epoch: the state before update t = e * steps_per_epoch."""
+    e, t, E = state.epoch, state.step, settings["epochs"]
+    K = data["K"]
+    gamma = step_gammas(settings, spe, t, t + 1, K)[0]  # (K,)
+    state.gamma[e] = gamma
+    state.hist["lr"][e] = step_lrs(settings, spe, t, t + 1)[0]
+    every = settings["train_eval_every"]
+    with np.errstate(all="ignore"):
+        if e == E or (every > 0 and e % every == 0):
+            dyn, static, acc = evaluate(
+                state.params, dev["x_train"], dev["y_train"], gamma, settings["eval_batch"]
+            )
+            state.hist["train_loss"][e] = dyn
+            state.hist["train_loss_static"][e] = static
+            state.hist["train_acc"][e] = acc
+        _, test_loss, test_acc = evaluate(
+            state.params, dev["x_test"], dev["y_test"], gamma, settings["eval_batch"]
+        )
+    state.hist["test_loss"][e], state.hist["test_acc"][e] = test_loss, test_acc
+    if hess_every and e % hess_every == 0 and state.diverged_epoch < 0:
+        lam, state.hess_vec = top_hessian_eig(
+            state.params, data["x_hess"], data["y_hess"], gamma, state.hess_vec
+        )
+        state.hist["hess_top"][e] = lam
+
+
+def _train_epoch(state, settings, dev, spe, K, xp, bar):
+    """One epoch of minibatch Nesterov steps on the dynamical loss; updates state in place."""
+    B, t0 = settings["batch"], state.step
+    perm = state.rng.permutation(dev["n_train"])  # a new order every epoch
+    dtype = np.dtype(settings["dtype"])
+    gammas = xp.asarray(step_gammas(settings, spe, t0, t0 + spe, K), dtype=dtype)  # (spe, K)
+    lrs = step_lrs(settings, spe, t0, t0 + spe)  # (spe,) on the host
+    idx_all = xp.asarray(perm[: spe * B].reshape(spe, B))  # (spe, B); the rest is dropped
+    loss_sum = correct = xp.zeros((), dtype=np.float64)
+    with np.errstate(all="ignore"):
+        for i in range(spe):
+            idx = idx_all[i]
+            xb, yb = dev["x_train"][idx], dev["y_train"][idx]  # (B, Hx, Wx, 3), (B,)
+            F, grads, logits = myrtle5_loss_and_grads(state.params, xb, yb, gammas[i])
+            # float(): a weak Python scalar keeps float32 arithmetic in float32 (NEP 50)
+            nesterov_step(state.params, grads, state.velocity, float(lrs[i]), settings["momentum"])
+            loss_sum = loss_sum + F
+            correct = correct + (logits.argmax(axis=1) == yb).sum()
+            if bar is not None:
+                bar.update(1)
+    host = to_host({"loss": loss_sum, "correct": correct})  # one host sync per epoch
+    state.step += spe
+    state.epoch += 1
+    state.hist["batch_loss"][state.epoch] = float(host["loss"]) / spe
+    state.hist["batch_acc"][state.epoch] = float(host["correct"]) / (spe * B)
+    return math.isfinite(float(host["loss"]))
+
+
+def train_run(settings, data, xp, work, checkpoint_every, hess_every=0, progress=True, say=print):
+    """Train one Myrtle5 network; checkpoint into ``work`` and resume from it.
+
+    settings : from :func:`resolve_settings` plus A, T, seed;  data : from :func:`load_data`.
+    Returns (state, info) with the finished :class:`_State` (history complete) and a dict of
+    steps_per_epoch, stop_step, resumed_from (epoch or None) and seconds.
+    """
+    t_start = time.time()
+    E, K = settings["epochs"], data["K"]
+    spe = steps_per_epoch(data["x_train"].shape[0], settings["batch"])
+    dev = {k: xp.asarray(data[k]) for k in ("x_train", "y_train", "x_test", "y_test")}
+    dev["n_train"] = data["x_train"].shape[0]
+    ckpt = os.path.join(work, CHECKPOINT_NAME)
+    resumed = None
+    if os.path.exists(ckpt):
+        state = load_checkpoint(ckpt, settings, K, xp)
+        resumed = state.epoch
+        say(f"resuming from {ckpt} at epoch {state.epoch} of {E}")
+    else:
+        state = _fresh_state(settings, K, xp)
+        _log_row(state, settings, data, dev, spe, hess_every)
+    bar = tqdm(
+        total=E * spe,
+        initial=state.step,
+        desc=f"A={settings['A']:g} T={settings['T']:g} seed={settings['seed']}",
+        unit="step",
+        disable=not progress,
+        mininterval=0.5,
+        leave=False,
+    )
+    while state.epoch < E and state.diverged_epoch < 0:
+        finite = _train_epoch(state, settings, dev, spe, K, xp, bar)
+        if not finite:
+            state.diverged_epoch = state.epoch
+        _log_row(state, settings, data, dev, spe, hess_every)
+        bar.set_postfix(test_acc=f"{state.hist['test_acc'][state.epoch]:.3f}", refresh=False)
+        if state.epoch % checkpoint_every == 0 or state.epoch == E or not finite:
+            save_checkpoint(ckpt, state, settings)
+    bar.close()
+    info = {
+        "steps_per_epoch": spe,
+        "stop_step": stop_step(settings, spe),
+        "resumed_from_epoch": resumed,
+        "seconds": round(time.time() - t_start, 2),
+    }
+    return state, info
+
+
+def final_metrics(state):
+    """Final training / test metrics; NaN when the run diverged."""
+    E = len(state.hist["test_acc"]) - 1
+    pick = lambda f: float("nan") if state.diverged_epoch >= 0 else float(state.hist[f][E])
+    return {
+        "train_acc": pick("train_acc"),
+        "val_acc": pick("test_acc"),
+        "train_loss": pick("train_loss_static"),
+        "val_loss": pick("test_loss"),
+    }
+
+
+def run_arrays(state, info):
+    """The arrays of run.npz (module docstring)."""
+    E = len(state.hist["test_acc"]) - 1
+    arrays = {
+        "epoch": np.arange(E + 1),
+        "step": np.arange(E + 1) * info["steps_per_epoch"],
+        "gamma": state.gamma,
+        "steps_per_epoch": np.int64(info["steps_per_epoch"]),
+        "stop_step": np.int64(info["stop_step"]),
+        "diverged_epoch": np.int64(state.diverged_epoch),
+    }
+    arrays.update(state.hist)
+    arrays.update(to_host(state.params))
+    return arrays

@@ -1,0 +1,376 @@
+"""Stability along a training run (Figs. 4 and 5): the spectra tracker, bifurcations, thresholds.
+
+A run of the dynamical loss is followed step by step: :class:`SpectraTracker` measures the top
+Hessian eigenvalue lambda_max and the NTK's lambda_max (spectra.py) at logged steps while
+spiral.train_block trains; :func:`bifurcation_episodes` finds where the loss bounces with period
+two (Fig. 4 (c)); :func:`hessian_threshold` finds the curvature above which lambda_max bounces
+(the Fig. 4 caption's threshold, Fig. 5 (a)); :func:`analyze` collects these for one run.
+
+The bounds they are compared with:
+- gradient descent on a quadratic with learning rate eta is unstable along curvature above
+  2/eta (:func:`gd_threshold`);
+- eq. (14): under MSE the NTK mode with eigenvalue lambda is multiplied by 1 - (eta/N) lambda per
+  step (eq. 13), so it flips and grows once lambda > 2N/eta (:func:`ntk_threshold`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from dynloss import class_weights
+from spectra import hessian_matvec, net_state, ntk_matvec, ntk_traced_matvec, top_eigs, warm_top_eig
+from spiral import TrainSpec, train_block
+
+TRACK_TOL = 1e-3  # tracker's relative residual: measured eigenvalue errors <= 1e-5 (benchmark)
+TRACK_MIX = 0.03  # weight of a random unit vector added to each warm start (see SpectraTracker)
+TRACK_COLD_TOL = 1e-10  # eigsh's tolerance for the tracker's first (cold) call
+TRACK_COLD_NCV = 20  # eigsh's Lanczos basis for a cold start (its usual default)
+MIX_SEED = 0  # the random directions mixed into the warm starts
+BIF_MIN_FLIPS = 4  # consecutive sign changes of F(t) - F(t-1) that make a bifurcation episode
+BIF_MIN_JUMP = 1e-12  # |F(t) - F(t-1)| at or below this is roundoff, not a bounce
+GAMMA_BLOCK = 4096  # the tracker evaluates Gamma(t) for this many steps at once
+HESS_JUMP = 0.1  # Fig. 4 caption: lambda_max(t) - lambda_max(t-1) ~ 0.1 marks an instability
+ZOOM_PAD = 50  # steps shown on each side of a zoomed instability (at least)
+SPECTRA_FIELDS = ("hess_step", "hess_lmax", "hess_topk", "ntk_step", "ntk_lmax", "ntk_traced_lmax")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bifurcations, the Hessian threshold, the bounds
+# ---------------------------------------------------------------------------------------------
+
+
+def _runs(flags):
+    """Maximal runs of True in a boolean (S,) array: first (E,), last (E,) indices."""
+    f = np.concatenate([[False], np.asarray(flags, dtype=bool), [False]])
+    edges = np.flatnonzero(f[1:] != f[:-1])
+    return edges[::2], edges[1::2] - 1
+
+
+def bifurcation_episodes(F, step=None, min_flips=BIF_MIN_FLIPS, min_jump=BIF_MIN_JUMP):
+    """Period-two bouncing in a loss series: dF(t) = F(t) - F(t-1) alternating in sign step
+    after step (Fig. 4 (c)).
+
+    F : (S,) loss logged at consecutive steps (log every step: with an even stride a period-two
+        oscillation is invisible)
+    step : (S,) steps (default 0..S-1); differences across a gap (step jump != 1) are not used
+    min_flips : an episode needs at least this many consecutive sign flips
+    min_jump : |dF| at or below this counts as no change (roundoff) and breaks an episode
+
+    A flip at step t means sign dF(t) != sign dF(t-1). For a loss that bounces by +-a from step
+    s to step e on top of a smooth descent, the flips run from t = s to t = e + 1.
+    Returns starts (E,), ends (E,): the first and the last flip step of each episode.
+    """
+    F = np.asarray(F, dtype=np.float64)
+    step = np.arange(len(F)) if step is None else np.asarray(step)
+    dF = np.diff(F)  # (S-1,)  dF at step[1:]
+    ok = (np.diff(step) == 1) & (np.abs(dF) > min_jump) & np.isfinite(dF)
+    flip = ok[1:] & ok[:-1] & (np.sign(dF[1:]) != np.sign(dF[:-1]))  # (S-2,)  at step[2:]
+    first, last = _runs(flip)
+    keep = last - first + 1 >= min_flips
+    return step[first[keep] + 2], step[last[keep] + 2]
+
+
+def hessian_threshold(step, lmax, jump=HESS_JUMP, min_length=2):
+    """The curvature threshold of the Fig. 4 caption, from a tracked Hessian lambda_max.
+
+    Times where |lambda_max(t) - lambda_max(t-1)| >= jump (consecutive tracked values; the
+    caption's "~ 0.1") next to a jump of the opposite sign (bouncing between two branches, not
+    a fast but smooth change such as the first steps from the initialisation) form runs; a run
+    of at least ``min_length`` such times is an instability, its first time the start (green
+    line) and its last the end (red line). The threshold is the average of lambda_max at all
+    starts and ends, each taken as the midpoint (lambda(t) + lambda(t-1))/2 of the two
+    branches the system alternates between. Track at an odd stride (the authors' notebook: 25
+    steps) or every step, or the bouncing is invisible.
+
+    Returns threshold (nan when no instability), starts (E,), ends (E,) steps.
+    """
+    step, lmax = np.asarray(step), np.asarray(lmax, dtype=np.float64)
+    d = np.diff(lmax)  # (S-1,) at step[1:]
+    big = np.abs(d) >= jump
+    flip = big[1:] & big[:-1] & (np.sign(d[1:]) != np.sign(d[:-1]))  # (S-2,) between d's
+    bouncing = big & (np.r_[False, flip] | np.r_[flip, False])  # a jump next to a reversed one
+    first, last = _runs(bouncing)
+    keep = last - first + 1 >= min_length
+    first, last = first[keep], last[keep]
+    mid = 0.5 * (lmax[1:] + lmax[:-1])  # (S-1,)
+    marks = np.concatenate([first, last])
+    threshold = mid[marks].mean() if len(marks) else np.nan
+    return threshold, step[first + 1], step[last + 1]
+
+
+def gd_threshold(lr):
+    """Gradient descent on a quadratic diverges along curvature lambda > 2/eta."""
+    return 2.0 / lr
+
+
+def ntk_threshold(lr, N):
+    """Eq. (14): the mode of NTK eigenvalue lambda is unstable when 1 - (eta/N) lambda < -1."""
+    return 2.0 * N / lr
+
+
+def ntk_multiplier(lam, lr, N):
+    """The factor 1 - (eta/N) lambda of eq. (14) multiplying an NTK eigenmode each step.
+
+    In (0, 1): smooth decay; in (-1, 0): decay flipping sign each step; below -1: period-two
+    divergence (the bifurcation branches).
+    """
+    return 1.0 - lr / N * np.asarray(lam)
+
+
+def analyze(arrays, lr, N, T, stop_step):
+    """Bifurcations of F, the Hessian threshold (Fig. 4 caption), and when lambda_max settles.
+
+    Returns a dict: ``bif_start, bif_end`` (episodes of F(t) - F(t-1) alternating in sign, from
+    F at every logged step), ``thr_start, thr_end`` (instabilities of lambda_max),
+    ``threshold``, ``gd_bound`` = 2/eta, ``ntk_bound`` = 2N/eta (eq. 14), and
+    ``settled_period``: the number of periods T after which lambda_max never again exceeds the
+    threshold while the loss still oscillates (nan when there is no threshold).
+    """
+    step = arrays["step"]
+    contiguous = len(step) > 2 and np.all(np.diff(step[:-1]) == 1)
+    if contiguous:
+        bif_start, bif_end = bifurcation_episodes(arrays["loss"], step)
+    else:  # F was not logged at every step: period-two bouncing cannot be seen
+        bif_start = bif_end = np.zeros(0, dtype=np.int64)
+    ok = np.isfinite(arrays["hess_lmax"])
+    thr, thr_start, thr_end = hessian_threshold(arrays["hess_step"][ok], arrays["hess_lmax"][ok])
+    settled = np.nan
+    if np.isfinite(thr):
+        osc = ok & (arrays["hess_step"] < stop_step)
+        above = arrays["hess_step"][osc][arrays["hess_lmax"][osc] > thr]
+        settled = float(above.max() // T + 1) if len(above) else 0.0
+    return {
+        "bif_start": np.asarray(bif_start, dtype=np.int64),
+        "bif_end": np.asarray(bif_end, dtype=np.int64),
+        "thr_start": np.asarray(thr_start, dtype=np.int64),
+        "thr_end": np.asarray(thr_end, dtype=np.int64),
+        "threshold": np.float64(thr),
+        "gd_bound": np.float64(gd_threshold(lr)),
+        "ntk_bound": np.float64(ntk_threshold(lr, N)),
+        "settled_period": np.float64(settled),
+    }
+
+
+def zoom_window(info, step, T):
+    """(t0, t1) around the first instability of lambda_max after the first period (else of F,
+    else mid-run)."""
+    for s0, s1 in (("thr_start", "thr_end"), ("bif_start", "bif_end")):
+        if len(info[s0]):
+            later = np.flatnonzero(info[s0] >= T)  # past the first period's transient if we can
+            i = later[0] if len(later) else 0
+            a, b = int(info[s0][i]), int(info[s1][i])
+            pad = max(ZOOM_PAD, (b - a) // 2)
+            return a - pad, b + pad
+    mid = int(step[-1] // 2)
+    return mid - int(T // 10), mid + int(T // 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Following lambda_max during training
+# ---------------------------------------------------------------------------------------------
+
+
+class SpectraTracker:
+    """An ``on_log(step, params_host)`` callback for spiral.train_block.
+
+    At steps that are multiples of ``every`` it computes, for network ``net`` of the block and
+    the current Gamma = dynloss.class_weights(step, A, T, K, stop_step), the top-k Hessian
+    eigenvalues, and at multiples of ``ntk_every`` (default: ``every``; 0: never) lambda_max of
+    the full and of the traced NTK, on one shared forward pass. ``force=True`` measures what
+    was not measured at this step yet, whatever the step (used for the final parameters).
+    The first call (and the first after a divergence) is a cold eigsh to TRACK_COLD_TOL;
+    later calls start from the previous eigenvectors plus ``mix`` times a random unit vector
+    (so that an eigenvalue rising past the previous top one still appears in the Krylov space)
+    and stop at relative residual ``tol``: :func:`warm_top_eig` for k = 1, :func:`top_eigs`
+    (eigsh) for k > 1. At the defaults the eigenvalues are within tol = 1e-3 of an eigenvalue
+    by construction and measured within 1e-5 (relative) of the exact lambda_max (tests,
+    benchmarks/bench_spectra.py), about 3 Hessian and 4 NTK products per call. Results:
+
+    hess_step (S,), hess_lmax (S,), hess_topk (S, k), ntk_step (S,), ntk_lmax (S,),
+    ntk_traced_lmax (S,); ``seconds``: time spent in the callback; ``products``: operator
+    products per operator, all calls. A network whose logits are not finite gets NaN rows and
+    cold starts afterwards. For the Fig. 4 threshold (:func:`hessian_threshold`) track at an odd
+    stride: at an even one the two branches of a period-two bounce are never both seen.
+    """
+
+    def __init__(
+        self,
+        X,
+        y,
+        spec,
+        net=0,
+        k=1,
+        every=1,
+        tol=TRACK_TOL,
+        mix=TRACK_MIX,
+        ntk=True,
+        ntk_every=None,
+    ):
+        """X (N, D), y (N,) training data; spec: any object with A, T, stop_step ((M,) arrays
+        or scalars) and loss, e.g. spiral.TrainSpec."""
+        self.X = np.asarray(X, dtype=np.float64)  # (N, D)
+        self.y = np.asarray(y)
+        pick = lambda a: None if a is None else float(np.atleast_1d(a)[net])
+        self.A, self.T, self.stop_step = pick(spec.A), pick(spec.T), pick(spec.stop_step)
+        self.loss = getattr(spec, "loss", "ce")
+        self.net, self.k, self.every, self.tol = net, k, every, tol
+        self.ntk_every = (every if ntk_every is None else ntk_every) if ntk else 0
+        self.with_ntk = self.ntk_every > 0
+        self.products = {"hess": 0, "ntk": 0, "traced": 0}
+        self.mix, self._rng = mix, np.random.default_rng(MIX_SEED)
+        self.seconds = 0.0
+        self._rows = {"hess": [], "ntk": []}
+        self._vecs = {"hess": None, "ntk": None, "traced": None}
+        self._gamma = (None, None)  # (first step, (GAMMA_BLOCK, K)) class weights ahead
+
+    def gamma_at(self, step, K):
+        """Gamma(step) (K,), from class_weights evaluated for GAMMA_BLOCK steps at a time."""
+        start, block = self._gamma
+        if start is None or not 0 <= step - start < len(block) or block.shape[1] != K:
+            start = step
+            steps = np.arange(step, step + GAMMA_BLOCK)
+            block = class_weights(steps, self.A, self.T, K, self.stop_step)  # (GAMMA_BLOCK, K)
+            self._gamma = (start, block)
+        return block[step - start]
+
+    def __call__(self, step, params_host, force=False):
+        last = lambda which: self._rows[which][-1][0] if self._rows[which] else None
+        do_hess = (force or step % self.every == 0) and last("hess") != step
+        do_ntk = self.with_ntk and (force or step % self.ntk_every == 0) and last("ntk") != step
+        if not (do_hess or do_ntk):
+            return
+        t0 = time.perf_counter()
+        one = {name: np.asarray(a)[self.net : self.net + 1] for name, a in params_host.items()}
+        K = one["W2"].shape[2]
+        gamma = self.gamma_at(step, K)  # (K,)
+        s = net_state(one, self.X)
+        if not np.all(np.isfinite(s["logits"])):
+            self._vecs = dict.fromkeys(self._vecs)
+            if do_hess:
+                self._rows["hess"].append((step, np.full(self.k, np.nan)))
+            if do_ntk:
+                self._rows["ntk"].append((step, np.nan, np.nan))
+            self.seconds += time.perf_counter() - t0
+            return
+        if do_hess:
+            matvec = hessian_matvec(s, self.y, gamma, self.loss)
+            vals, self._vecs["hess"] = self._top(matvec, "hess", s)
+            self._rows["hess"].append((step, vals))
+        if do_ntk:
+            lam, self._vecs["ntk"] = self._top(ntk_matvec(s), "ntk", s)
+            lam_tr, self._vecs["traced"] = self._top(ntk_traced_matvec(s), "traced", s)
+            self._rows["ntk"].append((step, lam[0], lam_tr[0]))
+        self.seconds += time.perf_counter() - t0
+
+    def _top(self, matvec, which, s):
+        """Top eigenpair(s) of one operator, cold or warm (class docstring): (k,), (n, k)."""
+        N, K = s["logits"].shape
+        n = {"hess": s["W1a"].size + s["W2"].size + K, "ntk": N * K, "traced": N}[which]
+        k = self.k if which == "hess" else 1
+        v0 = self._vecs[which]
+
+        def counted(v):
+            self.products[which] += 1
+            return matvec(v)
+
+        if v0 is None:
+            return top_eigs(counted, n, k=k, tol=TRACK_COLD_TOL, ncv=min(n, TRACK_COLD_NCV))
+        if self.mix > 0:
+            r = self._rng.normal(size=(n, v0.shape[1]))
+            v0 = v0 + self.mix * r / np.linalg.norm(r, axis=0)
+        if k == 1:
+            lam, vec, _ = warm_top_eig(counted, n, v0=v0, tol=self.tol)
+            return np.array([lam]), vec[:, None]
+        return top_eigs(counted, n, k=k, v0=v0, tol=self.tol)
+
+    @property
+    def hess_step(self):
+        return np.array([r[0] for r in self._rows["hess"]], dtype=np.int64)
+
+    @property
+    def hess_topk(self):
+        return np.array([r[1] for r in self._rows["hess"]]).reshape(-1, self.k)
+
+    @property
+    def hess_lmax(self):
+        return self.hess_topk[:, 0]
+
+    @property
+    def ntk_step(self):
+        return np.array([r[0] for r in self._rows["ntk"]], dtype=np.int64)
+
+    @property
+    def ntk_lmax(self):
+        return np.array([r[1] for r in self._rows["ntk"]], dtype=np.float64)
+
+    @property
+    def ntk_traced_lmax(self):
+        return np.array([r[2] for r in self._rows["ntk"]], dtype=np.float64)
+
+    def arrays(self):
+        """Every tracked series in a dict (for np.savez)."""
+        names = ("hess_step", "hess_lmax", "hess_topk", "ntk_step", "ntk_lmax", "ntk_traced_lmax")
+        return {name: getattr(self, name) for name in names}
+
+
+def track(params0, data, spec, xp=np, k=1, every=25, ntk_every=25, progress=None):
+    """Train one network (M = 1) with a :class:`SpectraTracker`: (train_block result, spectra).
+
+    params0 : W1 (1, D, H), ...;  data : (X, y, Xv, yv);  spec : TrainSpec for one network
+    The last entries of the spectra are measured at the final parameters (unless diverged).
+    """
+    tracker = SpectraTracker(data[0], data[1], spec, k=k, every=every, ntk_every=ntk_every)
+    with threadpool_limits(limits=1):  # small products are slower on two BLAS threads
+        res = train_block(params0, data, spec, xp=xp, on_log=tracker, progress=progress)
+    if res["diverged_step"][0] < 0:
+        tracker(spec.steps, res["params"], force=True)
+    return res, tracker.arrays()
+
+
+def zoom_replay(params0, data, spec, window, k=1, every=1, ntk=True, xp=np):
+    """Replay a run (it is deterministic) up to the end of ``window`` = (t0, t1), measuring the
+    spectra every ``every`` steps inside it: the zoomed panels (k), (l) of Fig. 4. Returns the
+    tracker's arrays with a ``zoom_`` prefix."""
+    t0, t1 = max(0, window[0]), min(spec.steps, window[1])
+    tracker = SpectraTracker(
+        data[0], data[1], spec, k=k, every=every, ntk_every=every if ntk else 0
+    )
+    replay = TrainSpec(spec.A, spec.T, spec.stop_step, spec.lr, t1, 1, spec.loss)
+    inside = lambda step, params: tracker(step, params) if t0 <= step <= t1 else None
+    with threadpool_limits(limits=1):
+        train_block(params0, data, replay, xp=xp, on_log=inside)
+    return {"zoom_" + key: v for key, v in tracker.arrays().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Fig. 5: the threshold against the learning rate
+# ---------------------------------------------------------------------------------------------
+
+MIN_FIT_POINTS = 3  # a log-log fit needs at least this many finite thresholds
+
+
+def unit_threshold(unit):
+    """The Hessian threshold of one stored run, recomputed from its lambda_max series."""
+    ok = np.isfinite(unit["hess_lmax"])
+    return hessian_threshold(unit["hess_step"][ok], unit["hess_lmax"][ok])[0]
+
+
+def fit_exponent(lrs, thresholds):
+    """Least squares of log threshold on log eta: (slope, its standard error, intercept).
+
+    lrs : (L,);  thresholds : (R, L), R rows (widths or seeds) sharing the learning rates.
+    NaN thresholds are left out; fewer than MIN_FIT_POINTS finite points give NaNs.
+    """
+    from scipy.stats import linregress
+
+    x = np.log(np.tile(lrs, (len(thresholds), 1))).ravel()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = np.log(thresholds).ravel()
+    ok = np.isfinite(y)
+    if ok.sum() < MIN_FIT_POINTS:
+        return (np.nan, np.nan, np.nan)
+    r = linregress(x[ok], y[ok])
+    return (r.slope, r.stderr, r.intercept)
