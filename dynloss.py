@@ -170,19 +170,25 @@ def logit_curvature(cache):
     return w / N, (xp.exp(a) if loss == "ce" else None)
 
 
+def apply_logit_hessian(curvature, Rlogits):
+    """(d^2F/dz^2) R{z} from the pieces ``curvature = (w, s)`` of :func:`logit_curvature`.
+
+    Rlogits : (M, N, K) a direction R{z} of the logits.  Returns R{dF/dz} (M, N, K).
+    """
+    w, s = curvature
+    if s is None:
+        return w[..., None] * Rlogits  # MSE: R{dF/dz} = w R{z}
+    sR = (s * Rlogits).sum(axis=-1, keepdims=True)  # (M, N, 1)  s . R{z}
+    return w[..., None] * s * (Rlogits - sR)  # w s (R{z} - s . R{z})
+
+
 def loss_rop(cache, Rlogits):
     """R{dF/dz} = (d^2F/dz^2) R{z}: the Hessian of F in the logits applied to a direction.
 
     cache : from :func:`loss_forward`;  Rlogits : (M, N, K) the direction R{z}
     Returns (M, N, K) (derivation in the module docstring).
     """
-    loss, a, y, w = cache
-    N = a.shape[1]
-    if loss == "mse":
-        return (w[..., None] / N) * Rlogits  # R{dF/dz} = w R{z}
-    s = get_array_module(a).exp(a)  # (M, N, K)  softmax(z)
-    sR = (s * Rlogits).sum(axis=-1, keepdims=True)  # (M, N, 1)  s . R{z}
-    return (w[..., None] / N) * s * (Rlogits - sR)  # w s (R{z} - s . R{z})
+    return apply_logit_hessian(logit_curvature(cache), Rlogits)
 
 
 def per_sample_cross_entropy(logits, y):

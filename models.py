@@ -96,7 +96,7 @@ and obeys the product rule; R{W_l} = V_l, R{b_l} = v_bl (v unflattened), R{x} = 
 - ReLU: h = 1[z > 0] z with the mask locally constant (away from the kinks, where F is not twice
   differentiable), so R{h} = 1[z > 0] R{z}: the same product as relu_backward.
 - pools are linear: R{pool(a)} = pool(R{a}).
-- loss: R{dF/dz} = (d^2F/dz^2) R{z}, dynloss.loss_rop (derived there).
+- loss: R{dF/dz} = (d^2F/dz^2) R{z}, dynloss.apply_logit_hessian (derived there).
 - backward lines: dW = a^T dz gives R{dW} = R{a}^T dz + a^T R{dz}; da = dz W^T (a flipped conv
   for conv3x3) gives R{da} = R{dz} W^T + dz V^T; db = sum dz gives R{db} = sum R{dz};
   dz = 1[z > 0] dh gives R{dz} = 1[z > 0] R{dh}; pool backward is linear.
@@ -110,7 +110,13 @@ from __future__ import annotations
 import numpy as np
 
 import gpu
-from dynloss import get_array_module, loss_backward, loss_forward, loss_rop
+from dynloss import (
+    apply_logit_hessian,
+    get_array_module,
+    logit_curvature,
+    loss_backward,
+    loss_forward,
+)
 
 INITS = ("standard", "glorot")
 MLP_PARAM_NAMES = ("W1", "b1", "W2", "b2")
@@ -598,7 +604,7 @@ def _conv_of_cached_input(cache, V):
     return conv3x3_forward(a, V, xp.zeros(V.shape[3], dtype=V.dtype))[0]
 
 
-def _myrtle5_rop(params, cache, lcache, dlogits, dz, V):
+def _myrtle5_rop(params, cache, curvature, dlogits, dz, V):
     """R{grads} for the direction V (a params-shaped dict): the Hessian applied to V."""
     P, c = params, cache
     # R forward pass: R{z} = conv(R{a}, W) + conv(a, V) + v_b; R{h} = 1[z > 0] R{z}
@@ -616,7 +622,7 @@ def _myrtle5_rop(params, cache, lcache, dlogits, dz, V):
     Rg, _ = global_avgpool_forward(relu_backward(Rz4, c["relu4"]))  # (N, c)
     g, W5 = c["dense5"]
     Rlogits = Rg @ W5 + g @ V["W5"] + V["b5"]  # (N, K)
-    Rdlogits = loss_rop(lcache, Rlogits[None])[0]  # (N, K)  R{dF/dz}, dynloss
+    Rdlogits = apply_logit_hessian(curvature, Rlogits[None])[0]  # (N, K)  R{dF/dz}, dynloss
     # R backward pass: R{dW} = R{a}^T dz + a^T R{dz};  R{da} = R{dz} W^T + dz V^T
     Rdg, RdW5, Rdb5 = dense_backward(Rdlogits, c["dense5"])
     RdW5 = RdW5 + Rg.T @ dlogits  # (c, K)
@@ -646,12 +652,13 @@ def myrtle5_hvp_operator(params, x, y, gamma, loss="ce"):
     _, dlogits = loss_on_batch(logits, y, gamma, loss)
     _, dz = _myrtle5_backward(dlogits, cache)
     gamma_row = xp.asarray(gamma, dtype=logits.dtype)[None, :]  # (1, K)
-    _, lcache = loss_forward(logits[None], xp.asarray(y), gamma_row, loss)  # for loss_rop
+    _, lcache = loss_forward(logits[None], xp.asarray(y), gamma_row, loss)
+    curvature = logit_curvature(lcache)  # the logit Hessian's pieces, computed once
     dtype = params["W1"].dtype
 
     def matvec(v):
         V = myrtle5_unflatten(xp.asarray(v, dtype=dtype).reshape(-1), params)
-        Hv = _myrtle5_rop(params, cache, lcache, dlogits, dz, V)
+        Hv = _myrtle5_rop(params, cache, curvature, dlogits, dz, V)
         return myrtle5_flatten(Hv)  # (P,)
 
     return matvec

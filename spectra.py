@@ -80,7 +80,7 @@ import numpy as np
 from scipy.linalg.lapack import dstev
 from scipy.sparse.linalg import LinearOperator, eigsh
 
-from dynloss import logit_curvature, loss_backward, loss_forward, loss_rop
+from dynloss import apply_logit_hessian, logit_curvature, loss_backward, loss_forward
 from models import mlp_forward
 
 EIGSH_TOL = 1e-6  # eigsh's relative residual: eigenvalue error <= tol*|lambda|, typically tol^2
@@ -115,21 +115,32 @@ def single_net(params):
     return W1a, W2, b2
 
 
-def net_state(params, X):
-    """Forward pass of one MLP (``models.mlp_forward``), kept for Jacobians, HVPs and NTKs.
+def net_state(params, X, work=None):
+    """Forward pass of one MLP, kept for Jacobians, HVPs and NTKs.
 
     X : (N, D) inputs
+    work : None: the forward pass is ``models.mlp_forward``. Or a dict of two (N, H) float64
+        buffers "h1" and "mask": the same pass written into them as xa W1a (the tracker's hot
+        path, where fresh (N, H) arrays at every call cost as much as the products, in page
+        faults); tests/test_spectra.py ties the two to 1e-12.
     Returns a dict: xa (N, D+1) inputs with a ones column, mask (N, H) float 1[z1 > 0],
     h1 (N, H), logits (N, K), W1a (D+1, H), W2 (H, K), b2 (K,).
     """
     W1a, W2, b2 = single_net(params)
     X = np.asarray(X, dtype=np.float64)
-    one = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
-    logits, (_, h1, _) = mlp_forward(X, one)  # (1, N, K); the ReLU cache is h1 (1, N, H)
-    h1 = h1[0]  # (N, H)
-    mask = (h1 > 0).astype(np.float64)  # (N, H)  1[z1 > 0]
     xa = np.concatenate([X, np.ones((len(X), 1))], axis=1)  # (N, D+1)
-    return {"xa": xa, "mask": mask, "h1": h1, "logits": logits[0], "W1a": W1a, "W2": W2, "b2": b2}
+    if work is None:
+        one = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+        logits, (_, h1, _) = mlp_forward(X, one)  # (1, N, K); the ReLU cache is h1 (1, N, H)
+        h1, logits = h1[0], logits[0]  # (N, H), (N, K)
+        mask = (h1 > 0).astype(np.float64)  # (N, H)  1[z1 > 0]
+    else:
+        z1 = np.matmul(xa, W1a, out=work["h1"])  # (N, H)  z1 = xa W1a = X W1 + b1
+        mask = work["mask"]
+        np.greater(z1, 0.0, out=mask, casting="unsafe")  # (N, H)  1[z1 > 0] as floats
+        h1 = np.multiply(z1, mask, out=z1)  # (N, H)  h1 = m * z1, in place
+        logits = h1 @ W2 + b2  # (N, K)
+    return {"xa": xa, "mask": mask, "h1": h1, "logits": logits, "W1a": W1a, "W2": W2, "b2": b2}
 
 
 def loss_terms(s, y, gamma, loss="ce"):
@@ -236,7 +247,7 @@ def _vjp_hidden(s, U):
     return np.einsum("jdk,jk->dj", (mask.T @ XU).reshape(H, D1, K), W2)  # (D+1, H)
 
 
-def _hvp_state(s, g, lcache, C, v):
+def _hvp_state(s, curvature, C, v):
     """Hv at a stored forward state: v (P,) -> (P,).
 
     The R-operator of the module docstring with its two g-terms, (R h1)^T g and g V2^T, summed
@@ -246,7 +257,7 @@ def _hvp_state(s, g, lcache, C, v):
     H, K = W2.shape
     V1a, V2, vb2 = _split(v, s["xa"].shape[1], H, K)
     Rz = _jvp_hidden(s, V1a) + h1 @ V2 + vb2  # (N, K)   R z = J v,  R h1 = m * (xa V1a)
-    Rg = loss_rop(lcache, Rz[None])[0]  # (N, K)   R g = Hz R z (dynloss)
+    Rg = apply_logit_hessian(curvature, Rz[None])[0]  # (N, K)   R g = Hz R z (dynloss)
     RdW2 = h1.T @ Rg + np.einsum("djl,dj->jl", C, V1a)  # (H, K)  h1^T R g + (R h1)^T g
     Rdb2 = Rg.sum(axis=0)  # (K,)
     RdW1a = _vjp_hidden(s, Rg) + np.einsum("djl,jl->dj", C, V2)  # (D+1, H)  xa^T R dz1
@@ -256,9 +267,10 @@ def _hvp_state(s, g, lcache, C, v):
 def hessian_matvec(s, y, gamma, loss="ce"):
     """The exact HVP v (P,) -> H v (P,) at a forward state ``s`` of :func:`net_state`."""
     g, _, _, lcache = loss_terms(s, y, gamma, loss)
+    curvature = logit_curvature(lcache)  # w (1, N), softmax (1, N, K): computed once
     C = cross_terms(s["xa"], s["mask"], g)  # (D+1, H, K)
     P = s["W1a"].size + s["W2"].size + s["b2"].size
-    return lambda v: _hvp_state(s, g, lcache, C, np.asarray(v, dtype=np.float64).reshape(P))
+    return lambda v: _hvp_state(s, curvature, C, np.asarray(v, dtype=np.float64).reshape(P))
 
 
 def hessian_operator(params, X, y, gamma, loss="ce"):
@@ -284,12 +296,14 @@ def hvp(params, X, y, gamma, v, loss="ce"):
 # ---------------------------------------------------------------------------------------------
 
 
-def lanczos(matvec, v0, m, stop=None, breakdown=LANCZOS_BREAKDOWN):
-    """m Lanczos steps with full reorthogonalisation (Gram-Schmidt twice per step).
+def lanczos(matvec, v0, m, stop=None, passes=2, breakdown=LANCZOS_BREAKDOWN):
+    """m Lanczos steps with full reorthogonalisation (Gram-Schmidt ``passes`` times per step).
 
     matvec : symmetric (P,) -> (P,);  v0 : (P,) start (normalised here)
-    stop : optional callable(alpha (j,), beta (j,)) -> bool, asked after every step j (beta[-1]
-        is the norm of the new residual); True ends the run there.
+    stop : optional callable(alpha (j,), beta (j,)) -> bool, asked after every step j, the last
+        one included (beta[-1] is the norm of the new residual); True ends the run there.
+    passes : Gram-Schmidt passes against all previous vectors: 2 keeps long runs (SLQ)
+        orthogonal to roundoff, 1 is enough for a few steps from a warm start.
     Also stops at an invariant subspace (beta_i <= breakdown * |A q_i|).
     Returns alpha (m',), beta (m',), Q (P, m'), m' <= m: the tridiagonal T = Q^T A Q has the
     diagonal alpha and the off-diagonal beta[:-1]; beta[-1] is the residual norm after the last
@@ -300,16 +314,17 @@ def lanczos(matvec, v0, m, stop=None, breakdown=LANCZOS_BREAKDOWN):
     m = min(m, P)
     Q = np.zeros((P, m))
     alpha, beta = np.zeros(m), np.zeros(m)
-    q = v0 / np.linalg.norm(v0)
+    q = v0 / np.sqrt(v0 @ v0)
     for i in range(m):
         Q[:, i] = q
         Aq = matvec(q)
         alpha[i] = q @ Aq
-        r = Aq - Q[:, : i + 1] @ (Q[:, : i + 1].T @ Aq)  # Gram-Schmidt against every q so far
-        r -= Q[:, : i + 1] @ (Q[:, : i + 1].T @ r)  # ... twice, for orthogonality to roundoff
-        beta[i] = np.linalg.norm(r)
-        done = i == m - 1 or beta[i] <= breakdown * max(np.linalg.norm(Aq), TINY)
-        if done or (stop is not None and stop(alpha[: i + 1], beta[: i + 1])):
+        r = Aq
+        for _ in range(passes):  # Gram-Schmidt against every q so far
+            r = r - Q[:, : i + 1] @ (Q[:, : i + 1].T @ r)
+        beta[i] = np.sqrt(r @ r)
+        stopped = stop is not None and stop(alpha[: i + 1], beta[: i + 1])
+        if stopped or i == m - 1 or beta[i] <= breakdown * max(np.sqrt(Aq @ Aq), TINY):
             return alpha[: i + 1], beta[: i + 1], Q[:, : i + 1]
         q = r / beta[i]
     raise AssertionError("unreachable: the last step returns")
@@ -374,15 +389,17 @@ def warm_top_eig(matvec, P, v0=None, tol=EIGSH_TOL, steps=WARM_STEPS, max_restar
     if v is None or not (np.all(np.isfinite(v)) and np.linalg.norm(v) > 0):
         v = np.random.default_rng(START_SEED).normal(size=P)
 
+    ritz = {}  # the last step's top Ritz pair, kept by the stopping test
+
     def converged(alpha, beta):
-        theta, S = _ritz(alpha, beta[:-1])  # ascending
-        return beta[-1] * abs(S[-1, -1]) <= tol * abs(theta[-1])
+        ritz["theta"], ritz["S"] = _ritz(alpha, beta[:-1])  # ascending
+        return beta[-1] * abs(ritz["S"][-1, -1]) <= tol * abs(ritz["theta"][-1])
 
     n = 0
     for _ in range(max_restarts):
-        alpha, beta, Q = lanczos(matvec, v, steps, stop=converged)
+        alpha, beta, Q = lanczos(matvec, v, steps, stop=converged, passes=1)
         n += len(alpha)
-        theta, S = _ritz(alpha, beta[:-1])
+        theta, S = ritz["theta"], ritz["S"]  # of the last step: the test runs at every step
         v = Q @ S[:, -1]  # top Ritz vector (P,)
         invariant = len(alpha) < min(steps, P) or len(alpha) == P
         if invariant or beta[-1] * abs(S[-1, -1]) <= tol * abs(theta[-1]):

@@ -225,6 +225,7 @@ class SpectraTracker:
         self._rows = {"hess": [], "ntk": []}
         self._vecs = {"hess": None, "ntk": None, "traced": None}
         self._gamma = (None, None)  # (first step, (GAMMA_BLOCK, K)) class weights ahead
+        self._work = None  # (N, H) buffers of spectra.net_state, reused at every call
 
     def gamma_at(self, step, K):
         """Gamma(step) (K,), from class_weights evaluated for GAMMA_BLOCK steps at a time."""
@@ -246,7 +247,10 @@ class SpectraTracker:
         one = {name: np.asarray(a)[self.net : self.net + 1] for name, a in params_host.items()}
         K = one["W2"].shape[2]
         gamma = self.gamma_at(step, K)  # (K,)
-        s = net_state(one, self.X)
+        shape = (len(self.X), one["W2"].shape[1])  # (N, H)
+        if self._work is None or self._work["h1"].shape != shape:
+            self._work = {"h1": np.empty(shape), "mask": np.empty(shape)}
+        s = net_state(one, self.X, work=self._work)
         if not np.all(np.isfinite(s["logits"])):
             self._vecs = dict.fromkeys(self._vecs)
             if do_hess:

@@ -74,6 +74,10 @@ def test_loss_terms_are_dynloss_and_the_forward_pass_is_models(loss):
     np.testing.assert_array_equal(s["logits"], logits[0])  # the same forward pass, bit for bit
     np.testing.assert_array_equal(s["mask"], h1[0] > 0)
     np.testing.assert_array_equal(s["W1a"], np.vstack([params["W1"][0], params["b1"][0]]))
+    H = params["W1"].shape[2]
+    fast = spectra.net_state(params, X, work={"h1": np.empty((N, H)), "mask": np.empty((N, H))})
+    for k in ("mask", "h1", "logits"):  # the tracker's buffered pass: the same up to rounding
+        np.testing.assert_allclose(fast[k], s[k], rtol=EXACT_RTOL, atol=EXACT_RTOL, err_msg=k)
     g, w, p, _ = spectra.loss_terms(s, y, GAMMA_A10, loss)
     _, cache = loss_forward(logits, y, GAMMA_A10[None], loss)
     np.testing.assert_array_equal(g, loss_backward(cache)[0])
