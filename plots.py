@@ -251,3 +251,28 @@ def plot_cifar_run(arrays, settings, path, title):
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def plot_density(arrays, path, title):
+    """The Hessian's eigenvalue density at several steps of a run (stochastic Lanczos quadrature),
+    on a symmetric-log eigenvalue axis and a log density axis; the legend gives each step's
+    trace (Hutchinson, with its standard error) and lambda_max."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    floor = 1e-12  # densities below this are not drawn (log axis)
+    for i, step in enumerate(arrays["at"]):
+        grid, density = arrays["grid"][i], arrays["density"][i]
+        label = (
+            f"t = {step}: trace {arrays['trace'][i]:.4g} ± {arrays['trace_stderr'][i]:.2g}, "
+            rf"$\lambda_{{max}}$ {arrays['lmax'][i]:.4g}"
+        )
+        ax.plot(grid, np.maximum(density, floor), lw=0.8, label=label)
+    ax.set_xscale("symlog", linthresh=1e-2)
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=1e-6)
+    ax.set_xlabel("Hessian eigenvalue")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

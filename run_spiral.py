@@ -10,6 +10,7 @@ python run_spiral.py phase --width 1000 --seeds 50 --out runs/phase-w1000    Fig
 python run_spiral.py merge --out runs/phase-w100                  assemble a sharded sweep
 python run_spiral.py dynamics --out runs/fig4                                Fig. 4
 python run_spiral.py threshold --out runs/fig5                               Fig. 5
+python run_spiral.py density --at 0,1000,10000,30000 --out runs/density    Hessian spectra
 
 Every command writes its arrays (npz), its settings (json) and its figure (png) into --out;
 docs/formats.md lists the keys. The modules do the work: spiral.py (data, trainer), stability.py
@@ -31,6 +32,7 @@ import sweep
 from cli import InputError, Parser, check_out_dir, fail, parse_int_list, parse_list
 from dynloss import LOSSES
 from models import INITS, MLP_PARAM_NAMES, backend, init_mlp
+from spectra import SLQ_PROBES, SLQ_STEPS
 from spiral import (
     K_SPIRAL,
     LOG_FIELDS,
@@ -565,6 +567,42 @@ def merge_threshold(out):
     return arrays
 
 
+def cmd_density(args):
+    """``density``: the Hessian's eigenvalue density (SLQ) and trace at chosen steps of a run."""
+    seeds = check_train(args)
+    if len(seeds) != 1:
+        raise InputError("density follows one network: give one --seed")
+    at = parse_int_list(args.at, "--at")
+    if not at or min(at) < 0 or max(at) > args.steps:
+        raise InputError(f"--at: steps between 0 and --steps = {args.steps}, got {args.at!r}")
+    if args.probes <= 0 or args.lanczos_steps <= 0:
+        raise InputError("--probes and --lanczos-steps must be positive")
+    t0 = time.time()
+    data = spiral_data()
+    params0 = init_mlp(seeds, D=D_SPIRAL, H=args.width, K=K_SPIRAL, init=args.init)
+    spec = train_spec(args, 1)
+    out = stability.densities_along(
+        params0, data, spec, at, args.probes, args.lanczos_steps, xp=backend(args.device)
+    )
+    run = out.pop("run")
+    os.makedirs(args.out, exist_ok=True)
+    atomic_savez(os.path.join(args.out, "density.npz"), **out)
+    config = run_config(args, seeds, spec, t0, diverged_step=int(run["diverged_step"][0]))
+    write_json(os.path.join(args.out, "config.json"), config)
+    png = os.path.join(args.out, "density.png")
+    title = (
+        f"Hessian density (SLQ, {args.probes} probes x {args.lanczos_steps} steps): width "
+        f"{args.width}, A = {args.A:g}, T = {args.T:g}, lr = {args.lr:g}, seed {seeds[0]}"
+    )
+    plots.plot_density(out, png, title)
+    for i, step in enumerate(out["at"]):
+        print(
+            f"step {step}: trace {out['trace'][i]:.5g} +- {out['trace_stderr'][i]:.2g} "
+            f"(SLQ {out['slq_trace'][i]:.5g}), lambda_max {out['lmax'][i]:.5g}"
+        )
+    print(f"wrote {args.out}/density.npz, config.json and the figure {png}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
@@ -629,6 +667,13 @@ def build_parser():
         help=f"a shorter look: T = {QUICK['T']:g}, {QUICK['steps']} steps",
     )
     p.set_defaults(func=cmd_dynamics)
+
+    p = sub.add_parser("density", help="the Hessian's eigenvalue density at chosen steps")
+    add_train_options(p, TRAIN_DEFAULTS | {"out": "runs/density"})
+    p.add_argument("--at", default="0,1000,10000,30000", help="steps, e.g. 0,5000 or 0-3")
+    p.add_argument("--probes", type=int, default=SLQ_PROBES, help="random probes of SLQ")
+    p.add_argument("--lanczos-steps", type=int, default=SLQ_STEPS, help="Lanczos steps per probe")
+    p.set_defaults(func=cmd_density)
 
     p = sub.add_parser("threshold", help="Hessian threshold against the learning rate: Fig. 5")
     p.add_argument("--widths", default="100,1000", help="hidden widths H, e.g. 100,1000")

@@ -1,10 +1,11 @@
-"""Stability along a training run (Figs. 4 and 5): the spectra tracker, bifurcations, thresholds.
+"""Stability along a training run (Figs. 4 and 5): spectra tracker, bifurcations, thresholds.
 
 A run of the dynamical loss is followed step by step: :class:`SpectraTracker` measures the top
 Hessian eigenvalue lambda_max and the NTK's lambda_max (spectra.py) at logged steps while
 spiral.train_block trains; :func:`bifurcation_episodes` finds where the loss bounces with period
 two (Fig. 4 (c)); :func:`hessian_threshold` finds the curvature above which lambda_max bounces
-(the Fig. 4 caption's threshold, Fig. 5 (a)); :func:`analyze` collects these for one run.
+(the Fig. 4 caption's threshold, Fig. 5 (a)); :func:`analyze` collects these for one run;
+:func:`densities_along` draws the Hessian's whole eigenvalue density at chosen steps.
 
 The bounds they are compared with:
 - gradient descent on a quadratic with learning rate eta is unstable along curvature above
@@ -21,7 +22,18 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from dynloss import class_weights
-from spectra import hessian_matvec, net_state, ntk_matvec, ntk_traced_matvec, top_eigs, warm_top_eig
+from spectra import (
+    SLQ_PROBES,
+    SLQ_STEPS,
+    hessian_matvec,
+    hutchinson_trace,
+    net_state,
+    ntk_matvec,
+    ntk_traced_matvec,
+    spectral_density,
+    top_eigs,
+    warm_top_eig,
+)
 from spiral import TrainSpec, train_block
 
 TRACK_TOL = 1e-3  # tracker's relative residual: measured eigenvalue errors <= 1e-5 (benchmark)
@@ -378,3 +390,54 @@ def fit_exponent(lrs, thresholds):
         return (np.nan, np.nan, np.nan)
     r = linregress(x[ok], y[ok])
     return (r.slope, r.stderr, r.intercept)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hessian's spectral density along a run (stochastic Lanczos quadrature, Hutchinson's trace)
+# ---------------------------------------------------------------------------------------------
+
+DENSITY_SEED = 0  # the random probes of the densities and traces (with the step: one per step)
+
+
+def densities_along(params0, data, spec, at, probes=SLQ_PROBES, steps=SLQ_STEPS, xp=np):
+    """The Hessian's eigenvalue density and trace at the steps ``at`` of one run (M = 1).
+
+    The run is trained with log_every = gcd(at, spec.steps), so that every step of ``at`` is a
+    logged one. At each of them: spectra.spectral_density (stochastic Lanczos quadrature,
+    ``probes`` Gaussian probes of ``steps`` Lanczos steps) and spectra.hutchinson_trace, with
+    Gamma of that step. Returns a dict: at (S,), grid (S, G), density (S, G) (each row
+    integrates to 1), nodes (S, probes, m), weights (S, probes, m), trace (S,), trace_stderr (S,),
+    slq_trace (S,) (P times the mean of the nodes under their weights), lmax (S,) (the largest
+    node: lambda_max to Lanczos accuracy), and the final train_block result as ``run``.
+    """
+    at = sorted({int(t) for t in at})
+    X, y = data[0], data[1]
+    K = params0["W2"].shape[2]
+    rows = {}
+
+    def on_log(step, params_host):
+        if step not in at:
+            return
+        one = {name: np.asarray(a)[:1] for name, a in params_host.items()}
+        gamma = class_weights(step, spec.A[0], spec.T[0], K, spec.stop_step[0])  # (K,)
+        s = net_state(one, X)
+        matvec = hessian_matvec(s, y, gamma, spec.loss)
+        P = s["W1a"].size + s["W2"].size + s["b2"].size
+        rng = np.random.default_rng([DENSITY_SEED, step])
+        grid, density, nodes, weights = spectral_density(matvec, P, rng, m=steps, n_probes=probes)
+        trace, stderr = hutchinson_trace(matvec, P, rng)
+        slq = P * float(np.mean((weights * nodes).sum(axis=1)))
+        rows[step] = (grid, density, nodes, weights, trace, stderr, slq, nodes.max())
+
+    every = int(np.gcd.reduce(np.array(at + [spec.steps], dtype=np.int64)))
+    every = max(every, 1)
+    replay = TrainSpec(spec.A, spec.T, spec.stop_step, spec.lr, spec.steps, every, spec.loss)
+    with threadpool_limits(limits=1):
+        res = train_block(params0, data, replay, xp=xp, on_log=on_log)
+    done = [t for t in at if t in rows]  # a diverged run stops logging
+    names = ("grid", "density", "nodes", "weights", "trace", "trace_stderr", "slq_trace", "lmax")
+    out = {"at": np.array(done, dtype=np.int64)}
+    for i, name in enumerate(names):
+        out[name] = np.array([rows[t][i] for t in done])
+    out["run"] = res
+    return out

@@ -10,6 +10,7 @@ import run_spiral as rs
 import spectra
 import stability
 from dynloss import class_weights
+from spiral import make_spiral_train
 
 EIG_RTOL = 1e-5  # the tracker's warm Lanczos stops at residual 1e-3; measured within 1e-5
 SMALL = ["--width", "12", "--A", "20", "--T", "60", "--steps", "300", "--quiet"]
@@ -140,3 +141,34 @@ def test_threshold_refuses_settings_without_oscillations(tmp_path, capsys, bad):
         rs.main(["threshold", "--widths", "10", "--quiet", *bad, "--out", str(tmp_path / "o")])
     assert "need T0/eta >= 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_density_command_gives_the_exact_extremes_and_trace(tmp_path):
+    """SLQ with as many Lanczos steps as parameters sees the whole spectrum: its extreme nodes
+    are the Hessian's extreme eigenvalues; Hutchinson's trace is within 4 standard errors."""
+    out = tmp_path / "d"
+    argv = ["density", "--width", "6", "--A", "10", "--T", "40", "--steps", "120"]
+    argv += ["--at", "0,60,120", "--lanczos-steps", "40", "--quiet", "--out", str(out)]
+    assert rs.main(argv) == 0
+    z = load(out / "density.npz")
+    np.testing.assert_array_equal(z["at"], [0, 60, 120])
+    assert (out / "density.png").stat().st_size > 1000
+    run = load_run_params(out)
+    gamma = class_weights(120, 10.0, 40.0, 3, 80)
+    H = spectra.hessian(run, *make_spiral_train(), gamma)
+    exact = np.linalg.eigvalsh(H)
+    np.testing.assert_allclose(z["lmax"][-1], exact[-1], rtol=EIG_RTOL)
+    np.testing.assert_allclose(z["nodes"][-1].min(), exact[0], rtol=EIG_RTOL, atol=1e-10)
+    assert abs(z["trace"][-1] - np.trace(H)) < 4 * z["trace_stderr"][-1]
+    for grid, dens in zip(z["grid"], z["density"], strict=True):
+        assert abs(np.sum(0.5 * (dens[1:] + dens[:-1]) * np.diff(grid)) - 1) < 1e-12
+
+
+def load_run_params(out):
+    """The final parameters of the density command's run, by replaying it with ``train``."""
+    rs.main(
+        ["train", "--width", "6", "--A", "10", "--T", "40", "--steps", "120", "--quiet"]
+        + ["--out", str(out / "replay")]
+    )
+    z = load(out / "replay" / "run.npz")
+    return {k: z[k][None] for k in ("W1", "b1", "W2", "b2")}
