@@ -58,3 +58,25 @@ def check_out_dir(path):
     """Refuse an output path that is an existing file (before any work)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise InputError(f"--out {path!r} is a file, not a folder")
+
+
+def run_main(parser, argv, script, default_argv=None, errors=(InputError,)):
+    """Parse ``argv`` (``default_argv`` when it is empty), run the chosen command's ``func`` and
+    turn the ``errors`` it raises into one-line refusals (exit 2). Returns 0, or 2 (with the
+    help) when no command was given."""
+    args = parser.parse_args(argv if argv or default_argv is None else default_argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        args.func(args)
+    except errors as err:
+        fail(script, str(err))
+    return 0
+
+
+def add_merge_command(sub, func, figure):
+    """The ``merge`` subcommand of a phase sweep (both scripts)."""
+    p = sub.add_parser("merge", help=f"combine the shards of a phase sweep; {figure}")
+    p.add_argument("--out", required=True, help="sweep folder")
+    p.set_defaults(func=func)

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 
 from dynloss import class_weights  # noqa: E402
 from protocol import lr_schedule  # noqa: E402
-from stability import SPECTRA_FIELDS, zoom_window  # noqa: E402
+from stability import SPECTRA_FIELDS, gd_threshold, zoom_window  # noqa: E402
 
 PLOT_MAX_POINTS = 20000  # points per curve of Gamma(t) in a CIFAR run figure
 
@@ -125,7 +125,7 @@ def plot_threshold(arrays, fits, cfg, path):
                 lw=0.8,
                 label=f"fit: exponent {slope:.2f} ± {err:.2f}",
             )
-    ax[0].plot(grid, 2 / grid, ":", color="C7", label=r"$2/\eta$")
+    ax[0].plot(grid, gd_threshold(grid), ":", color="C7", label=r"$2/\eta$")
     ax[0].set_xscale("log")
     ax[0].set_yscale("log")
     ax[0].set_xticks(lrs, [f"{v:g}" for v in lrs])

@@ -34,7 +34,7 @@ import numpy as np
 import cifar
 import plots
 import sweep
-from cli import InputError, Parser, check_out_dir, fail, parse_list
+from cli import InputError, Parser, add_merge_command, check_out_dir, parse_list, run_main
 from models import backend
 from protocol import (
     BATCH,
@@ -63,6 +63,8 @@ SCRIPT = "run_cifar.py"
 PHASE_A = "1,5,10,20,30,50,70,100"
 PHASE_T = "10,25,50,100,250,500,1000"
 PHASE_SEEDS = 30  # Fig. 1 caption
+FIG1_A, FIG1_T = 50.0, 100.0  # the best cell of Fig. 1: the default of ``train``
+HESS_BATCH = 512  # training images of the optional Hessian eigenvalue
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,13 +370,13 @@ def build_parser():
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("train", help="one run of the Fig. 1 protocol")
     add_common_options(p, "runs/cifar-train")
-    p.add_argument("--A", type=float, default=50.0, help="amplitude (1: static loss)")
-    p.add_argument("--T", type=float, default=100.0, help="period in minibatch steps")
+    p.add_argument("--A", type=float, default=FIG1_A, help="amplitude (1: static loss)")
+    p.add_argument("--T", type=float, default=FIG1_T, help="period in minibatch steps")
     p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed")
     p.add_argument(
         "--hess-every", type=int, default=0, help="top Hessian eigenvalue every E epochs (0: off)"
     )
-    p.add_argument("--hess-batch", type=int, default=512, help="first N training images")
+    p.add_argument("--hess-batch", type=int, default=HESS_BATCH, help="first N training images")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("phase", help="a (T, A) grid x seeds: Fig. 1 (resumable, shardable)")
@@ -386,25 +388,14 @@ def build_parser():
     p.add_argument("--shard", default="0/1", help="i/n: run the i-th of n slices of the work")
     p.set_defaults(func=cmd_phase, train_eval_every=0)
 
-    p = sub.add_parser("merge", help="combine the shards of a phase sweep; Fig. 1")
-    p.add_argument("--out", required=True, help="sweep folder")
-    p.set_defaults(func=cmd_merge)
+    add_merge_command(sub, cmd_merge, "Fig. 1")
     return parser
 
 
 def main(argv=None):
     """Entry point."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    try:
-        args.func(args)
-    except (InputError, cifar.CifarError) as err:
-        fail(SCRIPT, str(err))
-    return 0
+    return run_main(build_parser(), argv, SCRIPT, errors=(InputError, cifar.CifarError))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,15 @@ import numpy as np
 import plots
 import stability
 import sweep
-from cli import InputError, Parser, check_out_dir, fail, parse_int_list, parse_list
+from cli import (
+    InputError,
+    Parser,
+    add_merge_command,
+    check_out_dir,
+    parse_int_list,
+    parse_list,
+    run_main,
+)
 from dynloss import LOSSES
 from models import INITS, MLP_PARAM_NAMES, backend, init_mlp
 from spectra import SLQ_PROBES, SLQ_STEPS
@@ -717,25 +725,14 @@ def build_parser():
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_phase, log_every=1)
 
-    p = sub.add_parser("merge", help="combine the shards of a phase sweep; Fig. 3")
-    p.add_argument("--out", required=True, help="sweep folder")
-    p.set_defaults(func=cmd_merge)
+    add_merge_command(sub, cmd_merge, "Fig. 3")
     return parser
 
 
 def main(argv=None):
     """Entry point: no arguments runs the default ``train`` demo."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    args = parser.parse_args(argv if argv else ["train"])
-    if args.command is None:
-        parser.print_help()
-        return 2
-    try:
-        args.func(args)
-    except InputError as err:
-        fail(SCRIPT, str(err))
-    return 0
+    return run_main(build_parser(), argv, SCRIPT, default_argv=["train"])
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ BIF_MIN_FLIPS = 4  # consecutive sign changes of F(t) - F(t-1) that make a bifur
 BIF_MIN_JUMP = 1e-12  # |F(t) - F(t-1)| at or below this is roundoff, not a bounce
 GAMMA_BLOCK = 4096  # the tracker evaluates Gamma(t) for this many steps at once
 HESS_JUMP = 0.1  # Fig. 4 caption: lambda_max(t) - lambda_max(t-1) ~ 0.1 marks an instability
+HESS_MIN_RUN = 2  # an instability is at least this many bouncing jumps in a row
 ZOOM_PAD = 50  # steps shown on each side of a zoomed instability (at least)
 SPECTRA_FIELDS = ("hess_step", "hess_lmax", "hess_topk", "ntk_step", "ntk_lmax", "ntk_traced_lmax")
 
@@ -85,7 +86,7 @@ def bifurcation_episodes(F, step=None, min_flips=BIF_MIN_FLIPS, min_jump=BIF_MIN
     return step[first[keep] + 2], step[last[keep] + 2]
 
 
-def hessian_threshold(step, lmax, jump=HESS_JUMP, min_length=2):
+def hessian_threshold(step, lmax, jump=HESS_JUMP, min_length=HESS_MIN_RUN):
     """The curvature threshold of the Fig. 4 caption, from a tracked Hessian lambda_max.
 
     Times where |lambda_max(t) - lambda_max(t-1)| >= jump (consecutive tracked values; the
