@@ -39,7 +39,9 @@ def plot_spiral_run(arrays, path, title):
     ax[2].plot(step, first(arrays["dloss"]), lw=0.5)
     ax[2].set_ylabel(r"$\mathcal{F}(t)-\mathcal{F}(t-1)$")
     ax[3].plot(step, arrays["train_acc"], lw=0.8, color="C0", label="training")
-    ax[3].plot(step, arrays["val_acc"], lw=0.8, color="C1", label="validation")
+    val = arrays["val_acc"]
+    seen = np.isfinite(val) if val.ndim == 1 else np.isfinite(val).any(axis=1)  # the rows evaluated
+    ax[3].plot(step[seen], val[seen], lw=0.8, color="C1", label="validation")
     ax[3].set_ylabel("accuracy")
     ax[3].set_ylim(0, 1.02)
     ax[3].set_xlabel("step t")
@@ -72,7 +74,8 @@ def plot_dynamics(arrays, info, path, title):
         a[1].set_yscale("log")
         a[2].plot(step[sel], arrays["dloss"][sel], lw=0.4)
         a[3].plot(step[sel], arrays["train_acc"][sel], lw=0.6, label="training")
-        a[3].plot(step[sel], arrays["val_acc"][sel], lw=0.6, label="validation")
+        val = sel & np.isfinite(arrays["val_acc"])  # the steps where the validation set was used
+        a[3].plot(step[val], arrays["val_acc"][val], lw=0.6, label="validation")
         a[4].plot(sp["hess_step"][hs], sp["hess_lmax"][hs], lw=0.6, color="k")
         if np.isfinite(info["threshold"]):
             a[4].axhline(info["threshold"], ls="--", color="C3", lw=1, label="threshold")

@@ -66,7 +66,8 @@ DYNAMICS_DEFAULTS = {  # Fig. 4 caption
     "A": 70.0,
     "T": 5000.0,
     "steps": 70000,
-    "log_every": 1,
+    "log_every": 1,  # F at every step: period-two bouncing shows only there
+    "val_every": 10,  # the validation set every 10 steps: a forward pass, half a step's cost
     "out": "runs/fig4",
 }
 QUICK = {"T": 1000.0, "steps": 14000}  # dynamics --quick: the same A, periods 5x shorter
@@ -106,6 +107,8 @@ def check_common(args):
         raise InputError(f"--lr must be positive and finite, got {args.lr}")
     if args.log_every <= 0:
         raise InputError(f"--log-every must be positive, got {args.log_every}")
+    if getattr(args, "val_every", None) is not None and args.val_every <= 0:
+        raise InputError(f"--val-every must be positive, got {args.val_every}")
     if args.init not in INITS:
         raise InputError(f"unknown --init {args.init!r}; choose one of {', '.join(INITS)}")
     if args.loss not in LOSSES:
@@ -141,6 +144,7 @@ def train_spec(args, M):
         steps=args.steps,
         log_every=args.log_every,
         loss=args.loss,
+        val_every=getattr(args, "val_every", None),
     )
 
 
@@ -627,6 +631,12 @@ def add_train_options(p, defaults):
     p.add_argument("--init", default="standard", help=f"one of {', '.join(INITS)}")
     p.add_argument("--loss", default="ce", help=f"base loss: {', '.join(LOSSES)}")
     p.add_argument("--log-every", type=int, default=defaults["log_every"], help="steps per log")
+    p.add_argument(
+        "--val-every",
+        type=int,
+        default=defaults.get("val_every"),
+        help="steps between validation evaluations (default: every logged step)",
+    )
     p.add_argument(
         "--no-stop",
         action="store_true",

@@ -21,9 +21,25 @@ hidden bias is folded into the first layer:
 
 :func:`pack` and :func:`unpack` convert between the two. The fused trainer and the layer-by-layer
 reference give the same step to 1e-13 (tests/test_spiral.py); it keeps its own copy because the
-reference's order of operations and allocations would lose the tiling and buffer reuse that make
-it fast. On the CPU a wide layer is processed in tiles of ``CPU_TILE`` hidden units that stay in
-L2 cache, and every buffer is allocated once per block.
+reference's order of operations and allocations would lose what makes it fast.
+
+The fused step: everything through the hidden mask
+---------------------------------------------------
+The hidden activations are written once per step, as the 0/1 mask m = 1[z1 > 0] (M, H, N), and
+both passes go through it; with D+1 = 3 inputs (the bias row included) and K = 3 classes that
+replaces five thin products and three elementwise passes over (M, H, N) arrays by two GEMMs with
+K(D+1) = 9 rows or columns. Since h1_jn = m_jn z1_jn = m_jn sum_d W1a_dj x_dn:
+
+    logits_kn  = sum_j W2_jk h1_jn + b2_k           = sum_d x_dn (G m)_kdn + b2_k
+    dF/dW2_jk  = sum_n h1_jn dz_kn                  = sum_d W1a_dj R_kdj
+    dF/dW1a_dj = sum_n x_dn m_jn sum_k W2_jk dz_kn  = sum_k W2_jk R_kdj
+
+    with G_kd,j = W2_jk W1a_dj and R_kdj = sum_n dz_kn x_dn m_jn,
+
+with dz = dF/dlogits; R is one product Q m^T with Q_kd,n = dz_kn x_dn. The sums are the same
+numbers in another order (equal to about 1e-16 relative). On the CPU a wide layer is processed in
+tiles of ``CPU_TILE`` hidden units, blocks of networks go to worker processes, and every buffer
+is allocated once per block.
 """
 
 from __future__ import annotations
@@ -32,7 +48,7 @@ import multiprocessing
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -101,7 +117,8 @@ def make_spiral_val(n_per_class=N_PER_CLASS, K=K_SPIRAL, noise=SPIRAL_NOISE, see
 LOG_FIELDS = ("loss", "dloss", "loss_static", "train_acc", "val_acc", "val_loss")
 GAMMA_CHUNK = 256  # Gamma for this many steps at a time, (chunk, M, K); also the host-sync interval
 PROGRESS_TICK = 1000  # at most this many steps between progress-bar updates
-CPU_BLOCK_UNITS = 800  # a CPU block holds about this many hidden units (M H): ~2 MB of activations
+LOG_BUFFER_BYTES = 1 << 25  # logged logits kept between two passes of the metrics (32 MiB)
+CPU_BLOCK_UNITS = 400  # a CPU block holds about this many hidden units (M H): ~1 MB of mask
 WORKERS = 2  # CPU worker processes (one per core of the 2-core machines this was tuned on)
 
 
@@ -111,7 +128,8 @@ class TrainSpec:
 
     A, T, stop_step : (M,) per-network amplitude, period and the step from which Gamma = 1
     lr : learning rate eta; steps : number of updates; log_every : logging interval (steps);
-    loss : "ce" or "mse".
+    loss : "ce" or "mse"; val_every : the validation set is evaluated at the logged steps that
+    are multiples of this (and at the last step); None: at every logged step.
     """
 
     A: np.ndarray
@@ -121,6 +139,7 @@ class TrainSpec:
     steps: int
     log_every: int
     loss: str = "ce"
+    val_every: int | None = None
 
 
 def log_steps(steps, log_every):
@@ -129,55 +148,64 @@ def log_steps(steps, log_every):
     return np.array(s + [steps], dtype=np.int64)
 
 
-CPU_TILE = 250  # hidden units per tile on the CPU: a tile's activations stay in a 1 MB L2
+CPU_TILE = 250  # hidden units per tile on the CPU: a tile's (M, Hj, N) mask stays in L2 cache
 
 
-def _workspace(M, H, N, xp):
-    """Buffers reused by every step of :func:`_forward_loss` and :func:`_backward_update`.
-
-    Reusing them matters: a fresh multi-megabyte array per step costs page faults that, on the
-    virtual machines we measured, took longer than the arithmetic. On the CPU a wide layer is
-    processed in tiles of CPU_TILE hidden units, so that each tile's arrays are still in cache
-    for the next operation (width 1000: 25% faster per step); a GPU takes the layer whole.
-    """
+def _workspace(M, H, N, Nv, xp):
+    """The (M, H, N) buffers of the training and validation masks 1[z1 > 0], reused by every
+    step (a fresh multi-megabyte array per step costs page faults that took longer than the
+    arithmetic on the virtual machines measured), and the tiles of hidden units: on the CPU a
+    wide layer is processed CPU_TILE units at a time, so that each tile is still in cache for
+    the next operation; a GPU takes the layer whole."""
     tile = H if (xp is not np or H <= CPU_TILE) else CPU_TILE
     return {
-        "h": xp.empty((M, H, N)),
         "mask": xp.empty((M, H, N)),
-        "dh": xp.empty((M, tile, N)),
+        "mask_val": xp.empty((M, H, Nv)),
         "tiles": [slice(j, min(j + tile, H)) for j in range(0, H, tile)],
     }
 
 
-def _forward_loss(P, XaT, y, onehotT, gamma, loss, xp, work):
+def _logits(P, XaT, mask, tiles, xp):
+    """The forward pass of a block through the hidden mask alone (module docstring, "The fused
+    step"): writes mask = 1[z1 > 0] (M, H, N) and returns logits^T (M, K, N).
+
+    P : {"W1aT": (M, H, D+1), "W2T": (M, K, H), "b2": (M, K, 1)};  XaT : (D+1, N)
+    """
+    M, H, D1 = P["W1aT"].shape
+    K, N = P["W2T"].shape[1], XaT.shape[1]
+    W1a = P["W1aT"].transpose(0, 2, 1)  # (M, D+1, H), a view
+    G = (P["W2T"][:, :, None, :] * W1a[:, None, :, :]).reshape(M, K * D1, H)  # W2_jk W1a_dj
+    if len(tiles) == 1:
+        xp.matmul(P["W1aT"].reshape(M * H, D1), XaT, out=mask.reshape(M * H, N))  # z1^T
+        xp.greater(mask, 0.0, out=mask)  # (M, H, N)  1[z1 > 0], in place
+        GM = G @ mask  # (M, K(D+1), N)  sum_j W2_jk W1a_dj m_jn
+    else:  # the same, tile by tile of hidden units
+        GM = xp.zeros((M, K * D1, N))
+        for sl in tiles:
+            m = mask[:, sl]  # (M, Hj, N)
+            xp.matmul(P["W1aT"][:, sl], XaT, out=m)  # z1^T of the tile
+            xp.greater(m, 0.0, out=m)  # 1[z1 > 0]
+            GM += G[:, :, sl] @ m
+    logits = xp.einsum("mkdn,dn->mkn", GM.reshape(M, K, D1, N), XaT)  # (h1 W2)^T = sum_d x_dn GM
+    logits += P["b2"]  # (M, K, N)
+    return logits
+
+
+def _forward_loss(P, XaT, onehotT, w, loss, xp, work):
     """Fused forward pass and loss for a block of networks (the training hot path).
 
     The trainer keeps everything feature-major (samples last), so that the sums over the K
     classes run across contiguous (M, N) slices rather than along a length-K inner axis.
 
     P : {"W1aT": (M, H, D+1) (W1^T with b1 as its last column), "W2T": (M, K, H), "b2": (M, K, 1)}
-    XaT : (D+1, N) inputs with a row of ones;  onehotT : (K, N);  gamma : (M, K)
-    work : buffers from :func:`_workspace`, overwritten
-    Returns F (M,), dlogits (M, K, N), logits (M, K, N); work["h"], work["mask"] hold h1, 1[z1>0].
+    XaT : (D+1, N) inputs with a row of ones;  onehotT : (K, N)
+    w : (M, N) the sample weights Gamma_{y_j}(t) / N of eq. (1)
+    work : buffers from :func:`_workspace`; work["mask"] is overwritten with 1[z1 > 0]
+    Returns F (M,), dlogits (M, K, N), logits (M, K, N), and the per-sample cross-entropy
+    CE_j (M, N) for "ce" (None for "mse"): the static loss of a logged row.
     """
-    N = XaT.shape[1]
-    M, H, D1 = P["W1aT"].shape
-    h, mask = work["h"], work["mask"]
-    if len(work["tiles"]) == 1:
-        xp.matmul(P["W1aT"].reshape(M * H, D1), XaT, out=h.reshape(M * H, N))  # z1 = x W1 + b1
-        xp.greater(h, 0.0, out=mask)  # (M, H, N)  1[z1 > 0] as floats
-        h *= mask  # (M, H, N)  h1 = relu(z1) (a multiply is cheaper than maximum here)
-        logits = P["W2T"] @ h  # (M, K, N)
-    else:  # the same, tile by tile of hidden units
-        logits = xp.zeros((M, P["W2T"].shape[1], N))
-        for sl in work["tiles"]:
-            hj, mj = h[:, sl], mask[:, sl]
-            xp.matmul(P["W1aT"][:, sl], XaT, out=hj)  # (M, Hj, N)  z1 = x W1 + b1
-            xp.greater(hj, 0.0, out=mj)  # 1[z1 > 0]
-            hj *= mj  # h1 = relu(z1)
-            logits += P["W2T"][:, :, sl] @ hj  # (M, K, N)  sum over the tiles of h1 W2
-    logits += P["b2"]
-    w = gamma[:, y] / N  # (M, N)  Gamma_{y_j} / N
+    logits = _logits(P, XaT, work["mask"], work["tiles"], xp)  # (M, K, N)
+    ce = None
     if loss == "ce":
         shifted = logits - logits.max(axis=1, keepdims=True)  # (M, K, N)
         e = xp.exp(shifted)
@@ -190,23 +218,21 @@ def _forward_loss(P, XaT, y, onehotT, gamma, loss, xp, work):
         dlogits = logits - onehotT  # (M, K, N)  g of eq. (12)
         F = 0.5 * (w * (dlogits**2).sum(axis=1)).sum(axis=1)  # (M,)  Eq. (8), weighted
     dlogits *= w[:, None, :]  # dF/dz = Gamma_y (softmax(z) - onehot(y)) / N
-    return F, dlogits, logits
+    return F, dlogits, logits, ce
 
 
 def _backward_update(P, XaT, dlogits, lr, xp, work):
-    """Backward pass of :func:`_forward_loss` and the gradient-descent update, in place on P."""
-    h, mask = work["h"], work["mask"]
-    dW2T = xp.empty_like(P["W2T"])  # (M, K, H)
-    dW1aT = xp.empty_like(P["W1aT"])  # (M, H, D+1)
-    W2 = xp.swapaxes(P["W2T"], 1, 2)  # (M, H, K)
-    for sl in work["tiles"]:
-        dh = work["dh"][:, : sl.stop - sl.start]  # (M, Hj, N)
-        dW2T[:, :, sl] = dlogits @ xp.swapaxes(h[:, sl], 1, 2)  # dF/dW2 = h1^T dz (transposed)
-        xp.matmul(W2[:, sl], dlogits, out=dh)  # (M, Hj, N)  dF/dh1 = dz W2^T (transposed)
-        dh *= mask[:, sl]  # dF/dz1 = dF/dh1 * 1[z1 > 0]
-        dW1aT[:, sl] = dh @ XaT.T  # [dF/dW1; dF/db1] = [x 1]^T dF/dz1 (transposed)
-    db2 = dlogits.sum(axis=2, keepdims=True)  # (M, K, 1)
-    P["W1aT"] -= lr * dW1aT
+    """Backward pass of :func:`_forward_loss` through the same mask, and the gradient-descent
+    update, in place on P (module docstring, "The fused step")."""
+    M, H, D1 = P["W1aT"].shape
+    K, N = dlogits.shape[1], dlogits.shape[2]
+    Qt = (dlogits[:, :, None, :] * XaT).reshape(M, K * D1, N)  # (M, K(D+1), N)  dz_kn x_dn
+    R = (Qt @ work["mask"].transpose(0, 2, 1)).reshape(M, K, D1, H)  # sum_n dz_kn x_dn m_jn
+    W1a = P["W1aT"].transpose(0, 2, 1)  # (M, D+1, H), a view
+    dW2T = xp.einsum("mkdj,mdj->mkj", R, W1a)  # (M, K, H)  sum_n dz_kn h_jn = (dF/dW2)^T
+    dW1a = xp.einsum("mkdj,mkj->mdj", R, P["W2T"])  # (M, D+1, H)  [dF/dW1; dF/db1]
+    db2 = dlogits.sum(axis=2, keepdims=True)  # (M, K, 1)  dF/db2
+    P["W1aT"] -= lr * dW1a.transpose(0, 2, 1)
     P["W2T"] -= lr * dW2T
     P["b2"] -= lr * db2
 
@@ -234,19 +260,53 @@ def unpack(P):
     }
 
 
-def _metrics(y, onehotT, logits, xp):
-    """Static cross-entropy and accuracy of logits (M, K, N) on labels y (N,): two (M,) arrays."""
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    ce = xp.log(xp.exp(shifted).sum(axis=1)) - (shifted * onehotT).sum(axis=1)  # (M, N)
-    acc = (logits.argmax(axis=1) == y[None, :]).astype(xp.float64).mean(axis=1)
-    return ce.mean(axis=1), acc
+def _metrics(y, onehotT, logits, xp, ce=None):
+    """Static cross-entropy and accuracy of logits (M, K, N) on labels y (N,): two (M,) arrays.
+    ce : the per-sample cross-entropy (M, N) where it is known already (the training loss)."""
+    N = logits.shape[2]
+    if ce is None:
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        ce = xp.log(xp.exp(shifted).sum(axis=1)) - (shifted * onehotT).sum(axis=1)  # (M, N)
+    correct = (logits.argmax(axis=1) == y[None, :]).sum(axis=1)  # (M,)
+    return ce.sum(axis=1) / N, correct / N  # the means over samples
 
 
-def _eval(P, XaT, y, onehotT, xp):
+def _eval(P, XaT, y, onehotT, xp, work):
     """Static loss and accuracy of the block P on (XaT, y): two (M,) arrays."""
-    h = xp.maximum(P["W1aT"] @ XaT, 0.0)  # (M, H, N)
-    logits = P["W2T"] @ h + P["b2"]  # (M, K, N)
+    logits = _logits(P, XaT, work["mask_val"], work["tiles"], xp)  # (M, K, Nv)
     return _metrics(y, onehotT, logits, xp)
+
+
+def _flush_logs(hist, pending, bufs, Fs, F_before, y, onehotT, xp):
+    """Write the training columns of the logged rows ``pending`` [(row, index in the chunk)]:
+    F and F(t) - F(t-1) from the chunk's losses Fs (chunk, M) (F_before: the loss of the step
+    before the chunk), the static cross-entropy and accuracy from the rows' logits and
+    per-sample losses kept in ``bufs`` ("logits" (R, M, K, N), "ce" (R, M, N) or None): one pass
+    for many rows instead of a few calls per row."""
+    if not pending:
+        return
+    rows = np.array([r for r, _ in pending])
+    idx = np.array([i for _, i in pending])
+    n, (_, M, K, N) = len(pending), bufs["logits"].shape
+    ce = None if bufs["ce"] is None else bufs["ce"][:n].reshape(n * M, N)
+    logits = bufs["logits"][:n].reshape(n * M, K, N)
+    loss_s, acc = _metrics(y, onehotT, logits, xp, ce)  # (n M,)
+    F_ext = xp.concatenate([F_before[None], Fs])  # F_ext[i] = F(t - 1) of chunk index i
+    hist[0, rows] = Fs[idx]  # loss
+    hist[1, rows] = Fs[idx] - F_ext[idx]  # dloss
+    hist[2, rows] = loss_s.reshape(n, M)  # loss_static
+    hist[3, rows] = acc.reshape(n, M)  # train_acc
+    pending.clear()
+
+
+def _diverged(Fs, t_first, diverged, xp):
+    """diverged (M,) with the first step of Fs (n, M) (losses of steps t_first, t_first + 1,
+    ...) whose loss is not finite marked for the networks not yet diverged."""
+    if len(Fs) == 0:
+        return diverged
+    bad = ~xp.isfinite(Fs)  # (n, M)
+    first = t_first + bad.argmax(axis=0)  # (M,)
+    return xp.where((diverged < 0) & bad.any(axis=0), first, diverged)
 
 
 def train_block(params, data, spec, xp=np, on_log=None, progress=None):
@@ -280,57 +340,63 @@ def train_block(params, data, spec, xp=np, on_log=None, progress=None):
     onehot = xp.asarray(np.eye(K)[y].T.copy())  # (K, N)
     onehot_v = xp.asarray(np.eye(K)[yv].T.copy())
     P = pack(params, xp)
-    work = _workspace(M, H, len(X), xp)
+    work = _workspace(M, H, len(X), len(Xv), xp)
     steps_logged = log_steps(spec.steps, spec.log_every)
     S = len(steps_logged)
-    hist = {f: np.full((S, M), np.nan) for f in LOG_FIELDS}
+    hist = xp.full((len(LOG_FIELDS), S, M), xp.nan)  # rows written on the device, masked below
     gamma_log = class_weights(steps_logged, spec.A, spec.T, K, spec.stop_step)  # Eqs. (2)-(5)
+    val_every = spec.val_every or spec.log_every
     diverged = xp.full(M, -1, dtype=xp.int64)  # kept on the device: no host sync per step
-    F_prev = xp.full(M, xp.nan)
-    chunk = GAMMA_CHUNK
+    F_before = xp.full(M, xp.nan)  # the loss of the step before the current chunk
+    per_row = M * (K + 1) * len(X) * 8  # bytes of one logged row's logits and losses
+    R = max(1, min(S, LOG_BUFFER_BYTES // per_row))  # logged rows buffered between two passes
+    bufs = {
+        "logits": xp.empty((R, M, K, len(X))),
+        "ce": xp.empty((R, M, len(X))) if spec.loss == "ce" else None,
+    }
+    pending = []  # logged rows of the chunk whose training columns are not written yet
     tick = min(spec.log_every, PROGRESS_TICK)  # progress-bar interval
     row = 0
     with np.errstate(all="ignore"):
-        for t0 in range(0, spec.steps + 1, chunk):
-            ts = np.arange(t0, min(t0 + chunk, spec.steps + 1))
+        for t0 in range(0, spec.steps + 1, GAMMA_CHUNK):
+            ts = np.arange(t0, min(t0 + GAMMA_CHUNK, spec.steps + 1))
             gammas = xp.asarray(class_weights(ts, spec.A, spec.T, K, spec.stop_step))  # (2)-(5)
+            ws = gammas[:, :, y_d] / len(X)  # (chunk, M, N)  Gamma_{y_j}(t) / N
+            Fs = xp.empty((len(ts), M))  # the chunk's losses
             for i, t in enumerate(ts):
-                F, dlogits, logits = _forward_loss(
-                    P, Xa, y_d, onehot, gammas[i], spec.loss, xp, work
-                )
-                newly = ~xp.isfinite(F) & (diverged < 0)
-                diverged = xp.where(newly, int(t), diverged)  # first non-finite loss
+                F, dlogits, logits, ce = _forward_loss(P, Xa, onehot, ws[i], spec.loss, xp, work)
+                Fs[i] = F
                 if row < S and t == steps_logged[row]:
-                    loss_s, acc = _metrics(y_d, onehot, logits, xp)
-                    loss_v, acc_v = _eval(P, Xva, yv_d, onehot_v, xp)
-                    vals = {
-                        "loss": F,
-                        "dloss": F - F_prev,
-                        "loss_static": loss_s,
-                        "train_acc": acc,
-                        "val_acc": acc_v,
-                        "val_loss": loss_v,
-                    }
-                    host = to_host({**vals, "div": diverged})
-                    alive = host["div"] < 0
-                    keep = alive | (host["div"] == t)  # the loss keeps its diverging value
-                    for f in LOG_FIELDS:
-                        ok = keep if f in ("loss", "dloss") else alive
-                        hist[f][row] = np.where(ok, host[f], np.nan)
+                    bufs["logits"][len(pending)] = logits
+                    if ce is not None:
+                        bufs["ce"][len(pending)] = ce
+                    pending.append((row, i))
+                    if len(pending) == R:
+                        _flush_logs(hist, pending, bufs, Fs, F_before, y_d, onehot, xp)
+                    if t % val_every == 0 or t == spec.steps:
+                        hist[4:6, row] = xp.stack(_eval(P, Xva, yv_d, onehot_v, xp, work)[::-1])
                     if on_log is not None:
                         on_log(int(t), unpack(P))
                     row += 1
-                F_prev = F
                 if t == spec.steps:
                     break
                 _backward_update(P, Xa, dlogits, spec.lr, xp, work)
                 if progress is not None and (t + 1) % tick == 0:
                     progress(M * tick)
+            _flush_logs(hist, pending, bufs, Fs, F_before, y_d, onehot, xp)
+            diverged = _diverged(Fs[: i + 1], t0, diverged, xp)
+            F_before = Fs[i]
             if bool((diverged >= 0).all()):  # one host sync per chunk: stop when all diverged
                 break
     div = to_host({"d": diverged})["d"]
     if (div >= 0).all():  # every network diverged: keep the rows up to the last divergence
         row = int(np.searchsorted(steps_logged, div.max(), side="right"))
+    hist = to_host({"h": hist})["h"]  # (fields, S, M)
+    gone = div >= 0
+    after = gone & (steps_logged[:, None] > div)  # (S, M) rows after the divergence step
+    at = gone & (steps_logged[:, None] == div)  # the row of the divergence step itself
+    for f_index, f in enumerate(LOG_FIELDS):  # the loss keeps its diverging value, no more
+        hist[f_index][after | (at if f not in ("loss", "dloss") else False)] = np.nan
     out = {
         "params": unpack(P),
         "step": steps_logged,
@@ -338,7 +404,7 @@ def train_block(params, data, spec, xp=np, on_log=None, progress=None):
         "diverged_step": div,
         "logged": row,
     }
-    out.update(hist)
+    out.update({f: hist[i] for i, f in enumerate(LOG_FIELDS)})
     return out
 
 
@@ -400,15 +466,7 @@ def train_many(
     jobs = []
     for s in range(0, M, block):
         sl = slice(s, min(s + block, M))
-        sub_spec = TrainSpec(
-            spec.A[sl],
-            spec.T[sl],
-            spec.stop_step[sl],
-            spec.lr,
-            spec.steps,
-            spec.log_every,
-            spec.loss,
-        )
+        sub_spec = replace(spec, A=spec.A[sl], T=spec.T[sl], stop_step=spec.stop_step[sl])
         jobs.append(({k: v[sl] for k, v in params.items()}, data, sub_spec))
     parallel = xp is np and workers > 1 and len(jobs) > 1
     if parallel and _can_fork():

@@ -17,6 +17,7 @@ The bounds they are compared with:
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -34,7 +35,7 @@ from spectra import (
     top_eigs,
     warm_top_eig,
 )
-from spiral import TrainSpec, train_block
+from spiral import train_block
 
 TRACK_TOL = 1e-3  # tracker's relative residual: measured eigenvalue errors <= 1e-5 (benchmark)
 TRACK_MIX = 0.03  # weight of a random unit vector added to each warm start (see SpectraTracker)
@@ -355,7 +356,7 @@ def zoom_replay(params0, data, spec, window, k=1, every=1, ntk=True, xp=np):
     tracker = SpectraTracker(
         data[0], data[1], spec, k=k, every=every, ntk_every=every if ntk else 0
     )
-    replay = TrainSpec(spec.A, spec.T, spec.stop_step, spec.lr, t1, 1, spec.loss)
+    replay = replace(spec, steps=t1, log_every=1, val_every=t1 + 1)  # spectra only
     inside = lambda step, params: tracker(step, params) if t0 <= step <= t1 else None
     with threadpool_limits(limits=1):
         train_block(params0, data, replay, xp=xp, on_log=inside)
@@ -432,7 +433,7 @@ def densities_along(params0, data, spec, at, probes=SLQ_PROBES, steps=SLQ_STEPS,
 
     every = int(np.gcd.reduce(np.array(at + [spec.steps], dtype=np.int64)))
     every = max(every, 1)
-    replay = TrainSpec(spec.A, spec.T, spec.stop_step, spec.lr, spec.steps, every, spec.loss)
+    replay = replace(spec, log_every=every)
     with threadpool_limits(limits=1):
         res = train_block(params0, data, replay, xp=xp, on_log=on_log)
     done = [t for t in at if t in rows]  # a diverged run stops logging

@@ -1,12 +1,22 @@
-"""Network-steps per second of the spiral trainer: batched (blocks of networks, both cores) against
-a one-network-at-a-time loop, float64, N = 300, widths 100 and 1000, in one run.
+"""Spiral training speed: our trainer (spiral.py) and the same step in jit-compiled JAX, in one run.
 
-    python benchmarks/bench_spiral.py              # the numbers quoted in the README
+    python benchmarks/bench_spiral.py              # the table in README.md
     python benchmarks/bench_spiral.py --tiny       # a few seconds, for CI
-    python benchmarks/bench_spiral.py --device gpu # the same on CuPy
+    python benchmarks/bench_spiral.py --device gpu # our trainer on CuPy (JAX: its default device)
 
-Targets on the 2-core CPU: 12,000 network-steps/s at width 100 and 2,000 at width 1000 (a
-jit-compiled JAX step does about 5,900 and 1,100 on the same kind of machine).
+Work, for both: full-batch gradient descent on the 300-point spiral, float64, widths 100 and
+1000, the dynamical loss of eqs. (1)-(5) (A = 10, T = 200, weights recomputed at every step),
+learning rate 1, no logging. "batch" trains M networks at once: ours with spiral.train_many
+(blocks of networks in two worker processes on the CPU), JAX with ``jax.vmap`` over networks of
+a ``jax.lax.fori_loop`` of steps under ``jax.jit``. "single" trains one network: ours with
+spiral.train_block on one BLAS thread (as the train, dynamics and threshold commands do), JAX
+with the same jitted loop for M = 1. Rates are network-steps per second, the best of
+``--repeats`` timed runs after a warm-up (JAX's compilation is not timed). Before timing, both
+train the same networks for ``CHECK_STEPS`` steps and must agree to ``CHECK_RTOL``: the JAX
+step is the same computation. "single, logging" times our trainer logging every step with the
+validation set every 10 (the ``dynamics`` command's training, without its spectra). Without JAX
+the script prints our rates and says that the comparison needs it
+(``pip install -r requirements-bench.txt``).
 """
 
 import argparse
@@ -16,68 +26,193 @@ import sys
 import time
 
 import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import spiral as rs  # noqa: E402
+import spiral  # noqa: E402
 from models import backend, init_mlp  # noqa: E402
 
-TARGETS = {100: 12000, 1000: 2000}
-JAX_ANCHOR = {100: 5900, 1000: 1100}
+A_BENCH, T_BENCH, LR = 10.0, 200.0, 1.0  # a dynamical loss that oscillates during the run
+SIZES = {  # width: (networks in a batch, steps)
+    100: (64, 2000),
+    1000: (16, 1000),
+}
+GPU_SIZES = {100: (2048, 2000), 1000: (512, 2000)}
+TINY = {100: (4, 20), 1000: (2, 10)}
+VAL_EVERY = 10  # the dynamics command's validation interval (steps), for "single, logging"
+CHECK_STEPS = 50  # steps of the agreement check
+CHECK_RTOL = 1e-9  # ours and JAX after CHECK_STEPS steps: the same sums in other orders
 
 
-def rate(width, M, steps, xp, batched, workers):
-    """Network-steps per second training M networks of this width for ``steps`` steps."""
-    data = (*rs.make_spiral_train(), *rs.make_spiral_val())
-    params = init_mlp(range(M), 2, width, 3)
-    spec = rs.TrainSpec(np.full(M, 10.0), np.full(M, 200.0), np.full(M, steps), 1.0, steps, steps)
+def machine():
+    """CPU model, cores, Python, NumPy and the BLAS NumPy uses."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    blas = [
+        f"{i['internal_api']} {i['version']} ({i.get('threading_layer', '?')})"
+        for i in threadpool_info()
+        if i["user_api"] == "blas"
+    ]
+    return (
+        f"machine: {cpu}, {os.cpu_count()} cores; python {platform.python_version()}, "
+        f"numpy {np.__version__}, BLAS {', '.join(blas) or 'unknown'}"
+    )
+
+
+def spec_for(M, steps):
+    return spiral.TrainSpec(
+        np.full(M, A_BENCH), np.full(M, T_BENCH), np.full(M, steps + 1), LR, steps, steps
+    )
+
+
+def ours_batch(params, data, steps, xp):
     t0 = time.perf_counter()
-    if batched:
-        rs.train_many(params, data, spec, xp=xp, workers=workers, progress=False)
-    else:
-        for m in range(M):  # one network at a time, same trainer, block of 1, one thread
-            one = {k: v[m : m + 1] for k, v in params.items()}
-            sub = rs.TrainSpec(spec.A[:1], spec.T[:1], spec.stop_step[:1], 1.0, steps, steps)
-            rs.train_block(one, data, sub, xp=xp)
+    out = spiral.train_many(params, data, spec_for(len(params["W1"]), steps), xp=xp, progress=False)
     if xp is not np:
         xp.cuda.Device().synchronize()
-    return M * steps / (time.perf_counter() - t0)
+    return time.perf_counter() - t0, out["params"]
+
+
+def ours_one(params, data, steps, xp, log_every=None):
+    spec = spec_for(1, steps)
+    spec.log_every = log_every or steps
+    spec.val_every = VAL_EVERY
+    t0 = time.perf_counter()
+    with threadpool_limits(limits=1):
+        out = spiral.train_block(params, data, spec, xp=xp)
+    return time.perf_counter() - t0, out["params"]
+
+
+def jax_trainer(X, y, K, steps):
+    """The same step in JAX: jit over vmap (networks) over fori_loop (steps), float64."""
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_x64", True)
+    X, y = jnp.asarray(X), jnp.asarray(y)
+    N = X.shape[0]
+    onehot = jax.nn.one_hot(y, K, dtype=jnp.float64)
+
+    def gamma_of(t, A, T):  # eqs. (2)-(5), as dynloss.class_weights (no stop during the run)
+        tT = t - T * jnp.floor(t / T)
+        m = 2.0 * (A - 1.0) / T
+        f = jnp.where(tT <= T / 2, 1.0 + m * tT, 2.0 * A - m * tT - 1.0)
+        chosen = jnp.floor(t / T).astype(jnp.int32) % K
+        g = jnp.where(jnp.arange(K) == chosen, f, 1.0)
+        return K * g / g.sum()
+
+    def loss(p, gamma):  # eq. (1), the mean over samples
+        h = jax.nn.relu(X @ p["W1"] + p["b1"])
+        z = h @ p["W2"] + p["b2"]
+        ce = -(jax.nn.log_softmax(z) * onehot).sum(axis=1)
+        return (gamma[y] * ce).sum() / N
+
+    grad = jax.grad(loss)
+
+    def train_one(p, A, T):
+        def body(t, p):
+            g = grad(p, gamma_of(t.astype(jnp.float64), A, T))
+            return jax.tree_util.tree_map(lambda a, b: a - LR * b, p, g)
+
+        return jax.lax.fori_loop(0, steps, body, p)
+
+    run = jax.jit(jax.vmap(train_one))
+
+    def timed(params):
+        M = len(params["W1"])
+        p = {k: jnp.asarray(v) for k, v in params.items()}
+        A, T = jnp.full(M, A_BENCH), jnp.full(M, T_BENCH)
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(run(p, A, T))
+        return time.perf_counter() - t0, {k: np.asarray(v) for k, v in out.items()}
+
+    return timed
+
+
+def best_rate(fn, work, repeats):
+    """Network-steps per second of the fastest of ``repeats`` calls of fn() -> (seconds, out)."""
+    return work / min(fn()[0] for _ in range(repeats))
+
+
+def check_same(ours, theirs, what):
+    for k in ours:
+        scale = np.abs(ours[k]).max()
+        err = np.abs(ours[k] - theirs[k]).max() / scale
+        if not err < CHECK_RTOL:
+            raise SystemExit(f"{what}: JAX and ours differ in {k} by {err:.2e} (relative)")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="a few seconds (CI)")
-    ap.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="our trainer's device")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (the best counts)")
     args = ap.parse_args()
     xp = backend(args.device)
-    print(
-        f"machine: {platform.machine()} {platform.processor()}, cores {os.cpu_count()}, "
-        f"python {platform.python_version()}, numpy {np.__version__}, device {args.device}"
-    )
+    repeats = 1 if args.tiny else args.repeats
+    data = (*spiral.make_spiral_train(), *spiral.make_spiral_val())
+    sizes = TINY if args.tiny else (SIZES if xp is np else GPU_SIZES)
+    print(machine())
     if xp is not np:
-        print(
-            f"gpu: {xp.cuda.runtime.getDeviceProperties(0)['name'].decode()}, cupy {xp.__version__}"
-        )
-    print(
-        f"{'width':>6} {'networks':>8} {'steps':>6} {'batched':>10} {'one-by-one':>10} "
-        f"{'ratio':>6} {'target':>7} {'JAX jit':>8}"
-    )
-    for width in (100, 1000):
-        if args.tiny:
-            M, steps = 4, 20
-        elif xp is np:
-            M, steps = (64, 2000) if width == 100 else (16, 1000)
-        else:
-            M, steps = (2048, 2000) if width == 100 else (512, 2000)
-        rate(width, 2, 3, xp, True, args.workers)  # warm-up
-        fast = rate(width, M, steps, xp, True, args.workers)
-        m1 = max(1, M // 8) if xp is np else 2  # one at a time on a GPU is launch-bound
-        slow = rate(width, m1, steps, xp, False, 1)
-        print(
-            f"{width:>6} {M:>8} {steps:>6} {fast:>10.0f} {slow:>10.0f} {fast / slow:>6.1f} "
-            f"{TARGETS[width]:>7} {JAX_ANCHOR[width]:>8}"
-        )
+        name = xp.cuda.runtime.getDeviceProperties(0)["name"]
+        name = name.decode() if isinstance(name, bytes) else name
+        print(f"our device: {name}, cupy {xp.__version__}")
+    # ours first, JAX after: our CPU trainer forks worker processes, which must not happen once
+    # JAX's threads run in this process
+    ours = {w: bench_ours(w, M, steps, data, xp, repeats) for w, (M, steps) in sizes.items()}
+    try:
+        import jax
+
+        print(f"jax {jax.__version__}, default device {jax.devices()[0]}")
+        theirs = {
+            w: bench_jax(w, M, steps, data, repeats, ours[w]["check"])
+            for w, (M, steps) in sizes.items()
+        }
+    except ImportError:
+        theirs = {}
+        print("JAX is not installed: our rates only; the comparison needs JAX")
+    head = f"{'width':>6} {'run':<16} {'networks':>8} {'steps':>6} {'ours':>9} {'JAX':>9}"
+    print(head + f" {'ours/JAX':>8}")
+    for width, (M, steps) in sizes.items():
+        for run, m in (("batch", M), ("single", 1), ("single, logging", 1)):
+            mine = ours[width][run]
+            jax_rate = theirs.get(width, {}).get(run)
+            j = f"{jax_rate:>9.0f} {mine / jax_rate:>8.2f}" if jax_rate else f"{'-':>9} {'-':>8}"
+            print(f"{width:>6} {run:<16} {m:>8} {steps:>6} {mine:>9.0f} {j}")
+
+
+def bench_ours(width, M, steps, data, xp, repeats):
+    """Our rates for one width, and our parameters after CHECK_STEPS steps of two networks."""
+    batch = init_mlp(range(M), 2, width, 3)
+    one = {k: v[:1] for k, v in batch.items()}
+    two = {k: v[:2] for k, v in batch.items()}
+    ours_batch(two, data, 3, xp)  # warm-up
+    return {
+        "batch": best_rate(lambda: ours_batch(batch, data, steps, xp), M * steps, repeats),
+        "single": best_rate(lambda: ours_one(one, data, steps, xp), steps, repeats),
+        "single, logging": best_rate(lambda: ours_one(one, data, steps, xp, 1), steps, repeats),
+        "check": (two, ours_batch(two, data, CHECK_STEPS, xp)[1]),
+    }
+
+
+def bench_jax(width, M, steps, data, repeats, check):
+    """JAX's rates for one width, after checking that it computes what ours does."""
+    two, mine = check
+    check_same(mine, jax_trainer(data[0], data[1], 3, CHECK_STEPS)(two)[1], f"width {width}")
+    timed = jax_trainer(data[0], data[1], 3, steps)
+    batch = init_mlp(range(M), 2, width, 3)
+    one = {k: v[:1] for k, v in batch.items()}
+    timed(batch)  # compile for both shapes
+    timed(one)
+    return {
+        "batch": best_rate(lambda: timed(batch), M * steps, repeats),
+        "single": best_rate(lambda: timed(one), steps, repeats),
+    }
 
 
 if __name__ == "__main__":

@@ -102,3 +102,24 @@ def test_divergence_is_recorded_and_history_kept(data):
     for m in range(2):  # what was logged before the divergence is kept, NaN after
         assert np.isfinite(out["loss"][: d[m], m]).all()
         assert not np.isfinite(out["loss"][d[m] :, m]).any()
+
+
+def test_logging_interval_and_buffer_do_not_change_the_numbers(data, monkeypatch):
+    """Rows are the same numbers whatever the logging interval, the validation interval and the
+    size of the buffer that batches their metrics (a one-row buffer flushes at every row)."""
+    params = init_mlp([0, 1], 2, 10, 3)
+    every = sp.train_block(params, data, spec_for(2, 6.0, 9, steps=300, log_every=1))
+    spec = spec_for(2, 6.0, 9, steps=300, log_every=7)
+    spec.val_every = 21
+    monkeypatch.setattr(sp, "LOG_BUFFER_BYTES", 1)
+    sparse = sp.train_block(params, data, spec)
+    rows = np.searchsorted(every["step"], sparse["step"])
+    np.testing.assert_array_equal(sparse["step"], every["step"][rows])
+    for f in ("loss", "dloss", "loss_static", "train_acc"):
+        np.testing.assert_array_equal(sparse[f], every[f][rows], err_msg=f)
+    for f in ("val_acc", "val_loss"):  # at multiples of 21 and at the last step; NaN elsewhere
+        seen = (sparse["step"] % 21 == 0) | (sparse["step"] == 300)
+        np.testing.assert_array_equal(sparse[f][seen], every[f][rows][seen], err_msg=f)
+        assert np.isnan(sparse[f][~seen]).all()
+    for k in params:
+        np.testing.assert_array_equal(sparse["params"][k], every["params"][k])
