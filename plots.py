@@ -164,15 +164,20 @@ def plot_threshold(arrays, fits, cfg, path):
 
 
 def plot_phase(summary, path, title, t_label):
-    """Contour maps of mean training (a) and validation (b) accuracy over (T, A), log axes.
+    """Contour maps of mean training (a) and validation (b) accuracy over (T, A), log axes, and,
+    when the summary has them (A = 1 in the grid), (c) the paired difference of validation
+    accuracy to A = 1, cell by cell, a black ring where its interval excludes 0.
 
     Colour levels span each panel's own range, so small gains (Fig. 1) stay visible; the grid
     points are marked and the A = 1 row (the static loss) lies inside the frame.
     """
     T, A = summary["T"], summary["A"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    paired = "val_acc_diff_mean" in summary
+    fig, axes = plt.subplots(1, 3 if paired else 2, figsize=(15 if paired else 10, 4), sharey=True)
     panels = (("train_acc", "(a) training"), ("val_acc", "(b) validation"))
-    for ax, (f, label) in zip(axes, panels, strict=True):
+    if paired:
+        _plot_paired(axes[2], summary, t_label)
+    for ax, (f, label) in zip(axes, panels, strict=False):
         Z = summary[f + "_mean"].T  # (a, b): rows A, columns T
         lo, hi = (np.nanmin(Z), np.nanmax(Z)) if np.isfinite(Z).any() else (0.0, 1.0)
         if hi - lo < 1e-3:
@@ -205,6 +210,30 @@ def plot_phase(summary, path, title, t_label):
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def _plot_paired(ax, summary, t_label):
+    """Panel (c) of plot_phase: val_acc_diff_mean per cell, rings where 0 is outside the
+    interval [val_acc_diff_lo, val_acc_diff_hi]."""
+    T, A = summary["T"], summary["A"]
+    D = summary["val_acc_diff_mean"]  # (b, a)
+    lo, hi = summary["val_acc_diff_lo"], summary["val_acc_diff_hi"]
+    tt, aa = np.meshgrid(T, A, indexing="ij")  # (b, a)
+    span = np.nanmax(np.abs(D)) if np.isfinite(D).any() else 1.0
+    cs = ax.scatter(tt, aa, c=D, s=260, marker="s", cmap="RdBu", vmin=-span, vmax=span)
+    sure = (lo > 0) | (hi < 0)
+    ax.scatter(tt[sure], aa[sure], s=420, marker="o", facecolors="none", edgecolors="k", lw=1.2)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_ylim(A.min() / 1.3, A.max() * 1.3)
+    ax.set_xlim(T.min() / 1.3, T.max() * 1.3)
+    ax.set_xticks(T, [f"{t:g}" for t in T], minor=False, fontsize=7)
+    ax.set_yticks(A, [f"{a:g}" for a in A], minor=False, fontsize=7)
+    ax.minorticks_off()
+    ax.set_xlabel(t_label)
+    ax.set_title("(c) validation accuracy minus A = 1 (paired)", fontsize=9)
+    fig = ax.get_figure()
+    fig.colorbar(cs, ax=ax, format="%+.3f")
 
 
 def plot_cifar_run(arrays, settings, path, title):

@@ -8,6 +8,7 @@ python run_spiral.py train --A 10 --T 200 --steps 35000 --seed 0-7           one
 python run_spiral.py phase --width 100 --seeds 50 --out runs/phase-w100      Fig. 3 (a, b)
 python run_spiral.py phase --width 1000 --seeds 50 --out runs/phase-w1000    Fig. 3 (c, d)
 python run_spiral.py merge --out runs/phase-w100                  assemble a sharded sweep
+python run_spiral.py reeval --out runs/phase-w1000 --val inner    the sweep on another val set
 python run_spiral.py dynamics --out runs/fig4                                Fig. 4
 python run_spiral.py threshold --out runs/fig5                               Fig. 5
 python run_spiral.py density --at 0,1000,10000,30000 --out runs/density    Hessian spectra
@@ -27,6 +28,7 @@ import time
 import numpy as np
 
 import plots
+import spiral_sweeps
 import stability
 import sweep
 from cli import (
@@ -44,15 +46,14 @@ from spectra import SLQ_PROBES, SLQ_STEPS
 from spiral import (
     K_SPIRAL,
     LOG_FIELDS,
+    VAL_SETS,
     TrainSpec,
-    make_spiral_train,
-    make_spiral_val,
     train_many,
 )
+from spiral_sweeps import D_SPIRAL, spiral_data
 from sweep import atomic_savez, versions, write_json
 
 SCRIPT = "run_spiral.py"
-D_SPIRAL = 2  # the spiral's input dimension
 TRAIN_DEFAULTS = {
     "width": 100,
     "A": 20.0,
@@ -82,11 +83,6 @@ FIG5_T0, FIG5_STEPS0 = 5000.0, 70000  # Fig. 5: T = T0/eta, steps0/eta steps
 FIG5_STATIC_STEPS = 35000
 
 
-def spiral_data():
-    """(X_train, y_train, X_val, y_val) of the spiral (spiral.make_spiral_*)."""
-    return (*make_spiral_train(), *make_spiral_val())
-
-
 def stop_step(steps, T, no_stop):
     """The first step with Gamma = 1: the final period is static unless --no-stop."""
     return steps + 1 if no_stop else max(0, steps - T)
@@ -111,6 +107,8 @@ def check_common(args):
         raise InputError(f"--val-every must be positive, got {args.val_every}")
     if args.init not in INITS:
         raise InputError(f"unknown --init {args.init!r}; choose one of {', '.join(INITS)}")
+    if getattr(args, "val", "uniform") not in VAL_SETS:
+        raise InputError(f"unknown --val {args.val!r}; choose one of {', '.join(VAL_SETS)}")
     if args.loss not in LOSSES:
         raise InputError(f"unknown --loss {args.loss!r}; choose one of {', '.join(LOSSES)}")
     try:
@@ -178,7 +176,7 @@ def run_config(args, seeds, spec, t0, **extra):
         stop_step=int(spec.stop_step[0]),
         versions=versions(),
         seconds=round(time.time() - t0, 2),
-        data="spiral (spiral.make_spiral_*)",
+        data=f"spiral, validation set {getattr(args, 'val', 'uniform')!r} (spiral.py)",
     )
     config.update(extra)
     return config
@@ -188,7 +186,7 @@ def cmd_train(args):
     """``train``: one setting, one or a few seeds; writes run.npz, config.json, run.png."""
     seeds = check_train(args)
     t0 = time.time()
-    data = spiral_data()
+    data = spiral_data(args.val)
     params0 = init_mlp(seeds, D=D_SPIRAL, H=args.width, K=K_SPIRAL, init=args.init)
     spec = train_spec(args, len(seeds))
     res = train_many(params0, data, spec, xp=backend(args.device), progress=not args.quiet)
@@ -217,16 +215,6 @@ def cmd_train(args):
 # ---------------------------------------------------------------------------------------------
 # phase and merge (Fig. 3)
 # ---------------------------------------------------------------------------------------------
-
-
-def phase_units(n_T, n_A, seeds, seed_block):
-    """The units in a fixed order: (name, T index, A index, seeds) per cell and seed block."""
-    units = []
-    for ti in range(n_T):
-        for ai in range(n_A):
-            for b in range(0, len(seeds), seed_block):
-                units.append((f"T{ti:03d}_A{ai:03d}_s{b:05d}", ti, ai, seeds[b : b + seed_block]))
-    return units
 
 
 def check_phase(args):
@@ -268,32 +256,8 @@ def phase_config(args, A_list, T_list, seeds):
         "init": args.init,
         "loss": args.loss,
         "stop_last_period": not args.no_stop,
+        "val": args.val,
     }
-
-
-def train_units(units, cfg, xp, progress):
-    """Train the networks of several units together; yield (name, arrays) per finished unit."""
-    seeds = [s for u in units for s in u[3]]
-    A = np.array([cfg["A"][u[2]] for u in units for _ in u[3]], dtype=float)
-    T = np.array([cfg["T"][u[1]] for u in units for _ in u[3]], dtype=float)
-    steps = cfg["steps"]
-    stop = np.maximum(steps - T, 0) if cfg["stop_last_period"] else np.full(len(A), steps + 1)
-    spec = TrainSpec(A, T, stop, cfg["lr"], steps, steps, cfg["loss"])
-    params = init_mlp(seeds, D=D_SPIRAL, H=cfg["width"], K=K_SPIRAL, init=cfg["init"])
-    desc = f"{len(units)} cells x seeds"
-    res = train_many(params, spiral_data(), spec, xp=xp, progress=progress, desc=desc)
-    final = {
-        "train_acc": res["train_acc"][-1],
-        "val_acc": res["val_acc"][-1],
-        "train_loss": res["loss_static"][-1],
-        "val_loss": res["val_loss"][-1],
-        "diverged_step": res["diverged_step"],
-    }
-    start = 0
-    for u in units:
-        n = len(u[3])
-        yield u[0], {k: v[start : start + n] for k, v in final.items()}
-        start += n
 
 
 def default_batch(width, xp):
@@ -308,52 +272,37 @@ def cmd_phase(args):
     A_list, T_list, seeds, (i, n) = check_phase(args)
     cfg = phase_config(args, A_list, T_list, seeds)
     xp = backend(args.device)
-    sweep.prepare(args.out, cfg)
+    sweep.prepare(args.out, cfg, grow=("seeds",))
     write_json(os.path.join(args.out, "versions.json"), versions())
-    units = phase_units(len(T_list), len(A_list), seeds, args.seed_block)
-    todo = set(sweep.pending(args.out, [u[0] for u in sweep.shard(units, i, n)]))
-    mine = [u for u in units if u[0] in todo]
+    units = spiral_sweeps.phase_units(len(T_list), len(A_list), seeds, args.seed_block)
+    expect = spiral_sweeps.unit_expect(cfg)
+    mine = sweep.shard(units, i, n)
+    todo = set(sweep.pending(args.out, [u[0] for u in mine], expect))
     batch = args.batch if args.batch is not None else default_batch(args.width, xp)
-    per_batch = max(1, batch // args.seed_block)
     print(
-        f"shard {i}/{n}: {len(mine)} of {len(sweep.shard(units, i, n))} units to run "
-        f"({len(units)} in the sweep), {per_batch} unit(s) per batch"
+        f"shard {i}/{n}: {len(todo)} of {len(mine)} units to run ({len(units)} in the sweep), "
+        f"{max(1, batch // args.seed_block)} unit(s) per batch"
     )
-    t0 = time.time()
-    for b in range(0, len(mine), per_batch):
-        for name, arrays in train_units(mine[b : b + per_batch], cfg, xp, not args.quiet):
-            sweep.save_unit(args.out, name, arrays)
-    print(f"shard {i}/{n} done in {time.time() - t0:.0f} s")
+    seconds = spiral_sweeps.run_phase(
+        args.out, cfg, [u for u in mine if u[0] in todo], xp, batch, not args.quiet
+    )
+    print(f"shard {i}/{n} done in {seconds:.0f} s")
     if n == 1:
-        merge_phase(args.out)
+        spiral_sweeps.merge_phase(args.out)
     else:
         print(f"when every shard is done: python {SCRIPT} merge --out {args.out}")
 
 
-def merge_phase(out):
-    """Combine the units of a finished sweep into phase.npz and the Fig. 3 figure."""
-    cfg = sweep.load_config(out)
-    A_list, T_list, seeds = cfg["A"], cfg["T"], cfg["seeds"]
-    units = phase_units(len(T_list), len(A_list), seeds, cfg["seed_block"])
-    done = sweep.load_units(out, [u[0] for u in units])
-    placements = [(name, ti, ai, seeds.index(us[0])) for name, ti, ai, us in units]
-    arrays = sweep.assemble(done, placements, len(T_list), len(A_list), len(seeds))
-    summary = sweep.summarize(arrays, sweep.PHASE_FIELDS, A_list, T_list, seeds, "diverged_step")
-    atomic_savez(os.path.join(out, "phase.npz"), **arrays, **summary)
-    png = os.path.join(out, "phase.png")
-    title = (
-        f"spiral, width {cfg['width']}, {len(seeds)} seeds, {cfg['steps']} steps, "
-        f"lr {cfg['lr']:g}, {cfg['init']} init"
-    )
-    plots.plot_phase(summary, png, title, "period T (steps)")
-    sweep.print_table(summary)
-    print(f"wrote {out}/phase.npz and the figure {png}")
-    return summary
-
-
 def cmd_merge(args):
     """``merge``: combine the shards of a sweep into phase.npz and its figure."""
-    merge_phase(args.out)
+    spiral_sweeps.merge_phase(args.out)
+
+
+def cmd_reeval(args):
+    """``reeval``: a finished sweep's networks on another validation set, without training."""
+    if args.val not in VAL_SETS:
+        raise InputError(f"unknown --val {args.val!r}; choose one of {', '.join(VAL_SETS)}")
+    spiral_sweeps.merge_phase(args.out, val=args.val)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,7 +324,7 @@ def tracked_run(args, seed, desc="training + spectra"):
     """One network trained with the spectra tracker: (data, params0, res, spec, spectra)."""
     from tqdm import tqdm
 
-    data = spiral_data()
+    data = spiral_data(getattr(args, "val", "uniform"))
     params0 = init_mlp([seed], D=D_SPIRAL, H=args.width, K=K_SPIRAL, init=args.init)
     spec = train_spec(args, 1)
     bar = tqdm(
@@ -590,7 +539,7 @@ def cmd_density(args):
     if args.probes <= 0 or args.lanczos_steps <= 0:
         raise InputError("--probes and --lanczos-steps must be positive")
     t0 = time.time()
-    data = spiral_data()
+    data = spiral_data(args.val)
     params0 = init_mlp(seeds, D=D_SPIRAL, H=args.width, K=K_SPIRAL, init=args.init)
     spec = train_spec(args, 1)
     out = stability.densities_along(
@@ -642,6 +591,7 @@ def add_train_options(p, defaults):
         action="store_true",
         help="keep oscillating in the final period (default: Gamma = 1 for the last T)",
     )
+    p.add_argument("--val", default="uniform", help=f"validation set: {', '.join(VAL_SETS)}")
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="cpu or gpu (CuPy)")
     p.add_argument("--out", default=defaults["out"], help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -723,6 +673,7 @@ def build_parser():
     p.add_argument("--init", default="standard", help=f"one of {', '.join(INITS)}")
     p.add_argument("--loss", default="ce", help=f"base loss: {', '.join(LOSSES)}")
     p.add_argument("--no-stop", action="store_true", help="oscillate in the last period too")
+    p.add_argument("--val", default="uniform", help=f"validation set: {', '.join(VAL_SETS)}")
     p.add_argument("--shard", default="0/1", help="i/n: run the i-th of n slices of the work")
     p.add_argument(
         "--batch",
@@ -736,6 +687,10 @@ def build_parser():
     p.set_defaults(func=cmd_phase, log_every=1)
 
     add_merge_command(sub, cmd_merge, "Fig. 3")
+    p = sub.add_parser("reeval", help="a finished phase sweep on another validation set")
+    p.add_argument("--out", required=True, help="sweep folder")
+    p.add_argument("--val", required=True, help=f"validation set: {', '.join(VAL_SETS)}")
+    p.set_defaults(func=cmd_reeval)
     return parser
 
 

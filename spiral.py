@@ -95,19 +95,43 @@ def make_spiral_train(n_per_class=N_PER_CLASS, K=K_SPIRAL, noise=SPIRAL_NOISE, s
     return _arms(radii, noise, rs.randn)
 
 
-def make_spiral_val(n_per_class=N_PER_CLASS, K=K_SPIRAL, noise=SPIRAL_NOISE, seed=VAL_SEED):
-    """Validation spiral: the same arms, radii drawn uniformly at random (sorted), fresh noise.
+VAL_SETS = {  # validation radii r in [0, 1] from u ~ U[0, 1] (K, n), sorted along each arm
+    "uniform": lambda u: u,  # radii uniform along the arms (the default)
+    "inner": lambda u: u**2,  # density 1 / (2 sqrt r): crowded towards the centre
+    "outer": np.sqrt,  # density 2 r: crowded towards the outer ends
+    "reseed": None,  # the training radii (evenly spaced), only the noise is fresh
+}
 
-    The paper's validation set has "a different distribution of the points along the arms": here
-    no point sits at a training radius (the training radii are evenly spaced). Note that the
-    spiral is easy for a local classifier either way: a 1-nearest-neighbour classifier built on
-    the training set scores 0.99 on this set and on a mere reseed of the noise alike.
+
+def make_spiral_val(
+    name="uniform", n_per_class=N_PER_CLASS, K=K_SPIRAL, noise=SPIRAL_NOISE, seed=VAL_SEED
+):
+    """A validation spiral: the same arms as the training set, another distribution of the
+    points along them, fresh noise, from np.random.default_rng(seed).
+
+    The paper's validation set has "a different distribution of the points along the arms";
+    ``name`` picks a reading of that (``VAL_SETS``): "uniform" radii uniform at random in [0, 1]
+    (no point at a training radius), "inner" crowded towards the centre where the arms meet (the
+    hard part), "outer" crowded towards their outer ends, "reseed" the training radii with
+    fresh noise. docs/choices.md gives each one's 1-nearest-neighbour accuracy.
 
     Returns X (K*n, 2) float64, y (K*n,) int64.
     """
+    if name not in VAL_SETS:
+        raise ValueError(f"unknown validation set {name!r}; choose one of {', '.join(VAL_SETS)}")
     rng = np.random.default_rng(seed)
-    radii = np.sort(rng.uniform(0.0, 1.0, size=(K, n_per_class)), axis=1)
+    if VAL_SETS[name] is None:
+        radii = np.tile(np.linspace(0.0, 1.0, n_per_class), (K, 1))
+    else:
+        radii = np.sort(VAL_SETS[name](rng.uniform(0.0, 1.0, size=(K, n_per_class))), axis=1)
     return _arms(radii, noise, lambda n: rng.normal(0.0, 1.0, n))
+
+
+def nearest_neighbour_accuracy(X_train, y_train, X, y):
+    """Accuracy on (X, y) of the 1-nearest-neighbour classifier of the training set: how much
+    room a validation set leaves to a smooth decision boundary. (N, D), (N,), (Nv, D), (Nv,)."""
+    d2 = ((X[:, None, :] - X_train[None, :, :]) ** 2).sum(axis=2)  # (Nv, N)
+    return float((y_train[d2.argmin(axis=1)] == y).mean())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +142,7 @@ LOG_FIELDS = ("loss", "dloss", "loss_static", "train_acc", "val_acc", "val_loss"
 GAMMA_CHUNK = 256  # Gamma for this many steps at a time, (chunk, M, K); also the host-sync interval
 PROGRESS_TICK = 1000  # at most this many steps between progress-bar updates
 LOG_BUFFER_BYTES = 1 << 25  # logged logits kept between two passes of the metrics (32 MiB)
+DIVERGENCE_FACTOR = 1e3  # a run has diverged once F is not finite or above this times F(0)
 CPU_BLOCK_UNITS = 400  # a CPU block holds about this many hidden units (M H): ~1 MB of mask
 WORKERS = 2  # CPU worker processes (one per core of the 2-core machines this was tuned on)
 
@@ -299,12 +324,13 @@ def _flush_logs(hist, pending, bufs, Fs, F_before, y, onehotT, xp):
     pending.clear()
 
 
-def _diverged(Fs, t_first, diverged, xp):
+def _diverged(Fs, t_first, diverged, F0, xp):
     """diverged (M,) with the first step of Fs (n, M) (losses of steps t_first, t_first + 1,
-    ...) whose loss is not finite marked for the networks not yet diverged."""
+    ...) whose loss has diverged marked for the networks not yet diverged: a loss that is not
+    finite or exceeds DIVERGENCE_FACTOR times the initial loss F0 (M,)."""
     if len(Fs) == 0:
         return diverged
-    bad = ~xp.isfinite(Fs)  # (n, M)
+    bad = ~xp.isfinite(Fs) | (Fs > DIVERGENCE_FACTOR * F0)  # (n, M)
     first = t_first + bad.argmax(axis=0)  # (M,)
     return xp.where((diverged < 0) & bad.any(axis=0), first, diverged)
 
@@ -328,8 +354,9 @@ def train_block(params, data, spec, xp=np, on_log=None, progress=None):
     ``logged``, the number of rows written (S unless every network diverged).
     Step t's row holds the state before update t: F(t) (eq. 1), F(t) - F(t-1), the static
     cross-entropy and the accuracies; the last row (t = steps) is the final state. Once a network's
-    loss is not finite it is marked diverged and its later rows are NaN; when every network of the
-    block has diverged, training stops.
+    loss is not finite or above DIVERGENCE_FACTOR times its initial loss, it is marked diverged
+    at that step (checked every GAMMA_CHUNK steps) and its later rows are NaN; when every network
+    of the block has diverged, training stops.
     """
     X, y, Xv, yv = data
     M, D, H = params["W1"].shape
@@ -348,6 +375,7 @@ def train_block(params, data, spec, xp=np, on_log=None, progress=None):
     val_every = spec.val_every or spec.log_every
     diverged = xp.full(M, -1, dtype=xp.int64)  # kept on the device: no host sync per step
     F_before = xp.full(M, xp.nan)  # the loss of the step before the current chunk
+    F0 = None  # the loss at step 0, set by the first chunk
     per_row = M * (K + 1) * len(X) * 8  # bytes of one logged row's logits and losses
     R = max(1, min(S, LOG_BUFFER_BYTES // per_row))  # logged rows buffered between two passes
     bufs = {
@@ -384,7 +412,9 @@ def train_block(params, data, spec, xp=np, on_log=None, progress=None):
                 if progress is not None and (t + 1) % tick == 0:
                     progress(M * tick)
             _flush_logs(hist, pending, bufs, Fs, F_before, y_d, onehot, xp)
-            diverged = _diverged(Fs[: i + 1], t0, diverged, xp)
+            if t0 == 0:
+                F0 = Fs[0].copy()  # (M,) the initial loss, the scale of divergence
+            diverged = _diverged(Fs[: i + 1], t0, diverged, F0, xp)
             F_before = Fs[i]
             if bool((diverged >= 0).all()):  # one host sync per chunk: stop when all diverged
                 break

@@ -28,6 +28,8 @@ import numpy as np
 from cli import InputError
 
 PHASE_FIELDS = ("train_acc", "val_acc", "train_loss", "val_loss")  # per run of a phase diagram
+PAIRED_FIELDS = ("train_acc", "val_acc")  # compared with the static loss (A = 1) seed by seed
+CONFIDENCE = 0.95  # of the paired intervals
 
 
 def parse_shard(text):
@@ -70,20 +72,30 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
-def prepare(out, config):
+def prepare(out, config, grow=()):
     """Create OUT/units and OUT/sweep.json; refuse a folder that holds a different sweep.
 
     ``config`` holds only what defines the results (grid, seeds, steps, ...), never how the
     work is split (shard, device, batch size), so every shard writes the same sweep.json.
+    grow : keys of list values that may grow: a config whose only differences are such lists
+    extending the stored ones (the stored list is their start, e.g. more seeds) continues the
+    sweep, and sweep.json records the longer lists.
     """
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--out {out!r} is a file, not a folder")
     path = os.path.join(out, "sweep.json")
     if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old != json.loads(json.dumps(config)):
-            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        old = load_config(out)
+        new = json.loads(json.dumps(config))
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        extends = all(
+            k in grow
+            and isinstance(old.get(k), list)
+            and isinstance(new.get(k), list)
+            and new[k][: len(old[k])] == old[k]
+            for k in diff
+        )
+        if diff and not extends:
             raise InputError(
                 f"{out} holds a different sweep (differs in: {', '.join(diff)}); use another --out"
             )
@@ -92,12 +104,18 @@ def prepare(out, config):
 
 
 def load_config(out):
-    """The sweep.json of a sweep folder."""
+    """The sweep.json of a sweep folder (InputError naming the file when it is unreadable)."""
     path = os.path.join(out, "sweep.json")
     if not os.path.exists(path):
         raise InputError(f"{out} is not a sweep folder (no sweep.json)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path} is unreadable ({type(err).__name__}): not a sweep") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path} holds no sweep settings")
+    return config
 
 
 def unit_path(out, name):
@@ -105,9 +123,37 @@ def unit_path(out, name):
     return os.path.join(out, "units", f"{name}.npz")
 
 
-def pending(out, names):
-    """The names among ``names`` whose results are not on disk yet, in order."""
-    return [n for n in names if not os.path.exists(unit_path(out, n))]
+def check_unit(arrays, expect):
+    """None if ``arrays`` has every field of ``expect`` ({field: shape, or a callable that
+    takes the array and says whether it is right}), else what is wrong, in a few words."""
+    for field, want in (expect or {}).items():
+        if field not in arrays:
+            return f"no field {field!r}"
+        a = arrays[field]
+        ok = want(a) if callable(want) else a.shape == tuple(want)
+        if not ok:
+            return f"field {field!r} has shape {a.shape}, dtype {a.dtype}"
+    return None
+
+
+def read_unit(out, name, expect=None):
+    """(arrays, None) for a stored unit that reads and validates, else (None, reason)."""
+    path = unit_path(out, name)
+    if not os.path.exists(path):
+        return None, "missing"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as err:  # truncated, empty, not a zip, a bad CRC: any unreadable file
+        return None, f"unreadable ({type(err).__name__})"
+    problem = check_unit(arrays, expect)
+    return (None, problem) if problem else (arrays, None)
+
+
+def pending(out, names, expect=None):
+    """The names among ``names`` whose results are not on disk or do not validate (they are
+    redone), in order. expect : callable name -> the ``expect`` of :func:`check_unit`."""
+    return [n for n in names if read_unit(out, n, expect and expect(n))[0] is None]
 
 
 def save_unit(out, name, arrays):
@@ -115,18 +161,24 @@ def save_unit(out, name, arrays):
     atomic_savez(unit_path(out, name), **arrays)
 
 
-def load_units(out, names):
-    """Load every unit; refuse with the count (and a few names) of those still missing."""
-    missing = pending(out, names)
+def load_units(out, names, expect=None):
+    """Load every unit; refuse with the count (and a few names) of those still missing, or name
+    the first stored unit that does not validate."""
+    result, missing = {}, []
+    for n in names:
+        arrays, why = read_unit(out, n, expect and expect(n))
+        if arrays is None and why == "missing":
+            missing.append(n)
+        elif arrays is None:
+            raise InputError(
+                f"unit {unit_path(out, n)} is {why}: rerun the sweep's command to redo it"
+            )
+        result[n] = arrays
     if missing:
         raise InputError(
             f"{len(missing)} of {len(names)} units are not done yet in {out} "
             f"(e.g. {', '.join(missing[:3])}): run the remaining shards first"
         )
-    result = {}
-    for n in names:
-        with np.load(unit_path(out, n)) as z:
-            result[n] = {k: z[k] for k in z.files}
     return result
 
 
@@ -179,7 +231,9 @@ def assemble(done, placements, n_T, n_A, n_seeds):
 
 
 def summarize(arrays, fields, A, T, seeds, diverged_field):
-    """Grid, per-cell diverged counts, and the mean and std over seeds of each field, (b, a).
+    """Grid, per-cell diverged counts, the mean and std over seeds of each field, (b, a), and,
+    when A = 1 is in the grid, the paired differences to it of PAIRED_FIELDS
+    (:func:`paired_differences`).
 
     Diverged runs hold NaN and are left out of the means; a cell whose runs all diverged is NaN.
     """
@@ -194,7 +248,34 @@ def summarize(arrays, fields, A, T, seeds, diverged_field):
         for f in fields:
             summary[f + "_mean"] = np.nanmean(arrays[f], axis=2)
             summary[f + "_std"] = np.nanstd(arrays[f], axis=2)
+        if 1.0 in A:
+            for f in PAIRED_FIELDS:
+                mean, lo, hi, n = paired_differences(arrays[f], list(A).index(1.0))
+                summary.update({f"{f}_diff_mean": mean, f"{f}_diff_lo": lo, f"{f}_diff_hi": hi})
+                summary[f"{f}_diff_n"] = n
     return summary
+
+
+def paired_differences(values, static_index, confidence=CONFIDENCE):
+    """The difference of every cell to the static cell (A = 1) of its row, seed by seed.
+
+    values : (b, a, s), seed s the same initial network in every cell of a row;
+    static_index : the A index of A = 1. For each cell, d_s = values[., ., s] - values[., static,
+    s] over the seeds where both are finite (n of them): the mean of d and its paired t interval
+    mean +- t_{n-1} sd(d) / sqrt(n) at ``confidence`` (NaN where n < 2).
+    Returns mean, lo, hi (b, a) float and n (b, a) int.
+    """
+    from scipy.stats import t as student_t
+
+    d = values - values[:, static_index : static_index + 1, :]  # (b, a, s)
+    n = np.isfinite(d).sum(axis=2)
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # cells with fewer than 2 pairs: NaN
+        mean = np.nanmean(d, axis=2)
+        sd = np.nanstd(d, axis=2, ddof=1)
+        half = student_t.ppf(0.5 + confidence / 2, n - 1) * sd / np.sqrt(n)
+    half = np.where(n >= 2, half, np.nan)
+    return mean, mean - half, mean + half, n
 
 
 def print_table(summary, digits=2):
@@ -215,3 +296,17 @@ def print_table(summary, digits=2):
         print(
             f"!k: k runs of that cell diverged and are left out of its means ({div.sum()} in all)"
         )
+    if "val_acc_diff_mean" in summary:
+        print(
+            f"val acc minus val acc at A = 1, seed by seed: mean [{CONFIDENCE:.0%} paired t "
+            "interval]; * where the interval excludes 0"
+        )
+        for ti, T in enumerate(summary["T"]):
+            cells = []
+            for ai in range(len(A)):
+                m, lo, hi = (summary[f"val_acc_diff_{k}"][ti, ai] for k in ("mean", "lo", "hi"))
+                mark = "*" if lo > 0 or hi < 0 else " "
+                cells.append(
+                    f"{m:+.{digits + 1}f} [{lo:+.{digits + 1}f},{hi:+.{digits + 1}f}]{mark}"
+                )
+            print(f"T={T:>6g}: {' '.join(cells)}")

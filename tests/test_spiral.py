@@ -99,9 +99,23 @@ def test_divergence_is_recorded_and_history_kept(data):
     assert (out["diverged_step"] >= 0).all()
     d = out["diverged_step"]
     assert out["logged"] == d.max() + 1 < 201  # stopped once every network diverged
+    F0 = out["loss"][0]
     for m in range(2):  # what was logged before the divergence is kept, NaN after
         assert np.isfinite(out["loss"][: d[m], m]).all()
-        assert not np.isfinite(out["loss"][d[m] :, m]).any()
+        assert (out["loss"][: d[m], m] <= sp.DIVERGENCE_FACTOR * F0[m]).all()
+        at = out["loss"][d[m], m]  # the diverging value itself is kept
+        assert not np.isfinite(at) or at > sp.DIVERGENCE_FACTOR * F0[m]
+        assert not np.isfinite(out["loss"][d[m] + 1 :, m]).any()
+        assert np.isnan(out["train_acc"][d[m] :, m]).all()
+
+
+def test_a_finite_blow_up_is_divergence_too(data):
+    """lr 1e6 sends the cross-entropy to ~1e5 at chance accuracy without overflowing: diverged."""
+    out = sp.train_block(
+        init_mlp([0], 2, 20, 3), data, spec_for(1, 1.0, 10, steps=400, lr=1e6, log_every=1)
+    )
+    d = int(out["diverged_step"][0])
+    assert 0 < d < sp.GAMMA_CHUNK and np.isfinite(out["loss"][d, 0])
 
 
 def test_logging_interval_and_buffer_do_not_change_the_numbers(data, monkeypatch):
