@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 from dynloss import class_weights  # noqa: E402
 from protocol import lr_schedule  # noqa: E402
 from stability import SPECTRA_FIELDS, gd_threshold, zoom_window  # noqa: E402
+from sweep import CONFIDENCE  # noqa: E402
 
 PLOT_MAX_POINTS = 20000  # points per curve of Gamma(t) in a CIFAR run figure
 
@@ -111,23 +112,29 @@ def plot_dynamics(arrays, info, path, title):
     plt.close(fig)
 
 
-def plot_threshold(arrays, fits, cfg, path):
-    """Fig. 5: (a) threshold against eta (log-log) with fits; (b, c) static runs against it."""
-    widths, lrs, thr = arrays["widths"], arrays["lrs"], arrays["threshold"]
+def plot_threshold(arrays, cfg, path):
+    """Fig. 5: (a) the threshold against eta (log-log): every seed's point, the mean with its
+    interval, the fit of all seeds' points with the bootstrap interval of its exponent; (b, c)
+    the static runs of each width, every seed, against the threshold at eta = 1 from (a)."""
+    widths, lrs, thr = arrays["widths"], arrays["lrs"], arrays["threshold"]  # (W, L, S)
+    S = thr.shape[2]
     fig, ax = plt.subplots(1, 1 + len(widths), figsize=(5 + 4.5 * len(widths), 4))
     grid = np.geomspace(lrs.min(), lrs.max(), 50)
+    jitter = np.exp(0.04 * (np.arange(S) - (S - 1) / 2) / max(S, 1))  # spread the seeds' points
     for i, w in enumerate(widths):
-        slope, err, icpt = fits[str(w)]
-        ax[0].plot(lrs, thr[i], "o", color=f"C{i}", label=f"width {w}")
+        color = f"C{i}"
+        shift = 1.0 + 0.06 * (i - (len(widths) - 1) / 2)  # the widths side by side
+        ax[0].plot(np.outer(lrs * shift, jitter), thr[i], ".", color=color, ms=3, alpha=0.5)
+        mean, lo, hi = (arrays[f"threshold_{k}"][i] for k in ("mean", "lo", "hi"))
+        err = np.array([mean - lo, hi - mean])
+        ax[0].errorbar(lrs * shift, mean, yerr=err, fmt="o", color=color, ms=5, capsize=3)
+        slope, icpt = arrays[f"slope_{w}"], arrays[f"icpt_{w}"]
         if np.isfinite(slope):
-            ax[0].plot(
-                grid,
-                np.exp(icpt) * grid**slope,
-                "-",
-                color=f"C{i}",
-                lw=0.8,
-                label=f"fit: exponent {slope:.2f} ± {err:.2f}",
+            label = (
+                f"width {w}: exponent {slope:.2f} "
+                f"[{arrays[f'slope_{w}_lo']:.2f}, {arrays[f'slope_{w}_hi']:.2f}]"
             )
+            ax[0].plot(grid, np.exp(icpt) * grid**slope, "-", color=color, lw=0.8, label=label)
     ax[0].plot(grid, gd_threshold(grid), ":", color="C7", label=r"$2/\eta$")
     ax[0].set_xscale("log")
     ax[0].set_yscale("log")
@@ -136,20 +143,21 @@ def plot_threshold(arrays, fits, cfg, path):
     ax[0].set_xlabel(r"learning rate $\eta$")
     ax[0].set_ylabel(r"Hessian $\lambda_{max}$ threshold")
     ax[0].legend(fontsize=7)
-    ax[0].set_title("(a)")
+    ax[0].set_title(f"(a) {S} seeds per point; mean and {CONFIDENCE:.0%} interval")
     at1 = np.nanmean(thr[:, np.argmin(np.abs(np.log(lrs)))])  # threshold at the lr nearest 1
     for i, w in enumerate(widths):
         a = ax[1 + i]
-        a.plot(
-            arrays[f"static_w{w}_hess_step"], arrays[f"static_w{w}_hess_lmax"], lw=0.6, color="k"
-        )
+        step, lmax = arrays[f"static_w{w}_hess_step"], arrays[f"static_w{w}_hess_lmax"]
+        for s in range(len(lmax)):
+            a.plot(step, lmax[s], lw=0.4, color="k", alpha=0.6 if s == 0 else 0.25)
         if np.isfinite(at1):
             a.axhline(at1, ls="--", color="C3", label="threshold from (a)")
         a.set_yscale("log")
         a.set_xlabel("step t")
+        acc = arrays[f"static_w{w}_train_acc"]
         a.set_title(
             f"({'bc'[i] if i < 2 else i}) static loss (A = 1), lr 1, width {w}, "
-            f"train acc {float(arrays[f'static_w{w}_train_acc']):.2f}",
+            f"train acc {np.nanmin(acc):.2f}-{np.nanmax(acc):.2f}",
             fontsize=9,
         )
         a.legend(fontsize=7)

@@ -20,7 +20,6 @@ docs/formats.md lists the keys. The modules do the work: spiral.py (data, traine
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -41,13 +40,13 @@ from cli import (
     run_main,
 )
 from dynloss import LOSSES
-from models import INITS, MLP_PARAM_NAMES, backend, init_mlp
+from models import INITS, backend, init_mlp
 from spectra import SLQ_PROBES, SLQ_STEPS
 from spiral import (
     K_SPIRAL,
-    LOG_FIELDS,
     VAL_SETS,
     TrainSpec,
+    run_arrays,
     train_many,
 )
 from spiral_sweeps import D_SPIRAL, spiral_data
@@ -146,28 +145,6 @@ def train_spec(args, M):
     )
 
 
-def run_arrays(data, params0, res, squeeze):
-    """The arrays of run.npz (docs/formats.md): the seed axis dropped when there is one seed."""
-    X, y, Xv, yv = data
-    pick = (lambda a, ax: np.take(a, 0, axis=ax)) if squeeze else (lambda a, ax: a)
-    S = res["logged"]  # rows logged (fewer when every network diverged)
-    arrays = {
-        "X_train": X,
-        "y_train": y,
-        "X_val": Xv,
-        "y_val": yv,
-        "step": res["step"][:S],
-        "gamma": pick(res["gamma"][:S], 1),
-        "diverged_step": pick(res["diverged_step"], 0),
-    }
-    for k in MLP_PARAM_NAMES:
-        arrays[k + "_init"] = pick(params0[k], 0)
-        arrays[k] = pick(res["params"][k], 0)
-    for f in LOG_FIELDS:
-        arrays[f] = pick(res[f][:S], 1)
-    return arrays
-
-
 def run_config(args, seeds, spec, t0, **extra):
     """config.json of a run: every option, the seeds, the stop step, versions, wall time."""
     config = {k: v for k, v in vars(args).items() if k != "func"}
@@ -191,7 +168,7 @@ def cmd_train(args):
     spec = train_spec(args, len(seeds))
     res = train_many(params0, data, spec, xp=backend(args.device), progress=not args.quiet)
     os.makedirs(args.out, exist_ok=True)
-    arrays = run_arrays(data, params0, res, squeeze=len(seeds) == 1)
+    arrays = run_arrays(data, params0, res, net=0 if len(seeds) == 1 else None)
     atomic_savez(os.path.join(args.out, "run.npz"), **arrays)
     config = run_config(args, seeds, spec, t0, diverged_step=[int(d) for d in res["diverged_step"]])
     write_json(os.path.join(args.out, "config.json"), config)
@@ -320,111 +297,118 @@ def check_spectra_options(args):
         raise InputError(f"--top-k must be positive, got {args.top_k}")
 
 
-def tracked_run(args, seed, desc="training + spectra"):
-    """One network trained with the spectra tracker: (data, params0, res, spec, spectra)."""
-    from tqdm import tqdm
-
-    data = spiral_data(getattr(args, "val", "uniform"))
-    params0 = init_mlp([seed], D=D_SPIRAL, H=args.width, K=K_SPIRAL, init=args.init)
-    spec = train_spec(args, 1)
-    bar = tqdm(
-        total=args.steps,
-        unit="net-step",
-        unit_scale=True,
-        disable=args.quiet,
-        mininterval=0.5,
-        desc=desc,
-    )
-    res, spectra_arrays = stability.track(
-        params0,
-        data,
-        spec,
-        xp=backend(args.device),
-        k=args.top_k,
-        every=args.hess_every,
-        ntk_every=args.ntk_every,
-        progress=bar.update,
-    )
-    bar.close()
-    return data, params0, res, spec, spectra_arrays
+def dynamics_config(args, seeds):
+    """What defines a dynamics run's results: stored as the folder's sweep.json."""
+    keys = ("width", "A", "T", "steps", "lr", "init", "loss", "log_every", "val_every")
+    keys += ("hess_every", "ntk_every", "top_k", "no_stop", "val")
+    return {"kind": "spiral-dynamics", **{k: getattr(args, k) for k in keys}, "seeds": seeds}
 
 
 def cmd_dynamics(args):
-    """``dynamics``: one run with the Hessian and NTK spectra along it (Fig. 4)."""
+    """``dynamics``: runs with the Hessian and NTK spectra along them (Fig. 4), one unit per
+    seed; the figure follows the first seed, the summary gives every seed's threshold."""
     if args.quick:
         if (args.T, args.steps) != (DYNAMICS_DEFAULTS["T"], DYNAMICS_DEFAULTS["steps"]):
             raise InputError("--quick sets --T and --steps: give one or the other")
         args.T, args.steps = QUICK["T"], QUICK["steps"]
     seeds = check_train(args)
     check_spectra_options(args)
-    if len(seeds) != 1:
-        raise InputError("dynamics follows one network: give one --seed")
     t0 = time.time()
-    data, params0, res, spec, spec_arrays = tracked_run(args, seeds[0])
-    os.makedirs(args.out, exist_ok=True)
-    arrays = run_arrays(data, params0, res, squeeze=True)
-    arrays.update(spec_arrays)
-    arrays["T"] = np.float64(args.T)
-    info = stability.analyze(arrays, args.lr, len(data[0]), args.T, int(spec.stop_step[0]))
-    arrays.update(info)
+    cfg = dynamics_config(args, seeds)
+    sweep.prepare(args.out, cfg, grow=("seeds",))
+    units = spiral_sweeps.dynamics_units(seeds, args.width)
+    todo = set(sweep.pending(args.out, [u[0] for u in units], spiral_sweeps.dynamics_expect))
+    xp = backend(args.device)
+    spiral_sweeps.run_dynamics(
+        args.out,
+        cfg,
+        [u for u in units if u[0] in todo],
+        lambda width, key, M: train_spec(args, M),
+        xp,
+        not args.quiet,
+        k=args.top_k,
+    )
+    done = sweep.load_units(args.out, [u[0] for u in units], spiral_sweeps.dynamics_expect)
+    arrays = dict(done[units[0][0]])  # the figure follows the first seed
+    info = {k: arrays[k] for k in stability.ANALYSIS_FIELDS}  # stored with the unit
     if args.zoom_every > 0:
+        data = spiral_data(args.val)
+        params0 = init_mlp(seeds[:1], D=D_SPIRAL, H=args.width, K=K_SPIRAL, init=args.init)
         window = stability.zoom_window(info, arrays["step"], args.T)
         zoom = stability.zoom_replay(
             params0,
             data,
-            spec,
+            train_spec(args, 1),
             window,
             k=args.top_k,
             every=args.zoom_every,
             ntk=args.ntk_every > 0,
-            xp=backend(args.device),
+            xp=xp,
         )
         arrays.update(zoom)
     atomic_savez(os.path.join(args.out, "run.npz"), **arrays)
+    summary = spiral_sweeps.dynamics_summary(done, seeds)
+    if len(seeds) > 1:
+        atomic_savez(os.path.join(args.out, "seeds.npz"), **summary)
+    spec = train_spec(args, 1)
     config = run_config(
         args,
         seeds,
         spec,
         t0,
-        threshold=float(info["threshold"]),
-        settled_period=float(info["settled_period"]),
-        bifurcation_episodes=len(info["bif_start"]),
-        instabilities=len(info["thr_start"]),
+        threshold=[float(t) for t in summary["threshold"]],
+        settled_period=[float(p) for p in summary["settled_period"]],
+        bifurcation_episodes=[int(b) for b in summary["bifurcation_episodes"]],
+        instabilities=[int(i) for i in summary["instabilities"]],
     )
     write_json(os.path.join(args.out, "config.json"), config)
     png = os.path.join(args.out, "dynamics.png")
     title = (
         f"width {args.width}, A = {args.A:g}, T = {args.T:g}, lr = {args.lr:g}, "
-        f"{args.steps} steps, Hessian every {args.hess_every}, NTK every {args.ntk_every}"
+        f"{args.steps} steps, Hessian every {args.hess_every}, NTK every {args.ntk_every}, "
+        f"seed {seeds[0]}"
     )
     plots.plot_dynamics(arrays, info, png, title)
-    print(
-        f"Hessian threshold {info['threshold']:.4g} (2/lr = {info['gd_bound']:.4g}) from "
-        f"{len(info['thr_start'])} instabilities; {len(info['bif_start'])} bifurcation episodes "
-        f"of F; lambda_max stays below the threshold after {info['settled_period']:g} periods"
-    )
-    print(
-        f"final train acc {arrays['train_acc'][-1]:.3f}, val acc {arrays['val_acc'][-1]:.3f}; "
-        f"final Hessian lambda_max {arrays['hess_lmax'][-1]:.4g}, NTK lambda_max "
-        f"{arrays['ntk_lmax'][-1]:.4g}"
-        if len(arrays["ntk_lmax"])
-        else ""
-    )
+    print_dynamics(summary, arrays, info)
     print(f"wrote {args.out}/run.npz, config.json and the figure {png}")
 
 
-def threshold_units(widths, lrs):
-    """Fig. 5 units: (name, width, lr, kind) for the dynamical runs and the static ones."""
-    units = [(f"w{w}_lr{lr:g}", w, lr, "dynamic") for w in widths for lr in lrs]
-    return units + [(f"static_w{w}", w, 1.0, "static") for w in widths]
+def print_dynamics(summary, arrays, info):
+    """The Fig. 4 summary line(s): one seed, or the mean and interval over seeds."""
+    S = len(summary["seeds"])
+    if S == 1:
+        print(
+            f"Hessian threshold {info['threshold']:.4g} (2/lr = {info['gd_bound']:.4g}) from "
+            f"{len(info['thr_start'])} instabilities; {len(info['bif_start'])} bifurcation "
+            f"episodes of F; lambda_max stays below the threshold after "
+            f"{info['settled_period']:g} periods"
+        )
+    else:
+        print(
+            f"Hessian threshold over {S} seeds: {summary['threshold_mean']:.4g} "
+            f"[{summary['threshold_lo']:.4g}, {summary['threshold_hi']:.4g}] "
+            f"({sweep.CONFIDENCE:.0%} t interval; 2/lr = {info['gd_bound']:.4g}); per seed "
+            + " ".join(f"{t:.3g}" for t in summary["threshold"])
+        )
+        print(
+            "lambda_max stays below the threshold after (periods, per seed): "
+            + " ".join(f"{p:g}" for p in summary["settled_period"])
+        )
+    if len(arrays["ntk_lmax"]):
+        print(
+            f"seed {summary['seeds'][0]}: final train acc {arrays['train_acc'][-1]:.3f}, val acc "
+            f"{arrays['val_acc'][-1]:.3f}; final Hessian lambda_max {arrays['hess_lmax'][-1]:.4g}"
+            f", NTK lambda_max {arrays['ntk_lmax'][-1]:.4g}"
+        )
 
 
 def cmd_threshold(args):
-    """``threshold``: Fig. 5, the Hessian threshold against the learning rate, and static runs."""
+    """``threshold``: Fig. 5, the Hessian threshold against the learning rate, over seeds."""
     check_common(args)
     check_spectra_options(args)
     widths = [int(w) for w in parse_list(args.widths, "--widths", int)]
     lrs = parse_list(args.lrs, "--lrs")
+    seeds = parse_int_list(args.seed, "--seed")
     if min(widths) <= 0 or min(lrs) <= 0:
         raise InputError("--widths and --lrs must be positive")
     if not args.A >= 1:
@@ -443,89 +427,22 @@ def cmd_threshold(args):
         "T0": args.T0,
         "steps0": args.steps0,
         "static_steps": args.static_steps,
-        "seed": args.seed,
+        "seeds": seeds,
         "init": args.init,
         "loss": args.loss,
         "hess_every": args.hess_every,
+        "val": args.val,
     }
-    sweep.prepare(args.out, cfg)
-    units = threshold_units(widths, lrs)
-    todo = sweep.pending(args.out, [u[0] for u in units])
-    for name, w, lr, kind in units:
-        if name not in todo:
-            continue
-        sub = argparse.Namespace(**vars(args))
-        sub.width, sub.lr, sub.no_stop, sub.top_k, sub.ntk_every = w, lr, False, 1, 0
-        if kind == "dynamic":  # the Fig. 4 protocol rescaled: T = T0/eta, steps = steps0/eta
-            sub.T, sub.steps = args.T0 / lr, int(round(args.steps0 / lr))
-        else:
-            sub.A, sub.T, sub.steps = 1.0, args.T0, args.static_steps
-        sub.log_every = args.hess_every
-        print(f"{name}: width {w}, lr {lr:g}, A {sub.A:g}, T {sub.T:g}, {sub.steps} steps")
-        data, _, res, spec, sa = tracked_run(sub, args.seed)
-        info = stability.analyze(
-            {**sa, "step": res["step"], "loss": res["loss"][:, 0]},
-            lr,
-            len(data[0]),
-            sub.T,
-            int(spec.stop_step[0]),
-        )
-        sweep.save_unit(
-            args.out,
-            name,
-            {
-                "hess_step": sa["hess_step"],
-                "hess_lmax": sa["hess_lmax"],
-                "threshold": info["threshold"],
-                "thr_start": info["thr_start"],
-                "thr_end": info["thr_end"],
-                "train_acc": res["train_acc"][-1, 0],
-                "val_acc": res["val_acc"][-1, 0],
-            },
-        )
-    merge_threshold(args.out)
-
-
-def merge_threshold(out):
-    """Fit the threshold's exponent per width and for all widths; threshold.npz and the figure."""
-    cfg = sweep.load_config(out)
-    widths, lrs = cfg["widths"], np.array(cfg["lrs"])
-    units = threshold_units(widths, cfg["lrs"])
-    done = sweep.load_units(out, [u[0] for u in units])
-    thr = np.array(
-        [[stability.unit_threshold(done[f"w{w}_lr{lr:g}"]) for lr in lrs] for w in widths]
-    )
-    fits = {str(w): stability.fit_exponent(lrs, thr[i : i + 1]) for i, w in enumerate(widths)}
-    fits["all"] = stability.fit_exponent(lrs, thr)
-    arrays = {
-        "widths": np.array(widths),
-        "lrs": lrs,
-        "threshold": thr,
-        "slope": np.array([fits[str(w)][0] for w in widths]),
-        "slope_stderr": np.array([fits[str(w)][1] for w in widths]),
-        "slope_all": np.float64(fits["all"][0]),
-        "slope_all_stderr": np.float64(fits["all"][1]),
-    }
-    for w in widths:
-        arrays[f"static_w{w}_hess_step"] = done[f"static_w{w}"]["hess_step"]
-        arrays[f"static_w{w}_hess_lmax"] = done[f"static_w{w}"]["hess_lmax"]
-        arrays[f"static_w{w}_train_acc"] = done[f"static_w{w}"]["train_acc"]
-    atomic_savez(os.path.join(out, "threshold.npz"), **arrays)
-    png = os.path.join(out, "threshold.png")
-    plots.plot_threshold(arrays, fits, cfg, png)
-    for i, w in enumerate(widths):
-        print(
-            f"width {w}: threshold "
-            + " ".join(f"{t:.4g}" for t in thr[i])
-            + f" at lr {' '.join(f'{v:g}' for v in lrs)}; exponent {fits[str(w)][0]:.3f} "
-            f"+- {fits[str(w)][1]:.3f}"
-        )
-    print(
-        f"all widths: exponent {fits['all'][0]:.3f} +- {fits['all'][1]:.3f} (paper about -0.9, "
-        "eq. (7): -1)"
-    )
-    print(f"wrote {out}/threshold.npz and the figure {png}")
-    return arrays
+    sweep.prepare(args.out, cfg, grow=("seeds",))
+    write_json(os.path.join(args.out, "versions.json"), versions())
+    units = spiral_sweeps.threshold_units(widths, lrs, seeds)
+    todo = set(sweep.pending(args.out, [u[0] for u in units], spiral_sweeps.threshold_expect))
+    print(f"{len(todo)} of {len(units)} runs to do")
+    t0 = time.time()
+    mine = [u for u in units if u[0] in todo]
+    spiral_sweeps.run_threshold(args.out, cfg, mine, backend(args.device), not args.quiet)
+    print(f"trained in {time.time() - t0:.0f} s")
+    spiral_sweeps.merge_threshold(args.out)
 
 
 def cmd_density(args):
@@ -652,9 +569,10 @@ def build_parser():
     p.add_argument(
         "--static-steps", type=int, default=FIG5_STATIC_STEPS, help="steps of the A = 1 runs"
     )
-    p.add_argument("--seed", type=int, default=0, help="init seed")
+    p.add_argument("--seed", default="0", help="init seed(s): 0, or 0,1,2, or 0-4")
     p.add_argument("--init", default="standard", help=f"one of {', '.join(INITS)}")
     p.add_argument("--loss", default="ce", help=f"base loss: {', '.join(LOSSES)}")
+    p.add_argument("--val", default="uniform", help=f"validation set: {', '.join(VAL_SETS)}")
     add_spectra_options(p)
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="cpu or gpu (CuPy)")
     p.add_argument("--out", default="runs/fig5", help="output folder (resumable)")

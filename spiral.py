@@ -455,14 +455,55 @@ def _worker_progress(n):
         os._exit(1)
 
 
-def _worker_train(job):
-    """Train one block in a worker process: job = (params, data, spec)."""
-    return train_block(*job, progress=_worker_progress)
+def _worker_run(task):
+    """Run one job in a worker process: task = (function, its positional arguments)."""
+    fn, job = task
+    return fn(*job, progress=_worker_progress)
 
 
 def _can_fork():
     """Worker processes by fork: Linux (elsewhere fork is unavailable or unsafe)."""
     return sys.platform.startswith("linux")
+
+
+def run_jobs(fn, jobs, xp=np, workers=WORKERS, bar=None, done=None):
+    """[fn(*job, xp=xp, progress=...) for job in jobs], in ``workers`` processes on the CPU.
+
+    fn : a module-level function (workers find it by name) taking ``progress``, a callable that
+    counts network-steps for the progress bar ``bar`` (a tqdm or None). done : optional
+    callable(index, result), called in this process as each job finishes, in order (to store
+    results as they come). On the CPU the jobs go to worker processes (fork, one BLAS thread
+    each): threads were held back by the GIL, since a step is many short NumPy calls. Where fork
+    is unavailable, threads are used; on a GPU, one job after another in this process."""
+    count = bar.update if bar is not None else (lambda n: None)
+    done = done or (lambda i, result: None)
+    results = []
+    parallel = xp is np and workers > 1 and len(jobs) > 1
+    if parallel and _can_fork():
+        ctx = multiprocessing.get_context("fork")
+        counter = ctx.Value("q", 0)
+        with ctx.Pool(min(workers, len(jobs)), _worker_init, (counter, os.getpid())) as pool:
+            it = pool.imap(_worker_run, [(fn, job) for job in jobs], chunksize=1)
+            seen = 0
+            while len(results) < len(jobs):
+                try:
+                    results.append(it.next(timeout=0.5))
+                    done(len(results) - 1, results[-1])
+                except multiprocessing.TimeoutError:
+                    pass
+                count(counter.value - seen)
+                seen = counter.value
+        return results
+    if parallel:
+        with threadpool_limits(limits=1), ThreadPoolExecutor(workers) as pool:
+            for result in pool.map(lambda job: fn(*job, progress=count), jobs):
+                results.append(result)
+                done(len(results) - 1, result)
+        return results
+    for job in jobs:
+        results.append(fn(*job, xp=xp, progress=count))
+        done(len(results) - 1, results[-1])
+    return results
 
 
 def train_many(
@@ -472,10 +513,7 @@ def train_many(
     a GPU.
 
     Blocks are trained independently (each network's result depends only on its own parameters
-    and settings), so any split gives the same numbers. On the CPU the blocks go to worker
-    processes (fork, one BLAS thread each): threads were held back by the GIL, since a step is
-    many short NumPy calls (width 1000: 1,700 network-steps/s on two threads, 2,800 on two
-    processes). Where fork is unavailable, threads are used.
+    and settings), so any split gives the same numbers; :func:`run_jobs` runs them.
 
     params : W1 (M, D, H), ... NumPy arrays;  spec : :class:`TrainSpec` with (M,) arrays
     block : networks per block (default: all on a GPU, a cache-sized block on the CPU)
@@ -498,23 +536,7 @@ def train_many(
         sl = slice(s, min(s + block, M))
         sub_spec = replace(spec, A=spec.A[sl], T=spec.T[sl], stop_step=spec.stop_step[sl])
         jobs.append(({k: v[sl] for k, v in params.items()}, data, sub_spec))
-    parallel = xp is np and workers > 1 and len(jobs) > 1
-    if parallel and _can_fork():
-        ctx = multiprocessing.get_context("fork")
-        counter = ctx.Value("q", 0)
-        with ctx.Pool(min(workers, len(jobs)), _worker_init, (counter, os.getpid())) as pool:
-            pending_parts = pool.map_async(_worker_train, jobs, chunksize=1)
-            seen = 0
-            while not pending_parts.ready():
-                pending_parts.wait(0.5)
-                bar.update(counter.value - seen)
-                seen = counter.value
-            parts = pending_parts.get()
-    elif parallel:
-        with threadpool_limits(limits=1), ThreadPoolExecutor(workers) as pool:
-            parts = list(pool.map(lambda job: train_block(*job, progress=bar.update), jobs))
-    else:
-        parts = [train_block(*job, xp=xp, progress=bar.update) for job in jobs]
+    parts = run_jobs(train_block, jobs, xp, workers, bar)
     bar.close()
     out = {"step": parts[0]["step"], "gamma": np.concatenate([p["gamma"] for p in parts], axis=1)}
     out["params"] = {k: np.concatenate([p["params"][k] for p in parts]) for k in MLP_PARAM_NAMES}
@@ -523,3 +545,26 @@ def train_many(
     out["diverged_step"] = np.concatenate([p["diverged_step"] for p in parts])
     out["logged"] = max(p["logged"] for p in parts)
     return out
+
+
+def run_arrays(data, params0, res, net=None):
+    """The arrays of a run.npz (docs/formats.md) from a train_block / train_many result: every
+    network with its seed axis (net None), or network ``net`` alone, without that axis."""
+    X, y, Xv, yv = data
+    pick = (lambda a, ax: a) if net is None else (lambda a, ax: np.take(a, net, axis=ax))
+    S = res["logged"]  # rows logged (fewer when every network diverged)
+    arrays = {
+        "X_train": X,
+        "y_train": y,
+        "X_val": Xv,
+        "y_val": yv,
+        "step": res["step"][:S],
+        "gamma": pick(res["gamma"][:S], 1),
+        "diverged_step": pick(res["diverged_step"], 0),
+    }
+    for k in MLP_PARAM_NAMES:
+        arrays[k + "_init"] = pick(params0[k], 0)
+        arrays[k] = pick(res["params"][k], 0)
+    for f in LOG_FIELDS:
+        arrays[f] = pick(res[f][:S], 1)
+    return arrays

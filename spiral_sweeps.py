@@ -14,14 +14,25 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import numpy as np
 
 import plots
+import stability
 import sweep
 from dynloss import accuracy, cross_entropy
 from models import MLP_PARAM_NAMES, init_mlp, mlp_forward
-from spiral import K_SPIRAL, TrainSpec, make_spiral_train, make_spiral_val, train_many
+from spiral import (
+    K_SPIRAL,
+    WORKERS,
+    TrainSpec,
+    make_spiral_train,
+    make_spiral_val,
+    run_arrays,
+    run_jobs,
+    train_many,
+)
 from sweep import atomic_savez
 
 D_SPIRAL = 2  # the spiral's input dimension
@@ -196,3 +207,275 @@ def reevaluate(done, val):
         new["val_loss"] = np.where(diverged, np.nan, loss)
         out[name] = new
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Figs. 4 and 5 over seeds: runs followed by the spectra tracker, one unit per network
+# ---------------------------------------------------------------------------------------------
+
+BOOTSTRAP_SAMPLES = 2000  # resamplings of the seeds for the exponent's interval
+BOOTSTRAP_SEED = 0
+SPECTRA_EVERY = 25  # steps between spectra: odd, so both branches of a period-two bounce show
+
+
+def mean_interval(values, confidence=sweep.CONFIDENCE):
+    """Mean over the last axis (NaN left out) and its t interval: mean, lo, hi, n."""
+    from scipy.stats import t as student_t
+
+    values = np.asarray(values, dtype=np.float64)
+    n = np.isfinite(values).sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(values, axis=-1)
+        half = student_t.ppf(0.5 + confidence / 2, n - 1) * np.nanstd(values, axis=-1, ddof=1)
+        half = np.where(n >= 2, half / np.sqrt(n), np.nan)
+    return mean, mean - half, mean + half, n
+
+
+def tracked_units(units, cfg, spec_of, data, xp, progress, store, k=1, every=25, ntk_every=0):
+    """Train the networks of pending units side by side (stability.track), units with the same
+    TrainSpec together, spread over worker processes; ``store(unit, res, net, spectra)`` is
+    called for each network as its group finishes. units : [(name, width, key, seed)] with key
+    a hashable naming the spec (spec_of(width, key, M) -> TrainSpec). Units sharing a spec are
+    one job (split in WORKERS pieces when there is only one such group)."""
+    from tqdm import tqdm
+
+    by_spec = {}
+    for u in units:
+        by_spec.setdefault((u[1], u[2]), []).append(u)
+    pieces = max(1, -(-WORKERS // max(len(by_spec), 1)))  # a single group still fills the workers
+    groups = []
+    for (width, key), group in by_spec.items():
+        size = -(-len(group) // pieces)
+        groups += [((width, key), group[i : i + size]) for i in range(0, len(group), size)]
+    jobs, members = [], []
+    for (width, key), group in groups:
+        seeds = [u[3] for u in group]
+        params0 = init_mlp(seeds, D=D_SPIRAL, H=width, K=K_SPIRAL, init=cfg["init"])
+        spec = spec_of(width, key, len(seeds))
+        jobs.append((params0, data, spec, k, every, ntk_every))
+        members.append(group)
+    total = sum(len(g) * j[2].steps for g, j in zip(members, jobs, strict=True))
+    bar = tqdm(total=total, unit="net-step", unit_scale=True, disable=not progress, mininterval=1)
+
+    def done(i, result):
+        res, spectra = result
+        for m, u in enumerate(members[i]):
+            store(u, res, m, spectra[m], jobs[i][0], jobs[i][2])
+
+    run_jobs(stability.track, jobs, xp, bar=bar, done=done)
+    bar.close()
+
+
+def threshold_units(widths, lrs, seeds):
+    """Fig. 5 units: (name, width, (kind, lr), seed) for the dynamical runs, then the static."""
+    units = [
+        (f"w{w}_lr{lr:g}_s{s:05d}", w, ("dynamic", lr), s)
+        for w in widths
+        for lr in lrs
+        for s in seeds
+    ]
+    return units + [(f"static_w{w}_s{s:05d}", w, ("static", 1.0), s) for w in widths for s in seeds]
+
+
+def threshold_spec(cfg, key, M):
+    """The Fig. 4 protocol rescaled for learning rate eta (T = T0/eta, steps0/eta steps, the last
+    period static), or the static run (A = 1, eta = 1): the TrainSpec of M networks."""
+    kind, lr = key
+    if kind == "dynamic":
+        A, T, steps = cfg["A"], cfg["T0"] / lr, int(round(cfg["steps0"] / lr))
+    else:
+        A, T, steps = 1.0, cfg["T0"], cfg["static_steps"]
+    every = cfg["hess_every"]
+    full = lambda v: np.full(M, float(v))
+    return TrainSpec(full(A), full(T), full(max(0, steps - T)), lr, steps, every, cfg["loss"])
+
+
+def threshold_expect(name):
+    """The fields a stored threshold unit must have."""
+    series = lambda a: a.ndim == 1
+    fields = {"hess_step": series, "hess_lmax": series, "train_acc": (), "val_acc": ()}
+    if not name.startswith("static"):
+        fields.update(threshold=(), settled_period=(), thr_start=series, thr_end=series)
+    return fields
+
+
+def run_threshold(out, cfg, units, xp, progress=True):
+    """Train the pending threshold units of a prepared sweep folder and store each."""
+    data = spiral_data(cfg.get("val", "uniform"))
+
+    def store(u, res, m, sa, params0, spec):
+        arrays = {
+            "hess_step": sa["hess_step"],
+            "hess_lmax": sa["hess_lmax"],
+            "train_acc": res["train_acc"][-1, m],
+            "val_acc": res["val_acc"][-1, m],
+        }
+        if u[2][0] == "dynamic":
+            run = {**sa, "step": res["step"], "loss": res["loss"][:, m]}
+            T, stop = float(spec.T[m]), int(spec.stop_step[m])
+            info = stability.analyze(run, spec.lr, len(data[0]), T, stop)
+            keep = ("threshold", "settled_period", "thr_start", "thr_end")
+            arrays.update({key: info[key] for key in keep})
+        sweep.save_unit(out, u[0], arrays)
+
+    spec_of = lambda width, key, M: threshold_spec(cfg, key, M)
+    tracked_units(units, cfg, spec_of, data, xp, progress, store, every=cfg["hess_every"])
+
+
+def bootstrap_exponent(lrs, thresholds, rng, samples=BOOTSTRAP_SAMPLES):
+    """The exponent x of threshold ~ eta^x fitted to the points of all seeds together, and its
+    fits on ``samples`` resamplings of the seeds (with replacement).
+
+    thresholds : (S, L) one row per seed.  Returns (x, its least-squares standard error,
+    intercept), and the resampled exponents (samples,)."""
+    fit = stability.fit_exponent(lrs, thresholds)
+    S = len(thresholds)
+    draws = np.array(
+        [stability.fit_exponent(lrs, thresholds[rng.integers(0, S, S)])[0] for _ in range(samples)]
+    )
+    return fit, draws
+
+
+def merge_threshold(out):
+    """Per (width, eta): the threshold of each seed, their mean with a t interval, the periods
+    after which lambda_max stays below it; per width the exponent with a bootstrap interval over
+    seeds, and the widths' difference; threshold.npz and the Fig. 5 figure."""
+    cfg = sweep.load_config(out)
+    widths, lrs, seeds = cfg["widths"], np.array(cfg["lrs"]), cfg["seeds"]
+    units = threshold_units(widths, cfg["lrs"], seeds)
+    done = sweep.load_units(out, [u[0] for u in units], threshold_expect)
+    unit = lambda w, lr, s: done[f"w{w}_lr{lr:g}_s{s:05d}"]
+    thr = np.array(
+        [[[stability.unit_threshold(unit(w, lr, s)) for s in seeds] for lr in lrs] for w in widths]
+    )  # (W, L, S)
+    settled = np.array(
+        [[[float(unit(w, lr, s)["settled_period"]) for s in seeds] for lr in lrs] for w in widths]
+    )
+    mean, lo, hi, n = mean_interval(thr)  # (W, L)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    q = (50 * (1 - sweep.CONFIDENCE), 50 * (1 + sweep.CONFIDENCE))  # percentiles of the interval
+    arrays = {
+        "widths": np.array(widths),
+        "lrs": lrs,
+        "seeds": np.array(seeds),
+        "threshold": thr,
+        "threshold_mean": mean,
+        "threshold_lo": lo,
+        "threshold_hi": hi,
+        "settled_period": settled,
+    }
+    draws = {}
+    for key, rows in [(str(w), thr[i].T) for i, w in enumerate(widths)] + [
+        ("all", thr.transpose(0, 2, 1).reshape(-1, len(lrs)))
+    ]:
+        (slope, stderr, icpt), draws[key] = bootstrap_exponent(lrs, rows, rng)
+        b_lo, b_hi = (
+            np.nanpercentile(draws[key], q) if np.isfinite(draws[key]).any() else (np.nan,) * 2
+        )
+        arrays.update({f"slope_{key}": slope, f"slope_{key}_stderr": stderr})
+        arrays.update({f"slope_{key}_lo": b_lo, f"slope_{key}_hi": b_hi, f"icpt_{key}": icpt})
+    if len(widths) == 2:
+        diff = draws[str(widths[1])] - draws[str(widths[0])]
+        arrays["slope_diff"] = arrays[f"slope_{widths[1]}"] - arrays[f"slope_{widths[0]}"]
+        arrays["slope_diff_lo"], arrays["slope_diff_hi"] = np.nanpercentile(diff, q)
+    for w in widths:
+        static = [done[f"static_w{w}_s{s:05d}"] for s in seeds]
+        arrays[f"static_w{w}_hess_step"] = static[0]["hess_step"]
+        arrays[f"static_w{w}_hess_lmax"] = np.array([u["hess_lmax"] for u in static])  # (S, n)
+        arrays[f"static_w{w}_train_acc"] = np.array([float(u["train_acc"]) for u in static])
+    atomic_savez(os.path.join(out, "threshold.npz"), **arrays)
+    png = os.path.join(out, "threshold.png")
+    plots.plot_threshold(arrays, cfg, png)
+    print_threshold(arrays, cfg)
+    print(f"wrote {out}/threshold.npz and the figure {png}")
+    return arrays
+
+
+def print_threshold(arrays, cfg):
+    """The Fig. 5 summary: thresholds with intervals, settled periods, exponents."""
+    widths, lrs, S = arrays["widths"], arrays["lrs"], len(arrays["seeds"])
+    c = f"{sweep.CONFIDENCE:.0%}"
+    print(f"Hessian threshold: mean over {S} seeds [{c} t interval]; lambda_max below it after")
+    for i, w in enumerate(widths):
+        for j, lr in enumerate(lrs):
+            m, lo, hi = (arrays[f"threshold_{k}"][i, j] for k in ("mean", "lo", "hi"))
+            sp = arrays["settled_period"][i, j]
+            periods = " ".join("-" if not np.isfinite(p) else f"{p:g}" for p in sp)
+            print(f"  width {w}, lr {lr:g}: {m:.3f} [{lo:.3f}, {hi:.3f}]; periods: {periods}")
+    for key in [str(w) for w in widths] + ["all"]:
+        name = "all widths" if key == "all" else f"width {key}"
+        print(
+            f"exponent of threshold ~ lr^x, {name}: {arrays[f'slope_{key}']:.3f} "
+            f"[{arrays[f'slope_{key}_lo']:.3f}, {arrays[f'slope_{key}_hi']:.3f}] "
+            f"({c} bootstrap over seeds; paper about -0.9, eq. (7): -1)"
+        )
+    if "slope_diff" in arrays:
+        print(
+            f"difference of the exponents (width {widths[1]} - width {widths[0]}): "
+            f"{arrays['slope_diff']:+.3f} [{arrays['slope_diff_lo']:+.3f}, "
+            f"{arrays['slope_diff_hi']:+.3f}]"
+        )
+
+
+def dynamics_units(seeds, width):
+    """Fig. 4 over seeds: one unit per seed, (name, width, "dynamics", seed)."""
+    return [(f"seed_{s:05d}", width, "dynamics", s) for s in seeds]
+
+
+def dynamics_expect(name):
+    """The fields a stored dynamics unit must have (a run.npz of one seed, docs/formats.md)."""
+    series = lambda a: a.ndim == 1
+    fields = {f: series for f in ("step", "loss", "dloss", "train_acc", "val_acc")}
+    fields.update({f: series for f in stability.SPECTRA_FIELDS if f != "hess_topk"})
+    fields.update(threshold=(), settled_period=(), bif_start=series, thr_start=series)
+    return fields
+
+
+def run_dynamics(out, cfg, units, spec_of, xp, progress=True, k=1):
+    """Train the pending dynamics units (seeds) of a prepared folder side by side, each followed
+    by the tracker; store each seed's run arrays with its spectra and stability analysis."""
+    data = spiral_data(cfg.get("val", "uniform"))
+
+    def store(u, res, m, sa, params0, spec):
+        arrays = run_arrays(data, params0, res, net=m)
+        arrays.update(sa)
+        arrays["T"] = np.float64(spec.T[m])
+        info = stability.analyze(
+            arrays, spec.lr, len(data[0]), float(spec.T[m]), int(spec.stop_step[m])
+        )
+        arrays.update(info)
+        sweep.save_unit(out, u[0], arrays)
+
+    tracked_units(
+        units,
+        cfg,
+        spec_of,
+        data,
+        xp,
+        progress,
+        store,
+        k=k,
+        every=cfg["hess_every"],
+        ntk_every=cfg["ntk_every"],
+    )
+
+
+def dynamics_summary(done, seeds):
+    """Per seed: the threshold, the periods after which lambda_max stays below it, the number of
+    instabilities and of bifurcation episodes; the threshold's mean and t interval."""
+    runs = [done[f"seed_{s:05d}"] for s in seeds]
+    thr = np.array([float(r["threshold"]) for r in runs])
+    mean, lo, hi, n = mean_interval(thr)
+    return {
+        "seeds": np.array(seeds),
+        "threshold": thr,
+        "settled_period": np.array([float(r["settled_period"]) for r in runs]),
+        "instabilities": np.array([len(r["thr_start"]) for r in runs]),
+        "bifurcation_episodes": np.array([len(r["bif_start"]) for r in runs]),
+        "final_train_acc": np.array([float(r["train_acc"][-1]) for r in runs]),
+        "final_val_acc": np.array([float(r["val_acc"][-1]) for r in runs]),
+        "threshold_mean": np.float64(mean),
+        "threshold_lo": np.float64(lo),
+        "threshold_hi": np.float64(hi),
+    }

@@ -49,6 +49,8 @@ HESS_JUMP = 0.1  # Fig. 4 caption: lambda_max(t) - lambda_max(t-1) ~ 0.1 marks a
 HESS_MIN_RUN = 2  # an instability is at least this many bouncing jumps in a row
 ZOOM_PAD = 50  # steps shown on each side of a zoomed instability (at least)
 SPECTRA_FIELDS = ("hess_step", "hess_lmax", "hess_topk", "ntk_step", "ntk_lmax", "ntk_traced_lmax")
+ANALYSIS_FIELDS = ("bif_start", "bif_end", "thr_start", "thr_end", "threshold", "gd_bound")
+ANALYSIS_FIELDS += ("ntk_bound", "settled_period")  # the keys of analyze()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,18 +336,29 @@ class SpectraTracker:
         return {name: getattr(self, name) for name in names}
 
 
-def track(params0, data, spec, xp=np, k=1, every=25, ntk_every=25, progress=None):
-    """Train one network (M = 1) with a :class:`SpectraTracker`: (train_block result, spectra).
+def track(params0, data, spec, k=1, every=25, ntk_every=25, xp=np, progress=None):
+    """Train M networks side by side, each followed by a :class:`SpectraTracker`.
 
-    params0 : W1 (1, D, H), ...;  data : (X, y, Xv, yv);  spec : TrainSpec for one network
-    The last entries of the spectra are measured at the final parameters (unless diverged).
+    params0 : W1 (M, D, H), ...;  data : (X, y, Xv, yv);  spec : TrainSpec of the M networks
+    The last entries of each network's spectra are measured at its final parameters (unless it
+    diverged). Returns (the train_block result, [the tracker arrays of each network]).
     """
-    tracker = SpectraTracker(data[0], data[1], spec, k=k, every=every, ntk_every=ntk_every)
+    M = params0["W1"].shape[0]
+    trackers = [
+        SpectraTracker(data[0], data[1], spec, net=m, k=k, every=every, ntk_every=ntk_every)
+        for m in range(M)
+    ]
+
+    def on_log(step, params_host):
+        for tracker in trackers:
+            tracker(step, params_host)
+
     with threadpool_limits(limits=1):  # small products are slower on two BLAS threads
-        res = train_block(params0, data, spec, xp=xp, on_log=tracker, progress=progress)
-    if res["diverged_step"][0] < 0:
-        tracker(spec.steps, res["params"], force=True)
-    return res, tracker.arrays()
+        res = train_block(params0, data, spec, xp=xp, on_log=on_log, progress=progress)
+    for m, tracker in enumerate(trackers):
+        if res["diverged_step"][m] < 0:
+            tracker(spec.steps, res["params"], force=True)
+    return res, [tracker.arrays() for tracker in trackers]
 
 
 def zoom_replay(params0, data, spec, window, k=1, every=1, ntk=True, xp=np):

@@ -88,7 +88,7 @@ def test_zoom_replay_reproduces_the_run(dyn):
     [
         (["--hess-every", "0"], "--hess-every must be positive"),
         (["--ntk-every", "-1"], "--ntk-every must be >= 0"),
-        (["--seed", "0,1"], "dynamics follows one network"),
+        (["--seed", "a"], "--seed"),
         (["--A", "0.2"], "--A must be >= 1"),
         (["--quick"], "--quick sets --T and --steps"),
     ],
@@ -100,36 +100,49 @@ def test_dynamics_refuses_bad_input(tmp_path, capsys, bad, msg):
     assert not (tmp_path / "o").exists()
 
 
-def test_threshold_fits_the_exponent_and_resumes(tmp_path, capsys):
-    args = [
-        "threshold",
-        "--widths",
-        "10,14",
-        "--lrs",
-        "1,2,4",
-        "--T0",
-        "200",
-        "--steps0",
-        "1200",
-        "--static-steps",
-        "300",
-        "--hess-every",
-        "5",
-        "--quiet",
-        "--out",
-        str(tmp_path / "f5"),
-    ]
+def test_threshold_over_seeds_fits_the_exponent_and_resumes(tmp_path, capsys):
+    args = ["threshold", "--widths", "10,14", "--lrs", "1,2,4", "--T0", "200", "--steps0", "1200"]
+    args += ["--static-steps", "300", "--hess-every", "5", "--seed", "0-2", "--quiet"]
+    args += ["--out", str(tmp_path / "f5")]
     assert rs.main(args) == 0
     z = load(tmp_path / "f5" / "threshold.npz")
-    assert z["threshold"].shape == (2, 3) and z["slope"].shape == (2,)
-    x, y = np.log(z["lrs"]), np.log(z["threshold"][0])
-    assert np.isfinite(y).all()  # width 10 bounces at every learning rate here
-    np.testing.assert_allclose(z["slope"][0], np.polyfit(x, y, 1)[0], rtol=1e-10)  # log-log fit
-    assert len(z["static_w10_hess_lmax"]) == len(z["static_w10_hess_step"]) > 10
+    assert z["threshold"].shape == (2, 3, 3)  # (widths, lrs, seeds)
+    thr = z["threshold"][0]  # width 10: (lrs, seeds)
+    assert np.isfinite(thr).all()  # width 10 bounces at every learning rate here
+    x = np.log(np.repeat(z["lrs"], 3))
+    np.testing.assert_allclose(z["slope_10"], np.polyfit(x, np.log(thr.ravel()), 1)[0], rtol=1e-10)
+    assert z["slope_10_lo"] <= z["slope_10"] <= z["slope_10_hi"]  # the bootstrap interval
+    mean, sd = thr.mean(axis=1), thr.std(axis=1, ddof=1)
+    np.testing.assert_allclose(z["threshold_mean"][0], mean, rtol=1e-12)
+    np.testing.assert_allclose(z["threshold_hi"][0] - mean, 4.302653 * sd / np.sqrt(3), rtol=1e-5)
+    np.testing.assert_allclose(z["slope_diff"], z["slope_14"] - z["slope_10"], rtol=1e-12)
+    assert z["static_w10_hess_lmax"].shape == (3, len(z["static_w10_hess_step"]))
     assert (tmp_path / "f5" / "threshold.png").stat().st_size > 10000
+    # each (width, lr, seed) is a unit: one seed alone gives the same thresholds as in the sweep
+    one = [*args[:-2], "--seed", "1", "--out", str(tmp_path / "one")]
+    assert rs.main(one) == 0
+    np.testing.assert_array_equal(
+        load(tmp_path / "one" / "threshold.npz")["threshold"][..., 0], z["threshold"][..., 1]
+    )
     capsys.readouterr()
     assert rs.main(args) == 0  # every unit on disk: nothing is trained again
-    assert "lr 1, A" not in capsys.readouterr().out
+    assert "0 of 24 runs to do" in capsys.readouterr().out
+
+
+def test_dynamics_over_seeds_summarises_the_thresholds(tmp_path, capsys):
+    out = tmp_path / "d"
+    argv = ["dynamics", *SMALL, "--hess-every", "7", "--ntk-every", "0", "--zoom-every", "0"]
+    assert rs.main([*argv, "--seed", "0-2", "--out", str(out)]) == 0
+    s = load(out / "seeds.npz")
+    assert s["threshold"].shape == (3,) and list(s["seeds"]) == [0, 1, 2]
+    assert "over 3 seeds" in capsys.readouterr().out
+    for seed in range(3):  # each seed's unit is the run of that seed alone
+        assert rs.main([*argv, "--seed", str(seed), "--out", str(tmp_path / f"s{seed}")]) == 0
+        alone = load(tmp_path / f"s{seed}" / "run.npz")
+        unit = load(out / "units" / f"seed_{seed:05d}.npz")
+        for k in ("loss", "hess_lmax", "W1"):
+            np.testing.assert_array_equal(unit[k], alone[k], err_msg=k)
+        assert unit["threshold"] == s["threshold"][seed] or np.isnan(s["threshold"][seed])
 
 
 @pytest.mark.parametrize(
