@@ -45,6 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 import cifar
+import digits
 from cli import InputError
 from dynloss import class_weights, get_array_module, per_sample_cross_entropy
 from models import (
@@ -72,6 +73,8 @@ BATCH = 512
 MOMENTUM = NESTEROV_MOMENTUM
 CHANNELS = 64
 CHECKPOINT_NAME = "checkpoint.npz"
+DIGITS_TRAIN = 300  # --data digits: training images of the stratified split (docs/digits.md)
+DATA_KINDS = ("cifar10", "synthetic", "digits")  # --data PATH (CIFAR-10), synthetic or digits
 
 HIST_FIELDS = (
     "lr",
@@ -147,6 +150,7 @@ DEFAULTS = {  # the options of run_cifar.py train and phase, at the Fig. 1 proto
     "synthetic_test": 2000,
     "image_size": 32,
     "data_seed": 0,
+    "digits_train": DIGITS_TRAIN,
     "epochs": EPOCHS,
     "batch": BATCH,
     "lr_peak": LR_PEAK,
@@ -202,26 +206,30 @@ def resolve_settings(args):
     if args.device not in ("cpu", "gpu"):
         raise InputError(f"--device must be cpu or gpu, got {args.device!r}")
     dtype = "float32" if args.dtype == "auto" else args.dtype
-    synthetic = args.data == "synthetic"
-    if synthetic:
+    kind = args.data if args.data in ("synthetic", "digits") else "cifar10"
+    md5 = None
+    if kind == "synthetic":
         positive(args.synthetic_train, "--synthetic-train", integer=True)
         positive(args.synthetic_test, "--synthetic-test", integer=True)
         n_batches = len(cifar.TRAIN_MEMBERS)
         if args.synthetic_train % n_batches:
             raise InputError(f"--synthetic-train must be a multiple of {n_batches}")
         check_image_size(args.image_size, "--image-size")
-        md5 = None
+    elif kind == "digits":
+        positive(args.digits_train, "--digits-train", integer=True)
     else:
         md5 = None if str(args.md5).lower() == "none" else str(args.md5).lower()
         if md5 is not None and not MD5_PATTERN.match(md5):
             raise InputError(f"--md5 must be 32 hex digits or 'none', got {args.md5!r}")
+    synthetic = kind == "synthetic"
     return {
-        "data": "synthetic" if synthetic else "cifar10",
+        "data": kind,
         "md5": md5,
         "synthetic_train": args.synthetic_train if synthetic else None,
         "synthetic_test": args.synthetic_test if synthetic else None,
         "image_size": args.image_size if synthetic else None,
-        "data_seed": args.data_seed if synthetic else None,
+        "data_seed": args.data_seed if kind != "cifar10" else None,
+        "digits_train": args.digits_train if kind == "digits" else None,
         "epochs": E,
         "batch": args.batch,
         "lr_peak": args.lr_peak,
@@ -263,9 +271,10 @@ def check_image_size(size, name):
 def load_data(settings, path, hess_batch=0):
     """Load and normalise the data (training-set statistics); check it fits the settings.
 
-    path : --data (None: $CIFAR10_PATH) for CIFAR-10, unused for synthetic data.
-    Returns a dict: x_train (N, Hx, Wx, 3) and x_test in the settings' dtype, y_train (N,),
-    y_test, K, source, and x_hess (hess_batch, Hx, Wx, 3) float64 / y_hess when hess_batch > 0.
+    path : --data (None: $CIFAR10_PATH) for CIFAR-10, unused for synthetic data and digits.
+    Returns a dict: x_train (N, Hx, Wx, C) and x_test in the settings' dtype, y_train (N,),
+    y_test, K classes, C channels, source, and x_hess (hess_batch, Hx, Wx, C) float64 / y_hess
+    when hess_batch > 0.
     Raises InputError (CifarError's one line, image sides, batch larger than the training set).
     """
     s = settings
@@ -275,6 +284,8 @@ def load_data(settings, path, hess_batch=0):
             raw = cifar.load_synthetic(
                 s["data_seed"], n_per_batch, s["synthetic_test"], s["image_size"]
             )
+        elif s["data"] == "digits":
+            raw = digits.load_digits(s["digits_train"], s["data_seed"])
         else:
             raw = cifar.load_cifar10(path, expected_md5=s["md5"])
     except cifar.CifarError as err:
@@ -292,6 +303,7 @@ def load_data(settings, path, hess_batch=0):
         "x_test": data.x_test,
         "y_test": data.y_test,
         "K": len(data.label_names),
+        "C": data.x_train.shape[3],
         "source": data.source,
     }
     if hess_batch:
@@ -353,12 +365,12 @@ class _State:
         self.diverged_epoch = -1
 
 
-def _fresh_state(settings, K, xp):
+def _fresh_state(settings, K, C, xp):
     init_seq, shuffle_seq = np.random.SeedSequence(settings["seed"]).spawn(2)
     params = init_myrtle5(
         np.random.default_rng(init_seq),
         c=settings["channels"],
-        in_channels=3,
+        in_channels=C,
         n_classes=K,
         dtype=np.dtype(settings["dtype"]),
     )
@@ -489,7 +501,7 @@ def train_run(settings, data, xp, work, checkpoint_every, hess_every=0, progress
         resumed = state.epoch
         say(f"resuming from {ckpt} at epoch {state.epoch} of {E}")
     else:
-        state = _fresh_state(settings, K, xp)
+        state = _fresh_state(settings, K, data["C"], xp)
         _log_row(state, settings, data, dev, spe, hess_every)
     bar = tqdm(
         total=E * spe,

@@ -235,6 +235,8 @@ def cmd_phase(args):
     for name, ti, ai, seed in mine:
         if name not in todo:
             continue
+        if cfg["A"][ai] == 1 and copy_static_twin(args.out, cfg, name, ti, ai, seed, units):
+            continue
         settings = unit_settings(cfg, cfg["A"][ai], cfg["T"][ti], seed)
         work = os.path.join(args.out, "work", name)
         os.makedirs(work, exist_ok=True)
@@ -260,6 +262,19 @@ def cmd_phase(args):
         merge_phase(args.out)
     else:
         print(f"when every shard is done: python {SCRIPT} merge --out {args.out}")
+
+
+def copy_static_twin(out, cfg, name, ti, ai, seed, units):
+    """A = 1 keeps Gamma = 1 at every step whatever T is: the static cells of all periods are
+    the same runs. Store the unit ``name`` as a copy of a finished one of the same seed, if any;
+    return whether one was found."""
+    for other, tj, aj, s in units:
+        if s == seed and tj != ti and cfg["A"][aj] == 1:
+            arrays, _ = sweep.read_unit(out, other)
+            if arrays is not None:
+                sweep.save_unit(out, name, arrays)
+                return True
+    return False
 
 
 def merge_phase(out):
@@ -304,7 +319,7 @@ def add_common_options(p, out):
     p.add_argument(
         "--data",
         default=d["data"],
-        help="CIFAR-10 archive/folder (default: $CIFAR10_PATH), or 'synthetic'",
+        help="CIFAR-10 archive/folder (default: $CIFAR10_PATH), 'synthetic' or 'digits'",
     )
     p.add_argument("--md5", default=d["md5"], help="expected archive md5 ('none': no check)")
     p.add_argument(
@@ -316,7 +331,18 @@ def add_common_options(p, out):
     p.add_argument(
         "--image-size", type=int, default=d["image_size"], help="synthetic image side (8k)"
     )
-    p.add_argument("--data-seed", type=int, default=d["data_seed"], help="synthetic data seed")
+    p.add_argument(
+        "--data-seed",
+        type=int,
+        default=d["data_seed"],
+        help="seed of the synthetic data / digits split",
+    )
+    p.add_argument(
+        "--digits-train",
+        type=int,
+        default=d["digits_train"],
+        help="--data digits: training images (the rest of the 1797 are the test set)",
+    )
     p.add_argument("--epochs", type=int, default=d["epochs"], help=f"final epoch ({EPOCHS})")
     p.add_argument("--batch", type=int, default=d["batch"], help=f"minibatch size ({BATCH})")
     p.add_argument(

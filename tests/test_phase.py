@@ -284,3 +284,42 @@ def test_same_sweep_on_cpu_and_gpu_agrees(tmp_path):
     a, b = load(tmp_path / "tcpu" / "run.npz"), load(tmp_path / "tgpu" / "run.npz")
     for k in ("W1", "b1", "W2", "b2", "loss"):
         np.testing.assert_allclose(b[k], a[k], rtol=GPU_AGREE, atol=GPU_AGREE * np.abs(a[k]).max())
+
+
+def test_reevaluation_on_the_own_validation_set_reproduces_the_sweep(tmp_path):
+    out = tmp_path / "p"
+    assert rs.main(["phase", *SMALL, "--out", str(out)]) == 0
+    own = load(out / "phase.npz")
+    for val in ("uniform", "inner"):
+        assert rs.main(["reeval", "--out", str(out), "--val", val]) == 0
+    again = load(out / "phase.npz")  # reeval on the sweep's own set rewrites phase.npz
+    for f in ("val_acc", "val_loss", "train_acc"):
+        np.testing.assert_allclose(again[f], own[f], rtol=1e-12, atol=1e-12, err_msg=f)
+    inner = load(out / "phase-val-inner.npz")
+    np.testing.assert_array_equal(inner["train_acc"], own["train_acc"])  # the same networks
+    assert not np.array_equal(inner["val_acc"], own["val_acc"]) and str(inner["val"]) == "inner"
+    assert (out / "phase-val-inner.png").stat().st_size > 1000
+
+
+def test_paired_differences_are_seed_by_seed_against_a1(tmp_path):
+    out = tmp_path / "p"
+    assert rs.main(["phase", *SMALL, "--out", str(out)]) == 0
+    z = load(out / "phase.npz")
+    d = z["val_acc"][:, 1, :] - z["val_acc"][:, 0, :]  # A = 8 minus A = 1, (T, seeds)
+    np.testing.assert_allclose(z["val_acc_diff_mean"][:, 1], d.mean(axis=1), rtol=1e-12)
+    half = 4.302653 * d.std(axis=1, ddof=1) / np.sqrt(3)  # t_{0.975, 2}
+    np.testing.assert_allclose(z["val_acc_diff_hi"][:, 1] - d.mean(axis=1), half, rtol=1e-5)
+    np.testing.assert_array_equal(z["val_acc_diff_mean"][:, 0], 0)
+    # A = 1 does not depend on T: the static cells of both periods are the same runs
+    np.testing.assert_array_equal(z["val_acc"][0, 0], z["val_acc"][1, 0])
+
+
+def test_a_sweep_grown_to_more_seeds_equals_one_run_with_them(tmp_path):
+    grown, fresh = tmp_path / "grown", tmp_path / "fresh"
+    five = [a if a != "3" else "5" for a in SMALL]  # --seeds 5
+    assert rs.main(["phase", *SMALL, "--out", str(grown)]) == 0
+    assert rs.main(["phase", *five, "--out", str(grown)]) == 0
+    assert rs.main(["phase", *five, "--out", str(fresh)]) == 0
+    assert_same(load(grown / "phase.npz"), load(fresh / "phase.npz"))
+    with pytest.raises(SystemExit):  # fewer seeds is another sweep, not a continuation
+        rs.main(["phase", *SMALL, "--out", str(grown)])

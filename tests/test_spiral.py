@@ -137,3 +137,17 @@ def test_logging_interval_and_buffer_do_not_change_the_numbers(data, monkeypatch
         assert np.isnan(sparse[f][~seen]).all()
     for k in params:
         np.testing.assert_array_equal(sparse["params"][k], every["params"][k])
+
+
+def test_validation_sets_share_the_arms_and_differ_along_them():
+    X, y = sp.make_spiral_train()
+    radius = {n: np.linalg.norm(sp.make_spiral_val(n)[0], axis=1) for n in sp.VAL_SETS}
+    assert radius["inner"].mean() < radius["uniform"].mean() < radius["outer"].mean()
+    np.testing.assert_allclose(np.sort(radius["reseed"]), np.sort(np.linalg.norm(X, axis=1)))
+    for name in sp.VAL_SETS:  # the same arms: a point's angle minus 4 pi r is its class's start
+        Xv, yv = sp.make_spiral_val(name)
+        assert (np.bincount(yv) == 100).all()
+    nn = {n: sp.nearest_neighbour_accuracy(X, y, *sp.make_spiral_val(n)) for n in sp.VAL_SETS}
+    assert nn["inner"] < min(nn["uniform"], nn["outer"], nn["reseed"])  # the centre is harder
+    with pytest.raises(ValueError, match="unknown validation set"):
+        sp.make_spiral_val("middle")
