@@ -53,7 +53,6 @@ pixels are uniform on 0..255 and carry no signal.
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import gzip
 import hashlib
@@ -106,18 +105,42 @@ NOISE_STD = 48.0
 _MD5_CHUNK = 1 << 20
 _NORMALIZE_CHUNK = 2048  # images per step, bounds the float64 scratch memory
 
-# The only globals an official batch refers to, resolved to objects of the installed NumPy
-# (NumPy 1 pickles name numpy.core, NumPy 2 pickles name numpy._core).
-_RECONSTRUCT = np.zeros(1).__reduce__()[0]
-_SCALAR = np.int64(0).__reduce__()[0]
+MAX_MEMBER_BYTES = 1 << 28  # a member larger than this is refused (an official batch: ~31 MB)
+MAX_PIXELS = 1 << 31  # a batch of more bytes than this is refused before any allocation
+DTYPE_UINT8 = ("u1", (0, False), (1, True))  # numpy.dtype's arguments in an official pickle
+DTYPE_UINT8_STATE = (3, "|", None, None, None, -1, -1, 0)  # and its state, the only one allowed
+RECONSTRUCT_ARGS = ((0,), b"b")  # _reconstruct(ndarray, (0,), b"b"): an empty array to fill
+
+
+class _Record:
+    """An inert record of a call the pickle asks for (and of the state it then sets): the
+    unpickler builds no NumPy object at all; :func:`_uint8_rows` checks a record against the
+    exact form of an official batch's uint8 array and only then builds the array itself."""
+
+    def __init__(self, what, args):
+        self.what, self.args, self.state = what, args, None
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+_NDARRAY = _Record("ndarray", ())  # the class argument of _reconstruct
+
+
+def _latin1(text, encoding="latin1"):
+    """_codecs.encode as a pickle uses it: a str in latin-1 to bytes, nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("refusing _codecs.encode of anything but latin-1 text")
+    return text.encode("latin-1")
+
+
+# The only globals an official batch refers to (NumPy 1 names numpy.core, NumPy 2 numpy._core)
 _SAFE_GLOBALS = {
-    ("_codecs", "encode"): codecs.encode,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy.core.multiarray", "scalar"): _SCALAR,
-    ("numpy._core.multiarray", "scalar"): _SCALAR,
+    ("_codecs", "encode"): _latin1,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): lambda *args: _Record("dtype", args),
+    ("numpy.core.multiarray", "_reconstruct"): lambda *args: _Record("array", args),
+    ("numpy._core.multiarray", "_reconstruct"): lambda *args: _Record("array", args),
 }
 
 
@@ -207,6 +230,8 @@ def _read_folder(folder: Path) -> dict[str, bytes]:
         member_path = folder / member
         if not member_path.is_file():
             raise _fail(f"missing member {member} in {folder}")
+        if member_path.stat().st_size > MAX_MEMBER_BYTES:
+            raise _fail(f"member {member} in {folder} is larger than {MAX_MEMBER_BYTES} bytes")
         blobs[member] = member_path.read_bytes()
     return blobs
 
@@ -227,45 +252,82 @@ def _read_archive(archive: Path, expected_md5: str | None) -> dict[str, bytes]:
             for info in tar:
                 member = wanted.get(info.name.removeprefix("./"))
                 if member is not None and info.isfile():
-                    blobs[member] = tar.extractfile(info).read()
+                    if info.size > MAX_MEMBER_BYTES:
+                        raise _fail(f"member {info.name} of {archive} is larger than "
+                                    f"{MAX_MEMBER_BYTES} bytes")  # fmt: skip
+                    blobs[member] = tar.extractfile(info).read(MAX_MEMBER_BYTES + 1)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-        raise _fail(f"corrupt archive {archive} ({type(err).__name__}: {err})") from err
+        raise _fail(f"corrupt archive {archive} ({type(err).__name__})") from err
     for name, member in wanted.items():
         if member not in blobs:
             raise _fail(f"missing member {name} in archive {archive}")
     return blobs
 
 
+def _uint8_rows(record, where):
+    """The (N, L) uint8 array an official batch's b'data' record describes, or CifarError.
+
+    The record must be _reconstruct(ndarray, (0,), b"b") with the state (1, (N, L), dtype, False,
+    raw bytes), the dtype numpy.dtype("u1", False, True) with DTYPE_UINT8_STATE, and len(raw) ==
+    N L: everything is checked on plain Python values before NumPy sees any of it."""
+    bad = _fail(f"{where}: b'data' is not a uint8 (N, 3*H*W) array of an official batch")
+    if not (isinstance(record, _Record) and record.what == "array") or record.args[:1] != (
+        _NDARRAY,
+    ):
+        raise bad
+    if record.args[1:] != RECONSTRUCT_ARGS:
+        raise bad
+    state = record.state
+    if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1):
+        raise bad
+    _, shape, dtype, fortran, raw = state
+    ok_shape = isinstance(shape, tuple) and len(shape) == 2
+    ok_shape = ok_shape and all(type(v) is int and v >= 0 for v in shape)
+    if not ok_shape or fortran not in (0, False) or not isinstance(raw, bytes):
+        raise bad
+    if (
+        not (isinstance(dtype, _Record) and dtype.what == "dtype")
+        or dtype.state != DTYPE_UINT8_STATE
+    ):
+        raise bad
+    name, align, copy = dtype.args if len(dtype.args) == 3 else (None, None, None)
+    if name != DTYPE_UINT8[0] or align not in DTYPE_UINT8[1] or copy not in DTYPE_UINT8[2]:
+        raise bad
+    if shape[0] * shape[1] > MAX_PIXELS or len(raw) != shape[0] * shape[1]:
+        raise bad
+    return np.frombuffer(raw, dtype=np.uint8).reshape(shape)
+
+
 def _batch_arrays(batch: dict, where: str, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
     """Check one batch dict and turn it into (N, H, W, C) uint8 images and (N,) int64 labels."""
     if b"data" not in batch or b"labels" not in batch:
-        raise _fail(f"{where} lacks b'data' or b'labels' (keys: {sorted(batch)})")
-    rows = batch[b"data"]
-    if not isinstance(rows, np.ndarray) or rows.dtype != np.uint8 or rows.ndim != 2:
-        raise _fail(f"{where}: b'data' must be a uint8 (N, 3*H*W) array")
+        raise _fail(f"{where} lacks b'data' or b'labels'")
+    rows = _uint8_rows(batch[b"data"], where)
     n, row_length = rows.shape
     side = math.isqrt(row_length // N_CHANNELS)
     if row_length == 0 or N_CHANNELS * side * side != row_length:
         raise _fail(f"{where}: b'data' rows have length {row_length}, not 3*H*H (3072 for 32x32)")
-    try:
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (TypeError, ValueError) as err:
-        raise _fail(f"{where}: b'labels' is not a list of ints ({err})") from err
-    if labels.shape != (n,):
-        raise _fail(f"{where}: {labels.shape} labels for {n} images")
-    if n and (labels.min() < 0 or labels.max() >= n_labels):
+    labels = batch[b"labels"]
+    if not isinstance(labels, list) or not all(type(v) is int for v in labels):
+        raise _fail(f"{where}: b'labels' is not a list of ints")
+    if len(labels) != n:
+        raise _fail(f"{where}: {len(labels)} labels for {n} images")
+    if labels and not all(0 <= v < n_labels for v in labels):
         raise _fail(f"{where}: labels outside 0..{n_labels - 1}")
     images = rows.reshape(n, N_CHANNELS, side, side).transpose(0, 2, 3, 1)  # (N, H, W, C)
-    return np.ascontiguousarray(images), labels
+    return np.ascontiguousarray(images), np.array(labels, dtype=np.int64)
 
 
 def _assemble(blobs: dict[str, bytes], where: str) -> CifarData:
     """Decode and check all members; concatenate the 5 training batches."""
     meta = _unpickle(blobs[META_MEMBER], f"{META_MEMBER} in {where}")
     names = meta.get(b"label_names")
-    if not isinstance(names, list) or not names:
-        raise _fail(f"{META_MEMBER} in {where} lacks a b'label_names' list")
-    label_names = tuple(n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names)
+    if not isinstance(names, list) or not names or not all(isinstance(n, bytes) for n in names):
+        raise _fail(f"{META_MEMBER} in {where} lacks a b'label_names' list of byte strings")
+    try:
+        label_names = tuple(n.decode("utf-8") for n in names)
+    except UnicodeDecodeError:
+        raise _fail(f"{META_MEMBER} in {where}: a label name is not UTF-8 text") from None
 
     def load(member):
         batch = _unpickle(blobs[member], f"{member} in {where}")
@@ -309,6 +371,18 @@ def load_cifar10(
     if kind == "folder":
         return _assemble(_read_folder(resolved), f"folder {resolved}")
     return _assemble(_read_archive(resolved, expected_md5), f"archive {resolved}")
+
+
+def fingerprint(data: CifarData) -> str:
+    """A short hash (16 hex digits of SHA-256) of the decoded images and labels: which data a
+    run used, whatever file they came from (recorded with a run's settings, so that resuming or
+    sharding on other data is refused)."""
+    digest = hashlib.sha256()
+    for a in (data.x_train, data.y_train, data.x_test, data.y_test):
+        a = np.ascontiguousarray(a)
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(a.data)
+    return digest.hexdigest()[:16]
 
 
 def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,15 +1,26 @@
-"""What the two command-line scripts share: one-line refusals, list parsers, output-folder checks.
+"""What the two command-line scripts share: one validation layer for numbers and for output
+folders, one-line refusals, and the entry point.
 
-Every bad input is refused before any work starts, in one line on stderr, with exit code 2:
-argparse's own errors (an unknown option, a value of the wrong type) as well as the checks of
-the scripts, which raise :class:`InputError`.
+Every bad input is refused before any work starts, in one line on stderr, with exit code 2 and
+nothing written: argparse's own errors (an unknown option, a value that is not a number), the
+typed options below (finite, in range, an integer where an integer is meant), the list parsers,
+the output-folder check and the memory estimate, and the scripts' own checks, which raise
+:class:`InputError`. A full disk or another failed write ends the run with one line (exit 1);
+what was stored before is intact, since every result is written to a temporary file and renamed.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import os
 import sys
+
+MAX_SEEDS = 100_000  # a seed list longer than this is a typo, not a sweep
+MAX_LIST = 10_000  # values in a grid list (--A, --T, --lrs, --widths)
+MEMORY_FRACTION = 0.8  # a command may plan to use at most this share of the machine's memory
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class InputError(ValueError):
@@ -17,10 +28,10 @@ class InputError(ValueError):
     :func:`fail`, before any work starts and with nothing written."""
 
 
-def fail(script, msg):
-    """Print ``script: error: msg`` as one line to stderr and exit 2."""
+def fail(script, msg, code=2):
+    """Print ``script: error: msg`` as one line to stderr and exit (2: bad input)."""
     print(f"{script}: error: {' '.join(str(msg).split())}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 class Parser(argparse.ArgumentParser):
@@ -30,40 +41,148 @@ class Parser(argparse.ArgumentParser):
         fail(self.prog.split()[0], message)
 
 
-def parse_list(text, name, kind=float):
-    """'1,5,10' -> [1.0, 5.0, 10.0] (sorted, unique); refuses empty or unreadable lists."""
+# ---------------------------------------------------------------------------------------------
+# Numbers
+# ---------------------------------------------------------------------------------------------
+
+
+def _in_range(value, low, high, low_open):
+    if low is not None and (value < low or (low_open and value == low)):
+        return False
+    return high is None or value <= high
+
+
+def _bounds(low, high, low_open, kind):
+    lo = "" if low is None else (f"> {low:g}" if low_open else f">= {low:g}")
+    hi = "" if high is None else f"<= {high:g}"
+    what = "an integer" if kind is int else "a finite number"
+    return f"{what} {' and '.join(b for b in (lo, hi) if b)}".strip()
+
+
+def check_number(value, name, kind=float, low=None, high=None, low_open=False):
+    """``value`` as ``kind`` if it is one (finite; an integer for int) within the bounds, else
+    InputError naming the option."""
     try:
-        values = [kind(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise InputError(f"{name}: cannot read {text!r} as a comma-separated list") from None
-    if not values:
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            number = int(str(value).strip()) if not isinstance(value, (int, float)) else int(value)
+        else:
+            number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        expected = _bounds(low, high, low_open, kind)
+        raise InputError(f"{name}: expected {expected}, got {value!r}") from None
+    if (kind is float and not math.isfinite(number)) or not _in_range(number, low, high, low_open):
+        raise InputError(f"{name} must be {_bounds(low, high, low_open, kind)}, got {value}")
+    return number
+
+
+def number(kind=float, low=None, high=None, low_open=False):
+    """An argparse ``type=``: a finite float (or an int) within the bounds; errors are one line."""
+
+    def convert(text):
+        try:
+            return check_number(text, "value", kind, low, high, low_open)
+        except InputError as err:
+            raise argparse.ArgumentTypeError(str(err).removeprefix("value: ")) from None
+
+    convert.__name__ = "integer" if kind is int else "number"  # argparse names the type so
+    return convert
+
+
+def parse_list(text, name, kind=float, low=None, high=None, low_open=False):
+    """'1,5,10' -> [1.0, 5.0, 10.0] (sorted, unique): every value finite and within the bounds;
+    refuses empty, unreadable or repeated lists."""
+    items = [v for v in str(text).split(",") if v.strip()]
+    if not items:
         raise InputError(f"{name}: the list is empty")
+    if len(items) > MAX_LIST:
+        raise InputError(f"{name}: {len(items)} values, more than {MAX_LIST}")
+    values = [check_number(v, name, kind, low, high, low_open) for v in items]
     if len(set(values)) != len(values):
         raise InputError(f"{name}: repeated values in {text!r}")
     return sorted(values)
 
 
-def parse_int_list(text, name):
-    """'0,1,2' or '0-4' (inclusive) -> list of ints."""
+def parse_seeds(text, name):
+    """'0,1,2' or '0-4' (inclusive) -> a list of distinct seeds >= 0, at most MAX_SEEDS."""
+    text = str(text).strip()
     try:
         if "-" in text.strip("-") and "," not in text:
-            a, b = text.split("-")
-            return list(range(int(a), int(b) + 1))
-        return [int(v) for v in text.split(",") if v.strip()]
+            a, b = (int(v) for v in text.split("-"))
+            if a > b:
+                raise InputError(f"{name}: the range {text!r} is empty")
+            if b - a + 1 > MAX_SEEDS:
+                raise InputError(f"{name}: {b - a + 1} seeds, more than {MAX_SEEDS}")
+            seeds = list(range(a, b + 1))
+        else:
+            items = [v for v in text.split(",") if v.strip()]
+            if len(items) > MAX_SEEDS:
+                raise InputError(f"{name}: {len(items)} seeds, more than {MAX_SEEDS}")
+            seeds = [int(v) for v in items]
     except ValueError:
-        raise InputError(f"{name}: cannot read {text!r} as integers (e.g. 0,1,2 or 0-9)") from None
+        raise InputError(f"{name}: cannot read {text!r} as seeds (e.g. 0, 0,1,2 or 0-9)") from None
+    if not seeds:
+        raise InputError(f"{name}: give at least one seed")
+    if min(seeds) < 0:
+        raise InputError(f"{name}: seeds must be >= 0, got {min(seeds)}")
+    if len(set(seeds)) != len(seeds):
+        raise InputError(f"{name}: repeated seeds in {text!r}")
+    return seeds
 
 
-def check_out_dir(path):
-    """Refuse an output path that is an existing file (before any work)."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise InputError(f"--out {path!r} is a file, not a folder")
+# ---------------------------------------------------------------------------------------------
+# Output folders and memory
+# ---------------------------------------------------------------------------------------------
+
+
+def check_out_dir(path, name="--out"):
+    """Refuse, before any work, an output folder that cannot take results: an empty path, a
+    file, a path under a file, a folder (or the nearest existing parent of a new one) this
+    process cannot write to. Creates nothing."""
+    if not str(path).strip():
+        raise InputError(f"{name} is empty: give a folder for the results")
+    path = os.path.abspath(path)
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        where = "is a file" if probe == path else f"lies under the file {probe}"
+        raise InputError(f"{name} {path!r} {where}, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"{name}: cannot write to {probe}")
+
+
+def physical_memory():
+    """Bytes of memory of this machine (None where unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(nbytes, what):
+    """Refuse a command whose arrays would need more than MEMORY_FRACTION of the memory."""
+    total = physical_memory()
+    if total and nbytes > MEMORY_FRACTION * total:
+        raise InputError(
+            f"{what} needs about {nbytes / 2**30:.3g} GiB, more than {MEMORY_FRACTION:.0%} of "
+            f"this machine's {total / 2**30:.3g} GiB"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point
+# ---------------------------------------------------------------------------------------------
 
 
 def run_main(parser, argv, script, default_argv=None, errors=(InputError,)):
-    """Parse ``argv`` (``default_argv`` when it is empty), run the chosen command's ``func`` and
-    turn the ``errors`` it raises into one-line refusals (exit 2). Returns 0, or 2 (with the
-    help) when no command was given."""
+    """Parse ``argv`` (``default_argv`` when it is empty), run the chosen command's ``func``;
+    the ``errors`` it raises become one-line refusals (exit 2), a failed write (a full disk) one
+    line saying what is safe (exit 1). Returns 0, or 2 (with the help) without a command."""
     args = parser.parse_args(argv if argv or default_argv is None else default_argv)
     if args.command is None:
         parser.print_help()
@@ -72,6 +191,12 @@ def run_main(parser, argv, script, default_argv=None, errors=(InputError,)):
         args.func(args)
     except errors as err:
         fail(script, str(err))
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        safe = "results stored before are intact (every file is written whole, then renamed)"
+        if err.errno in NO_SPACE:
+            fail(script, f"no space left on the device{where}: {safe}; free space and rerun", 1)
+        fail(script, f"{err.strerror or err}{where}: {safe}", 1)
     return 0
 
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import numpy as np
 
 LOSSES = ("ce", "mse")
+DIVERGENCE_FACTOR = 1e3  # a run has diverged once F is not finite or above this times F(0)
 
 
 def get_array_module(*arrays):
@@ -200,6 +201,14 @@ def per_sample_cross_entropy(logits, y):
 def cross_entropy(logits, y):
     """Plain (static) cross-entropy, the mean over samples: (M, N, K), (N,) -> (M,)."""
     return per_sample_cross_entropy(logits, y).mean(axis=1)
+
+
+def diverged(F, F0):
+    """Whether a loss F has diverged from its initial value F0 (arrays or floats): it is not
+    finite, or above DIVERGENCE_FACTOR times F0. The one criterion of every trainer here: a
+    blow-up to a large finite loss at chance accuracy counts, not only an overflow."""
+    xp = get_array_module(F)
+    return ~xp.isfinite(F) | (F > DIVERGENCE_FACTOR * F0)
 
 
 def accuracy(logits, y):

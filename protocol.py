@@ -36,7 +36,6 @@ bit on the CPU). docs/formats.md describes run.npz.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import time
@@ -46,8 +45,9 @@ from tqdm import tqdm
 
 import cifar
 import digits
-from cli import InputError
+from cli import InputError, check_number
 from dynloss import class_weights, get_array_module, per_sample_cross_entropy
+from dynloss import diverged as loss_diverged
 from models import (
     MYRTLE5_DIVISOR,
     MYRTLE5_PARAM_NAMES,
@@ -167,39 +167,32 @@ DEFAULTS = {  # the options of run_cifar.py train and phase, at the Fig. 1 proto
 }
 
 
-def positive(value, name, integer=False):
-    """Refuse a value that is not positive (and finite): InputError naming the option."""
-    ok = value > 0 and math.isfinite(value)
-    if not ok:
-        raise InputError(f"{name} must be positive{'' if integer else ' and finite'}, got {value}")
-
-
 def resolve_settings(args):
     """Validate the protocol's options (names as in DEFAULTS); return the defining settings.
 
     ``args`` : any object with the attributes of DEFAULTS (run_cifar.py's options). The settings
     are what defines the result (not the output folder, device, checkpoint interval); the
     schedule's peak and stop epochs are scaled to the number of epochs when not given. A, T and
-    seed are filled in by the caller. Raises InputError.
+    seed are filled in by the caller, the data's fingerprint once it is loaded. Raises
+    InputError.
     """
-    positive(args.epochs, "--epochs", integer=True)
-    positive(args.batch, "--batch", integer=True)
-    positive(args.lr_peak, "--lr-peak")
-    if not (args.lr_final >= 0 and math.isfinite(args.lr_final)):
-        raise InputError(f"--lr-final must be >= 0 and finite, got {args.lr_final}")
-    positive(args.channels, "--channels", integer=True)
-    if not 0 <= args.momentum < 1:
+    count = lambda v, name: check_number(v, name, int, low=1)
+    count(args.epochs, "--epochs")
+    count(args.batch, "--batch")
+    check_number(args.lr_peak, "--lr-peak", low=0, low_open=True)
+    check_number(args.lr_final, "--lr-final", low=0)
+    count(args.channels, "--channels")
+    if not 0 <= check_number(args.momentum, "--momentum") < 1:
         raise InputError(f"--momentum must be in [0, 1), got {args.momentum}")
-    positive(args.checkpoint_every, "--checkpoint-every", integer=True)
-    if args.train_eval_every < 0:
-        raise InputError(f"--train-eval-every must be >= 0, got {args.train_eval_every}")
-    positive(args.eval_batch, "--eval-batch", integer=True)
+    count(args.checkpoint_every, "--checkpoint-every")
+    check_number(args.train_eval_every, "--train-eval-every", int, low=0)
+    count(args.eval_batch, "--eval-batch")
     E = args.epochs
     peak = E * PEAK_EPOCH / EPOCHS if args.peak_epoch is None else args.peak_epoch
     stop = E * STOP_EPOCH / EPOCHS if args.stop_epoch is None else args.stop_epoch
-    if not 0 < peak <= E:
+    if not 0 < check_number(peak, "--peak-epoch") <= E:
         raise InputError(f"--peak-epoch must be in (0, --epochs = {E}], got {peak}")
-    if not 0 <= stop <= E:
+    if not 0 <= check_number(stop, "--stop-epoch") <= E:
         raise InputError(f"--stop-epoch must be in [0, --epochs = {E}], got {stop}")
     if args.dtype not in ("auto", "float32", "float64"):
         raise InputError(f"--dtype must be auto, float32 or float64, got {args.dtype!r}")
@@ -208,15 +201,17 @@ def resolve_settings(args):
     dtype = "float32" if args.dtype == "auto" else args.dtype
     kind = args.data if args.data in ("synthetic", "digits") else "cifar10"
     md5 = None
+    if kind != "cifar10":
+        check_number(args.data_seed, "--data-seed", int, low=0)
     if kind == "synthetic":
-        positive(args.synthetic_train, "--synthetic-train", integer=True)
-        positive(args.synthetic_test, "--synthetic-test", integer=True)
+        count(args.synthetic_train, "--synthetic-train")
+        count(args.synthetic_test, "--synthetic-test")
         n_batches = len(cifar.TRAIN_MEMBERS)
         if args.synthetic_train % n_batches:
             raise InputError(f"--synthetic-train must be a multiple of {n_batches}")
         check_image_size(args.image_size, "--image-size")
     elif kind == "digits":
-        positive(args.digits_train, "--digits-train", integer=True)
+        count(args.digits_train, "--digits-train")
     else:
         md5 = None if str(args.md5).lower() == "none" else str(args.md5).lower()
         if md5 is not None and not MD5_PATTERN.match(md5):
@@ -245,13 +240,10 @@ def resolve_settings(args):
 
 
 def check_run(settings, A, T, seed):
-    """Validate one run's amplitude, period and seed."""
-    if not (A >= 1 and math.isfinite(A)):
-        raise InputError(f"--A must be >= 1 (A = 1 is the static loss), got {A}")
-    if not (T >= 1 and math.isfinite(T)):
-        raise InputError(f"--T must be >= 1 minibatch step, got {T}")
-    if seed < 0:
-        raise InputError(f"--seed must be >= 0, got {seed}")
+    """Validate one run's amplitude (finite, >= 1), period (finite, >= 1 step) and seed."""
+    check_number(A, "--A", low=1)
+    check_number(T, "--T", low=1)
+    check_number(seed, "--seed", int, low=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,8 +265,8 @@ def load_data(settings, path, hess_batch=0):
 
     path : --data (None: $CIFAR10_PATH) for CIFAR-10, unused for synthetic data and digits.
     Returns a dict: x_train (N, Hx, Wx, C) and x_test in the settings' dtype, y_train (N,),
-    y_test, K classes, C channels, source, and x_hess (hess_batch, Hx, Wx, C) float64 / y_hess
-    when hess_batch > 0.
+    y_test, K classes, C channels, source, the fingerprint of the decoded data
+    (cifar.fingerprint), and x_hess (hess_batch, Hx, Wx, C) float64 / y_hess when hess_batch > 0.
     Raises InputError (CifarError's one line, image sides, batch larger than the training set).
     """
     s = settings
@@ -298,6 +290,7 @@ def load_data(settings, path, hess_batch=0):
         raise InputError(f"--hess-batch {hess_batch} exceeds the {n_train} training images")
     data = cifar.normalize(raw, np.dtype(s["dtype"]))
     out = {
+        "fingerprint": cifar.fingerprint(raw),
         "x_train": data.x_train,
         "y_train": data.y_train,
         "x_test": data.x_test,
@@ -363,6 +356,7 @@ class _State:
         self.gamma = np.full((epochs + 1, K), np.nan)  # (E+1, K)
         self.hess_vec = None
         self.diverged_epoch = -1
+        self.loss0 = np.nan  # the loss of the first minibatch: the scale of divergence
 
 
 def _fresh_state(settings, K, C, xp):
@@ -401,29 +395,70 @@ def save_checkpoint(path, state, settings):
         gamma=state.gamma,
         hess_vec=np.zeros(0) if state.hess_vec is None else state.hess_vec,
         diverged_epoch=np.int64(state.diverged_epoch),
+        loss0=np.float64(state.loss0),
         settings=np.array(_settings_json(settings)),
     )
     atomic_savez(path, **arrays)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that does not read or does not fit the run: one line naming the file."""
+
+
+def read_checkpoint(path, settings=None, K=None):
+    """Every array of a checkpoint, validated: readable (no bad CRC, no truncation), with every
+    field and the shapes of a run of ``settings`` with K classes (when given). Raises
+    CheckpointError saying what is wrong."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        stored = json.loads(str(arrays["settings"]))
+    except KeyError as err:
+        raise CheckpointError(f"checkpoint {path} lacks {err}") from None
+    except Exception as err:  # a bad CRC, a truncated zip, garbage: unreadable
+        raise CheckpointError(f"checkpoint {path} does not read ({type(err).__name__})") from None
+    need = [f"p_{k}" for k in MYRTLE5_PARAM_NAMES] + [f"v_{k}" for k in MYRTLE5_PARAM_NAMES]
+    need += [f"hist_{f}" for f in HIST_FIELDS] + ["epoch", "step", "rng_state", "gamma"]
+    need += ["hess_vec", "diverged_epoch"]
+    missing = [k for k in need if k not in arrays]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing[:3])}")
+    if settings is not None:
+        E = settings["epochs"]
+        rows = [arrays[f"hist_{f}"].shape for f in HIST_FIELDS] + [arrays["gamma"].shape[:1]]
+        bad_shape = any(r != (E + 1,) for r in rows)
+        bad_shape |= bool(K) and arrays["gamma"].shape != (E + 1, K)
+        bad_params = any(
+            arrays[f"p_{k}"].shape != arrays[f"v_{k}"].shape for k in MYRTLE5_PARAM_NAMES
+        )
+        if bad_shape or bad_params or not 0 <= int(arrays["epoch"]) <= E:
+            raise CheckpointError(f"checkpoint {path} does not fit a run of {E} epochs")
+    arrays["settings"] = stored
+    return arrays
+
+
 def read_checkpoint_settings(path):
-    with np.load(path) as z:
-        return json.loads(str(z["settings"]))
+    """The settings stored in a checkpoint (CheckpointError when it does not read)."""
+    return read_checkpoint(path)["settings"]
 
 
 def load_checkpoint(path, settings, K, xp):
-    """Restore a :class:`_State` written by :func:`save_checkpoint`."""
-    with np.load(path) as z:
-        params = to_device({k: z[f"p_{k}"] for k in MYRTLE5_PARAM_NAMES}, xp)
-        velocity = to_device({k: z[f"v_{k}"] for k in MYRTLE5_PARAM_NAMES}, xp)
-        rng = np.random.default_rng()
+    """Restore a :class:`_State` written by :func:`save_checkpoint` (validated first)."""
+    z = read_checkpoint(path, settings, K)
+    params = to_device({k: z[f"p_{k}"] for k in MYRTLE5_PARAM_NAMES}, xp)
+    velocity = to_device({k: z[f"v_{k}"] for k in MYRTLE5_PARAM_NAMES}, xp)
+    rng = np.random.default_rng()
+    try:
         rng.bit_generator.state = json.loads(str(z["rng_state"]))
-        state = _State(params, velocity, rng, settings["epochs"], K)
-        state.epoch, state.step = int(z["epoch"]), int(z["step"])
-        state.hist = {f: z[f"hist_{f}"].copy() for f in HIST_FIELDS}
-        state.gamma = z["gamma"].copy()
-        state.hess_vec = z["hess_vec"].copy() if z["hess_vec"].size else None
-        state.diverged_epoch = int(z["diverged_epoch"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {path}: bad rng_state ({type(err).__name__})") from None
+    state = _State(params, velocity, rng, settings["epochs"], K)
+    state.epoch, state.step = int(z["epoch"]), int(z["step"])
+    state.hist = {f: z[f"hist_{f}"].copy() for f in HIST_FIELDS}
+    state.gamma = z["gamma"].copy()
+    state.hess_vec = z["hess_vec"].copy() if z["hess_vec"].size else None
+    state.diverged_epoch = int(z["diverged_epoch"])
+    state.loss0 = float(z["loss0"]) if "loss0" in z else np.nan
     return state
 
 
@@ -468,6 +503,8 @@ def _train_epoch(state, settings, dev, spe, K, xp, bar):
             idx = idx_all[i]
             xb, yb = dev["x_train"][idx], dev["y_train"][idx]  # (B, Hx, Wx, 3), (B,)
             F, grads, logits = myrtle5_loss_and_grads(state.params, xb, yb, gammas[i])
+            if state.step == 0 and i == 0:
+                state.loss0 = float(F)  # the scale of divergence (dynloss.diverged)
             # float(): a weak Python scalar keeps float32 arithmetic in float32 (NEP 50)
             nesterov_step(state.params, grads, state.velocity, float(lrs[i]), settings["momentum"])
             loss_sum = loss_sum + F
@@ -479,7 +516,7 @@ def _train_epoch(state, settings, dev, spe, K, xp, bar):
     state.epoch += 1
     state.hist["batch_loss"][state.epoch] = float(host["loss"]) / spe
     state.hist["batch_acc"][state.epoch] = float(host["correct"]) / (spe * B)
-    return math.isfinite(float(host["loss"]))
+    return not loss_diverged(float(host["loss"]) / spe, state.loss0)
 
 
 def train_run(settings, data, xp, work, checkpoint_every, hess_every=0, progress=True, say=print):
@@ -514,7 +551,7 @@ def train_run(settings, data, xp, work, checkpoint_every, hess_every=0, progress
     )
     while state.epoch < E and state.diverged_epoch < 0:
         finite = _train_epoch(state, settings, dev, spe, K, xp, bar)
-        if not finite:
+        if not finite:  # diverged: not finite, or far above the first minibatch's loss
             state.diverged_epoch = state.epoch
         _log_row(state, settings, data, dev, spe, hess_every)
         bar.set_postfix(test_acc=f"{state.hist['test_acc'][state.epoch]:.3f}", refresh=False)

@@ -23,7 +23,6 @@ holds a run with other settings is refused.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -34,7 +33,17 @@ import numpy as np
 import cifar
 import plots
 import sweep
-from cli import InputError, Parser, add_merge_command, check_out_dir, parse_list, run_main
+from cli import (
+    MAX_SEEDS,
+    InputError,
+    Parser,
+    add_merge_command,
+    check_memory,
+    check_out_dir,
+    number,
+    parse_list,
+    run_main,
+)
 from models import backend
 from protocol import (
     BATCH,
@@ -47,12 +56,12 @@ from protocol import (
     MOMENTUM,
     PEAK_EPOCH,
     STOP_EPOCH,
+    CheckpointError,
     check_run,
     differing,
     final_metrics,
     load_data,
-    positive,
-    read_checkpoint_settings,
+    read_checkpoint,
     resolve_settings,
     run_arrays,
     train_run,
@@ -60,6 +69,17 @@ from protocol import (
 from sweep import atomic_savez, versions, write_json
 
 SCRIPT = "run_cifar.py"
+CIFAR_IMAGES, CIFAR_SIDE = 60000, 32  # CIFAR-10: 50,000 + 10,000 images of 32 x 32 x 3
+DIGITS_IMAGES = 1797
+AMPLITUDE = number(float, low=1)  # A >= 1, finite (A = 1: the static loss)
+PERIOD = number(float, low=1)  # T >= 1 minibatch step, finite
+COUNT = number(int, low=1)  # a positive integer
+COUNT0 = number(int, low=0)  # a non-negative integer
+SEEDS = number(int, low=1, high=MAX_SEEDS)  # a number of seeds
+RATE = number(float, low=0, low_open=True)  # a positive finite rate
+NONNEG = number(float, low=0)  # a finite number >= 0
+FRACTION = number(float, low=0, high=0.999999)  # momentum in [0, 1)
+ACTIVATION_COPIES = 24  # Myrtle5 keeps about this many feature maps of a batch (forward, cache)
 PHASE_A = "1,5,10,20,30,50,70,100"
 PHASE_T = "10,25,50,100,250,500,1000"
 PHASE_SEEDS = 30  # Fig. 1 caption
@@ -85,30 +105,41 @@ def get_backend(device):
 # ---------------------------------------------------------------------------------------------
 
 
-def read_config_settings(path):
-    with open(path) as f:
-        return json.load(f)["settings"]
+def cifar_memory(settings, epochs, n_images=None):
+    """Bytes a run of the protocol needs, roughly: its images in uint8 and as floats, the
+    history, and the activations of a training and an evaluation batch."""
+    side = settings.get("image_size") or CIFAR_SIDE
+    n = (
+        n_images
+        or {"synthetic": None, "digits": DIGITS_IMAGES}.get(settings["data"])
+        or (CIFAR_IMAGES)
+    )
+    if settings["data"] == "synthetic":
+        n = settings["synthetic_train"] + settings["synthetic_test"]
+    itemsize = 8 if settings["dtype"] == "float64" else 4
+    images = n * side * side * 3 * (1 + 2 * itemsize)  # the raw bytes, the normalised copy
+    batch = max(settings["batch"], settings["eval_batch"])
+    activations = ACTIVATION_COPIES * batch * side * side * settings["channels"] * itemsize
+    return images + activations + 8 * (epochs + 1) * 32
 
 
-def check_existing(out, settings):
-    """Refuse an --out that holds a run (or its checkpoint) with other settings."""
-    for path, read in (
-        (os.path.join(out, CHECKPOINT_NAME), read_checkpoint_settings),
-        (os.path.join(out, "config.json"), read_config_settings),
-    ):
-        if os.path.exists(path):
-            try:
-                old = read(path)
-            except Exception as err:  # an unreadable file is not ours to overwrite
-                raise InputError(
-                    f"cannot read {path} ({type(err).__name__}); use another --out"
-                ) from None
-            diff = differing(old, settings)
-            if diff:
-                raise InputError(
-                    f"{out} holds a run with other settings (differs in: {', '.join(diff)}); "
-                    "use another --out"
-                )
+def check_checkpoint(path, settings, K, overwrite):
+    """A checkpoint in a run folder must read and be of this very run (it is resumed);
+    otherwise refuse, or, with ``overwrite``, set it aside (renamed, not deleted)."""
+    if not os.path.exists(path):
+        return
+    try:
+        stored = read_checkpoint(path, settings, K)["settings"]
+    except CheckpointError as err:
+        stored, problem = None, str(err)
+    else:
+        diff = differing(stored, settings)
+        problem = f"{path} is another run's (differs in: {', '.join(diff)})" if diff else None
+    if problem is None:
+        return
+    if not overwrite:
+        raise InputError(f"{problem}: use another --out, or --overwrite to start afresh")
+    os.replace(path, f"{path}.replaced-{int(time.time())}")
 
 
 def check_train(args):
@@ -116,15 +147,14 @@ def check_train(args):
     check_out_dir(args.out)
     settings = resolve_settings(args)
     check_run(settings, args.A, args.T, args.seed)
-    if args.hess_every < 0:
-        raise InputError(f"--hess-every must be >= 0, got {args.hess_every}")
     settings.update(A=args.A, T=args.T, seed=args.seed, hess_every=args.hess_every)
     settings["hess_batch"] = args.hess_batch if args.hess_every else None
-    if args.hess_every:
-        positive(args.hess_batch, "--hess-batch", integer=True)
+    check_memory(cifar_memory(settings, settings["epochs"]), "this run")
     xp = get_backend(args.device)
-    check_existing(args.out, settings)
     data = load_data(settings, args.data, args.hess_batch if args.hess_every else 0)
+    settings["data_fingerprint"] = data["fingerprint"]
+    sweep.claim_folder(args.out, "cifar-train", settings, overwrite=args.overwrite)
+    check_checkpoint(os.path.join(args.out, CHECKPOINT_NAME), settings, data["K"], args.overwrite)
     return settings, xp, data
 
 
@@ -133,6 +163,7 @@ def cmd_train(args):
     settings, xp, data = check_train(args)
     os.makedirs(args.out, exist_ok=True)
     config = {
+        "kind": "cifar-train",
         "settings": settings,
         "options": {k: v for k, v in vars(args).items() if k != "func"},
         "device": args.device,
@@ -194,24 +225,23 @@ def check_phase(args):
     """Validate ``phase``: returns (sweep config, xp, data, shard)."""
     check_out_dir(args.out)
     settings = resolve_settings(args)
-    A_list = parse_list(args.A, "--A")
-    T_list = parse_list(args.T, "--T")
-    if args.seeds <= 0:
-        raise InputError(f"--seeds must be positive, got {args.seeds}")
-    check_run(settings, min(A_list), min(T_list), args.seed0)
-    check_run(settings, max(A_list), max(T_list), args.seed0)
+    A_list = parse_list(args.A, "--A", low=1)
+    T_list = parse_list(args.T, "--T", low=1)
     shard = sweep.parse_shard(args.shard)
+    check_memory(cifar_memory(settings, settings["epochs"]), "a run of this sweep")
     xp = get_backend(args.device)
+    data = load_data(settings, args.data)
     cfg = {"kind": "cifar-phase", **settings, "A": A_list, "T": T_list}
     cfg["seeds"] = list(range(args.seed0, args.seed0 + args.seeds))
+    cfg["data_fingerprint"] = data["fingerprint"]
     if os.path.exists(os.path.join(args.out, "sweep.json")):
-        diff = differing(sweep.load_config(args.out), cfg)
-        if diff:
+        old = sweep.load_config(args.out)
+        diff = differing(old, cfg)
+        if diff and not (diff == ["seeds"] and cfg["seeds"][: len(old["seeds"])] == old["seeds"]):
             raise InputError(
                 f"{args.out} holds a different sweep (differs in: {', '.join(diff)}); "
                 "use another --out"
             )
-    data = load_data(settings, args.data)
     return cfg, xp, data, shard
 
 
@@ -225,11 +255,11 @@ def unit_settings(cfg, A, T, seed):
 def cmd_phase(args):
     """``phase``: the (T, A) grid x seeds, one run per unit; resumable, shardable; Fig. 1."""
     cfg, xp, data, (i, n) = check_phase(args)
-    sweep.prepare(args.out, cfg)
+    sweep.prepare(args.out, cfg, grow=("seeds",))
     write_json(os.path.join(args.out, "versions.json"), versions())
     units = phase_units(len(cfg["T"]), len(cfg["A"]), cfg["seeds"])
     mine = sweep.shard(units, i, n)
-    todo = set(sweep.pending(args.out, [u[0] for u in mine]))
+    todo = set(sweep.pending(args.out, [u[0] for u in mine], unit_expect(cfg)))
     print(f"shard {i}/{n}: {len(todo)} of {len(mine)} runs to do ({len(units)} in the sweep)")
     t0 = time.time()
     for name, ti, ai, seed in mine:
@@ -240,12 +270,17 @@ def cmd_phase(args):
         settings = unit_settings(cfg, cfg["A"][ai], cfg["T"][ti], seed)
         work = os.path.join(args.out, "work", name)
         os.makedirs(work, exist_ok=True)
-        if os.path.exists(os.path.join(work, CHECKPOINT_NAME)):
-            diff = differing(
-                read_checkpoint_settings(os.path.join(work, CHECKPOINT_NAME)), settings
-            )
-            if diff:
-                raise InputError(f"{work} holds another run (differs in: {', '.join(diff)})")
+        ckpt = os.path.join(work, CHECKPOINT_NAME)
+        if os.path.exists(ckpt):  # a unit's own checkpoint: resumed if it is sound, else redone
+            try:
+                stale = bool(
+                    differing(read_checkpoint(ckpt, settings, data["K"])["settings"], settings)
+                )
+            except CheckpointError as err:
+                print(f"{err}: this unit is trained again from the start")
+                stale = True
+            if stale:
+                os.remove(ckpt)
         state, info = train_run(
             settings, data, xp, work, args.checkpoint_every, progress=not args.quiet, say=print
         )
@@ -264,13 +299,20 @@ def cmd_phase(args):
         print(f"when every shard is done: python {SCRIPT} merge --out {args.out}")
 
 
+def unit_expect(cfg):
+    """name -> the fields (shapes) of a stored unit: one run's final metrics and history."""
+    fields = {f: (1,) for f in (*sweep.PHASE_FIELDS, "diverged_epoch")}
+    fields["val_acc_history"] = (1, cfg["epochs"] + 1)
+    return lambda name: fields
+
+
 def copy_static_twin(out, cfg, name, ti, ai, seed, units):
     """A = 1 keeps Gamma = 1 at every step whatever T is: the static cells of all periods are
     the same runs. Store the unit ``name`` as a copy of a finished one of the same seed, if any;
     return whether one was found."""
     for other, tj, aj, s in units:
         if s == seed and tj != ti and cfg["A"][aj] == 1:
-            arrays, _ = sweep.read_unit(out, other)
+            arrays, _ = sweep.read_unit(out, other, unit_expect(cfg)(other))
             if arrays is not None:
                 sweep.save_unit(out, name, arrays)
                 return True
@@ -279,10 +321,10 @@ def copy_static_twin(out, cfg, name, ti, ai, seed, units):
 
 def merge_phase(out):
     """Combine the units of a finished sweep into phase.npz and the Fig. 1 figure."""
-    cfg = sweep.load_config(out)
+    cfg = sweep.load_config(out, kind="cifar-phase")
     A_list, T_list, seeds = cfg["A"], cfg["T"], cfg["seeds"]
     units = phase_units(len(T_list), len(A_list), seeds)
-    done = sweep.load_units(out, [u[0] for u in units])
+    done = sweep.load_units(out, [u[0] for u in units], unit_expect(cfg))
     placements = [(name, ti, ai, seeds.index(seed)) for name, ti, ai, seed in units]
     arrays = sweep.assemble(done, placements, len(T_list), len(A_list), len(seeds))
     summary = sweep.summarize(arrays, sweep.PHASE_FIELDS, A_list, T_list, seeds, "diverged_epoch")
@@ -323,69 +365,71 @@ def add_common_options(p, out):
     )
     p.add_argument("--md5", default=d["md5"], help="expected archive md5 ('none': no check)")
     p.add_argument(
-        "--synthetic-train", type=int, default=d["synthetic_train"], help="synthetic train images"
+        "--synthetic-train", type=COUNT, default=d["synthetic_train"], help="synthetic train images"
     )
     p.add_argument(
-        "--synthetic-test", type=int, default=d["synthetic_test"], help="synthetic test images"
+        "--synthetic-test", type=COUNT, default=d["synthetic_test"], help="synthetic test images"
     )
     p.add_argument(
-        "--image-size", type=int, default=d["image_size"], help="synthetic image side (8k)"
+        "--image-size", type=COUNT, default=d["image_size"], help="synthetic image side (8k)"
     )
     p.add_argument(
         "--data-seed",
-        type=int,
+        type=COUNT0,
         default=d["data_seed"],
         help="seed of the synthetic data / digits split",
     )
     p.add_argument(
         "--digits-train",
-        type=int,
+        type=COUNT,
         default=d["digits_train"],
         help="--data digits: training images (the rest of the 1797 are the test set)",
     )
-    p.add_argument("--epochs", type=int, default=d["epochs"], help=f"final epoch ({EPOCHS})")
-    p.add_argument("--batch", type=int, default=d["batch"], help=f"minibatch size ({BATCH})")
+    p.add_argument("--epochs", type=COUNT, default=d["epochs"], help=f"final epoch ({EPOCHS})")
+    p.add_argument("--batch", type=COUNT, default=d["batch"], help=f"minibatch size ({BATCH})")
     p.add_argument(
-        "--lr-peak", type=float, default=d["lr_peak"], help=f"peak learning rate ({LR_PEAK})"
+        "--lr-peak", type=RATE, default=d["lr_peak"], help=f"peak learning rate ({LR_PEAK})"
     )
     p.add_argument(
-        "--lr-final", type=float, default=d["lr_final"], help=f"final learning rate ({LR_FINAL})"
+        "--lr-final", type=NONNEG, default=d["lr_final"], help=f"final learning rate ({LR_FINAL})"
     )
     p.add_argument(
         "--peak-epoch",
-        type=float,
+        type=NONNEG,
         default=d["peak_epoch"],
         help=f"epoch of the peak ({PEAK_EPOCH}/{EPOCHS} of --epochs)",
     )
     p.add_argument(
         "--stop-epoch",
-        type=float,
+        type=NONNEG,
         default=d["stop_epoch"],
         help=f"Gamma = 1 from here ({STOP_EPOCH}/{EPOCHS} of --epochs)",
     )
     p.add_argument(
-        "--momentum", type=float, default=d["momentum"], help=f"Nesterov momentum ({MOMENTUM})"
+        "--momentum", type=FRACTION, default=d["momentum"], help=f"Nesterov momentum ({MOMENTUM})"
     )
     p.add_argument(
-        "--channels", type=int, default=d["channels"], help=f"Myrtle5 width c ({CHANNELS})"
+        "--channels", type=COUNT, default=d["channels"], help=f"Myrtle5 width c ({CHANNELS})"
     )
-    p.add_argument("--dtype", default=d["dtype"], help="auto (float32), float32 or float64")
+    p.add_argument(
+        "--dtype", default=d["dtype"], choices=("auto", "float32", "float64"), help="auto: float32"
+    )
     p.add_argument(
         "--train-eval-every",
-        type=int,
+        type=COUNT0,
         default=d["train_eval_every"],
         help="full training-set evaluation every E epochs and at the end (0: end only)",
     )
     p.add_argument(
-        "--eval-batch", type=int, default=d["eval_batch"], help="images per evaluation pass"
+        "--eval-batch", type=COUNT, default=d["eval_batch"], help="images per evaluation pass"
     )
     p.add_argument(
         "--checkpoint-every",
-        type=int,
+        type=COUNT,
         default=d["checkpoint_every"],
         help="epochs between checkpoints",
     )
-    p.add_argument("--device", default=d["device"], help="cpu or gpu")
+    p.add_argument("--device", default=d["device"], choices=("cpu", "gpu"), help="cpu or gpu")
     p.add_argument("--out", default=out, help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -396,21 +440,27 @@ def build_parser():
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("train", help="one run of the Fig. 1 protocol")
     add_common_options(p, "runs/cifar-train")
-    p.add_argument("--A", type=float, default=FIG1_A, help="amplitude (1: static loss)")
-    p.add_argument("--T", type=float, default=FIG1_T, help="period in minibatch steps")
-    p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed")
+    p.add_argument("--A", type=AMPLITUDE, default=FIG1_A, help="amplitude (1: static loss)")
+    p.add_argument("--T", type=PERIOD, default=FIG1_T, help="period in minibatch steps")
+    p.add_argument("--seed", type=COUNT0, default=0, help="initialisation and shuffling seed")
     p.add_argument(
-        "--hess-every", type=int, default=0, help="top Hessian eigenvalue every E epochs (0: off)"
+        "--hess-every",
+        type=COUNT0,
+        default=0,
+        help="top Hessian eigenvalue every E epochs (0: off)",
     )
-    p.add_argument("--hess-batch", type=int, default=HESS_BATCH, help="first N training images")
+    p.add_argument("--hess-batch", type=COUNT, default=HESS_BATCH, help="first N training images")
+    p.add_argument("--overwrite", action="store_true", help="replace another run in --out")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("phase", help="a (T, A) grid x seeds: Fig. 1 (resumable, shardable)")
     add_common_options(p, "runs/cifar-phase")
     p.add_argument("--A", default=PHASE_A, help="amplitudes, e.g. 1,10,50")
     p.add_argument("--T", default=PHASE_T, help="periods in minibatch steps, e.g. 50,100")
-    p.add_argument("--seeds", type=int, default=PHASE_SEEDS, help="seeds per point (the paper: 30)")
-    p.add_argument("--seed0", type=int, default=0, help="first seed")
+    p.add_argument(
+        "--seeds", type=SEEDS, default=PHASE_SEEDS, help="seeds per point (the paper: 30)"
+    )
+    p.add_argument("--seed0", type=COUNT0, default=0, help="first seed")
     p.add_argument("--shard", default="0/1", help="i/n: run the i-th of n slices of the work")
     p.set_defaults(func=cmd_phase, train_eval_every=0)
 

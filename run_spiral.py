@@ -31,20 +31,27 @@ import spiral_sweeps
 import stability
 import sweep
 from cli import (
+    MAX_SEEDS,
     InputError,
     Parser,
     add_merge_command,
+    check_memory,
     check_out_dir,
-    parse_int_list,
+    number,
     parse_list,
+    parse_seeds,
     run_main,
 )
 from dynloss import LOSSES
 from models import INITS, backend, init_mlp
 from spectra import SLQ_PROBES, SLQ_STEPS
 from spiral import (
+    CPU_BLOCK_UNITS,
     K_SPIRAL,
+    LOG_FIELDS,
+    N_PER_CLASS,
     VAL_SETS,
+    WORKERS,
     TrainSpec,
     run_arrays,
     train_many,
@@ -72,6 +79,7 @@ DYNAMICS_DEFAULTS = {  # Fig. 4 caption
 }
 QUICK = {"T": 1000.0, "steps": 14000}  # dynamics --quick: the same A, periods 5x shorter
 SPECTRA_EVERY = 25  # steps between spectra: odd, so both branches of a period-two bounce show
+LOG_ROW_COPIES = 4  # copies of a logged row a run holds at once (trainer, assembly, run.npz)
 PHASE_A = "1,2,5,10,20,30,50,70,100"
 PHASE_T = "50,100,200,300,500,1000,2000,3000"
 PHASE_STEPS = 35000  # Fig. 3 caption
@@ -93,23 +101,8 @@ def stop_step(steps, T, no_stop):
 
 
 def check_common(args):
-    """Validate the options shared by every spiral command; raise InputError."""
-    if args.width <= 0:
-        raise InputError(f"--width must be positive, got {args.width}")
-    if args.steps <= 0:
-        raise InputError(f"--steps must be positive, got {args.steps}")
-    if not (args.lr > 0 and np.isfinite(args.lr)):
-        raise InputError(f"--lr must be positive and finite, got {args.lr}")
-    if args.log_every <= 0:
-        raise InputError(f"--log-every must be positive, got {args.log_every}")
-    if getattr(args, "val_every", None) is not None and args.val_every <= 0:
-        raise InputError(f"--val-every must be positive, got {args.val_every}")
-    if args.init not in INITS:
-        raise InputError(f"unknown --init {args.init!r}; choose one of {', '.join(INITS)}")
-    if getattr(args, "val", "uniform") not in VAL_SETS:
-        raise InputError(f"unknown --val {args.val!r}; choose one of {', '.join(VAL_SETS)}")
-    if args.loss not in LOSSES:
-        raise InputError(f"unknown --loss {args.loss!r}; choose one of {', '.join(LOSSES)}")
+    """Validate what every spiral command shares (the typed options checked their own values);
+    raise InputError."""
     try:
         backend(args.device)  # --device gpu without CuPy or a GPU: one line, before any work
     except RuntimeError as err:
@@ -117,16 +110,35 @@ def check_common(args):
     check_out_dir(args.out)
 
 
-def check_train(args):
-    """Validate ``train`` options; return the list of seeds."""
+def check_oscillates(args, A_max, T_max):
+    """A dynamical loss (A > 1) with the final period static needs steps beyond a period."""
+    if A_max != 1 and not args.no_stop and T_max >= args.steps:
+        raise InputError(
+            f"--steps {args.steps} leaves no oscillating steps for T = {T_max:g} (the final "
+            "period is static): give more --steps, a shorter --T or --no-stop"
+        )
+
+
+def run_memory(M, H, rows, xp=np):
+    """Bytes a training of M networks of width H logging ``rows`` rows needs, roughly: the
+    trainer's masks per block, in each worker, and the logged history with its copies."""
+    N, K = N_PER_CLASS * K_SPIRAL, K_SPIRAL
+    block = M if xp is not np else max(1, min(M, CPU_BLOCK_UNITS // H))
+    workers = 1 if xp is not np else min(WORKERS, -(-M // block))
+    trainer = workers * 8 * block * (2 * H * N + LOG_ROW_COPIES * rows * (K + len(LOG_FIELDS)))
+    return trainer + 8 * LOG_ROW_COPIES * rows * M * (K + len(LOG_FIELDS)) + 8 * 4 * M * H * K
+
+
+def check_train(args, identity=None):
+    """Validate ``train`` (and ``dynamics``, ``density``) options; return the list of seeds.
+    identity : the (kind, settings) of the run, claimed in --out (sweep.claim_folder)."""
     check_common(args)
-    if not args.A >= 1:
-        raise InputError(f"--A must be >= 1 (A = 1 is the static loss), got {args.A}")
-    if not args.T >= 1:
-        raise InputError(f"--T must be >= 1 step, got {args.T}")
-    seeds = parse_int_list(args.seed, "--seed")
-    if not seeds:
-        raise InputError("--seed: give at least one seed")
+    seeds = parse_seeds(args.seed, "--seed")
+    check_oscillates(args, args.A, args.T)
+    rows = args.steps // args.log_every + 2
+    check_memory(run_memory(len(seeds), args.width, rows, backend(args.device)), "this run")
+    if identity is not None:
+        sweep.claim_folder(args.out, *identity, overwrite=getattr(args, "overwrite", False))
     return seeds
 
 
@@ -145,9 +157,12 @@ def train_spec(args, M):
     )
 
 
-def run_config(args, seeds, spec, t0, **extra):
-    """config.json of a run: every option, the seeds, the stop step, versions, wall time."""
+def run_config(args, seeds, spec, t0, identity=None, **extra):
+    """config.json of a run: its kind and settings (its identity, sweep.claim_folder), every
+    option, the seeds, the stop step, versions, wall time."""
     config = {k: v for k, v in vars(args).items() if k != "func"}
+    if identity is not None:
+        config.update(kind=identity[0], settings=identity[1])
     config.update(
         seeds=seeds,
         stop_step=int(spec.stop_step[0]),
@@ -159,9 +174,20 @@ def run_config(args, seeds, spec, t0, **extra):
     return config
 
 
+TRAIN_KEYS = ("width", "A", "T", "steps", "lr", "init", "loss", "log_every", "val_every")
+TRAIN_KEYS += ("no_stop", "val")  # the options that define a train run's results
+
+
+def train_settings(args, seeds, kind="spiral-train"):
+    """(kind, settings) of a train-like run: what its config.json records as its identity."""
+    return kind, {**{k: getattr(args, k) for k in TRAIN_KEYS}, "seeds": seeds}
+
+
 def cmd_train(args):
     """``train``: one setting, one or a few seeds; writes run.npz, config.json, run.png."""
-    seeds = check_train(args)
+    seeds = parse_seeds(args.seed, "--seed")
+    identity = train_settings(args, seeds)
+    check_train(args, identity)
     t0 = time.time()
     data = spiral_data(args.val)
     params0 = init_mlp(seeds, D=D_SPIRAL, H=args.width, K=K_SPIRAL, init=args.init)
@@ -170,7 +196,8 @@ def cmd_train(args):
     os.makedirs(args.out, exist_ok=True)
     arrays = run_arrays(data, params0, res, net=0 if len(seeds) == 1 else None)
     atomic_savez(os.path.join(args.out, "run.npz"), **arrays)
-    config = run_config(args, seeds, spec, t0, diverged_step=[int(d) for d in res["diverged_step"]])
+    diverged = [int(d) for d in res["diverged_step"]]
+    config = run_config(args, seeds, spec, t0, identity, diverged_step=diverged)
     write_json(os.path.join(args.out, "config.json"), config)
     title = (
         f"width {args.width}, A = {args.A:g}, T = {args.T:g}, lr = {args.lr:g}, "
@@ -197,26 +224,14 @@ def cmd_train(args):
 def check_phase(args):
     """Validate ``phase`` options before any work; return (A list, T list, seeds, shard)."""
     check_common(args)
-    A_list = parse_list(args.A, "--A")
-    T_list = parse_list(args.T, "--T")
-    if min(A_list) < 1:
-        raise InputError(f"--A values must be >= 1 (1 is the static loss), got {min(A_list)}")
-    if min(T_list) < 1:
-        raise InputError(f"--T values must be >= 1 step, got {min(T_list)}")
-    if not args.no_stop and max(T_list) >= args.steps:
-        raise InputError(
-            f"--steps {args.steps} leaves no oscillating steps for T = {max(T_list):g}"
-        )
-    if args.seeds <= 0 or args.seed_block <= 0:
-        raise InputError("--seeds and --seed-block must be positive")
-    if args.batch is not None and args.batch <= 0:
-        raise InputError(f"--batch must be positive, got {args.batch}")
-    return (
-        A_list,
-        T_list,
-        list(range(args.seed0, args.seed0 + args.seeds)),
-        sweep.parse_shard(args.shard),
-    )
+    A_list = parse_list(args.A, "--A", low=1)
+    T_list = parse_list(args.T, "--T", low=1)
+    check_oscillates(args, max(A_list), max(T_list))
+    seeds = list(range(args.seed0, args.seed0 + args.seeds))
+    xp = backend(args.device)
+    batch = args.batch if args.batch is not None else default_batch(args.width, xp)
+    check_memory(run_memory(batch, args.width, 2, xp), "a batch of this sweep")
+    return A_list, T_list, seeds, sweep.parse_shard(args.shard)
 
 
 def phase_config(args, A_list, T_list, seeds):
@@ -287,16 +302,6 @@ def cmd_reeval(args):
 # ---------------------------------------------------------------------------------------------
 
 
-def check_spectra_options(args):
-    """Validate --hess-every, --ntk-every and --top-k."""
-    if args.hess_every <= 0:
-        raise InputError(f"--hess-every must be positive, got {args.hess_every}")
-    if args.ntk_every < 0:
-        raise InputError(f"--ntk-every must be >= 0 (0: no NTK), got {args.ntk_every}")
-    if args.top_k <= 0:
-        raise InputError(f"--top-k must be positive, got {args.top_k}")
-
-
 def dynamics_config(args, seeds):
     """What defines a dynamics run's results: stored as the folder's sweep.json."""
     keys = ("width", "A", "T", "steps", "lr", "init", "loss", "log_every", "val_every")
@@ -312,7 +317,6 @@ def cmd_dynamics(args):
             raise InputError("--quick sets --T and --steps: give one or the other")
         args.T, args.steps = QUICK["T"], QUICK["steps"]
     seeds = check_train(args)
-    check_spectra_options(args)
     t0 = time.time()
     cfg = dynamics_config(args, seeds)
     sweep.prepare(args.out, cfg, grow=("seeds",))
@@ -405,20 +409,16 @@ def print_dynamics(summary, arrays, info):
 def cmd_threshold(args):
     """``threshold``: Fig. 5, the Hessian threshold against the learning rate, over seeds."""
     check_common(args)
-    check_spectra_options(args)
-    widths = [int(w) for w in parse_list(args.widths, "--widths", int)]
-    lrs = parse_list(args.lrs, "--lrs")
-    seeds = parse_int_list(args.seed, "--seed")
-    if min(widths) <= 0 or min(lrs) <= 0:
-        raise InputError("--widths and --lrs must be positive")
-    if not args.A >= 1:
-        raise InputError(f"--A must be >= 1, got {args.A}")
-    if not (args.T0 / max(lrs) >= 1 and args.steps0 > args.T0 and args.static_steps > 0):
+    widths = parse_list(args.widths, "--widths", int, low=1)
+    lrs = parse_list(args.lrs, "--lrs", low=0, low_open=True)
+    seeds = parse_seeds(args.seed, "--seed")
+    if not (args.T0 / max(lrs) >= 1 and args.steps0 > args.T0):
         raise InputError(
-            f"need T0/eta >= 1 for every eta, steps0 > T0 (an oscillating part) and "
-            f"--static-steps > 0; got T0 {args.T0:g}, steps0 {args.steps0}, "
-            f"static steps {args.static_steps}"
+            f"need T0/eta >= 1 for every eta and steps0 > T0 (an oscillating part); got T0 "
+            f"{args.T0:g}, steps0 {args.steps0}, largest eta {max(lrs):g}"
         )
+    rows = args.steps0 / min(lrs) / args.hess_every + 2
+    check_memory(run_memory(len(seeds), max(widths), rows), "the longest run")
     cfg = {
         "kind": "spiral-threshold",
         "widths": widths,
@@ -447,14 +447,13 @@ def cmd_threshold(args):
 
 def cmd_density(args):
     """``density``: the Hessian's eigenvalue density (SLQ) and trace at chosen steps of a run."""
-    seeds = check_train(args)
+    seeds = parse_seeds(args.seed, "--seed")
     if len(seeds) != 1:
         raise InputError("density follows one network: give one --seed")
-    at = parse_int_list(args.at, "--at")
-    if not at or min(at) < 0 or max(at) > args.steps:
-        raise InputError(f"--at: steps between 0 and --steps = {args.steps}, got {args.at!r}")
-    if args.probes <= 0 or args.lanczos_steps <= 0:
-        raise InputError("--probes and --lanczos-steps must be positive")
+    at = parse_list(args.at, "--at", int, low=0, high=args.steps)
+    identity = train_settings(args, seeds, "spiral-density")
+    identity[1].update(at=at, probes=args.probes, lanczos_steps=args.lanczos_steps)
+    check_train(args, identity)
     t0 = time.time()
     data = spiral_data(args.val)
     params0 = init_mlp(seeds, D=D_SPIRAL, H=args.width, K=K_SPIRAL, init=args.init)
@@ -465,7 +464,7 @@ def cmd_density(args):
     run = out.pop("run")
     os.makedirs(args.out, exist_ok=True)
     atomic_savez(os.path.join(args.out, "density.npz"), **out)
-    config = run_config(args, seeds, spec, t0, diverged_step=int(run["diverged_step"][0]))
+    config = run_config(args, seeds, spec, t0, identity, diverged_step=int(run["diverged_step"][0]))
     write_json(os.path.join(args.out, "config.json"), config)
     png = os.path.join(args.out, "density.png")
     title = (
@@ -486,20 +485,29 @@ def cmd_density(args):
 # ---------------------------------------------------------------------------------------------
 
 
+AMPLITUDE = number(float, low=1)  # A >= 1, finite (A = 1: the static loss)
+PERIOD = number(float, low=1)  # T >= 1 step, finite
+COUNT = number(int, low=1)  # a positive integer
+COUNT0 = number(int, low=0)  # a non-negative integer
+SEEDS = number(int, low=1, high=MAX_SEEDS)  # a number of seeds
+RATE = number(float, low=0, low_open=True)  # a positive finite learning rate
+
+
 def add_train_options(p, defaults):
-    """The options of ``train`` (also used by ``dynamics``), with per-command defaults."""
-    p.add_argument("--width", type=int, default=defaults["width"], help="hidden units H")
-    p.add_argument("--A", type=float, default=defaults["A"], help="amplitude (1: static loss)")
-    p.add_argument("--T", type=float, default=defaults["T"], help="period in steps")
-    p.add_argument("--steps", type=int, default=defaults["steps"], help="gradient-descent steps")
-    p.add_argument("--lr", type=float, default=1.0, help="learning rate eta")
+    """The options of ``train`` (also used by ``dynamics`` and ``density``), per-command
+    defaults."""
+    p.add_argument("--width", type=COUNT, default=defaults["width"], help="hidden units H")
+    p.add_argument("--A", type=AMPLITUDE, default=defaults["A"], help="amplitude (1: static)")
+    p.add_argument("--T", type=PERIOD, default=defaults["T"], help="period in steps")
+    p.add_argument("--steps", type=COUNT, default=defaults["steps"], help="gradient-descent steps")
+    p.add_argument("--lr", type=RATE, default=1.0, help="learning rate eta")
     p.add_argument("--seed", default="0", help="init seed(s): 0, or 0,1,2, or 0-4")
-    p.add_argument("--init", default="standard", help=f"one of {', '.join(INITS)}")
-    p.add_argument("--loss", default="ce", help=f"base loss: {', '.join(LOSSES)}")
-    p.add_argument("--log-every", type=int, default=defaults["log_every"], help="steps per log")
+    p.add_argument("--init", default="standard", choices=INITS, help="initialisation")
+    p.add_argument("--loss", default="ce", choices=LOSSES, help="base loss")
+    p.add_argument("--log-every", type=COUNT, default=defaults["log_every"], help="steps per log")
     p.add_argument(
         "--val-every",
-        type=int,
+        type=COUNT,
         default=defaults.get("val_every"),
         help="steps between validation evaluations (default: every logged step)",
     )
@@ -508,9 +516,14 @@ def add_train_options(p, defaults):
         action="store_true",
         help="keep oscillating in the final period (default: Gamma = 1 for the last T)",
     )
-    p.add_argument("--val", default="uniform", help=f"validation set: {', '.join(VAL_SETS)}")
+    add_common_options(p, defaults["out"], "output folder")
+
+
+def add_common_options(p, out, what):
+    """--val, --device, --out and --quiet."""
+    p.add_argument("--val", default="uniform", choices=tuple(VAL_SETS), help="validation set")
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="cpu or gpu (CuPy)")
-    p.add_argument("--out", default=defaults["out"], help="output folder")
+    p.add_argument("--out", default=out, help=what)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -518,11 +531,11 @@ def add_spectra_options(p):
     """How often the spectra are measured (both in steps; an odd stride shows period-two
     bouncing, which an even one never samples on both branches)."""
     p.add_argument(
-        "--hess-every", type=int, default=SPECTRA_EVERY, help="steps between Hessian lambda_max"
+        "--hess-every", type=COUNT, default=SPECTRA_EVERY, help="steps between Hessian lambda_max"
     )
     p.add_argument(
         "--ntk-every",
-        type=int,
+        type=COUNT0,
         default=SPECTRA_EVERY,
         help="steps between NTK lambda_max (0: no NTK)",
     )
@@ -534,15 +547,16 @@ def build_parser():
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("train", help="one training run (or a few seeds); Fig. 4 (a)-(d)")
     add_train_options(p, TRAIN_DEFAULTS)
+    p.add_argument("--overwrite", action="store_true", help="replace another run in --out")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("dynamics", help="one run with Hessian and NTK spectra: Fig. 4")
+    p = sub.add_parser("dynamics", help="runs with Hessian and NTK spectra: Fig. 4")
     add_train_options(p, DYNAMICS_DEFAULTS)
     add_spectra_options(p)
-    p.add_argument("--top-k", type=int, default=1, help="Hessian eigenvalues kept (top k)")
+    p.add_argument("--top-k", type=COUNT, default=1, help="Hessian eigenvalues kept (top k)")
     p.add_argument(
         "--zoom-every",
-        type=int,
+        type=COUNT0,
         default=1,
         help="replay the zoomed window with spectra every this many steps (0: off)",
     )
@@ -555,59 +569,54 @@ def build_parser():
 
     p = sub.add_parser("density", help="the Hessian's eigenvalue density at chosen steps")
     add_train_options(p, TRAIN_DEFAULTS | {"out": "runs/density"})
-    p.add_argument("--at", default="0,1000,10000,30000", help="steps, e.g. 0,5000 or 0-3")
-    p.add_argument("--probes", type=int, default=SLQ_PROBES, help="random probes of SLQ")
-    p.add_argument("--lanczos-steps", type=int, default=SLQ_STEPS, help="Lanczos steps per probe")
+    p.add_argument("--at", default="0,1000,10000,30000", help="steps, e.g. 0,5000")
+    p.add_argument("--probes", type=COUNT, default=SLQ_PROBES, help="random probes of SLQ")
+    p.add_argument("--lanczos-steps", type=COUNT, default=SLQ_STEPS, help="Lanczos steps per probe")
+    p.add_argument("--overwrite", action="store_true", help="replace another run in --out")
     p.set_defaults(func=cmd_density)
 
     p = sub.add_parser("threshold", help="Hessian threshold against the learning rate: Fig. 5")
     p.add_argument("--widths", default="100,1000", help="hidden widths H, e.g. 100,1000")
-    p.add_argument("--lrs", default="0.5,1,2,4", help="learning rates eta")
-    p.add_argument("--A", type=float, default=DYNAMICS_DEFAULTS["A"], help="amplitude")
-    p.add_argument("--T0", type=float, default=FIG5_T0, help="T = T0/eta")
-    p.add_argument("--steps0", type=int, default=FIG5_STEPS0, help="steps = steps0/eta")
+    p.add_argument("--lrs", default="0.5,1,2,4", help="learning rates eta, e.g. 0.5,1,2")
+    p.add_argument("--A", type=AMPLITUDE, default=DYNAMICS_DEFAULTS["A"], help="amplitude")
+    p.add_argument("--T0", type=PERIOD, default=FIG5_T0, help="period at eta = 1: T = T0/eta")
+    p.add_argument("--steps0", type=COUNT, default=FIG5_STEPS0, help="steps = steps0/eta")
     p.add_argument(
-        "--static-steps", type=int, default=FIG5_STATIC_STEPS, help="steps of the A = 1 runs"
+        "--static-steps", type=COUNT, default=FIG5_STATIC_STEPS, help="steps of the A = 1 runs"
     )
     p.add_argument("--seed", default="0", help="init seed(s): 0, or 0,1,2, or 0-4")
-    p.add_argument("--init", default="standard", help=f"one of {', '.join(INITS)}")
-    p.add_argument("--loss", default="ce", help=f"base loss: {', '.join(LOSSES)}")
-    p.add_argument("--val", default="uniform", help=f"validation set: {', '.join(VAL_SETS)}")
+    p.add_argument("--init", default="standard", choices=INITS, help="initialisation")
+    p.add_argument("--loss", default="ce", choices=LOSSES, help="base loss")
     add_spectra_options(p)
-    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="cpu or gpu (CuPy)")
-    p.add_argument("--out", default="runs/fig5", help="output folder (resumable)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_common_options(p, "runs/fig5", "sweep folder (resumable)")
     p.set_defaults(func=cmd_threshold, width=100, steps=1, lr=1.0, log_every=1, top_k=1)
 
     p = sub.add_parser("phase", help="a (T, A) grid x seeds: Fig. 3 (resumable, shardable)")
-    p.add_argument("--width", type=int, default=100, help="hidden units H")
+    p.add_argument("--width", type=COUNT, default=100, help="hidden units H")
     p.add_argument("--A", default=PHASE_A, help="amplitudes, e.g. 1,5,10")
     p.add_argument("--T", default=PHASE_T, help="periods in steps, e.g. 100,300")
-    p.add_argument("--seeds", type=int, default=PHASE_SEEDS, help="seeds per cell (the paper: 50)")
-    p.add_argument("--seed0", type=int, default=0, help="first seed")
-    p.add_argument("--seed-block", type=int, default=PHASE_SEEDS, help="seeds per unit of work")
-    p.add_argument("--steps", type=int, default=PHASE_STEPS, help="gradient-descent steps")
-    p.add_argument("--lr", type=float, default=1.0, help="learning rate eta")
-    p.add_argument("--init", default="standard", help=f"one of {', '.join(INITS)}")
-    p.add_argument("--loss", default="ce", help=f"base loss: {', '.join(LOSSES)}")
+    p.add_argument("--seeds", type=SEEDS, default=PHASE_SEEDS, help="seeds per cell (paper: 50)")
+    p.add_argument("--seed0", type=COUNT0, default=0, help="first seed")
+    p.add_argument("--seed-block", type=COUNT, default=PHASE_SEEDS, help="seeds per unit of work")
+    p.add_argument("--steps", type=COUNT, default=PHASE_STEPS, help="gradient-descent steps")
+    p.add_argument("--lr", type=RATE, default=1.0, help="learning rate eta")
+    p.add_argument("--init", default="standard", choices=INITS, help="initialisation")
+    p.add_argument("--loss", default="ce", choices=LOSSES, help="base loss")
     p.add_argument("--no-stop", action="store_true", help="oscillate in the last period too")
-    p.add_argument("--val", default="uniform", help=f"validation set: {', '.join(VAL_SETS)}")
     p.add_argument("--shard", default="0/1", help="i/n: run the i-th of n slices of the work")
     p.add_argument(
         "--batch",
-        type=int,
+        type=COUNT,
         default=None,
         help=f"networks trained together (default {CPU_BATCH} on the CPU, 1024-4096 on a GPU)",
     )
-    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="cpu or gpu (CuPy)")
-    p.add_argument("--out", default="runs/phase-w100", help="sweep folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_common_options(p, "runs/phase-w100", "sweep folder")
     p.set_defaults(func=cmd_phase, log_every=1)
 
     add_merge_command(sub, cmd_merge, "Fig. 3")
     p = sub.add_parser("reeval", help="a finished phase sweep on another validation set")
     p.add_argument("--out", required=True, help="sweep folder")
-    p.add_argument("--val", required=True, help=f"validation set: {', '.join(VAL_SETS)}")
+    p.add_argument("--val", required=True, choices=tuple(VAL_SETS), help="validation set")
     p.set_defaults(func=cmd_reeval)
     return parser
 

@@ -55,6 +55,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from dynloss import class_weights
+from dynloss import diverged as loss_diverged
 from models import MLP_PARAM_NAMES, to_host
 
 K_SPIRAL = 3
@@ -142,7 +143,6 @@ LOG_FIELDS = ("loss", "dloss", "loss_static", "train_acc", "val_acc", "val_loss"
 GAMMA_CHUNK = 256  # Gamma for this many steps at a time, (chunk, M, K); also the host-sync interval
 PROGRESS_TICK = 1000  # at most this many steps between progress-bar updates
 LOG_BUFFER_BYTES = 1 << 25  # logged logits kept between two passes of the metrics (32 MiB)
-DIVERGENCE_FACTOR = 1e3  # a run has diverged once F is not finite or above this times F(0)
 CPU_BLOCK_UNITS = 400  # a CPU block holds about this many hidden units (M H): ~1 MB of mask
 WORKERS = 2  # CPU worker processes (one per core of the 2-core machines this was tuned on)
 
@@ -326,11 +326,11 @@ def _flush_logs(hist, pending, bufs, Fs, F_before, y, onehotT, xp):
 
 def _diverged(Fs, t_first, diverged, F0, xp):
     """diverged (M,) with the first step of Fs (n, M) (losses of steps t_first, t_first + 1,
-    ...) whose loss has diverged marked for the networks not yet diverged: a loss that is not
-    finite or exceeds DIVERGENCE_FACTOR times the initial loss F0 (M,)."""
+    ...) whose loss has diverged (dynloss.diverged, from the initial losses F0 (M,)) marked for
+    the networks not yet diverged."""
     if len(Fs) == 0:
         return diverged
-    bad = ~xp.isfinite(Fs) | (Fs > DIVERGENCE_FACTOR * F0)  # (n, M)
+    bad = loss_diverged(Fs, F0)  # (n, M)
     first = t_first + bad.argmax(axis=0)  # (M,)
     return xp.where((diverged < 0) & bad.any(axis=0), first, diverged)
 
@@ -354,9 +354,9 @@ def train_block(params, data, spec, xp=np, on_log=None, progress=None):
     ``logged``, the number of rows written (S unless every network diverged).
     Step t's row holds the state before update t: F(t) (eq. 1), F(t) - F(t-1), the static
     cross-entropy and the accuracies; the last row (t = steps) is the final state. Once a network's
-    loss is not finite or above DIVERGENCE_FACTOR times its initial loss, it is marked diverged
-    at that step (checked every GAMMA_CHUNK steps) and its later rows are NaN; when every network
-    of the block has diverged, training stops.
+    loss has diverged (dynloss.diverged: not finite, or far above its initial loss), it is marked
+    diverged at that step (checked every GAMMA_CHUNK steps) and its later rows are NaN; when
+    every network of the block has diverged, training stops.
     """
     X, y, Xv, yv = data
     M, D, H = params["W1"].shape

@@ -171,7 +171,7 @@ def merge_phase(out, val=None):
     phase.png for the sweep's own validation set, or, with ``val``, the units' parameters
     evaluated on that validation set (:func:`reevaluate`) into phase-val-<val>.npz / .png.
     Returns the summary (sweep.summarize)."""
-    cfg = sweep.load_config(out)
+    cfg = sweep.load_config(out, kind="spiral-phase")
     A_list, T_list, seeds = cfg["A"], cfg["T"], cfg["seeds"]
     units = phase_units(len(T_list), len(A_list), seeds, cfg["seed_block"])
     done = sweep.load_units(out, [u[0] for u in units], unit_expect(cfg))
@@ -341,7 +341,7 @@ def merge_threshold(out):
     """Per (width, eta): the threshold of each seed, their mean with a t interval, the periods
     after which lambda_max stays below it; per width the exponent with a bootstrap interval over
     seeds, and the widths' difference; threshold.npz and the Fig. 5 figure."""
-    cfg = sweep.load_config(out)
+    cfg = sweep.load_config(out, kind="spiral-threshold")
     widths, lrs, seeds = cfg["widths"], np.array(cfg["lrs"]), cfg["seeds"]
     units = threshold_units(widths, cfg["lrs"], seeds)
     done = sweep.load_units(out, [u[0] for u in units], threshold_expect)

@@ -72,6 +72,51 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+def folder_owner(out):
+    """What an output folder holds: the identity {"kind", "settings"} of the run or sweep whose
+    files are in it (sweep.json first, then a run's config.json), None for a folder without
+    such files. A file that does not read is reported as {"kind": "unreadable", "path": ...}."""
+    for name in ("sweep.json", "config.json"):
+        path = os.path.join(out, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            with open(path) as f:
+                stored = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return {"kind": "unreadable", "path": path}
+        if not isinstance(stored, dict):
+            return {"kind": "unreadable", "path": path}
+        if name == "sweep.json":
+            return {"kind": stored.get("kind", "sweep"), "settings": stored}
+        return {"kind": stored.get("kind", "run"), "settings": stored.get("settings")}
+    return None
+
+
+def claim_folder(out, kind, settings, overwrite=False):
+    """Refuse (InputError) an output folder that holds another run or sweep: of another kind, or
+    with other settings; the same run may be redone (or resumed). ``overwrite`` lets the user
+    replace another run of this kind explicitly."""
+    owner = folder_owner(out)
+    if owner is None:
+        return
+    if owner["kind"] == "unreadable":
+        if overwrite:
+            return
+        raise InputError(f"{owner['path']} does not read: use another --out, or --overwrite")
+    same = owner["kind"] == kind and owner["settings"] == json.loads(json.dumps(settings))
+    if same or (overwrite and owner["kind"] == kind):
+        return
+    if owner["kind"] != kind:
+        raise InputError(f"{out} holds a {owner['kind']} run, not a {kind} one: use another --out")
+    old, new = owner["settings"] or {}, json.loads(json.dumps(settings))
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    raise InputError(
+        f"{out} holds another {kind} run (differs in: {', '.join(diff)}): use another --out, "
+        "or --overwrite to replace it"
+    )
+
+
 def prepare(out, config, grow=()):
     """Create OUT/units and OUT/sweep.json; refuse a folder that holds a different sweep.
 
@@ -84,6 +129,9 @@ def prepare(out, config, grow=()):
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--out {out!r} is a file, not a folder")
     path = os.path.join(out, "sweep.json")
+    owner = folder_owner(out)
+    if owner is not None and not os.path.exists(path):
+        raise InputError(f"{out} holds a {owner['kind']} run, not a sweep: use another --out")
     if os.path.exists(path):
         old = load_config(out)
         new = json.loads(json.dumps(config))
@@ -103,8 +151,9 @@ def prepare(out, config, grow=()):
     write_json(path, config)
 
 
-def load_config(out):
-    """The sweep.json of a sweep folder (InputError naming the file when it is unreadable)."""
+def load_config(out, kind=None):
+    """The sweep.json of a sweep folder (InputError naming the file when it is unreadable, or
+    when the sweep is not of ``kind``)."""
     path = os.path.join(out, "sweep.json")
     if not os.path.exists(path):
         raise InputError(f"{out} is not a sweep folder (no sweep.json)")
@@ -115,6 +164,8 @@ def load_config(out):
         raise InputError(f"{path} is unreadable ({type(err).__name__}): not a sweep") from None
     if not isinstance(config, dict):
         raise InputError(f"{path} holds no sweep settings")
+    if kind is not None and config.get("kind") != kind:
+        raise InputError(f"{out} holds a {config.get('kind', 'unknown')} sweep, not a {kind} one")
     return config
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import spiral as sp
-from dynloss import class_weights
+from dynloss import DIVERGENCE_FACTOR, class_weights
 from models import init_mlp, mlp_loss_and_grads
 
 EXACT = 1e-13  # fused trainer against the layer-by-layer reference: equal up to rounding
@@ -102,9 +102,9 @@ def test_divergence_is_recorded_and_history_kept(data):
     F0 = out["loss"][0]
     for m in range(2):  # what was logged before the divergence is kept, NaN after
         assert np.isfinite(out["loss"][: d[m], m]).all()
-        assert (out["loss"][: d[m], m] <= sp.DIVERGENCE_FACTOR * F0[m]).all()
+        assert (out["loss"][: d[m], m] <= DIVERGENCE_FACTOR * F0[m]).all()
         at = out["loss"][d[m], m]  # the diverging value itself is kept
-        assert not np.isfinite(at) or at > sp.DIVERGENCE_FACTOR * F0[m]
+        assert not np.isfinite(at) or at > DIVERGENCE_FACTOR * F0[m]
         assert not np.isfinite(out["loss"][d[m] + 1 :, m]).any()
         assert np.isnan(out["train_acc"][d[m] :, m]).all()
 
@@ -144,9 +144,13 @@ def test_validation_sets_share_the_arms_and_differ_along_them():
     radius = {n: np.linalg.norm(sp.make_spiral_val(n)[0], axis=1) for n in sp.VAL_SETS}
     assert radius["inner"].mean() < radius["uniform"].mean() < radius["outer"].mean()
     np.testing.assert_allclose(np.sort(radius["reseed"]), np.sort(np.linalg.norm(X, axis=1)))
-    for name in sp.VAL_SETS:  # the same arms: a point's angle minus 4 pi r is its class's start
+    for name in sp.VAL_SETS:  # the same arms: a point's angle is its class's start + 4 pi r + noise
         Xv, yv = sp.make_spiral_val(name)
         assert (np.bincount(yv) == 100).all()
+        r = np.linalg.norm(Xv, axis=1)
+        resid = np.arctan2(Xv[:, 1], Xv[:, 0]) - 2 * np.pi * yv / 3 - 4 * np.pi * r
+        resid = (resid + np.pi) % (2 * np.pi) - np.pi  # wrapped to (-pi, pi]
+        assert (np.abs(resid[r > 0]) < 5 * sp.SPIRAL_NOISE).mean() > 0.99
     nn = {n: sp.nearest_neighbour_accuracy(X, y, *sp.make_spiral_val(n)) for n in sp.VAL_SETS}
     assert nn["inner"] < min(nn["uniform"], nn["outer"], nn["reseed"])  # the centre is harder
     with pytest.raises(ValueError, match="unknown validation set"):
