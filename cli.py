@@ -83,8 +83,9 @@ def number(kind=float, low=None, high=None, low_open=False):
     def convert(text):
         try:
             return check_number(text, "value", kind, low, high, low_open)
-        except InputError as err:
-            raise argparse.ArgumentTypeError(str(err).removeprefix("value: ")) from None
+        except InputError as err:  # argparse adds the option's name itself
+            message = str(err).removeprefix("value: ").removeprefix("value ")
+            raise argparse.ArgumentTypeError(message) from None
 
     convert.__name__ = "integer" if kind is int else "number"  # argparse names the type so
     return convert
@@ -107,21 +108,25 @@ def parse_list(text, name, kind=float, low=None, high=None, low_open=False):
 def parse_seeds(text, name):
     """'0,1,2' or '0-4' (inclusive) -> a list of distinct seeds >= 0, at most MAX_SEEDS."""
     text = str(text).strip()
-    try:
-        if "-" in text.strip("-") and "," not in text:
+    unreadable = InputError(f"{name}: cannot read {text!r} as seeds (e.g. 0, 0,1,2 or 0-9)")
+    if "-" in text.strip("-") and "," not in text:
+        try:
             a, b = (int(v) for v in text.split("-"))
-            if a > b:
-                raise InputError(f"{name}: the range {text!r} is empty")
-            if b - a + 1 > MAX_SEEDS:
-                raise InputError(f"{name}: {b - a + 1} seeds, more than {MAX_SEEDS}")
-            seeds = list(range(a, b + 1))
-        else:
-            items = [v for v in text.split(",") if v.strip()]
-            if len(items) > MAX_SEEDS:
-                raise InputError(f"{name}: {len(items)} seeds, more than {MAX_SEEDS}")
+        except ValueError:
+            raise unreadable from None
+        if a > b:
+            raise InputError(f"{name}: the range {text!r} is empty")
+        if b - a + 1 > MAX_SEEDS:
+            raise InputError(f"{name}: {b - a + 1} seeds, more than {MAX_SEEDS}")
+        seeds = list(range(a, b + 1))
+    else:
+        items = [v for v in text.split(",") if v.strip()]
+        if len(items) > MAX_SEEDS:
+            raise InputError(f"{name}: {len(items)} seeds, more than {MAX_SEEDS}")
+        try:
             seeds = [int(v) for v in items]
-    except ValueError:
-        raise InputError(f"{name}: cannot read {text!r} as seeds (e.g. 0, 0,1,2 or 0-9)") from None
+        except ValueError:
+            raise unreadable from None
     if not seeds:
         raise InputError(f"{name}: give at least one seed")
     if min(seeds) < 0:

@@ -157,16 +157,16 @@ def test_diverged_runs_are_counted_and_the_sweep_goes_on(tmp_path, capsys):
 @pytest.mark.parametrize(
     "bad,msg",
     [
-        (["--A", "0.5,2"], "--A values must be >= 1"),
-        (["--A", "1,x"], "--A: cannot read"),
+        (["--A", "0.5,2"], "--A must be a finite number >= 1"),
+        (["--A", "1,x"], "--A: expected a finite number >= 1"),
         (["--A", ""], "--A: the list is empty"),
-        (["--T", "0,5"], "--T values must be >= 1"),
+        (["--T", "0,5"], "--T must be a finite number >= 1"),
         (["--T", "50,50"], "repeated values"),
         (["--shard", "3/2"], "need 0 <= i < n"),
         (["--shard", "1"], "--shard must look like i/n"),
         (["--shard=-1/2"], "need 0 <= i < n"),
-        (["--seeds", "0"], "--seeds and --seed-block must be positive"),
-        (["--width", "-5"], "--width must be positive"),
+        (["--seeds", "0"], "argument --seeds: must be an integer >= 1"),
+        (["--width", "-5"], "argument --width: must be an integer >= 1"),
         (["--T", "5000"], "leaves no oscillating steps"),
     ],
 )

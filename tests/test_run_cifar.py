@@ -377,15 +377,15 @@ def refused(capsys, argv):
 @pytest.mark.parametrize(
     "bad,msg",
     [
-        (["--A", "0.5"], "--A must be >= 1"),
-        (["--T", "0"], "--T must be >= 1"),
-        (["--epochs", "0"], "--epochs must be positive"),
+        (["--A", "0.5"], "argument --A: must be a finite number >= 1"),
+        (["--T", "0"], "argument --T: must be a finite number >= 1"),
+        (["--epochs", "0"], "argument --epochs: must be an integer >= 1"),
         (["--epochs", "ten"], "--epochs"),
-        (["--batch", "-1"], "--batch must be positive"),
+        (["--batch", "-1"], "argument --batch: must be an integer >= 1"),
         (["--batch", "500"], "larger than the 200 training images"),
-        (["--lr-peak", "0"], "--lr-peak must be positive"),
-        (["--lr-peak", "nan"], "--lr-peak must be positive"),
-        (["--lr-final", "-0.1"], "--lr-final must be >= 0"),
+        (["--lr-peak", "0"], "argument --lr-peak: must be a finite number > 0"),
+        (["--lr-peak", "nan"], "argument --lr-peak: must be a finite number > 0"),
+        (["--lr-final", "-0.1"], "argument --lr-final: must be a finite number >= 0"),
         (["--image-size", "12"], "multiples of 8"),
         (["--synthetic-train", "201"], "multiple of 5"),
         (["--peak-epoch", "0"], "--peak-epoch"),
@@ -424,7 +424,7 @@ def test_out_that_is_a_file_and_other_settings_in_the_same_out_are_refused(tmp_p
     assert rc.main(["train", *TINY, "--epochs", "2", "--A", "2", "--out", str(out)]) == 0
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     err = refused(capsys, ["train", *TINY, "--epochs", "2", "--A", "3", "--out", str(out)])
-    assert "other settings" in err and "A" in err
+    assert "holds another cifar-train run" in err and "A" in err
     assert before == {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
 
 
@@ -433,7 +433,7 @@ def test_out_that_is_a_file_and_other_settings_in_the_same_out_are_refused(tmp_p
     [
         (["--shard", "3/3"], "--shard"),
         (["--shard", "x"], "--shard"),
-        (["--A", "0.5,2"], "--A must be >= 1"),
+        (["--A", "0.5,2"], "--A must be a finite number >= 1"),
         (["--T", "a,b"], "--T"),
         (["--seeds", "0"], "--seeds"),
     ],

@@ -106,14 +106,14 @@ def test_train_writes_run_config_and_figure(tmp_path):
 @pytest.mark.parametrize(
     "bad,msg",
     [
-        (["--A", "0.5"], "--A must be >= 1"),
-        (["--T", "0"], "--T must be >= 1"),
-        (["--width", "0"], "--width must be positive"),
-        (["--steps", "-3"], "--steps must be positive"),
-        (["--lr", "0"], "--lr must be positive"),
-        (["--lr", "nan"], "--lr must be positive"),
-        (["--init", "xavier"], "unknown --init"),
-        (["--loss", "hinge"], "unknown --loss"),
+        (["--A", "0.5"], "argument --A: must be a finite number >= 1"),
+        (["--T", "0"], "argument --T: must be a finite number >= 1"),
+        (["--width", "0"], "argument --width: must be an integer >= 1"),
+        (["--steps", "-3"], "argument --steps: must be an integer >= 1"),
+        (["--lr", "0"], "argument --lr: must be a finite number > 0"),
+        (["--lr", "nan"], "argument --lr: must be a finite number > 0"),
+        (["--init", "xavier"], "argument --init: invalid choice"),
+        (["--loss", "hinge"], "argument --loss: invalid choice"),
         (["--seed", "a,b"], "--seed"),
     ],
 )
