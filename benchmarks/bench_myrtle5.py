@@ -10,28 +10,13 @@ GPU rows: batch 512, c = 64, 32x32x3 images, the dynamical loss (A = 20), our Nu
 float32 and in TF32 (CUPY_TF32=1; CuPy reads the variable itself when it first multiplies float32
 matrices, so each precision runs in its own child process of this script), and, when PyTorch is
 importable, the same network in PyTorch with cuDNN (cudnn.benchmark on, NCHW and channels-last,
-fp32 with TF32 off, then TF32 on) in the same run. The ratio is ours over the faster PyTorch layout
-(target <= 1). Timing: warm-up steps, then CUDA events around ``inner`` steps, median of ``reps``.
-CPU rows: NumPy at a small batch (32, c = 64) in float32 and float64, median of a few steps.
+fp32 with TF32 off, then TF32 on) in the same run. The ratio is ours over the faster PyTorch
+layout. Timing: warm-up steps, then CUDA events around ``inner`` steps, median of ``reps``.
+CPU rows: NumPy at a small batch (32, c = 64) in float32 and float64, and the step of the
+handwritten-digits experiment (8x8x1 images, c = 16, batch 30, float32), median of a few steps.
 
-Measured (``FULL=1 bash benchmarks/gpu_check.sh``, which runs ``bench_myrtle5.py --profile``;
-one H200, CuPy 14.2, CUDA 13, PyTorch 2.11 + cuDNN; 16-core Xeon host; default tiles;
-results/gpu-h200/):
-
-    implementation                 precision  ms/step  ours/PyTorch
-    ours, im2col+cuBLAS (default)  fp32          6.13          0.86
-    ours, implicit 3xTF32          ~fp32         4.94          0.69
-    ours, implicit TF32 (default)  tf32          3.08          0.90
-    ours, im2col+cuBLAS            tf32          4.06          1.18
-    PyTorch+cuDNN NCHW             fp32 / tf32   7.16 / 3.90
-    PyTorch+cuDNN channels-last    fp32 / tf32   8.12 / 3.43
-    ours, NumPy CPU (b 32)         float32        122 (16-core Xeon), 155 (2-core EPYC)
-    ours, NumPy CPU (b 32)         float64        229 (16-core Xeon), 364 (2-core EPYC)
-
-Before our CUDA kernels (im2col + cuBLAS for everything) the step took 7.35 ms fp32 and 5.30 ms
-TF32 (ratios 1.02 and 1.53). Three H200 runs of the TF32 row gave ratios 0.93, 1.06 and 0.90:
-enqueueing a step costs 1.4-2.3 ms of host time against about 3 ms of GPU work, so a slow host
-moment stalls the GPU (the profile's last line).
+Measured results, with the machine and versions: docs/gpu.md (one H200) and README.md (the
+2-core CPU). ``FULL=1 bash benchmarks/gpu_check.sh`` runs this script with ``--profile``.
 """
 
 from __future__ import annotations
@@ -73,6 +58,7 @@ from models import (  # noqa: E402
 )
 
 K = 10
+DIGITS_STEP = (30, 16, 8)  # batch, channels c, image side of the digits experiment (docs/digits.md)
 LR = 0.02  # the paper's peak learning rate
 A_DYN, T_DYN = 20.0, 100  # a tilted loss, so gamma is not all ones
 RESULT = "RESULT "  # prefix of the JSON line a child process prints
@@ -85,19 +71,19 @@ OUR_GPU_ROWS = (
 )
 
 
-def make_batch(xp, batch, side, dtype, seed=0):
+def make_batch(xp, batch, side, dtype, seed=0, channels=3):
     rng = np.random.default_rng(seed)
-    x = xp.asarray(rng.normal(size=(batch, side, side, 3)).astype(dtype))
+    x = xp.asarray(rng.normal(size=(batch, side, side, channels)).astype(dtype))
     y = xp.asarray(rng.integers(0, K, size=batch))
     gamma = xp.asarray(class_weights(50, A_DYN, T_DYN, K).astype(dtype))
     return x, y, gamma
 
 
-def our_step_fn(xp, batch, c, side, dtype):
+def our_step_fn(xp, batch, c, side, dtype, channels=3):
     """A closure running one training step of our Myrtle5 on the backend xp."""
-    params = to_device(init_myrtle5(0, c=c, dtype=dtype), xp)
+    params = to_device(init_myrtle5(0, c=c, in_channels=channels, dtype=dtype), xp)
     velocity = {k: xp.zeros_like(p) for k, p in params.items()}
-    x, y, gamma = make_batch(xp, batch, side, dtype)
+    x, y, gamma = make_batch(xp, batch, side, dtype, channels=channels)
 
     def step():
         _, grads, _ = myrtle5_loss_and_grads(params, x, y, gamma)
@@ -380,19 +366,24 @@ def main(argv=None):
     for dtype in (np.float32, np.float64):
         ms = cpu_time(our_step_fn(np, cpu_batch, c, 32, dtype), reps)
         rows.append(("ours, NumPy CPU", np.dtype(dtype).name, cpu_batch, c, ms, None))
+    # the handwritten-digits experiment's step: 8x8x1 images, c = 16, batch 30, float32
+    batch, c, side = DIGITS_STEP
+    ms = cpu_time(our_step_fn(np, batch, c, side, np.float32, channels=1), 3 if args.tiny else 20)
+    rows.append(("ours, NumPy CPU, digits 8x8x1", "float32", batch, c, ms, None))
 
     v = versions()
     print(f"machine: {platform.node()} | CPU: {cpu_name()} ({os.cpu_count()} cores)")
     if gpu_name is not None:
         print(f"GPU: {gpu_name[0]} (CUDA runtime {gpu_name[1]})")
     print("versions: " + ", ".join(f"{k} {val}" for k, val in v.items()))
-    print("Myrtle5 training step (forward + backward + Nesterov), 32x32x3 images, dynamical CE")
+    print("Myrtle5 training step (forward + backward + Nesterov), 32x32x3 images unless said,")
+    print("dynamical cross-entropy")
     print(
-        f"{'implementation':<28}{'precision':>10}{'batch':>7}{'c':>5}{'ms/step':>10}{'ours/PyTorch':>14}"
+        f"{'implementation':<32}{'precision':>10}{'batch':>7}{'c':>5}{'ms/step':>10}{'ours/PyTorch':>14}"
     )
     for what, prec, batch, c, ms, base in rows:
         ratio = f"{ms / base:.2f}" if base else "-"
-        print(f"{what:<28}{prec:>10}{batch:>7}{c:>5}{ms:>10.2f}{ratio:>14}")
+        print(f"{what:<32}{prec:>10}{batch:>7}{c:>5}{ms:>10.2f}{ratio:>14}")
     if gpu_name is not None and not torch_available():
         print("(PyTorch not importable or without CUDA: no baseline in this run)")
     if profile:
