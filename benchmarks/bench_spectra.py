@@ -8,8 +8,8 @@ Command (about a minute on 2 shared cores):
 For each width: full-batch gradient descent on the 300-point spiral (A = 70, T = 500, learning
 rate 1), once plain (no logging at all) and once logging every ``--every`` steps with a
 stability.SpectraTracker as the on_log callback (Hessian top-k eigenvalues, full and traced NTK
-lambda_max at every logged step; a tight eigsh at the first call, warm-started Lanczos to residual 1e-3 after that). The
-table gives the best of ``--repeats`` runs, the ratio (training + tracking) / training, the
+lambda_max at every logged step; a tight eigsh at the first call, warm-started Lanczos to
+residual 1e-3 after that). The table gives the best of ``--repeats`` runs, the ratio (training + tracking) / training, the
 Hessian-vector / NTK-vector products per call (the cold first call included), and the largest
 relative error of the tracked eigenvalues against exact ones at a few of the tracked steps
 (dense eigvalsh of the exact Hessian and NTKs; at width 1000 the Hessian's exact lambda_max
