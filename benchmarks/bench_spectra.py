@@ -9,13 +9,13 @@ For each width: full-batch gradient descent on the 300-point spiral (A = 70, T =
 rate 1), once plain (no logging at all) and once logging every ``--every`` steps with a
 stability.SpectraTracker as the on_log callback (Hessian top-k eigenvalues, full and traced NTK
 lambda_max at every logged step; a tight eigsh at the first call, warm-started Lanczos to
-residual 1e-3 after that). The table gives the best of ``--repeats`` runs, the ratio (training + tracking) / training, the
-Hessian-vector / NTK-vector products per call (the cold first call included), and the largest
-relative error of the tracked eigenvalues against exact ones at a few of the tracked steps
-(dense eigvalsh of the exact Hessian and NTKs; at width 1000 the Hessian's exact lambda_max
-comes from a tight cold-started eigsh on the dense exact Hessian). Then the cost of one exact
-dense Hessian, spectra.hessian, per width. BLAS runs on ``--threads`` threads (1, as in
-spiral.train_many).
+residual 1e-3 after that). The table gives the best of ``--repeats`` runs, the ratio (training +
+tracking) / training, the Hessian-vector / NTK-vector products per call (the cold first call
+included), and the largest relative error of the tracked eigenvalues against exact ones at a few
+of the tracked steps (dense eigvalsh of the exact Hessian and NTKs; at width 1000 the Hessian's
+exact lambda_max comes from a tight cold-started eigsh on the dense exact Hessian). Then the
+cost of one exact dense Hessian, spectra.hessian, per width. BLAS runs on ``--threads`` threads
+(1, as in spiral.train_many).
 """
 
 from __future__ import annotations
