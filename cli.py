@@ -46,20 +46,20 @@ class Parser(argparse.ArgumentParser):
 # ---------------------------------------------------------------------------------------------
 
 
-def _in_range(value, low, high, low_open):
+def _in_range(value, low, high, low_open, high_open=False):
     if low is not None and (value < low or (low_open and value == low)):
         return False
-    return high is None or value <= high
+    return high is None or value < high or (not high_open and value == high)
 
 
-def _bounds(low, high, low_open, kind):
+def _bounds(low, high, low_open, kind, high_open=False):
     lo = "" if low is None else (f"> {low:g}" if low_open else f">= {low:g}")
-    hi = "" if high is None else f"<= {high:g}"
+    hi = "" if high is None else (f"< {high:g}" if high_open else f"<= {high:g}")
     what = "an integer" if kind is int else "a finite number"
     return f"{what} {' and '.join(b for b in (lo, hi) if b)}".strip()
 
 
-def check_number(value, name, kind=float, low=None, high=None, low_open=False):
+def check_number(value, name, kind=float, low=None, high=None, low_open=False, high_open=False):
     """``value`` as ``kind`` if it is one (finite; an integer for int) within the bounds, else
     InputError naming the option."""
     try:
@@ -70,25 +70,38 @@ def check_number(value, name, kind=float, low=None, high=None, low_open=False):
         else:
             number = float(value)
     except (TypeError, ValueError, OverflowError):
-        expected = _bounds(low, high, low_open, kind)
+        expected = _bounds(low, high, low_open, kind, high_open)
         raise InputError(f"{name}: expected {expected}, got {value!r}") from None
-    if (kind is float and not math.isfinite(number)) or not _in_range(number, low, high, low_open):
-        raise InputError(f"{name} must be {_bounds(low, high, low_open, kind)}, got {value}")
+    finite = kind is int or math.isfinite(number)
+    if not finite or not _in_range(number, low, high, low_open, high_open):
+        raise InputError(
+            f"{name} must be {_bounds(low, high, low_open, kind, high_open)}, got {value}"
+        )
     return number
 
 
-def number(kind=float, low=None, high=None, low_open=False):
+def number(kind=float, low=None, high=None, low_open=False, high_open=False):
     """An argparse ``type=``: a finite float (or an int) within the bounds; errors are one line."""
 
     def convert(text):
         try:
-            return check_number(text, "value", kind, low, high, low_open)
+            return check_number(text, "value", kind, low, high, low_open, high_open)
         except InputError as err:  # argparse adds the option's name itself
             message = str(err).removeprefix("value: ").removeprefix("value ")
             raise argparse.ArgumentTypeError(message) from None
 
     convert.__name__ = "integer" if kind is int else "number"  # argparse names the type so
     return convert
+
+
+AMPLITUDE = number(float, low=1)  # A >= 1, finite (A = 1: the static loss)
+PERIOD = number(float, low=1)  # T >= 1 step, finite
+COUNT = number(int, low=1)  # a positive integer
+COUNT0 = number(int, low=0)  # a non-negative integer
+SEEDS = number(int, low=1, high=MAX_SEEDS)  # a number of seeds
+RATE = number(float, low=0, low_open=True)  # a positive finite rate
+NONNEG = number(float, low=0)  # a finite number >= 0
+FRACTION = number(float, low=0, high=1, high_open=True)  # in [0, 1), a momentum
 
 
 def parse_list(text, name, kind=float, low=None, high=None, low_open=False):
@@ -159,6 +172,16 @@ def check_out_dir(path, name="--out"):
         raise InputError(f"{name} {path!r} {where}, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise InputError(f"{name}: cannot write to {probe}")
+
+
+def checked_backend(device):
+    """models.backend(device), its failures (no CuPy, no GPU) as one-line input errors."""
+    from models import backend
+
+    try:
+        return backend(device)
+    except (RuntimeError, ValueError) as err:
+        raise InputError(str(err)) from None
 
 
 def physical_memory():

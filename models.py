@@ -456,6 +456,17 @@ def dense_backward(dout, cache):
 # ---------------------------------------------------------------------------------------------
 
 
+def myrtle5_shapes(c=64, in_channels=3, n_classes=10):
+    """The shape of every Myrtle5 parameter, in the order MYRTLE5_PARAM_NAMES: W1 (3, 3, C_in, c),
+    b1 (c,), W2..W4 (3, 3, c, c), b2..b4 (c,), W5 (c, K), b5 (K,)."""
+    weights = {"W1": (3, 3, in_channels, c), "W2": (3, 3, c, c), "W3": (3, 3, c, c)}
+    weights.update(W4=(3, 3, c, c), W5=(c, n_classes))
+    shapes = {}
+    for layer, shape in enumerate(weights.values(), start=1):
+        shapes[f"W{layer}"], shapes[f"b{layer}"] = shape, shape[-1:]
+    return {k: shapes[k] for k in MYRTLE5_PARAM_NAMES}
+
+
 def init_myrtle5(rng, c=64, in_channels=3, n_classes=10, dtype=np.float64):
     """Initial Myrtle5 parameters on the host: W ~ N(0, 2/fan_in), zero biases (module docstring).
 
@@ -466,15 +477,9 @@ def init_myrtle5(rng, c=64, in_channels=3, n_classes=10, dtype=np.float64):
     """
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
-    shapes = {
-        "W1": (3, 3, in_channels, c),
-        "W2": (3, 3, c, c),
-        "W3": (3, 3, c, c),
-        "W4": (3, 3, c, c),
-        "W5": (c, n_classes),
-    }
+    shapes = myrtle5_shapes(c, in_channels, n_classes)
     params = {}
-    for layer, shape in enumerate(shapes.values(), start=1):
+    for layer, shape in enumerate((shapes[f"W{i}"] for i in range(1, 6)), start=1):
         fan_in = int(np.prod(shape[:-1]))
         params[f"W{layer}"] = rng.normal(0.0, np.sqrt(2.0 / fan_in), size=shape).astype(dtype)
         params[f"b{layer}"] = np.zeros(shape[-1], dtype=dtype)

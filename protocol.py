@@ -28,9 +28,10 @@ oscillations stopped (Gamma = 1) from epoch 600; test accuracy after every epoch
 Checkpoints: ``checkpoint.npz`` in the run's folder, written atomically (``p_<name>``/``v_<name>``:
 parameters and Nesterov buffers in the run's dtype; ``epoch``, ``step``; ``rng_state``: the
 shuffling Generator's bit_generator.state as JSON; ``hist_<field>`` and ``gamma``: the history
-so far; ``hess_vec``: the warm start of the eigenvalue solver; ``diverged_epoch``; ``settings``:
-the settings as JSON). Resuming from it gives exactly the result of an uninterrupted run (bit for
-bit on the CPU). docs/formats.md describes run.npz.
+so far; ``hess_vec``: the warm start of the eigenvalue solver; ``diverged_epoch``; ``loss0``: the
+first minibatch's loss, the scale of divergence; ``settings``: the settings as JSON). A checkpoint
+is validated before it is resumed (:func:`read_checkpoint`). Resuming gives exactly the result of
+an uninterrupted run (bit for bit on the CPU). docs/formats.md describes run.npz.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from models import (
     myrtle5_forward,
     myrtle5_hvp_operator,
     myrtle5_loss_and_grads,
+    myrtle5_shapes,
     nesterov_step,
     to_device,
     to_host,
@@ -74,7 +76,6 @@ MOMENTUM = NESTEROV_MOMENTUM
 CHANNELS = 64
 CHECKPOINT_NAME = "checkpoint.npz"
 DIGITS_TRAIN = 300  # --data digits: training images of the stratified split (docs/digits.md)
-DATA_KINDS = ("cifar10", "synthetic", "digits")  # --data PATH (CIFAR-10), synthetic or digits
 
 HIST_FIELDS = (
     "lr",
@@ -377,12 +378,6 @@ def _settings_json(settings):
     return json.dumps(settings, sort_keys=True)
 
 
-def differing(old, new):
-    """The keys whose values differ between two settings dicts (after a JSON round trip)."""
-    new = json.loads(json.dumps(new))
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-
-
 def save_checkpoint(path, state, settings):
     """Write the state atomically (format: module docstring)."""
     arrays = {f"p_{k}": v for k, v in to_host(state.params).items()}
@@ -405,46 +400,49 @@ class CheckpointError(ValueError):
     """A checkpoint that does not read or does not fit the run: one line naming the file."""
 
 
-def read_checkpoint(path, settings=None, K=None):
-    """Every array of a checkpoint, validated: readable (no bad CRC, no truncation), with every
-    field and the shapes of a run of ``settings`` with K classes (when given). Raises
-    CheckpointError saying what is wrong."""
+def read_checkpoint(path, settings=None, K=None, C=None, spe=None):
+    """Every array of a checkpoint, validated: readable (no bad CRC, no truncation), every field
+    present, and, given the run's ``settings``, K classes, C input channels and ``spe`` steps per
+    epoch, the shapes of that run (parameters, history, warm start), an epoch within the run and
+    its step. Raises CheckpointError saying what is wrong."""
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         stored = json.loads(str(arrays["settings"]))
+        json.loads(str(arrays["rng_state"]))["bit_generator"]
     except KeyError as err:
         raise CheckpointError(f"checkpoint {path} lacks {err}") from None
     except Exception as err:  # a bad CRC, a truncated zip, garbage: unreadable
         raise CheckpointError(f"checkpoint {path} does not read ({type(err).__name__})") from None
     need = [f"p_{k}" for k in MYRTLE5_PARAM_NAMES] + [f"v_{k}" for k in MYRTLE5_PARAM_NAMES]
     need += [f"hist_{f}" for f in HIST_FIELDS] + ["epoch", "step", "rng_state", "gamma"]
-    need += ["hess_vec", "diverged_epoch"]
+    need += ["hess_vec", "diverged_epoch", "loss0"]
     missing = [k for k in need if k not in arrays]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing[:3])}")
     if settings is not None:
         E = settings["epochs"]
-        rows = [arrays[f"hist_{f}"].shape for f in HIST_FIELDS] + [arrays["gamma"].shape[:1]]
-        bad_shape = any(r != (E + 1,) for r in rows)
-        bad_shape |= bool(K) and arrays["gamma"].shape != (E + 1, K)
-        bad_params = any(
-            arrays[f"p_{k}"].shape != arrays[f"v_{k}"].shape for k in MYRTLE5_PARAM_NAMES
-        )
-        if bad_shape or bad_params or not 0 <= int(arrays["epoch"]) <= E:
-            raise CheckpointError(f"checkpoint {path} does not fit a run of {E} epochs")
+        bad = any(arrays[f"hist_{f}"].shape != (E + 1,) for f in HIST_FIELDS)
+        bad |= not 0 <= int(arrays["epoch"]) <= E
+        if K is not None:
+            bad |= arrays["gamma"].shape != (E + 1, K)
+        if K is not None and C is not None:
+            shapes = myrtle5_shapes(settings["channels"], C, K)
+            for k, shape in shapes.items():
+                bad |= arrays[f"p_{k}"].shape != shape or arrays[f"v_{k}"].shape != shape
+            P = sum(int(np.prod(s)) for s in shapes.values())
+            bad |= arrays["hess_vec"].size not in (0, P)
+        if spe is not None:
+            bad |= int(arrays["step"]) != int(arrays["epoch"]) * spe
+        if bad:
+            raise CheckpointError(f"checkpoint {path} does not fit this run")
     arrays["settings"] = stored
     return arrays
 
 
-def read_checkpoint_settings(path):
-    """The settings stored in a checkpoint (CheckpointError when it does not read)."""
-    return read_checkpoint(path)["settings"]
-
-
-def load_checkpoint(path, settings, K, xp):
+def load_checkpoint(path, settings, K, C, spe, xp):
     """Restore a :class:`_State` written by :func:`save_checkpoint` (validated first)."""
-    z = read_checkpoint(path, settings, K)
+    z = read_checkpoint(path, settings, K, C, spe)
     params = to_device({k: z[f"p_{k}"] for k in MYRTLE5_PARAM_NAMES}, xp)
     velocity = to_device({k: z[f"v_{k}"] for k in MYRTLE5_PARAM_NAMES}, xp)
     rng = np.random.default_rng()
@@ -458,7 +456,7 @@ def load_checkpoint(path, settings, K, xp):
     state.gamma = z["gamma"].copy()
     state.hess_vec = z["hess_vec"].copy() if z["hess_vec"].size else None
     state.diverged_epoch = int(z["diverged_epoch"])
-    state.loss0 = float(z["loss0"]) if "loss0" in z else np.nan
+    state.loss0 = float(z["loss0"])
     return state
 
 
@@ -534,7 +532,7 @@ def train_run(settings, data, xp, work, checkpoint_every, hess_every=0, progress
     ckpt = os.path.join(work, CHECKPOINT_NAME)
     resumed = None
     if os.path.exists(ckpt):
-        state = load_checkpoint(ckpt, settings, K, xp)
+        state = load_checkpoint(ckpt, settings, K, data["C"], spe, xp)
         resumed = state.epoch
         say(f"resuming from {ckpt} at epoch {state.epoch} of {E}")
     else:

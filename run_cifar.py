@@ -31,20 +31,27 @@ import time
 import numpy as np
 
 import cifar
+import digits
 import plots
 import sweep
 from cli import (
-    MAX_SEEDS,
+    AMPLITUDE,
+    COUNT,
+    COUNT0,
+    FRACTION,
+    NONNEG,
+    PERIOD,
+    RATE,
+    SEEDS,
     InputError,
     Parser,
     add_merge_command,
     check_memory,
     check_out_dir,
-    number,
+    checked_backend,
     parse_list,
     run_main,
 )
-from models import backend
 from protocol import (
     BATCH,
     CHANNELS,
@@ -58,27 +65,19 @@ from protocol import (
     STOP_EPOCH,
     CheckpointError,
     check_run,
-    differing,
     final_metrics,
     load_data,
     read_checkpoint,
     resolve_settings,
     run_arrays,
+    steps_per_epoch,
     train_run,
 )
-from sweep import atomic_savez, versions, write_json
+from sweep import atomic_savez, differing, versions, write_json
 
 SCRIPT = "run_cifar.py"
 CIFAR_IMAGES, CIFAR_SIDE = 60000, 32  # CIFAR-10: 50,000 + 10,000 images of 32 x 32 x 3
-DIGITS_IMAGES = 1797
-AMPLITUDE = number(float, low=1)  # A >= 1, finite (A = 1: the static loss)
-PERIOD = number(float, low=1)  # T >= 1 minibatch step, finite
-COUNT = number(int, low=1)  # a positive integer
-COUNT0 = number(int, low=0)  # a non-negative integer
-SEEDS = number(int, low=1, high=MAX_SEEDS)  # a number of seeds
-RATE = number(float, low=0, low_open=True)  # a positive finite rate
-NONNEG = number(float, low=0)  # a finite number >= 0
-FRACTION = number(float, low=0, high=0.999999)  # momentum in [0, 1)
+HISTORY_COLUMNS = 32  # about this many float64 values per epoch in a run's history
 ACTIVATION_COPIES = 24  # Myrtle5 keeps about this many feature maps of a batch (forward, cache)
 PHASE_A = "1,5,10,20,30,50,70,100"
 PHASE_T = "10,25,50,100,250,500,1000"
@@ -92,44 +91,39 @@ HESS_BATCH = 512  # training images of the optional Hessian eigenvalue
 # ---------------------------------------------------------------------------------------------
 
 
-def get_backend(device):
-    """models.backend, with its failures as one-line input errors."""
-    try:
-        return backend(device)
-    except (RuntimeError, ValueError) as err:
-        raise InputError(str(err)) from None
-
-
 # ---------------------------------------------------------------------------------------------
 # train
 # ---------------------------------------------------------------------------------------------
 
 
-def cifar_memory(settings, epochs, n_images=None):
+def cifar_memory(settings):
     """Bytes a run of the protocol needs, roughly: its images in uint8 and as floats, the
     history, and the activations of a training and an evaluation batch."""
-    side = settings.get("image_size") or CIFAR_SIDE
-    n = (
-        n_images
-        or {"synthetic": None, "digits": DIGITS_IMAGES}.get(settings["data"])
-        or (CIFAR_IMAGES)
-    )
     if settings["data"] == "synthetic":
-        n = settings["synthetic_train"] + settings["synthetic_test"]
+        n, side, C = (
+            settings["synthetic_train"] + settings["synthetic_test"],
+            settings["image_size"],
+            3,
+        )
+    elif settings["data"] == "digits":
+        n, side, C = digits.N_IMAGES, digits.SIDE, 1
+    else:
+        n, side, C = CIFAR_IMAGES, CIFAR_SIDE, 3
     itemsize = 8 if settings["dtype"] == "float64" else 4
-    images = n * side * side * 3 * (1 + 2 * itemsize)  # the raw bytes, the normalised copy
+    images = n * side * side * C * (1 + 2 * itemsize)  # the raw bytes, the normalised copy
     batch = max(settings["batch"], settings["eval_batch"])
     activations = ACTIVATION_COPIES * batch * side * side * settings["channels"] * itemsize
-    return images + activations + 8 * (epochs + 1) * 32
+    return images + activations + 8 * (settings["epochs"] + 1) * HISTORY_COLUMNS
 
 
-def check_checkpoint(path, settings, K, overwrite):
+def check_checkpoint(path, settings, data, overwrite):
     """A checkpoint in a run folder must read and be of this very run (it is resumed);
     otherwise refuse, or, with ``overwrite``, set it aside (renamed, not deleted)."""
     if not os.path.exists(path):
         return
+    spe = steps_per_epoch(len(data["y_train"]), settings["batch"])
     try:
-        stored = read_checkpoint(path, settings, K)["settings"]
+        stored = read_checkpoint(path, settings, data["K"], data["C"], spe)["settings"]
     except CheckpointError as err:
         stored, problem = None, str(err)
     else:
@@ -149,12 +143,12 @@ def check_train(args):
     check_run(settings, args.A, args.T, args.seed)
     settings.update(A=args.A, T=args.T, seed=args.seed, hess_every=args.hess_every)
     settings["hess_batch"] = args.hess_batch if args.hess_every else None
-    check_memory(cifar_memory(settings, settings["epochs"]), "this run")
-    xp = get_backend(args.device)
+    check_memory(cifar_memory(settings), "this run")
+    xp = checked_backend(args.device)
     data = load_data(settings, args.data, args.hess_batch if args.hess_every else 0)
     settings["data_fingerprint"] = data["fingerprint"]
     sweep.claim_folder(args.out, "cifar-train", settings, overwrite=args.overwrite)
-    check_checkpoint(os.path.join(args.out, CHECKPOINT_NAME), settings, data["K"], args.overwrite)
+    check_checkpoint(os.path.join(args.out, CHECKPOINT_NAME), settings, data, args.overwrite)
     return settings, xp, data
 
 
@@ -162,6 +156,10 @@ def cmd_train(args):
     """``train``: one run of the Fig. 1 protocol; writes run.npz, config.json, run.png."""
     settings, xp, data = check_train(args)
     os.makedirs(args.out, exist_ok=True)
+    if args.overwrite:  # the user asked to replace another run: its outputs go
+        for name in ("run.npz", "run.png"):
+            if os.path.exists(os.path.join(args.out, name)):
+                os.remove(os.path.join(args.out, name))
     config = {
         "kind": "cifar-train",
         "settings": settings,
@@ -228,8 +226,8 @@ def check_phase(args):
     A_list = parse_list(args.A, "--A", low=1)
     T_list = parse_list(args.T, "--T", low=1)
     shard = sweep.parse_shard(args.shard)
-    check_memory(cifar_memory(settings, settings["epochs"]), "a run of this sweep")
-    xp = get_backend(args.device)
+    check_memory(cifar_memory(settings), "a run of this sweep")
+    xp = checked_backend(args.device)
     data = load_data(settings, args.data)
     cfg = {"kind": "cifar-phase", **settings, "A": A_list, "T": T_list}
     cfg["seeds"] = list(range(args.seed0, args.seed0 + args.seeds))
@@ -273,9 +271,9 @@ def cmd_phase(args):
         ckpt = os.path.join(work, CHECKPOINT_NAME)
         if os.path.exists(ckpt):  # a unit's own checkpoint: resumed if it is sound, else redone
             try:
-                stale = bool(
-                    differing(read_checkpoint(ckpt, settings, data["K"])["settings"], settings)
-                )
+                spe = steps_per_epoch(len(data["y_train"]), settings["batch"])
+                stored = read_checkpoint(ckpt, settings, data["K"], data["C"], spe)["settings"]
+                stale = bool(differing(stored, settings))
             except CheckpointError as err:
                 print(f"{err}: this unit is trained again from the start")
                 stale = True

@@ -31,7 +31,12 @@ import spiral_sweeps
 import stability
 import sweep
 from cli import (
-    MAX_SEEDS,
+    AMPLITUDE,
+    COUNT,
+    COUNT0,
+    PERIOD,
+    RATE,
+    SEEDS,
     InputError,
     Parser,
     add_merge_command,
@@ -46,14 +51,15 @@ from dynloss import LOSSES
 from models import INITS, backend, init_mlp
 from spectra import SLQ_PROBES, SLQ_STEPS
 from spiral import (
-    CPU_BLOCK_UNITS,
     K_SPIRAL,
     LOG_FIELDS,
     N_PER_CLASS,
     VAL_SETS,
     WORKERS,
     TrainSpec,
+    block_size,
     run_arrays,
+    stop_steps,
     train_many,
 )
 from spiral_sweeps import D_SPIRAL, spiral_data
@@ -85,14 +91,9 @@ PHASE_T = "50,100,200,300,500,1000,2000,3000"
 PHASE_STEPS = 35000  # Fig. 3 caption
 PHASE_SEEDS = 50  # Fig. 3 caption
 CPU_BATCH = 64  # networks trained together by one phase batch on the CPU
-GPU_BATCH = {100: 4096, 1000: 1024}  # ... and on a GPU, by width (the first width >= H)
+GPU_BATCH = {100: 4096, 1000: 1024}  # ... and on a GPU: up to width 100, and wider
 FIG5_T0, FIG5_STEPS0 = 5000.0, 70000  # Fig. 5: T = T0/eta, steps0/eta steps
 FIG5_STATIC_STEPS = 35000
-
-
-def stop_step(steps, T, no_stop):
-    """The first step with Gamma = 1: the final period is static unless --no-stop."""
-    return steps + 1 if no_stop else max(0, steps - T)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +124,7 @@ def run_memory(M, H, rows, xp=np):
     """Bytes a training of M networks of width H logging ``rows`` rows needs, roughly: the
     trainer's masks per block, in each worker, and the logged history with its copies."""
     N, K = N_PER_CLASS * K_SPIRAL, K_SPIRAL
-    block = M if xp is not np else max(1, min(M, CPU_BLOCK_UNITS // H))
+    block = block_size(M, H, xp)
     workers = 1 if xp is not np else min(WORKERS, -(-M // block))
     trainer = workers * 8 * block * (2 * H * N + LOG_ROW_COPIES * rows * (K + len(LOG_FIELDS)))
     return trainer + 8 * LOG_ROW_COPIES * rows * M * (K + len(LOG_FIELDS)) + 8 * 4 * M * H * K
@@ -144,7 +145,7 @@ def check_train(args, identity=None):
 
 def train_spec(args, M):
     """The TrainSpec of M networks with the settings of ``args``."""
-    stop = stop_step(args.steps, args.T, args.no_stop)
+    stop = stop_steps(args.steps, args.T, args.no_stop)
     return TrainSpec(
         A=np.full(M, args.A),
         T=np.full(M, args.T),
@@ -183,6 +184,19 @@ def train_settings(args, seeds, kind="spiral-train"):
     return kind, {**{k: getattr(args, k) for k in TRAIN_KEYS}, "seeds": seeds}
 
 
+def start_run(args, seeds, spec, t0, identity, outputs):
+    """Claim --out for a run about to start: its config.json first (status "running"), so that
+    the folder names this run even if it is killed; with --overwrite the previous run's
+    ``outputs`` go first."""
+    os.makedirs(args.out, exist_ok=True)
+    if getattr(args, "overwrite", False):
+        for name in outputs:
+            if os.path.exists(os.path.join(args.out, name)):
+                os.remove(os.path.join(args.out, name))
+    config = run_config(args, seeds, spec, t0, identity, status="running")
+    write_json(os.path.join(args.out, "config.json"), config)
+
+
 def cmd_train(args):
     """``train``: one setting, one or a few seeds; writes run.npz, config.json, run.png."""
     seeds = parse_seeds(args.seed, "--seed")
@@ -192,12 +206,12 @@ def cmd_train(args):
     data = spiral_data(args.val)
     params0 = init_mlp(seeds, D=D_SPIRAL, H=args.width, K=K_SPIRAL, init=args.init)
     spec = train_spec(args, len(seeds))
+    start_run(args, seeds, spec, t0, identity, ("run.npz", "run.png"))
     res = train_many(params0, data, spec, xp=backend(args.device), progress=not args.quiet)
-    os.makedirs(args.out, exist_ok=True)
     arrays = run_arrays(data, params0, res, net=0 if len(seeds) == 1 else None)
     atomic_savez(os.path.join(args.out, "run.npz"), **arrays)
     diverged = [int(d) for d in res["diverged_step"]]
-    config = run_config(args, seeds, spec, t0, identity, diverged_step=diverged)
+    config = run_config(args, seeds, spec, t0, identity, status="done", diverged_step=diverged)
     write_json(os.path.join(args.out, "config.json"), config)
     title = (
         f"width {args.width}, A = {args.A:g}, T = {args.T:g}, lr = {args.lr:g}, "
@@ -256,7 +270,8 @@ def default_batch(width, xp):
     """Networks per phase batch: CPU_BATCH on the CPU, GPU_BATCH by width on a GPU."""
     if xp is np:
         return CPU_BATCH
-    return GPU_BATCH[100] if width <= 100 else GPU_BATCH[1000]
+    narrow, wide = sorted(GPU_BATCH)
+    return GPU_BATCH[narrow] if width <= narrow else GPU_BATCH[wide]
 
 
 def cmd_phase(args):
@@ -292,8 +307,6 @@ def cmd_merge(args):
 
 def cmd_reeval(args):
     """``reeval``: a finished sweep's networks on another validation set, without training."""
-    if args.val not in VAL_SETS:
-        raise InputError(f"unknown --val {args.val!r}; choose one of {', '.join(VAL_SETS)}")
     spiral_sweeps.merge_phase(args.out, val=args.val)
 
 
@@ -317,6 +330,9 @@ def cmd_dynamics(args):
             raise InputError("--quick sets --T and --steps: give one or the other")
         args.T, args.steps = QUICK["T"], QUICK["steps"]
     seeds = check_train(args)
+    P = (D_SPIRAL + 1 + K_SPIRAL) * args.width + K_SPIRAL  # parameters of one network
+    if args.top_k >= P:
+        raise InputError(f"--top-k {args.top_k}: a width-{args.width} network has {P} parameters")
     t0 = time.time()
     cfg = dynamics_config(args, seeds)
     sweep.prepare(args.out, cfg, grow=("seeds",))
@@ -458,13 +474,14 @@ def cmd_density(args):
     data = spiral_data(args.val)
     params0 = init_mlp(seeds, D=D_SPIRAL, H=args.width, K=K_SPIRAL, init=args.init)
     spec = train_spec(args, 1)
+    start_run(args, seeds, spec, t0, identity, ("density.npz", "density.png"))
     out = stability.densities_along(
         params0, data, spec, at, args.probes, args.lanczos_steps, xp=backend(args.device)
     )
     run = out.pop("run")
-    os.makedirs(args.out, exist_ok=True)
     atomic_savez(os.path.join(args.out, "density.npz"), **out)
-    config = run_config(args, seeds, spec, t0, identity, diverged_step=int(run["diverged_step"][0]))
+    diverged = int(run["diverged_step"][0])
+    config = run_config(args, seeds, spec, t0, identity, status="done", diverged_step=diverged)
     write_json(os.path.join(args.out, "config.json"), config)
     png = os.path.join(args.out, "density.png")
     title = (
@@ -483,14 +500,6 @@ def cmd_density(args):
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
-
-
-AMPLITUDE = number(float, low=1)  # A >= 1, finite (A = 1: the static loss)
-PERIOD = number(float, low=1)  # T >= 1 step, finite
-COUNT = number(int, low=1)  # a positive integer
-COUNT0 = number(int, low=0)  # a non-negative integer
-SEEDS = number(int, low=1, high=MAX_SEEDS)  # a number of seeds
-RATE = number(float, low=0, low_open=True)  # a positive finite learning rate
 
 
 def add_train_options(p, defaults):
@@ -527,12 +536,14 @@ def add_common_options(p, out, what):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def add_spectra_options(p):
+def add_spectra_options(p, ntk=True):
     """How often the spectra are measured (both in steps; an odd stride shows period-two
     bouncing, which an even one never samples on both branches)."""
     p.add_argument(
         "--hess-every", type=COUNT, default=SPECTRA_EVERY, help="steps between Hessian lambda_max"
     )
+    if not ntk:
+        return
     p.add_argument(
         "--ntk-every",
         type=COUNT0,
@@ -553,7 +564,12 @@ def build_parser():
     p = sub.add_parser("dynamics", help="runs with Hessian and NTK spectra: Fig. 4")
     add_train_options(p, DYNAMICS_DEFAULTS)
     add_spectra_options(p)
-    p.add_argument("--top-k", type=COUNT, default=1, help="Hessian eigenvalues kept (top k)")
+    p.add_argument(
+        "--top-k",
+        type=number(int, low=1, high=stability.TOP_K_MAX),
+        default=1,
+        help=f"Hessian eigenvalues kept (top k, at most {stability.TOP_K_MAX})",
+    )
     p.add_argument(
         "--zoom-every",
         type=COUNT0,
@@ -587,9 +603,9 @@ def build_parser():
     p.add_argument("--seed", default="0", help="init seed(s): 0, or 0,1,2, or 0-4")
     p.add_argument("--init", default="standard", choices=INITS, help="initialisation")
     p.add_argument("--loss", default="ce", choices=LOSSES, help="base loss")
-    add_spectra_options(p)
+    add_spectra_options(p, ntk=False)  # Fig. 5 follows the Hessian only
     add_common_options(p, "runs/fig5", "sweep folder (resumable)")
-    p.set_defaults(func=cmd_threshold, width=100, steps=1, lr=1.0, log_every=1, top_k=1)
+    p.set_defaults(func=cmd_threshold)
 
     p = sub.add_parser("phase", help="a (T, A) grid x seeds: Fig. 3 (resumable, shardable)")
     p.add_argument("--width", type=COUNT, default=100, help="hidden units H")
@@ -611,7 +627,7 @@ def build_parser():
         help=f"networks trained together (default {CPU_BATCH} on the CPU, 1024-4096 on a GPU)",
     )
     add_common_options(p, "runs/phase-w100", "sweep folder")
-    p.set_defaults(func=cmd_phase, log_every=1)
+    p.set_defaults(func=cmd_phase)
 
     add_merge_command(sub, cmd_merge, "Fig. 3")
     p = sub.add_parser("reeval", help="a finished phase sweep on another validation set")

@@ -178,12 +178,14 @@ def _split(v, D1, H, K):
 
 def logits_jacobian(params, X):
     """J = d logits / d theta of one MLP, (N*K, P), row n*K + k (sample-major)."""
-    return _jacobian(net_state(params, X)).reshape(-1, _n_params(params))
+    return _jacobian(net_state(params, X)).reshape(-1, n_params(params))
 
 
-def _n_params(params):
-    """P of one network."""
-    return sum(a[0].size for a in params.values())
+def n_params(s):
+    """P of one network, from its forward state ``s`` (:func:`net_state`) or its params dict."""
+    if "W1a" in s:
+        return s["W1a"].size + s["W2"].size + s["b2"].size
+    return sum(a[0].size for a in s.values())
 
 
 def _jacobian(s):
@@ -269,14 +271,14 @@ def hessian_matvec(s, y, gamma, loss="ce"):
     g, _, _, lcache = loss_terms(s, y, gamma, loss)
     curvature = logit_curvature(lcache)  # w (1, N), softmax (1, N, K): computed once
     C = cross_terms(s["xa"], s["mask"], g)  # (D+1, H, K)
-    P = s["W1a"].size + s["W2"].size + s["b2"].size
+    P = n_params(s)
     return lambda v: _hvp_state(s, curvature, C, np.asarray(v, dtype=np.float64).reshape(P))
 
 
 def hessian_operator(params, X, y, gamma, loss="ce"):
     """The Hessian of F as a scipy LinearOperator (P, P), float64; the forward pass is done once."""
     s = net_state(params, X)
-    P = s["W1a"].size + s["W2"].size + s["b2"].size
+    P = n_params(s)
     mv = hessian_matvec(s, y, gamma, loss)
     return LinearOperator((P, P), matvec=mv, rmatvec=mv, dtype=np.float64)
 

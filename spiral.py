@@ -47,7 +47,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -142,9 +143,10 @@ def nearest_neighbour_accuracy(X_train, y_train, X, y):
 LOG_FIELDS = ("loss", "dloss", "loss_static", "train_acc", "val_acc", "val_loss")
 GAMMA_CHUNK = 256  # Gamma for this many steps at a time, (chunk, M, K); also the host-sync interval
 PROGRESS_TICK = 1000  # at most this many steps between progress-bar updates
+PROGRESS_POLL = 0.5  # seconds between progress-bar updates while workers train
 LOG_BUFFER_BYTES = 1 << 25  # logged logits kept between two passes of the metrics (32 MiB)
 CPU_BLOCK_UNITS = 400  # a CPU block holds about this many hidden units (M H): ~1 MB of mask
-WORKERS = 2  # CPU worker processes (one per core of the 2-core machines this was tuned on)
+WORKERS = min(2, os.cpu_count() or 1)  # CPU worker processes: one per core, at most two
 
 
 @dataclass
@@ -168,7 +170,7 @@ class TrainSpec:
 
 
 def log_steps(steps, log_every):
-    """The logged steps: 0, log_every, 2 log_every, ..., and always the final state ``steps``."""
+    """The logged steps (S,): 0, log_every, 2 log_every, ..., and always the final ``steps``."""
     s = list(range(0, steps, log_every))
     return np.array(s + [steps], dtype=np.int64)
 
@@ -178,8 +180,8 @@ CPU_TILE = 250  # hidden units per tile on the CPU: a tile's (M, Hj, N) mask sta
 
 def _workspace(M, H, N, Nv, xp):
     """The (M, H, N) buffers of the training and validation masks 1[z1 > 0], reused by every
-    step (a fresh multi-megabyte array per step costs page faults that took longer than the
-    arithmetic on the virtual machines measured), and the tiles of hidden units: on the CPU a
+    step (a fresh multi-megabyte array per step costs page faults that can take longer than the
+    arithmetic), and the tiles of hidden units: on the CPU a
     wide layer is processed CPU_TILE units at a time, so that each tile is still in cache for
     the next operation; a GPU takes the layer whole."""
     tile = H if (xp is not np or H <= CPU_TILE) else CPU_TILE
@@ -242,7 +244,7 @@ def _forward_loss(P, XaT, onehotT, w, loss, xp, work):
     else:
         dlogits = logits - onehotT  # (M, K, N)  g of eq. (12)
         F = 0.5 * (w * (dlogits**2).sum(axis=1)).sum(axis=1)  # (M,)  Eq. (8), weighted
-    dlogits *= w[:, None, :]  # dF/dz = Gamma_y (softmax(z) - onehot(y)) / N
+    dlogits *= w[:, None, :]  # dF/dz = Gamma_y (softmax(z) - onehot(y)) / N (MSE: (z - onehot))
     return F, dlogits, logits, ce
 
 
@@ -263,7 +265,8 @@ def _backward_update(P, XaT, dlogits, lr, xp, work):
 
 
 def pack(params, xp):
-    """MLP params (leading M) -> the trainer's layout: transposed, b1 folded into W1aT."""
+    """MLP params W1 (M, D, H), b1 (M, H), W2 (M, H, K), b2 (M, K) -> the trainer's layout:
+    W1aT (M, H, D+1) with b1 folded in, W2T (M, K, H), b2 (M, K, 1), own copies on ``xp``."""
     W1a = np.concatenate([params["W1"], params["b1"][:, None, :]], axis=1)  # (M, D+1, H)
     copy = lambda a: xp.array(np.ascontiguousarray(a), dtype=np.float64)  # the trainer's own
     return {
@@ -274,7 +277,7 @@ def pack(params, xp):
 
 
 def unpack(P):
-    """Inverse of :func:`pack`, to NumPy arrays."""
+    """Inverse of :func:`pack`: W1 (M, D, H), b1 (M, H), W2 (M, H, K), b2 (M, K) NumPy arrays."""
     host = to_host(P)
     W1a = host["W1aT"].transpose(0, 2, 1)  # (M, D+1, H)
     return {
@@ -389,7 +392,7 @@ def train_block(params, data, spec, xp=np, on_log=None, progress=None):
         for t0 in range(0, spec.steps + 1, GAMMA_CHUNK):
             ts = np.arange(t0, min(t0 + GAMMA_CHUNK, spec.steps + 1))
             gammas = xp.asarray(class_weights(ts, spec.A, spec.T, K, spec.stop_step))  # (2)-(5)
-            ws = gammas[:, :, y_d] / len(X)  # (chunk, M, N)  Gamma_{y_j}(t) / N
+            ws = gammas[:, :, y_d] / len(X)  # (chunk, M, N)  Gamma_{y_j}(t) / N of eq. (1)
             Fs = xp.empty((len(ts), M))  # the chunk's losses
             for i, t in enumerate(ts):
                 F, dlogits, logits, ce = _forward_loss(P, Xa, onehot, ws[i], spec.loss, xp, work)
@@ -474,7 +477,8 @@ def run_jobs(fn, jobs, xp=np, workers=WORKERS, bar=None, done=None):
     callable(index, result), called in this process as each job finishes, in order (to store
     results as they come). On the CPU the jobs go to worker processes (fork, one BLAS thread
     each): threads were held back by the GIL, since a step is many short NumPy calls. Where fork
-    is unavailable, threads are used; on a GPU, one job after another in this process."""
+    is unavailable, threads are used; on a GPU, one job after another in this process. A worker
+    that dies (out of memory, a signal) raises ChildProcessError instead of a hang."""
     count = bar.update if bar is not None else (lambda n: None)
     done = done or (lambda i, result: None)
     results = []
@@ -482,17 +486,26 @@ def run_jobs(fn, jobs, xp=np, workers=WORKERS, bar=None, done=None):
     if parallel and _can_fork():
         ctx = multiprocessing.get_context("fork")
         counter = ctx.Value("q", 0)
-        with ctx.Pool(min(workers, len(jobs)), _worker_init, (counter, os.getpid())) as pool:
-            it = pool.imap(_worker_run, [(fn, job) for job in jobs], chunksize=1)
-            seen = 0
-            while len(results) < len(jobs):
-                try:
-                    results.append(it.next(timeout=0.5))
-                    done(len(results) - 1, results[-1])
-                except multiprocessing.TimeoutError:
-                    pass
-                count(counter.value - seen)
-                seen = counter.value
+        seen = 0
+        with ProcessPoolExecutor(
+            min(workers, len(jobs)), ctx, _worker_init, (counter, os.getpid())
+        ) as pool:
+            futures = [pool.submit(_worker_run, (fn, job)) for job in jobs]
+            for future in futures:
+                while True:
+                    try:
+                        results.append(future.result(timeout=PROGRESS_POLL))
+                        break
+                    except TimeoutError:
+                        pass
+                    except BrokenProcessPool:  # a worker was killed (out of memory, a signal)
+                        raise ChildProcessError(
+                            "a worker process died before its job ended"
+                        ) from None
+                    finally:
+                        count(counter.value - seen)
+                        seen = counter.value
+                done(len(results) - 1, results[-1])
         return results
     if parallel:
         with threadpool_limits(limits=1), ThreadPoolExecutor(workers) as pool:
@@ -504,6 +517,20 @@ def run_jobs(fn, jobs, xp=np, workers=WORKERS, bar=None, done=None):
         results.append(fn(*job, xp=xp, progress=count))
         done(len(results) - 1, results[-1])
     return results
+
+
+def block_size(M, H, xp=np):
+    """Networks per block of train_many: all of them on a GPU; on the CPU about CPU_BLOCK_UNITS
+    hidden units' worth (the block's masks stay in L2 cache)."""
+    return M if xp is not np else max(1, min(M, CPU_BLOCK_UNITS // H))
+
+
+def stop_steps(steps, T, oscillate_to_end=False):
+    """The first step with Gamma = 1: the final period is static (steps - T, at least 0) unless
+    the oscillations run to the end (then steps + 1, never). T : float or (M,) array."""
+    if oscillate_to_end:
+        return np.full(np.shape(T), steps + 1) if np.ndim(T) else steps + 1
+    return np.maximum(steps - np.asarray(T), 0) if np.ndim(T) else max(0, steps - T)
 
 
 def train_many(
@@ -521,7 +548,7 @@ def train_many(
     """
     M, _, H = params["W1"].shape
     if block is None:
-        block = M if xp is not np else max(1, min(M, CPU_BLOCK_UNITS // H))
+        block = block_size(M, H, xp)
     bar = tqdm(
         total=M * spec.steps,
         desc=desc,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 
 import numpy as np
 
@@ -31,12 +30,12 @@ from spiral import (
     make_spiral_val,
     run_arrays,
     run_jobs,
+    stop_steps,
     train_many,
 )
 from sweep import atomic_savez
 
 D_SPIRAL = 2  # the spiral's input dimension
-METRIC_FIELDS = ("train_acc", "val_acc", "train_loss", "val_loss")  # = sweep.PHASE_FIELDS
 
 
 def spiral_data(val="uniform"):
@@ -66,7 +65,7 @@ def unit_expect(cfg):
     def expect(name):
         us = seeds_of[name]
         n = len(us)
-        fields = {f: (n,) for f in (*METRIC_FIELDS, "diverged_step")}
+        fields = {f: (n,) for f in (*sweep.PHASE_FIELDS, "diverged_step")}
         fields["seeds"] = lambda a, us=us: a.shape == (n,) and a.tolist() == list(us)
         shapes = {"W1": (n, D_SPIRAL, H), "b1": (n, H), "W2": (n, H, K_SPIRAL), "b2": (n, K_SPIRAL)}
         fields.update(shapes)
@@ -94,7 +93,7 @@ def train_units(units, cfg, xp, progress):
     A = np.array([cfg["A"][u[2]] for u in todo for _ in u[3]], dtype=float)
     T = np.array([cfg["T"][u[1]] for u in todo for _ in u[3]], dtype=float)
     steps = cfg["steps"]
-    stop = np.maximum(steps - T, 0) if cfg["stop_last_period"] else np.full(len(A), steps + 1)
+    stop = stop_steps(steps, T, not cfg["stop_last_period"])  # (n,)
     spec = TrainSpec(A, T, stop, cfg["lr"], steps, steps, cfg["loss"])
     params = init_mlp(seeds, D=D_SPIRAL, H=cfg["width"], K=K_SPIRAL, init=cfg["init"])
     desc = f"{len(todo)} cells x seeds"
@@ -179,7 +178,9 @@ def merge_phase(out, val=None):
     if val is not None and val != own:
         done = reevaluate(done, val)
     placements = [(name, ti, ai, seeds.index(us[0])) for name, ti, ai, us in units]
-    metrics = {n: {k: d[k] for k in (*METRIC_FIELDS, "diverged_step")} for n, d in done.items()}
+    metrics = {
+        n: {k: d[k] for k in (*sweep.PHASE_FIELDS, "diverged_step")} for n, d in done.items()
+    }
     arrays = sweep.assemble(metrics, placements, len(T_list), len(A_list), len(seeds))
     summary = sweep.summarize(arrays, sweep.PHASE_FIELDS, A_list, T_list, seeds, "diverged_step")
     stem = "phase" if val is None or val == own else f"phase-val-{val}"
@@ -215,24 +216,11 @@ def reevaluate(done, val):
 
 BOOTSTRAP_SAMPLES = 2000  # resamplings of the seeds for the exponent's interval
 BOOTSTRAP_SEED = 0
-SPECTRA_EVERY = 25  # steps between spectra: odd, so both branches of a period-two bounce show
 
 
-def mean_interval(values, confidence=sweep.CONFIDENCE):
-    """Mean over the last axis (NaN left out) and its t interval: mean, lo, hi, n."""
-    from scipy.stats import t as student_t
-
-    values = np.asarray(values, dtype=np.float64)
-    n = np.isfinite(values).sum(axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        mean = np.nanmean(values, axis=-1)
-        half = student_t.ppf(0.5 + confidence / 2, n - 1) * np.nanstd(values, axis=-1, ddof=1)
-        half = np.where(n >= 2, half / np.sqrt(n), np.nan)
-    return mean, mean - half, mean + half, n
-
-
-def tracked_units(units, cfg, spec_of, data, xp, progress, store, k=1, every=25, ntk_every=0):
+def tracked_units(
+    units, cfg, spec_of, data, xp, progress, store, k=1, every=25, ntk_every=0, workers=WORKERS
+):
     """Train the networks of pending units side by side (stability.track), units with the same
     TrainSpec together, spread over worker processes; ``store(unit, res, net, spectra)`` is
     called for each network as its group finishes. units : [(name, width, key, seed)] with key
@@ -243,7 +231,7 @@ def tracked_units(units, cfg, spec_of, data, xp, progress, store, k=1, every=25,
     by_spec = {}
     for u in units:
         by_spec.setdefault((u[1], u[2]), []).append(u)
-    pieces = max(1, -(-WORKERS // max(len(by_spec), 1)))  # a single group still fills the workers
+    pieces = max(1, -(-workers // max(len(by_spec), 1)))  # a single group still fills the workers
     groups = []
     for (width, key), group in by_spec.items():
         size = -(-len(group) // pieces)
@@ -263,7 +251,7 @@ def tracked_units(units, cfg, spec_of, data, xp, progress, store, k=1, every=25,
         for m, u in enumerate(members[i]):
             store(u, res, m, spectra[m], jobs[i][0], jobs[i][2])
 
-    run_jobs(stability.track, jobs, xp, bar=bar, done=done)
+    run_jobs(stability.track, jobs, xp, workers, bar=bar, done=done)
     bar.close()
 
 
@@ -288,7 +276,7 @@ def threshold_spec(cfg, key, M):
         A, T, steps = 1.0, cfg["T0"], cfg["static_steps"]
     every = cfg["hess_every"]
     full = lambda v: np.full(M, float(v))
-    return TrainSpec(full(A), full(T), full(max(0, steps - T)), lr, steps, every, cfg["loss"])
+    return TrainSpec(full(A), full(T), full(stop_steps(steps, T)), lr, steps, every, cfg["loss"])
 
 
 def threshold_expect(name):
@@ -352,7 +340,7 @@ def merge_threshold(out):
     settled = np.array(
         [[[float(unit(w, lr, s)["settled_period"]) for s in seeds] for lr in lrs] for w in widths]
     )
-    mean, lo, hi, n = mean_interval(thr)  # (W, L)
+    mean, lo, hi, n = sweep.mean_interval(thr)  # (W, L)
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     q = (50 * (1 - sweep.CONFIDENCE), 50 * (1 + sweep.CONFIDENCE))  # percentiles of the interval
     arrays = {
@@ -381,8 +369,14 @@ def merge_threshold(out):
         arrays["slope_diff_lo"], arrays["slope_diff_hi"] = np.nanpercentile(diff, q)
     for w in widths:
         static = [done[f"static_w{w}_s{s:05d}"] for s in seeds]
-        arrays[f"static_w{w}_hess_step"] = static[0]["hess_step"]
-        arrays[f"static_w{w}_hess_lmax"] = np.array([u["hess_lmax"] for u in static])  # (S, n)
+        longest = max(static, key=lambda u: len(u["hess_step"]))  # a diverged run stops early
+        n = len(longest["hess_step"])
+        padded = [
+            np.pad(u["hess_lmax"], (0, n - len(u["hess_lmax"])), constant_values=np.nan)
+            for u in static
+        ]
+        arrays[f"static_w{w}_hess_step"] = longest["hess_step"]
+        arrays[f"static_w{w}_hess_lmax"] = np.array(padded)  # (S, n), NaN after an early stop
         arrays[f"static_w{w}_train_acc"] = np.array([float(u["train_acc"]) for u in static])
     atomic_savez(os.path.join(out, "threshold.npz"), **arrays)
     png = os.path.join(out, "threshold.png")
@@ -466,7 +460,7 @@ def dynamics_summary(done, seeds):
     instabilities and of bifurcation episodes; the threshold's mean and t interval."""
     runs = [done[f"seed_{s:05d}"] for s in seeds]
     thr = np.array([float(r["threshold"]) for r in runs])
-    mean, lo, hi, n = mean_interval(thr)
+    mean, lo, hi, n = sweep.mean_interval(thr)
     return {
         "seeds": np.array(seeds),
         "threshold": thr,

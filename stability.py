@@ -28,6 +28,7 @@ from spectra import (
     SLQ_STEPS,
     hessian_matvec,
     hutchinson_trace,
+    n_params,
     net_state,
     ntk_matvec,
     ntk_traced_matvec,
@@ -40,13 +41,14 @@ from spiral import train_block
 TRACK_TOL = 1e-3  # tracker's relative residual: measured eigenvalue errors <= 1e-5 (benchmark)
 TRACK_MIX = 0.03  # weight of a random unit vector added to each warm start (see SpectraTracker)
 TRACK_COLD_TOL = 1e-10  # eigsh's tolerance for the tracker's first (cold) call
-TRACK_COLD_NCV = 20  # eigsh's Lanczos basis for a cold start (its usual default)
+TRACK_COLD_NCV = 20  # eigsh's Lanczos basis for a cold start (its usual default), > TOP_K_MAX
 MIX_SEED = 0  # the random directions mixed into the warm starts
 BIF_MIN_FLIPS = 4  # consecutive sign changes of F(t) - F(t-1) that make a bifurcation episode
 BIF_MIN_JUMP = 1e-12  # |F(t) - F(t-1)| at or below this is roundoff, not a bounce
 GAMMA_BLOCK = 4096  # the tracker evaluates Gamma(t) for this many steps at once
 HESS_JUMP = 0.1  # Fig. 4 caption: lambda_max(t) - lambda_max(t-1) ~ 0.1 marks an instability
 HESS_MIN_RUN = 2  # an instability is at least this many bouncing jumps in a row
+TOP_K_MAX = 19  # Hessian eigenvalues a tracker can follow: below its cold-start basis (20)
 ZOOM_PAD = 50  # steps shown on each side of a zoomed instability (at least)
 SPECTRA_FIELDS = ("hess_step", "hess_lmax", "hess_topk", "ntk_step", "ntk_lmax", "ntk_traced_lmax")
 ANALYSIS_FIELDS = ("bif_start", "bif_end", "thr_start", "thr_end", "threshold", "gd_bound")
@@ -118,7 +120,8 @@ def hessian_threshold(step, lmax, jump=HESS_JUMP, min_length=HESS_MIN_RUN):
 
 
 def gd_threshold(lr):
-    """Gradient descent on a quadratic diverges along curvature lambda > 2/eta."""
+    """Gradient descent on a quadratic diverges along curvature lambda > 2/eta: the eta^-1 of
+    eq. (7), with its constant. lr : float or array."""
     return 2.0 / lr
 
 
@@ -288,7 +291,7 @@ class SpectraTracker:
     def _top(self, matvec, which, s):
         """Top eigenpair(s) of one operator, cold or warm (class docstring): (k,), (n, k)."""
         N, K = s["logits"].shape
-        n = {"hess": s["W1a"].size + s["W2"].size + K, "ntk": N * K, "traced": N}[which]
+        n = {"hess": n_params(s), "ntk": N * K, "traced": N}[which]
         k = self.k if which == "hess" else 1
         v0 = self._vecs[which]
 
@@ -332,8 +335,7 @@ class SpectraTracker:
 
     def arrays(self):
         """Every tracked series in a dict (for np.savez)."""
-        names = ("hess_step", "hess_lmax", "hess_topk", "ntk_step", "ntk_lmax", "ntk_traced_lmax")
-        return {name: getattr(self, name) for name in names}
+        return {name: getattr(self, name) for name in SPECTRA_FIELDS}
 
 
 def track(params0, data, spec, k=1, every=25, ntk_every=25, xp=np, progress=None):
@@ -355,10 +357,24 @@ def track(params0, data, spec, k=1, every=25, ntk_every=25, xp=np, progress=None
 
     with threadpool_limits(limits=1):  # small products are slower on two BLAS threads
         res = train_block(params0, data, spec, xp=xp, on_log=on_log, progress=progress)
+    spectra = []
     for m, tracker in enumerate(trackers):
-        if res["diverged_step"][m] < 0:
+        d = res["diverged_step"][m]
+        if d < 0:
             tracker(spec.steps, res["params"], force=True)
-    return res, [tracker.arrays() for tracker in trackers]
+        arrays = tracker.arrays()
+        if d >= 0:  # a diverged network's spectra after its divergence are not its training's
+            for steps, fields in (
+                ("hess_step", ("hess_lmax", "hess_topk")),
+                ("ntk_step", ("ntk_lmax", "ntk_traced_lmax")),
+            ):
+                late = arrays[steps] > d
+                for f in fields:
+                    arrays[f] = np.where(
+                        late if arrays[f].ndim == 1 else late[:, None], np.nan, arrays[f]
+                    )
+        spectra.append(arrays)
+    return res, spectra
 
 
 def zoom_replay(params0, data, spec, window, k=1, every=1, ntk=True, xp=np):
@@ -437,7 +453,7 @@ def densities_along(params0, data, spec, at, probes=SLQ_PROBES, steps=SLQ_STEPS,
         gamma = class_weights(step, spec.A[0], spec.T[0], K, spec.stop_step[0])  # (K,)
         s = net_state(one, X)
         matvec = hessian_matvec(s, y, gamma, spec.loss)
-        P = s["W1a"].size + s["W2"].size + s["b2"].size
+        P = n_params(s)
         rng = np.random.default_rng([DENSITY_SEED, step])
         grid, density, nodes, weights = spectral_density(matvec, P, rng, m=steps, n_probes=probes)
         trace, stderr = hutchinson_trace(matvec, P, rng)

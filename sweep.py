@@ -66,10 +66,14 @@ def write_json(path, obj):
     """Write JSON atomically (a temporary file in the same folder, then rename)."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def folder_owner(out):
@@ -109,8 +113,7 @@ def claim_folder(out, kind, settings, overwrite=False):
         return
     if owner["kind"] != kind:
         raise InputError(f"{out} holds a {owner['kind']} run, not a {kind} one: use another --out")
-    old, new = owner["settings"] or {}, json.loads(json.dumps(settings))
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    diff = differing(owner["settings"] or {}, settings)
     raise InputError(
         f"{out} holds another {kind} run (differs in: {', '.join(diff)}): use another --out, "
         "or --overwrite to replace it"
@@ -133,9 +136,8 @@ def prepare(out, config, grow=()):
     if owner is not None and not os.path.exists(path):
         raise InputError(f"{out} holds a {owner['kind']} run, not a sweep: use another --out")
     if os.path.exists(path):
-        old = load_config(out)
-        new = json.loads(json.dumps(config))
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        old, new = load_config(out), json.loads(json.dumps(config))
+        diff = differing(old, new)
         extends = all(
             k in grow
             and isinstance(old.get(k), list)
@@ -282,7 +284,7 @@ def assemble(done, placements, n_T, n_A, n_seeds):
 
 
 def summarize(arrays, fields, A, T, seeds, diverged_field):
-    """Grid, per-cell diverged counts, the mean and std over seeds of each field, (b, a), and,
+    """Grid, per-cell diverged counts, the mean and std over seeds of each field, (n_T, n_A), and,
     when A = 1 is in the grid, the paired differences to it of PAIRED_FIELDS
     (:func:`paired_differences`).
 
@@ -307,26 +309,38 @@ def summarize(arrays, fields, A, T, seeds, diverged_field):
     return summary
 
 
+def mean_interval(values, confidence=CONFIDENCE):
+    """The mean over the last axis (NaN left out) and its t interval mean +- t_{n-1} sd / sqrt(n)
+    at ``confidence``, over the n finite values (NaN where n < 2). values : (..., S).
+    Returns mean, lo, hi (...) float and n (...) int."""
+    from scipy.stats import t as student_t
+
+    values = np.asarray(values, dtype=np.float64)
+    n = np.isfinite(values).sum(axis=-1)
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # fewer than 2 values: NaN
+        mean = np.nanmean(values, axis=-1)
+        half = student_t.ppf(0.5 + confidence / 2, n - 1) * np.nanstd(values, axis=-1, ddof=1)
+    half = np.where(n >= 2, half / np.sqrt(np.maximum(n, 1)), np.nan)
+    return mean, mean - half, mean + half, n
+
+
 def paired_differences(values, static_index, confidence=CONFIDENCE):
     """The difference of every cell to the static cell (A = 1) of its row, seed by seed.
 
-    values : (b, a, s), seed s the same initial network in every cell of a row;
+    values : (n_T, n_A, n_seeds), seed s the same initial network in every cell of a row;
     static_index : the A index of A = 1. For each cell, d_s = values[., ., s] - values[., static,
-    s] over the seeds where both are finite (n of them): the mean of d and its paired t interval
-    mean +- t_{n-1} sd(d) / sqrt(n) at ``confidence`` (NaN where n < 2).
-    Returns mean, lo, hi (b, a) float and n (b, a) int.
+    s] over the seeds where both are finite: the mean of d and its paired t interval
+    (:func:`mean_interval`). Returns mean, lo, hi (n_T, n_A) float and n (n_T, n_A) int.
     """
-    from scipy.stats import t as student_t
+    d = values - values[:, static_index : static_index + 1, :]  # (n_T, n_A, n_seeds)
+    return mean_interval(d, confidence)
 
-    d = values - values[:, static_index : static_index + 1, :]  # (b, a, s)
-    n = np.isfinite(d).sum(axis=2)
-    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
-        warnings.simplefilter("ignore", RuntimeWarning)  # cells with fewer than 2 pairs: NaN
-        mean = np.nanmean(d, axis=2)
-        sd = np.nanstd(d, axis=2, ddof=1)
-        half = student_t.ppf(0.5 + confidence / 2, n - 1) * sd / np.sqrt(n)
-    half = np.where(n >= 2, half, np.nan)
-    return mean, mean - half, mean + half, n
+
+def differing(old, new):
+    """The keys whose values differ between two settings dicts (after a JSON round trip)."""
+    old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
 def print_table(summary, digits=2):

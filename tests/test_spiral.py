@@ -155,3 +155,22 @@ def test_validation_sets_share_the_arms_and_differ_along_them():
     assert nn["inner"] < min(nn["uniform"], nn["outer"], nn["reseed"])  # the centre is harder
     with pytest.raises(ValueError, match="unknown validation set"):
         sp.make_spiral_val("middle")
+
+
+def _die(*args, xp=None, progress=None):
+    """A job whose worker is killed (as by the kernel's out-of-memory killer)."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_worker_that_dies_ends_the_run_instead_of_hanging():
+    with pytest.raises(ChildProcessError, match="worker process died"):
+        sp.run_jobs(_die, [(1,), (2,)], workers=2)
+
+
+def test_stop_steps_make_the_final_period_static():
+    assert sp.stop_steps(100, 30.0) == 70 and sp.stop_steps(100, 300.0) == 0
+    np.testing.assert_array_equal(sp.stop_steps(100, np.array([10.0, 200.0])), [90, 0])
+    assert sp.stop_steps(100, 30.0, oscillate_to_end=True) == 101
