@@ -155,8 +155,8 @@ def loss_backward(cache):
     if loss == "ce":
         dz = xp.exp(a)  # (M, N, K)  softmax(z)
         dz[:, xp.arange(N), y] -= 1.0  # softmax(z) - onehot(y)
-        return dz * (w[..., None] / N)  # dF/dz = Gamma_y * (softmax(z) - onehot(y)) / N
-    return a * (w[..., None] / N)  # dF/dz = Gamma_y * (z - onehot(y)) / N
+        return dz * (w[..., None] / N)  # eq. (1)': Gamma_y (softmax(z) - onehot(y)) / N
+    return a * (w[..., None] / N)  # eq. (8)': dF/dz = Gamma_y (z - onehot(y)) / N
 
 
 def logit_curvature(cache):
@@ -206,7 +206,10 @@ def cross_entropy(logits, y):
 def diverged(F, F0):
     """Whether a loss F has diverged from its initial value F0 (arrays or floats): it is not
     finite, or above DIVERGENCE_FACTOR times F0. The one criterion of every trainer here: a
-    blow-up to a large finite loss at chance accuracy counts, not only an overflow."""
+    blow-up to a large finite loss at chance accuracy counts, not only an overflow.
+
+    F : float or array (M,);  F0 : float or (M,) (broadcast). Returns bool or bool array (M,).
+    """
     xp = get_array_module(F)
     return ~xp.isfinite(F) | (F > DIVERGENCE_FACTOR * F0)
 

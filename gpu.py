@@ -55,6 +55,7 @@ DIRECT_SMEM_FLOATS = 4800  # DIRECT_SMEM in kernels/layers.cu: room for (9C + 1)
 DIRECT_MAX_CHANNELS = 4  # the direct kernel is for conv1 (3 input channels)
 IMPLICIT_CHANNELS = 64  # implicit-GEMM channel counts are multiples of this
 INT32_LIMIT = 2**31 - 256  # kernels index with 32-bit ints; a margin for the last block
+INT32_PIXELS = 2**31  # the fused layer kernels number the pixels (N H W) with 32-bit ints
 THREADS = 256  # threads per block of the elementwise kernels
 CE_THREADS = 128  # threads per block of the cross-entropy kernel (one thread per sample)
 IM2COL_WORDS = (16, 8, 4)  # bytes per copied word, widest first
@@ -142,7 +143,7 @@ def implicit_split(x, W):
     cfg = config()
     if cfg.conv == "im2col" or not _float32(x, W) or not channels_fit_tiles(*W.shape[2:]):
         return None
-    if x.shape[0] * x.shape[1] * x.shape[2] >= 2**31:  # pixel indices are 32-bit in the kernels
+    if x.shape[0] * x.shape[1] * x.shape[2] >= INT32_PIXELS:
         return None
     if cfg.tf32:
         return 0

@@ -22,6 +22,14 @@ from stability import SPECTRA_FIELDS, gd_threshold, zoom_window  # noqa: E402
 from sweep import CONFIDENCE  # noqa: E402
 
 PLOT_MAX_POINTS = 20000  # points per curve of Gamma(t) in a CIFAR run figure
+SEED_JITTER = 0.04  # log-spread of one (width, lr)'s seed points, so they do not overlap
+WIDTH_SHIFT = 0.06  # log-offset between the widths' points at one learning rate
+FLAT_RANGE = 1e-3  # a colour scale narrower than this is widened to this width
+GRID_MARGIN = 1.15  # log-margin around the (T, A) grid of a phase panel
+CELL_MARGIN = 1.3  # the same for the panel of paired differences (bigger markers)
+DENSITY_FLOOR = 1e-12  # spectral densities below this are not drawn (log axis)
+DENSITY_BOTTOM = 1e-6  # the density axis starts here: the bulk and the outliers, not the tails
+SYMLOG_LINEAR = 1e-2  # eigenvalues within +- this are drawn on a linear scale (symlog axis)
 
 
 def plot_spiral_run(arrays, path, title):
@@ -58,7 +66,10 @@ def plot_spiral_run(arrays, path, title):
 
 def plot_dynamics(arrays, info, path, title):
     """Fig. 4: (a) Gamma, (b) F, (c) F(t) - F(t-1), (d) accuracies, (e) Hessian lambda_max with
-    the threshold, (f) NTK lambda_max with the eq. (14) bound; (g)-(l) the same zoomed."""
+    the threshold, (f) NTK lambda_max with the eq. (14) bound; (g)-(l) the same zoomed.
+
+    arrays : one run (spiral.run_arrays; ``step`` (S,), ``hess_step`` (R,), ``hess_lmax`` (R,),
+    ``ntk_lmax`` (R,)); info : stability.analyze's dict; path : the PNG to write."""
     step = arrays["step"]
     t0, t1 = zoom_window(info, step, arrays["T"])
     fig, ax = plt.subplots(6, 2, figsize=(13, 13), sharex="col")
@@ -115,15 +126,15 @@ def plot_dynamics(arrays, info, path, title):
 def plot_threshold(arrays, cfg, path):
     """Fig. 5: (a) the threshold against eta (log-log): every seed's point, the mean with its
     interval, the fit of all seeds' points with the bootstrap interval of its exponent; (b, c)
-    the static runs of each width, every seed, against the threshold at eta = 1 from (a)."""
+    the static runs of each width, every seed, against the threshold at the lr nearest 1."""
     widths, lrs, thr = arrays["widths"], arrays["lrs"], arrays["threshold"]  # (W, L, S)
     S = thr.shape[2]
     fig, ax = plt.subplots(1, 1 + len(widths), figsize=(5 + 4.5 * len(widths), 4))
     grid = np.geomspace(lrs.min(), lrs.max(), 50)
-    jitter = np.exp(0.04 * (np.arange(S) - (S - 1) / 2) / max(S, 1))  # spread the seeds' points
+    jitter = np.exp(SEED_JITTER * (np.arange(S) - (S - 1) / 2) / max(S, 1))  # seeds apart
     for i, w in enumerate(widths):
         color = f"C{i}"
-        shift = 1.0 + 0.06 * (i - (len(widths) - 1) / 2)  # the widths side by side
+        shift = 1.0 + WIDTH_SHIFT * (i - (len(widths) - 1) / 2)  # the widths side by side
         ax[0].plot(np.outer(lrs * shift, jitter), thr[i], ".", color=color, ms=3, alpha=0.5)
         mean, lo, hi = (arrays[f"threshold_{k}"][i] for k in ("mean", "lo", "hi"))
         err = np.array([mean - lo, hi - mean])
@@ -178,6 +189,9 @@ def plot_phase(summary, path, title, t_label):
 
     Colour levels span each panel's own range, so small gains (Fig. 1) stay visible; the grid
     points are marked and the A = 1 row (the static loss) lies inside the frame.
+
+    summary : sweep.summarize's dict: ``T`` (b,), ``A`` (a,), ``<field>_mean`` (b, a) and, when
+    paired, ``val_acc_diff_{mean,lo,hi}`` (b, a); t_label : the T axis' label.
     """
     T, A = summary["T"], summary["A"]
     paired = "val_acc_diff_mean" in summary
@@ -188,8 +202,8 @@ def plot_phase(summary, path, title, t_label):
     for ax, (f, label) in zip(axes, panels, strict=False):
         Z = summary[f + "_mean"].T  # (a, b): rows A, columns T
         lo, hi = (np.nanmin(Z), np.nanmax(Z)) if np.isfinite(Z).any() else (0.0, 1.0)
-        if hi - lo < 1e-3:
-            lo, hi = lo - 5e-4, hi + 5e-4
+        if hi - lo < FLAT_RANGE:
+            lo, hi = lo - FLAT_RANGE / 2, hi + FLAT_RANGE / 2
         if len(T) > 1 and len(A) > 1:
             cs = ax.contourf(T, A, Z, levels=np.linspace(lo, hi, 15), cmap="viridis")
         else:
@@ -203,14 +217,7 @@ def plot_phase(summary, path, title, t_label):
                 cmap="viridis",
             )
         ax.plot(*np.meshgrid(T, A), "k.", ms=3, clip_on=False)  # the grid points
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_ylim(A.min() / 1.15, A.max() * 1.15)
-        ax.set_xlim(T.min() / 1.15, T.max() * 1.15)
-        ax.set_xticks(T, [f"{t:g}" for t in T], minor=False, fontsize=7)
-        ax.set_yticks(A, [f"{a:g}" for a in A], minor=False, fontsize=7)
-        ax.minorticks_off()
-        ax.set_xlabel(t_label)
+        _grid_axes(ax, T, A, GRID_MARGIN, t_label)
         ax.set_title(f"{label} accuracy")
         fig.colorbar(cs, ax=ax, format="%.3f")
     axes[0].set_ylabel("amplitude A (A = 1: static loss)")
@@ -218,6 +225,18 @@ def plot_phase(summary, path, title, t_label):
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def _grid_axes(ax, T, A, margin, t_label):
+    """Log axes over the (T, A) grid, ticks at its values, ``margin`` (a factor) around it."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_ylim(A.min() / margin, A.max() * margin)
+    ax.set_xlim(T.min() / margin, T.max() * margin)
+    ax.set_xticks(T, [f"{t:g}" for t in T], minor=False, fontsize=7)
+    ax.set_yticks(A, [f"{a:g}" for a in A], minor=False, fontsize=7)
+    ax.minorticks_off()
+    ax.set_xlabel(t_label)
 
 
 def _plot_paired(ax, summary, t_label):
@@ -231,21 +250,17 @@ def _plot_paired(ax, summary, t_label):
     cs = ax.scatter(tt, aa, c=D, s=260, marker="s", cmap="RdBu", vmin=-span, vmax=span)
     sure = (lo > 0) | (hi < 0)
     ax.scatter(tt[sure], aa[sure], s=420, marker="o", facecolors="none", edgecolors="k", lw=1.2)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_ylim(A.min() / 1.3, A.max() * 1.3)
-    ax.set_xlim(T.min() / 1.3, T.max() * 1.3)
-    ax.set_xticks(T, [f"{t:g}" for t in T], minor=False, fontsize=7)
-    ax.set_yticks(A, [f"{a:g}" for a in A], minor=False, fontsize=7)
-    ax.minorticks_off()
-    ax.set_xlabel(t_label)
+    _grid_axes(ax, T, A, CELL_MARGIN, t_label)
     ax.set_title("(c) validation accuracy minus A = 1 (paired)", fontsize=9)
     fig = ax.get_figure()
     fig.colorbar(cs, ax=ax, format="%+.3f")
 
 
 def plot_cifar_run(arrays, settings, path, title):
-    """Gamma_i(t) (every step), learning rate, losses, accuracies (and lambda_max) vs epoch."""
+    """Gamma_i(t) (every step), learning rate, losses, accuracies (and lambda_max) vs epoch.
+
+    arrays : protocol.run_arrays (``epoch`` (E+1,), ``gamma`` (E+1, K), history (E+1,));
+    settings : the run's settings (A, T, schedule)."""
     spe = int(arrays["steps_per_epoch"])
     epoch = arrays["epoch"]
     E = int(epoch[-1])
@@ -296,19 +311,21 @@ def plot_cifar_run(arrays, settings, path, title):
 def plot_density(arrays, path, title):
     """The Hessian's eigenvalue density at several steps of a run (stochastic Lanczos quadrature),
     on a symmetric-log eigenvalue axis and a log density axis; the legend gives each step's
-    trace (Hutchinson, with its standard error) and lambda_max."""
+    trace (Hutchinson, with its standard error) and lambda_max.
+
+    arrays : stability.densities_along's dict: ``at`` (Q,), ``grid`` (Q, G), ``density`` (Q, G),
+    ``trace``, ``trace_stderr``, ``lmax`` (Q,)."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    floor = 1e-12  # densities below this are not drawn (log axis)
     for i, step in enumerate(arrays["at"]):
         grid, density = arrays["grid"][i], arrays["density"][i]
         label = (
             f"t = {step}: trace {arrays['trace'][i]:.4g} ± {arrays['trace_stderr'][i]:.2g}, "
             rf"$\lambda_{{max}}$ {arrays['lmax'][i]:.4g}"
         )
-        ax.plot(grid, np.maximum(density, floor), lw=0.8, label=label)
-    ax.set_xscale("symlog", linthresh=1e-2)
+        ax.plot(grid, np.maximum(density, DENSITY_FLOOR), lw=0.8, label=label)
+    ax.set_xscale("symlog", linthresh=SYMLOG_LINEAR)
     ax.set_yscale("log")
-    ax.set_ylim(bottom=1e-6)
+    ax.set_ylim(bottom=DENSITY_BOTTOM)
     ax.set_xlabel("Hessian eigenvalue")
     ax.set_ylabel("density")
     ax.legend(fontsize=7)

@@ -145,7 +145,7 @@ def step_lrs(settings, spe, t0, t1):
 
 MD5_PATTERN = re.compile(r"^[0-9a-fA-F]{32}$")
 DEFAULTS = {  # the options of run_cifar.py train and phase, at the Fig. 1 protocol
-    "data": None,  # CIFAR-10 archive or folder (None: $CIFAR10_PATH), or "synthetic"
+    "data": None,  # CIFAR-10 archive or folder (None: $CIFAR10_PATH), "synthetic" or "digits"
     "md5": cifar.OFFICIAL_MD5,
     "synthetic_train": 10000,
     "synthetic_test": 2000,
@@ -240,7 +240,7 @@ def resolve_settings(args):
     }
 
 
-def check_run(settings, A, T, seed):
+def check_run(A, T, seed):
     """Validate one run's amplitude (finite, >= 1), period (finite, >= 1 step) and seed."""
     check_number(A, "--A", low=1)
     check_number(T, "--T", low=1)
@@ -315,7 +315,7 @@ def load_data(settings, path, hess_batch=0):
 def evaluate(params, x, y, gamma, batch):
     """Dynamical loss (eq. 1 with ``gamma``), static cross-entropy and accuracy on (x, y).
 
-    x : (N, Hx, Wx, 3) and y : (N,) on the backend of params; gamma : (K,); forward passes of
+    x : (N, Hx, Wx, C) and y : (N,) on the backend of params; gamma : (K,); forward passes of
     ``batch`` images. Returns three floats (one host sync).
     """
     xp = get_array_module(x)
@@ -325,7 +325,7 @@ def evaluate(params, x, y, gamma, batch):
         yb = y[s : s + batch]  # (n,)
         logits, _ = myrtle5_forward(x[s : s + batch], params)  # (n, K)
         ce = per_sample_cross_entropy(logits.astype(np.float64)[None], yb)[0]  # (n,)  CE_j
-        dyn = dyn + (w[yb] * ce).sum()  # sum_j Gamma_{y_j} CE_j
+        dyn = dyn + (w[yb] * ce).sum()  # eq. (1): sum_j Gamma_{y_j} CE_j
         static = static + ce.sum()
         correct = correct + (logits.argmax(axis=1) == yb).sum()
     n = x.shape[0]
@@ -578,7 +578,8 @@ def final_metrics(state):
 
 
 def run_arrays(state, info):
-    """The arrays of run.npz (module docstring)."""
+    """The arrays of run.npz (module docstring): ``epoch``, ``step`` (E+1,), ``gamma`` (E+1, K),
+    every history field (E+1,), scalars ``steps_per_epoch``, ``stop_step`` and the rest of info."""
     E = len(state.hist["test_acc"]) - 1
     arrays = {
         "epoch": np.arange(E + 1),

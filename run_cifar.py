@@ -87,11 +87,6 @@ HESS_BATCH = 512  # training images of the optional Hessian eigenvalue
 
 
 # ---------------------------------------------------------------------------------------------
-# Settings
-# ---------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------
 # train
 # ---------------------------------------------------------------------------------------------
 
@@ -140,7 +135,7 @@ def check_train(args):
     """Validate ``train`` before any work: returns (settings, xp, data)."""
     check_out_dir(args.out)
     settings = resolve_settings(args)
-    check_run(settings, args.A, args.T, args.seed)
+    check_run(args.A, args.T, args.seed)
     settings.update(A=args.A, T=args.T, seed=args.seed, hess_every=args.hess_every)
     settings["hess_batch"] = args.hess_batch if args.hess_every else None
     check_memory(cifar_memory(settings), "this run")
@@ -348,11 +343,6 @@ def cmd_merge(args):
 # ---------------------------------------------------------------------------------------------
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-
-
 def add_common_options(p, out):
     """Data, protocol and device options shared by ``train`` and ``phase`` (protocol.DEFAULTS)."""
     d = DEFAULTS
@@ -469,7 +459,8 @@ def build_parser():
 def main(argv=None):
     """Entry point."""
     argv = sys.argv[1:] if argv is None else argv
-    return run_main(build_parser(), argv, SCRIPT, errors=(InputError, cifar.CifarError))
+    errors = (InputError, cifar.CifarError, CheckpointError)  # one line each, exit 2
+    return run_main(build_parser(), argv, SCRIPT, errors=errors)
 
 
 if __name__ == "__main__":

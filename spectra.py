@@ -289,11 +289,6 @@ def hvp(params, X, y, gamma, v, loss="ce"):
 
 
 # ---------------------------------------------------------------------------------------------
-# Top eigenpairs
-# ---------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------
 # Lanczos and the top eigenpairs
 # ---------------------------------------------------------------------------------------------
 
@@ -430,7 +425,7 @@ def ntk(params, X):
     N, K = len(xa), W2.shape[1]
     B = (mask[:, None, :] * W2.T[None, :, :]).reshape(N * K, -1)  # (N*K, H)  m_nj W2_jk
     same = np.kron(xa @ xa.T, np.ones((K, K)))  # (N*K, N*K)  xa_n . xa_n'
-    return same * (B @ B.T) + np.kron(h1 @ h1.T + 1.0, np.eye(K))
+    return same * (B @ B.T) + np.kron(h1 @ h1.T + 1.0, np.eye(K))  # eq. (11): hidden + output
 
 
 def ntk_traced(params, X):
@@ -442,7 +437,7 @@ def ntk_traced(params, X):
     xa, mask, h1, W2 = s["xa"], s["mask"], s["h1"], s["W2"]
     K = W2.shape[1]
     sq = (W2**2).sum(axis=1)  # (H,)  s_j = sum_k W2_jk^2
-    return (xa @ xa.T) * ((mask * sq) @ mask.T) / K + h1 @ h1.T + 1.0
+    return (xa @ xa.T) * ((mask * sq) @ mask.T) / K + h1 @ h1.T + 1.0  # eq. (11), traced over k
 
 
 def ntk_matvec(s):
@@ -454,7 +449,7 @@ def ntk_matvec(s):
         U = np.asarray(u, dtype=np.float64).reshape(N, K)  # (N, K) upstream on the logits
         dW2, db2 = h1.T @ U, U.sum(axis=0)  # (H, K), (K,)   J^T u, output layer
         dW1a = _vjp_hidden(s, U)  # (D+1, H)       J^T u, hidden layer
-        out = _jvp_hidden(s, dW1a) + h1 @ dW2 + db2  # (N, K)  J (J^T u)
+        out = _jvp_hidden(s, dW1a) + h1 @ dW2 + db2  # (N, K)  Theta u = J (J^T u), eq. (11)
         return out.ravel()
 
     return matvec
@@ -471,7 +466,7 @@ def ntk_traced_matvec(s):
         u = np.asarray(u, dtype=np.float64).reshape(N)
         inner = mask.T @ (xa * u[:, None])  # (H, D+1)  sum_n' m_n'j xa_n'd u_n'
         hidden = ((mask @ (sq * inner)) * xa).sum(axis=1)  # (N,)
-        return hidden + h1 @ (h1.T @ u) + u.sum()
+        return hidden + h1 @ (h1.T @ u) + u.sum()  # eq. (11), traced: hidden + output layer
 
     return matvec
 

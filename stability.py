@@ -50,6 +50,7 @@ HESS_JUMP = 0.1  # Fig. 4 caption: lambda_max(t) - lambda_max(t-1) ~ 0.1 marks a
 HESS_MIN_RUN = 2  # an instability is at least this many bouncing jumps in a row
 TOP_K_MAX = 19  # Hessian eigenvalues a tracker can follow: below its cold-start basis (20)
 ZOOM_PAD = 50  # steps shown on each side of a zoomed instability (at least)
+ZOOM_FALLBACK = 0.1  # without any instability, show +- this fraction of a period mid-run
 SPECTRA_FIELDS = ("hess_step", "hess_lmax", "hess_topk", "ntk_step", "ntk_lmax", "ntk_traced_lmax")
 ANALYSIS_FIELDS = ("bif_start", "bif_end", "thr_start", "thr_end", "threshold", "gd_bound")
 ANALYSIS_FIELDS += ("ntk_bound", "settled_period")  # the keys of analyze()
@@ -147,6 +148,10 @@ def analyze(arrays, lr, N, T, stop_step):
     ``threshold``, ``gd_bound`` = 2/eta, ``ntk_bound`` = 2N/eta (eq. 14), and
     ``settled_period``: the number of periods T after which lambda_max never again exceeds the
     threshold while the loss still oscillates (nan when there is no threshold).
+
+    arrays : one run's arrays (spiral.run_arrays): ``step`` (S,), ``loss`` (S,) and the tracked
+    ``hess_step`` (R,), ``hess_lmax`` (R,); lr, N (training points), T, stop_step : scalars.
+    Starts and ends are int arrays (E,) of steps, one per episode.
     """
     step = arrays["step"]
     contiguous = len(step) > 2 and np.all(np.diff(step[:-1]) == 1)
@@ -175,7 +180,7 @@ def analyze(arrays, lr, N, T, stop_step):
 
 def zoom_window(info, step, T):
     """(t0, t1) around the first instability of lambda_max after the first period (else of F,
-    else mid-run)."""
+    else mid-run): two ints. info : :func:`analyze`'s dict;  step : (S,) logged steps."""
     for s0, s1 in (("thr_start", "thr_end"), ("bif_start", "bif_end")):
         if len(info[s0]):
             later = np.flatnonzero(info[s0] >= T)  # past the first period's transient if we can
@@ -184,7 +189,7 @@ def zoom_window(info, step, T):
             pad = max(ZOOM_PAD, (b - a) // 2)
             return a - pad, b + pad
     mid = int(step[-1] // 2)
-    return mid - int(T // 10), mid + int(T // 10)
+    return mid - int(T * ZOOM_FALLBACK), mid + int(T * ZOOM_FALLBACK)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +405,8 @@ MIN_FIT_POINTS = 3  # a log-log fit needs at least this many finite thresholds
 
 
 def unit_threshold(unit):
-    """The Hessian threshold of one stored run, recomputed from its lambda_max series."""
+    """The Hessian threshold (float, nan without instability) of one stored run, recomputed from
+    its series ``hess_step`` (R,) and ``hess_lmax`` (R,) (nan after a divergence: left out)."""
     ok = np.isfinite(unit["hess_lmax"])
     return hessian_threshold(unit["hess_step"][ok], unit["hess_lmax"][ok])[0]
 

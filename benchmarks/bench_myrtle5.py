@@ -35,6 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import cpu_name  # noqa: E402
+
 import gpu  # noqa: E402
 from dynloss import class_weights  # noqa: E402
 from models import (  # noqa: E402
@@ -287,16 +289,6 @@ def versions():
         except Exception:
             pass
     return v
-
-
-def cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def gpu_info():

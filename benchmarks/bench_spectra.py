@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
 import numpy as np
 import scipy
 from scipy.sparse.linalg import eigsh
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from machine import describe  # noqa: E402
 
 import spectra  # noqa: E402
 import stability  # noqa: E402
@@ -41,24 +42,6 @@ from spiral import TrainSpec, make_spiral_train, make_spiral_val, train_block  #
 
 A_BENCH, T_BENCH = 70.0, 500.0  # Fig. 4's amplitude; a shorter period so the run sees cycles
 EXACT_SAMPLES = {100: 20, 1000: 3}  # tracked steps checked against exact eigenvalues
-
-
-def machine():
-    """One line each: CPU, cores, Python, NumPy, SciPy, BLAS."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    blas = [
-        f"{i['internal_api']} {i['version']}" for i in threadpool_info() if i["user_api"] == "blas"
-    ]
-    return [
-        f"machine: {cpu}, {os.cpu_count()} cores, {platform.platform()}",
-        f"python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}, "
-        f"BLAS {', '.join(blas) or 'unknown'}",
-    ]
 
 
 def timed_runs(H, steps, every, k, repeats):
@@ -146,7 +129,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     widths = [int(w) for w in args.widths.split(",")]
     with threadpool_limits(limits=args.threads):
-        print("\n".join(machine()) + f", {args.threads} BLAS thread(s)")
+        print(describe() + f", scipy {scipy.__version__}, {args.threads} BLAS thread(s)")
         print(
             f"spiral N = 300, A = {A_BENCH:g}, T = {T_BENCH:g}, lr = 1, {args.steps} steps, "
             f"tracking every {args.every} steps (Hessian top-{args.k}, NTK full and traced), "

@@ -21,14 +21,15 @@ the script prints our rates and says that the comparison needs it
 
 import argparse
 import os
-import platform
 import sys
 import time
 
 import numpy as np
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from machine import describe  # noqa: E402
 
 import spiral  # noqa: E402
 from models import backend, init_mlp  # noqa: E402
@@ -43,25 +44,6 @@ TINY = {100: (4, 20), 1000: (2, 10)}
 VAL_EVERY = 10  # the dynamics command's validation interval (steps), for "single, logging"
 CHECK_STEPS = 50  # steps of the agreement check
 CHECK_RTOL = 1e-9  # ours and JAX after CHECK_STEPS steps: the same sums in other orders
-
-
-def machine():
-    """CPU model, cores, Python, NumPy and the BLAS NumPy uses."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    blas = [
-        f"{i['internal_api']} {i['version']} ({i.get('threading_layer', '?')})"
-        for i in threadpool_info()
-        if i["user_api"] == "blas"
-    ]
-    return (
-        f"machine: {cpu}, {os.cpu_count()} cores; python {platform.python_version()}, "
-        f"numpy {np.__version__}, BLAS {', '.join(blas) or 'unknown'}"
-    )
 
 
 def spec_for(M, steps):
@@ -157,7 +139,7 @@ def main():
     repeats = 1 if args.tiny else args.repeats
     data = (*spiral.make_spiral_train(), *spiral.make_spiral_val())
     sizes = TINY if args.tiny else (SIZES if xp is np else GPU_SIZES)
-    print(machine())
+    print(describe())
     if xp is not np:
         name = xp.cuda.runtime.getDeviceProperties(0)["name"]
         name = name.decode() if isinstance(name, bytes) else name
