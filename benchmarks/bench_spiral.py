@@ -14,14 +14,20 @@ with the same jitted loop for M = 1. Rates are network-steps per second, the bes
 ``--repeats`` timed runs after a warm-up (JAX's compilation is not timed). Before timing, both
 train the same networks for ``CHECK_STEPS`` steps and must agree to ``CHECK_RTOL``: the JAX
 step is the same computation. "single, logging" times our trainer logging every step with the
-validation set every 10 (the ``dynamics`` command's training, without its spectra). Without JAX
+validation set every 10 (the ``dynamics`` command's training, without its spectra). "phase
+command" times the whole ``run_spiral.py phase`` command in a child process (start-up, training
+that keeps every network's final parameters, validation, writing the units, the phase file and
+its figure) for the batch row's networks over PHASE_STEPS_FACTOR times its steps: a sweep must
+train at the batch row's rate (their ratio is printed below the table). Without JAX
 the script prints our rates and says that the comparison needs it
 (``pip install -r requirements-bench.txt``).
 """
 
 import argparse
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -44,6 +50,9 @@ TINY = {100: (4, 20), 1000: (2, 10)}
 VAL_EVERY = 10  # the dynamics command's validation interval (steps), for "single, logging"
 CHECK_STEPS = 50  # steps of the agreement check
 CHECK_RTOL = 1e-9  # ours and JAX after CHECK_STEPS steps: the same sums in other orders
+PHASE_STEPS_FACTOR = 4  # the phase command trains this many times the batch row's steps
+PHASE_SEED_BLOCK = {100: 8, 1000: 4}  # seeds per unit in the phase row (several units per batch)
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 def spec_for(M, steps):
@@ -147,6 +156,8 @@ def main():
     # ours first, JAX after: our CPU trainer forks worker processes, which must not happen once
     # JAX's threads run in this process
     ours = {w: bench_ours(w, M, steps, data, xp, repeats) for w, (M, steps) in sizes.items()}
+    for w, (M, steps) in sizes.items():
+        ours[w]["phase command"] = bench_phase(w, M, steps * PHASE_STEPS_FACTOR, args.device)
     try:
         import jax
 
@@ -161,11 +172,29 @@ def main():
     head = f"{'width':>6} {'run':<16} {'networks':>8} {'steps':>6} {'ours':>9} {'JAX':>9}"
     print(head + f" {'ours/JAX':>8}")
     for width, (M, steps) in sizes.items():
-        for run, m in (("batch", M), ("single", 1), ("single, logging", 1)):
+        rows = (("batch", M, steps), ("single", 1, steps), ("single, logging", 1, steps))
+        rows += (("phase command", M, steps * PHASE_STEPS_FACTOR),)
+        for run, m, n in rows:
             mine = ours[width][run]
             jax_rate = theirs.get(width, {}).get(run)
             j = f"{jax_rate:>9.0f} {mine / jax_rate:>8.2f}" if jax_rate else f"{'-':>9} {'-':>8}"
-            print(f"{width:>6} {run:<16} {m:>8} {steps:>6} {mine:>9.0f} {j}")
+            print(f"{width:>6} {run:<16} {m:>8} {n:>6} {mine:>9.0f} {j}")
+    for width in sizes:
+        ratio = ours[width]["phase command"] / ours[width]["batch"]
+        print(f"width {width}: the phase command trains at {ratio:.2f} x the batch row's rate")
+
+
+def bench_phase(width, M, steps, device):
+    """Network-steps per second of the whole ``run_spiral.py phase`` command (one cell, M seeds)."""
+    block = min(PHASE_SEED_BLOCK.get(width, 1), M)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, os.path.join(ROOT, "run_spiral.py"), "phase", "--width", str(width)]
+        cmd += ["--A", f"{A_BENCH:g}", "--T", f"{T_BENCH:g}", "--seeds", str(M), "--steps"]
+        cmd += [str(steps), "--seed-block", str(block), "--batch", str(M), "--lr", f"{LR:g}"]
+        cmd += ["--no-stop", "--device", device, "--out", os.path.join(tmp, "sweep"), "--quiet"]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        return M * steps / (time.perf_counter() - t0)
 
 
 def bench_ours(width, M, steps, data, xp, repeats):

@@ -214,9 +214,10 @@ def test_benchmark_script_runs_tiny():
     rows = [
         line.split() for line in r.stdout.splitlines() if line.split()[:1] in (["100"], ["1000"])
     ]
-    assert len(rows) == 6  # batch, single, single with logging, for both widths
+    assert len(rows) == 8  # batch, single, single with logging, phase command, for both widths
     ours = [float(row[-3]) for row in rows]  # columns ... ours JAX ours/JAX
     assert all(rate > 0 for rate in ours)
+    assert sum("the phase command trains at" in line for line in r.stdout.splitlines()) == 2
 
 
 GPU_AGREE = 1e-9  # float64 on cuBLAS vs OpenBLAS: other summation orders only
