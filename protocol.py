@@ -40,6 +40,7 @@ import json
 import os
 import re
 import time
+from types import SimpleNamespace
 
 import numpy as np
 from tqdm import tqdm
@@ -152,20 +153,33 @@ DEFAULTS = {  # the options of run_cifar.py train and phase, at the Fig. 1 proto
     "image_size": 32,
     "data_seed": 0,
     "digits_train": DIGITS_TRAIN,
-    "epochs": EPOCHS,
-    "batch": BATCH,
+    "epochs": None,  # None: EPOCHS, or DIGITS_PROTOCOL's for --data digits
+    "batch": None,  # None: BATCH, or DIGITS_PROTOCOL's
     "lr_peak": LR_PEAK,
     "lr_final": LR_FINAL,
     "peak_epoch": None,  # None: PEAK_EPOCH / EPOCHS of the run
     "stop_epoch": None,  # None: STOP_EPOCH / EPOCHS of the run
     "momentum": MOMENTUM,
-    "channels": CHANNELS,
+    "channels": None,  # None: CHANNELS, or DIGITS_PROTOCOL's
     "dtype": "auto",
     "train_eval_every": 1,
     "eval_batch": 500,
     "checkpoint_every": 10,
     "device": "cpu",
 }
+PAPER_PROTOCOL = {"epochs": EPOCHS, "batch": BATCH, "channels": CHANNELS}  # Fig. 1's scale
+DIGITS_PROTOCOL = {"epochs": 140, "batch": 30, "channels": 16}  # the digits' scale (docs/digits.md)
+
+
+def protocol_defaults(args):
+    """The scale options left unset (None) filled in for the data: the paper's for CIFAR-10 and
+    synthetic data, DIGITS_PROTOCOL for --data digits. Returns a namespace copy."""
+    scale = DIGITS_PROTOCOL if getattr(args, "data", None) == "digits" else PAPER_PROTOCOL
+    filled = dict(vars(args))
+    for key, value in scale.items():
+        if filled.get(key) is None:
+            filled[key] = value
+    return SimpleNamespace(**filled)
 
 
 def resolve_settings(args):
@@ -177,6 +191,7 @@ def resolve_settings(args):
     seed are filled in by the caller, the data's fingerprint once it is loaded. Raises
     InputError.
     """
+    args = protocol_defaults(args)
     count = lambda v, name: check_number(v, name, int, low=1)
     count(args.epochs, "--epochs")
     count(args.batch, "--batch")

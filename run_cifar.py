@@ -57,6 +57,7 @@ from protocol import (
     CHANNELS,
     CHECKPOINT_NAME,
     DEFAULTS,
+    DIGITS_PROTOCOL,
     EPOCHS,
     LR_FINAL,
     LR_PEAK,
@@ -345,7 +346,7 @@ def cmd_merge(args):
 
 def add_common_options(p, out):
     """Data, protocol and device options shared by ``train`` and ``phase`` (protocol.DEFAULTS)."""
-    d = DEFAULTS
+    d, DIG = DEFAULTS, DIGITS_PROTOCOL
     p.add_argument(
         "--data",
         default=d["data"],
@@ -373,8 +374,8 @@ def add_common_options(p, out):
         default=d["digits_train"],
         help="--data digits: training images (the rest of the 1797 are the test set)",
     )
-    p.add_argument("--epochs", type=COUNT, default=d["epochs"], help=f"final epoch ({EPOCHS})")
-    p.add_argument("--batch", type=COUNT, default=d["batch"], help=f"minibatch size ({BATCH})")
+    p.add_argument("--epochs", type=COUNT, help=f"final epoch ({EPOCHS}; digits: {DIG['epochs']})")
+    p.add_argument("--batch", type=COUNT, help=f"minibatch size ({BATCH}; digits: {DIG['batch']})")
     p.add_argument(
         "--lr-peak", type=RATE, default=d["lr_peak"], help=f"peak learning rate ({LR_PEAK})"
     )
@@ -397,7 +398,7 @@ def add_common_options(p, out):
         "--momentum", type=FRACTION, default=d["momentum"], help=f"Nesterov momentum ({MOMENTUM})"
     )
     p.add_argument(
-        "--channels", type=COUNT, default=d["channels"], help=f"Myrtle5 width c ({CHANNELS})"
+        "--channels", type=COUNT, help=f"Myrtle5 width c ({CHANNELS}; digits: {DIG['channels']})"
     )
     p.add_argument(
         "--dtype", default=d["dtype"], choices=("auto", "float32", "float64"), help="auto: float32"

@@ -65,3 +65,20 @@ def test_a_short_run_on_the_digits(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["settings"]["data"] == "digits" and cfg["settings"]["digits_train"] == 100
     assert "load_digits" in cfg["data_source"]
+
+
+def test_digits_default_to_their_own_scale_and_cifar_to_the_papers():
+    import protocol
+
+    parser = rc.build_parser()
+    for data, scale in (
+        ("digits", protocol.DIGITS_PROTOCOL),
+        ("synthetic", protocol.PAPER_PROTOCOL),
+    ):
+        args = parser.parse_args(["train", "--data", data])
+        s = protocol.resolve_settings(args)
+        assert {k: s[k] for k in scale} == scale
+    args = parser.parse_args(["train", "--data", "digits", "--channels", "8", "--epochs", "7"])
+    s = protocol.resolve_settings(args)
+    assert (s["channels"], s["epochs"], s["batch"]) == (8, 7, protocol.DIGITS_PROTOCOL["batch"])
+    assert s["peak_epoch"] == 3 and s["stop_epoch"] == 6  # the schedule scales with --epochs

@@ -56,7 +56,7 @@ def settings_for(argv):
     flags = [a for a in argv if a != "--quiet"]
     for key, value in zip(flags[::2], flags[1::2], strict=True):
         name = key.removeprefix("--").replace("-", "_")
-        default = opts[name]
+        default = protocol.PAPER_PROTOCOL.get(name) if opts[name] is None else opts[name]
         if name in ("peak_epoch", "stop_epoch"):  # default None: a float when given
             opts[name] = float(value)
         else:
