@@ -35,10 +35,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from machine import cpu_name  # noqa: E402
-
 import gpu  # noqa: E402
 from dynloss import class_weights  # noqa: E402
+from machine import cpu_name  # noqa: E402
 from models import (  # noqa: E402
     avgpool2_backward,
     avgpool2_forward,

@@ -32,11 +32,10 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from machine import describe  # noqa: E402
-
 import spectra  # noqa: E402
 import stability  # noqa: E402
 from dynloss import class_weights  # noqa: E402
+from machine import describe  # noqa: E402
 from models import init_mlp  # noqa: E402
 from spiral import TrainSpec, make_spiral_train, make_spiral_val, train_block  # noqa: E402
 

@@ -35,9 +35,8 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from machine import describe  # noqa: E402
-
 import spiral  # noqa: E402
+from machine import describe  # noqa: E402
 from models import backend, init_mlp  # noqa: E402
 
 A_BENCH, T_BENCH, LR = 10.0, 200.0, 1.0  # a dynamical loss that oscillates during the run
