@@ -11,7 +11,7 @@ Fig. 1, the phase diagram ((T, A) grid x 30 seeds; a SLURM array: slurm/cifar_ph
     python run_cifar.py merge --out runs/cifar-phase
   (phase evaluates the whole training set only after the last epoch, --train-eval-every 0, and
   the test set after every epoch; its units are one run each, checkpointed in OUT/work/<unit>/.)
-A CPU demo on synthetic data (about 75 s on 2 cores; benchmarks/cifar_demo/README.md):
+A CPU demo on synthetic data (about a minute of CPU time; benchmarks/cifar_demo/README.md):
     python run_cifar.py train --data synthetic --synthetic-train 2000 --synthetic-test 1000 \\
         --image-size 16 --channels 16 --batch 100 --epochs 14 --lr-peak 0.05 --lr-final 0.005 \\
         --A 20 --T 20 --out runs/cifar-demo/A20-T20
