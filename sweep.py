@@ -203,10 +203,18 @@ def read_unit(out, name, expect=None):
     return (None, problem) if problem else (arrays, None)
 
 
-def pending(out, names, expect=None):
+def pending(out, names, expect=None, say=print):
     """The names among ``names`` whose results are not on disk or do not validate (they are
-    redone), in order. expect : callable name -> the ``expect`` of :func:`check_unit`."""
-    return [n for n in names if read_unit(out, n, expect and expect(n))[0] is None]
+    redone, and each stored one that does not validate is named through ``say``), in order.
+    expect : callable name -> the ``expect`` of :func:`check_unit`."""
+    todo = []
+    for n in names:
+        arrays, why = read_unit(out, n, expect and expect(n))
+        if arrays is None:
+            todo.append(n)
+            if why != "missing":
+                say(f"unit {unit_path(out, n)} is {why}: redoing it")
+    return todo
 
 
 def save_unit(out, name, arrays):

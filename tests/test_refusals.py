@@ -131,6 +131,7 @@ BAD = [
     ("spiral", ["dynamics", *TINY_SPIRAL, "--hess-every", "0"]),
     ("spiral", ["dynamics", *TINY_SPIRAL, "--ntk-every", "-1"]),
     ("spiral", ["dynamics", *TINY_SPIRAL, "--top-k", "0"]),
+    ("spiral", ["dynamics", *TINY_SPIRAL, "--log-every", "10", "--hess-every", "15"]),
     ("spiral", ["dynamics", "--quick", "--T", "500"]),
     ("spiral", ["dynamics", *TINY_SPIRAL, "--seed", "-3"]),
     ("spiral", ["threshold", "--lrs", "1,nan"]),
@@ -415,8 +416,9 @@ def test_a_damaged_unit_is_named_by_merge_and_redone_by_a_rerun(tmp_path, capsys
         rs.main(["merge", "--out", str(out)])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "T000_A001_s00001.npz" in err and len(err.splitlines()) == 1
-    assert rs.main([*SMALL_PHASE, "--out", str(out)]) == 0  # redoes that unit only
-    assert "1 of 4 units to run" in capsys.readouterr().out
+    assert rs.main([*SMALL_PHASE, "--out", str(out)]) == 0  # redoes that unit only, named
+    printed = capsys.readouterr().out
+    assert "1 of 4 units to run" in printed and "T000_A001_s00001.npz is " in printed
     np.testing.assert_array_equal(np.load(out / "phase.npz")["val_acc"], clean)
 
 
