@@ -15,7 +15,7 @@ layout. Timing: warm-up steps, then CUDA events around ``inner`` steps, median o
 CPU rows: NumPy at a small batch (32, c = 64) in float32 and float64, and the step of the
 handwritten-digits experiment (8x8x1 images, c = 16, batch 30, float32), median of a few steps.
 
-Measured results, with the machine and versions: docs/gpu.md (one H200) and README.md (the
+Measured results, with the machine and versions: docs/gpu.md (one H200) and docs/speed.md (the
 2-core CPU). ``FULL=1 bash benchmarks/gpu_check.sh`` runs this script with ``--profile``.
 """
 

@@ -1,6 +1,6 @@
 """Spiral training speed: our trainer (spiral.py) and the same step in jit-compiled JAX, in one run.
 
-    python benchmarks/bench_spiral.py              # the table in README.md
+    python benchmarks/bench_spiral.py              # the tables in README.md and docs/speed.md
     python benchmarks/bench_spiral.py --tiny       # a few seconds, for CI
     python benchmarks/bench_spiral.py --device gpu # our trainer on CuPy (JAX: its default device)
 

@@ -39,7 +39,7 @@ from models import (  # noqa: E402
 F64_RTOL = 1e-10  # same float64 arithmetic, other summation order (cuBLAS vs OpenBLAS)
 F32_RTOL = 1e-5  # float32 gradients against float64 (rounding 6e-8, hundreds of terms deep)
 TF32_RTOL = 5e-2  # TF32 rounds GEMM inputs to 10-bit mantissas (5e-4), compounded over 5 layers;
-# at c = 64 the gradients differ from float64 by 1-2e-2 (README: cuBLAS TF32 and ours alike)
+# at c = 64 the gradients differ from float64 by 1-2e-2 (docs/gpu.md: cuBLAS TF32 and ours alike)
 F32_HVP_RTOL = 1e-4  # the HVP has more cancellation than the gradient
 # small, both image sizes, and c = 64, where float32 takes the implicit-GEMM kernels
 PROBLEMS = (
