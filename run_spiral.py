@@ -2,7 +2,7 @@
 
 Commands
 --------
-python run_spiral.py                      the demo: width 100, A = 20, T = 1000, 30k steps (~5 s)
+python run_spiral.py                      the demo: width 100, A = 20, T = 1000, 30k steps (~10 s)
 python run_spiral.py train --A 1 --steps 35000 --out runs/static            Fig. 4 (a)-(d), static
 python run_spiral.py train --A 10 --T 200 --steps 35000 --seed 0-7           one cell of Fig. 3
 python run_spiral.py phase --width 100 --seeds 50 --out runs/phase-w100      Fig. 3 (a, b)
