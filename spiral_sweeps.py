@@ -367,6 +367,8 @@ def merge_threshold(out):
         diff = draws[str(widths[1])] - draws[str(widths[0])]
         arrays["slope_diff"] = arrays[f"slope_{widths[1]}"] - arrays[f"slope_{widths[0]}"]
         arrays["slope_diff_lo"], arrays["slope_diff_hi"] = np.nanpercentile(diff, q)
+        d, d_lo, d_hi = sweep.welch_difference(thr[0], thr[1])  # (L,): wide - narrow per eta
+        arrays.update(threshold_diff=d, threshold_diff_lo=d_lo, threshold_diff_hi=d_hi)
     for w in widths:
         static = [done[f"static_w{w}_s{s:05d}"] for s in seeds]
         longest = max(static, key=lambda u: len(u["hess_step"]))  # a diverged run stops early
@@ -410,6 +412,12 @@ def print_threshold(arrays, cfg):
             f"{arrays['slope_diff']:+.3f} [{arrays['slope_diff_lo']:+.3f}, "
             f"{arrays['slope_diff_hi']:+.3f}]"
         )
+        for j, lr in enumerate(lrs):
+            print(
+                f"  threshold, width {widths[1]} - width {widths[0]}, lr {lr:g}: "
+                f"{arrays['threshold_diff'][j]:+.3f} [{arrays['threshold_diff_lo'][j]:+.3f}, "
+                f"{arrays['threshold_diff_hi'][j]:+.3f}] ({c} Welch t interval)"
+            )
 
 
 def dynamics_units(seeds, width):

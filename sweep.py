@@ -333,6 +333,25 @@ def mean_interval(values, confidence=CONFIDENCE):
     return mean, mean - half, mean + half, n
 
 
+def welch_difference(a, b, confidence=CONFIDENCE):
+    """mean(b) - mean(a) of two independent samples over their last axis (NaN left out) and its
+    Welch t interval: diff +- t_nu sqrt(va/na + vb/nb), nu from the Welch-Satterthwaite formula.
+    a : (..., Sa), b : (..., Sb).  Returns diff, lo, hi (...) float (NaN where a side has < 2)."""
+    from scipy.stats import t as student_t
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    na, nb = np.isfinite(a).sum(axis=-1), np.isfinite(b).sum(axis=-1)
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # fewer than 2 values: NaN
+        ea = np.nanvar(a, axis=-1, ddof=1) / na  # squared standard errors of the two means
+        eb = np.nanvar(b, axis=-1, ddof=1) / nb
+        nu = (ea + eb) ** 2 / (ea**2 / (na - 1) + eb**2 / (nb - 1))
+        diff = np.nanmean(b, axis=-1) - np.nanmean(a, axis=-1)
+        half = student_t.ppf(0.5 + confidence / 2, nu) * np.sqrt(ea + eb)
+    half = np.where((na >= 2) & (nb >= 2), half, np.nan)
+    return diff, diff - half, diff + half
+
+
 def paired_differences(values, static_index, confidence=CONFIDENCE):
     """The difference of every cell to the static cell (A = 1) of its row, seed by seed.
 

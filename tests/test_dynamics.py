@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 from helpers import load
+from scipy.stats import ttest_ind
 
 import run_spiral as rs
 import spectra
@@ -116,6 +117,15 @@ def test_threshold_over_seeds_fits_the_exponent_and_resumes(tmp_path, capsys):
     np.testing.assert_allclose(z["threshold_mean"][0], mean, rtol=1e-12)
     np.testing.assert_allclose(z["threshold_hi"][0] - mean, 4.302653 * sd / np.sqrt(3), rtol=1e-5)
     np.testing.assert_allclose(z["slope_diff"], z["slope_14"] - z["slope_10"], rtol=1e-12)
+    for j in range(3):  # scipy's Welch interval per learning rate, over the finite thresholds
+        wide, narrow = z["threshold"][1, j], z["threshold"][0, j]
+        wide, narrow = wide[np.isfinite(wide)], narrow[np.isfinite(narrow)]
+        if min(len(wide), len(narrow)) < 2:
+            assert np.isnan(z["threshold_diff_lo"][j])
+            continue
+        ci = ttest_ind(wide, narrow, equal_var=False).confidence_interval(0.95)
+        np.testing.assert_allclose(z["threshold_diff_lo"][j], ci.low, rtol=1e-10)
+        np.testing.assert_allclose(z["threshold_diff_hi"][j], ci.high, rtol=1e-10)
     assert z["static_w10_hess_lmax"].shape == (3, len(z["static_w10_hess_step"]))
     assert (tmp_path / "f5" / "threshold.png").stat().st_size > 10000
     # each (width, lr, seed) is a unit: one seed alone gives the same thresholds as in the sweep
