@@ -333,9 +333,9 @@ def cmd_dynamics(args):
     P = (D_SPIRAL + 1 + K_SPIRAL) * args.width + K_SPIRAL  # parameters of one network
     if args.top_k >= P:
         raise InputError(f"--top-k {args.top_k}: a width-{args.width} network has {P} parameters")
-    for flag, every in (("--hess-every", args.hess_every), ("--ntk-every", args.ntk_every)):
-        if every % args.log_every:  # the spectra are computed at logged steps only
-            raise InputError(f"{flag} {every} must be a multiple of --log-every {args.log_every}")
+    problem = stability.stride_problem(args.hess_every, args.ntk_every, args.log_every)
+    if problem:
+        raise InputError(problem)
     t0 = time.time()
     cfg = dynamics_config(args, seeds)
     sweep.prepare(args.out, cfg, grow=("seeds",))

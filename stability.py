@@ -343,6 +343,16 @@ class SpectraTracker:
         return {name: getattr(self, name) for name in SPECTRA_FIELDS}
 
 
+def stride_problem(every, ntk_every, log_every):
+    """Why spectra every ``every`` (Hessian) and ``ntk_every`` (NTK; 0: never) steps cannot be
+    taken along a run logged every ``log_every`` steps, or None: the tracker sees logged steps
+    only, so a stride that is not a multiple of the log stride would be sampled elsewhere."""
+    for flag, stride in (("--hess-every", every), ("--ntk-every", ntk_every)):
+        if stride % log_every:
+            return f"{flag} {stride} must be a multiple of --log-every {log_every}"
+    return None
+
+
 def track(params0, data, spec, k=1, every=25, ntk_every=25, xp=np, progress=None):
     """Train M networks side by side, each followed by a :class:`SpectraTracker`.
 
@@ -350,6 +360,9 @@ def track(params0, data, spec, k=1, every=25, ntk_every=25, xp=np, progress=None
     The last entries of each network's spectra are measured at its final parameters (unless it
     diverged). Returns (the train_block result, [the tracker arrays of each network]).
     """
+    problem = stride_problem(every, ntk_every, spec.log_every)
+    if problem:
+        raise ValueError(problem)
     M = params0["W1"].shape[0]
     trackers = [
         SpectraTracker(data[0], data[1], spec, net=m, k=k, every=every, ntk_every=ntk_every)

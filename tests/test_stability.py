@@ -129,3 +129,15 @@ def test_tracker_records_nan_for_a_diverged_network_and_recovers():
     tracker(2, params)
     assert np.isnan(tracker.hess_lmax[1]) and np.isnan(tracker.ntk_lmax[1])
     np.testing.assert_allclose(tracker.hess_lmax[2], tracker.hess_lmax[0], rtol=EIG_RTOL)
+
+
+def test_track_refuses_spectra_strides_that_are_not_logged_steps():
+    params, X, y = tiny_problem(seed=11)
+    spec = TrainSpec(np.array([1.0]), np.array([10.0]), np.array([100]), 1.0, 20, 10)  # log 10
+    data = (X, y, X, y)
+    with pytest.raises(ValueError, match="--hess-every 15 must be a multiple of --log-every 10"):
+        stability.track(params, data, spec, every=15, ntk_every=0)
+    with pytest.raises(ValueError, match="--ntk-every 5"):
+        stability.track(params, data, spec, every=10, ntk_every=5)
+    res, (arrays,) = stability.track(params, data, spec, every=10, ntk_every=20)
+    assert arrays["hess_step"].tolist() == [0, 10, 20]  # every logged step, the final one too
