@@ -17,8 +17,10 @@ step is the same computation. "single, logging" times our trainer logging every 
 validation set every 10 (the ``dynamics`` command's training, without its spectra). "phase
 command" times the whole ``run_spiral.py phase`` command in a child process (start-up, training
 that keeps every network's final parameters, validation, writing the units, the phase file and
-its figure) for the batch row's networks over PHASE_STEPS_FACTOR times its steps: a sweep must
-train at the batch row's rate (their ratio is printed below the table). Without JAX
+its figure) for the batch row's networks over PHASE_STEPS_FACTOR times its steps; the same
+command for PHASE_SHORT_STEPS steps gives its fixed cost, and the difference of the two its
+training rate alone, which must be the batch row's (both ratios are printed below the table,
+with the fixed seconds, which a sweep of hours pays once). Without JAX
 the script prints our rates and says that the comparison needs it
 (``pip install -r requirements-bench.txt``).
 """
@@ -49,7 +51,8 @@ TINY = {100: (4, 20), 1000: (2, 10)}
 VAL_EVERY = 10  # the dynamics command's validation interval (steps), for "single, logging"
 CHECK_STEPS = 50  # steps of the agreement check
 CHECK_RTOL = 1e-9  # ours and JAX after CHECK_STEPS steps: the same sums in other orders
-PHASE_STEPS_FACTOR = 4  # the phase command trains this many times the batch row's steps
+PHASE_STEPS_FACTOR = 2  # the phase command trains this many times the batch row's steps
+PHASE_SHORT_STEPS = 10  # the phase command run this short measures its fixed cost
 PHASE_SEED_BLOCK = {100: 8, 1000: 4}  # seeds per unit in the phase row (several units per batch)
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -156,7 +159,8 @@ def main():
     # JAX's threads run in this process
     ours = {w: bench_ours(w, M, steps, data, xp, repeats) for w, (M, steps) in sizes.items()}
     for w, (M, steps) in sizes.items():
-        ours[w]["phase command"] = bench_phase(w, M, steps * PHASE_STEPS_FACTOR, args.device)
+        whole, training, fixed = bench_phase(w, M, steps * PHASE_STEPS_FACTOR, args.device, repeats)
+        ours[w].update({"phase command": whole, "phase training": training, "phase fixed": fixed})
     try:
         import jax
 
@@ -179,12 +183,18 @@ def main():
             j = f"{jax_rate:>9.0f} {mine / jax_rate:>8.2f}" if jax_rate else f"{'-':>9} {'-':>8}"
             print(f"{width:>6} {run:<16} {m:>8} {n:>6} {mine:>9.0f} {j}")
     for width in sizes:
-        ratio = ours[width]["phase command"] / ours[width]["batch"]
-        print(f"width {width}: the phase command trains at {ratio:.2f} x the batch row's rate")
+        whole, training = (ours[width][k] / ours[width]["batch"] for k in PHASE_ROWS)
+        print(
+            f"width {width}: the phase command runs at {whole:.2f} x the batch row's rate; its "
+            f"training at {training:.2f} x (net of its fixed {ours[width]['phase fixed']:.1f} s)"
+        )
 
 
-def bench_phase(width, M, steps, device):
-    """Network-steps per second of the whole ``run_spiral.py phase`` command (one cell, M seeds)."""
+PHASE_ROWS = ("phase command", "phase training")
+
+
+def time_phase(width, M, steps, device):
+    """Seconds of one whole ``run_spiral.py phase`` command (one cell, M seeds, ``steps``)."""
     block = min(PHASE_SEED_BLOCK.get(width, 1), M)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, os.path.join(ROOT, "run_spiral.py"), "phase", "--width", str(width)]
@@ -193,7 +203,18 @@ def bench_phase(width, M, steps, device):
         cmd += ["--no-stop", "--device", device, "--out", os.path.join(tmp, "sweep"), "--quiet"]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        return M * steps / (time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+
+def bench_phase(width, M, steps, device, repeats):
+    """Network-steps per second of the whole phase command, and of its training alone: the
+    difference to the same command for PHASE_SHORT_STEPS steps cancels its fixed cost (start-up,
+    writing the units, the phase file and the figure). Each time is the best of ``repeats``, as
+    for the other rows. Returns (whole, training, fixed seconds)."""
+    whole = min(time_phase(width, M, steps, device) for _ in range(repeats))
+    short = min(time_phase(width, M, PHASE_SHORT_STEPS, device) for _ in range(repeats))
+    training = M * (steps - PHASE_SHORT_STEPS) / (whole - short) if whole > short else np.nan
+    return M * steps / whole, training, short
 
 
 def bench_ours(width, M, steps, data, xp, repeats):
