@@ -33,10 +33,12 @@ ds_k/dz_l = s_k (delta_kl - s_l), so
 
     d^2F/dz_j dz_j = w_j (diag(s) - s s^T),   R{dF/dz}_jk = w_j s_k (R{z}_jk - sum_l s_l R{z}_jl)
 
-(MSE: w_j I_K and R{dF/dz} = w_j R{z}). models.py (Myrtle5) and spectra.py (the MLP) push this
-through their networks; they take it from :func:`loss_rop` and :func:`logit_curvature`.
+(MSE: w_j I_K and R{dF/dz} = w_j R{z}). models.py pushes this through its networks (the
+R-operators of the MLP and of Myrtle5) and spectra.py builds the Gauss-Newton matrix from
+:func:`logit_curvature`.
 
-Every function here works on NumPy and on CuPy arrays alike (``get_array_module`` picks ``xp``).
+Every function here works on NumPy and on CuPy arrays alike (``get_array_module`` picks ``xp``;
+:func:`to_device` and :func:`to_host` move dicts of arrays across).
 """
 
 from __future__ import annotations
@@ -55,6 +57,16 @@ def get_array_module(*arrays):
 
             return cupy
     return np
+
+
+def to_device(tree, xp):
+    """Copy a dict of host arrays to the backend ``xp`` (identity for NumPy)."""
+    return {k: xp.asarray(v) for k, v in tree.items()}
+
+
+def to_host(tree):
+    """Copy a dict of arrays (NumPy or CuPy) to NumPy."""
+    return {k: (v.get() if hasattr(v, "get") else np.asarray(v)) for k, v in tree.items()}
 
 
 def class_weights(t, A, T, K, stop_step=None, xp=np):

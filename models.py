@@ -1,10 +1,12 @@
 """The networks of the paper by hand: the one-hidden-layer MLP (Figs. 2-5) and Myrtle5 (Fig. 1).
 
-Only the math lives here: layers as pure forward/backward pairs, the two models, the exact
-Hessian-vector product of Myrtle5 (R-operator) and the Nesterov step. On a GPU, a layer hands off
-to ``gpu.py`` in one line where one of our CUDA kernels applies; the code below is the reference
-those kernels are tested against. The loss itself (eqs. 1-5, its gradient and its R-operator) is
-in dynloss.py.
+This module is the reference: layers as pure forward/backward pairs, the two models, their exact
+Hessian-vector products (R-operator), the MLP's Jacobian and the Nesterov step, in plain
+NumPy (the same lines run on CuPy arrays: ``xp`` is picked from the arguments). It imports no
+GPU code. The fast paths live in ``fast/``: the batched spiral trainer (a fused copy of the MLP
+lines below) and the CUDA-backed Myrtle5 layers, which have the signatures of the layers here
+and are handed in as a table (:data:`LAYERS` is the reference table). The loss itself (eqs.
+1-5, its gradient and its curvature) is in dynloss.py.
 
 Symbols
 -------
@@ -21,12 +23,9 @@ Conventions
 -----------
 Row vectors: ``z1 = x @ W1 + b1`` with W1 of shape (D, H) and W2 of shape (H, K); every MLP
 parameter carries the leading M axis, so W1 is stored as (M, D, H). The inputs X (N, D) are shared
-by the M networks. float64 unless a dtype is given. Layers are pure forward/backward pairs: the
-forward returns ``(out, cache)``, the backward takes ``(dout, cache)`` and returns the gradients;
-nothing is edited in place except arrays the function itself just allocated.
-
-One code path serves NumPy and CuPy: ``get_array_module`` picks ``xp`` from the arrays, and
-:func:`to_device` moves host arrays to the chosen backend.
+by the M networks. float64 unless a dtype is given. The forward returns ``(out, cache)``, the
+backward takes ``(dout, cache)`` and returns the gradients; nothing is edited in place except
+arrays the function itself just allocated.
 
 Initialisations (``init=`` name)
 --------------------------------
@@ -39,9 +38,28 @@ The MLP D -> H -> K (Figs. 2-5)
 -------------------------------
     z1 = X W1 + b1 (M, N, H),   h1 = relu(z1),   logits = h1 W2 + b2 (M, N, K).
 
-spiral.py trains it with a fused copy of these lines (transposed, b1 folded into W1); spectra.py
-builds its exact Hessian and NTK on :func:`mlp_forward`. Both are tied to the functions here by
-tests to 1e-12.
+spiral.train_reference trains it with these functions; fast/spiral_trainer.py is a fused copy
+tied to them by tests.
+
+Derivation: the MLP's Jacobian and exact Hessian
+------------------------------------------------
+With the mask m = 1[z1 > 0] (N, H) and g = dF/dz (N, K) from dynloss, the logit Jacobian
+J = dz/dtheta (N*K, P), row n*K + k, in the parameter order W1, b1, W2, b2 (:func:`flatten`):
+
+    dz_nk/dW1[d,j] = x_nd m_nj W2_jk,   dz_nk/db1_j = m_nj W2_jk,
+    dz_nk/dW2[j,l] = h1_nj [k=l],        dz_nk/db2_l = [k=l].
+
+The chain rule twice gives the exact Hessian of F:
+
+    d2F/dtheta2 = J^T (d2F/dz2) J + sum_{n,k} g_nk d2 z_nk/dtheta2.
+
+The first term is the Gauss-Newton part (spectra.gauss_newton). In the second, ReLU's second
+derivative vanishes away from the kinks (m is locally constant) and z is linear in W2 and b2, and
+linear in (W1, b1) at fixed W2, so the only nonzero second derivatives of z are mixed:
+d2 z_nk / dW1a[d,j] dW2[j,l] = xa_nd m_nj [k=l], with W1a = [W1; b1] (D+1, H) acting on
+xa = [x, 1]. The network's own term therefore lives in the W1a-W2 blocks (:func:`mlp_network_term`):
+
+    H[W1a[d,j], W2[j,l]] += C_djl,   C_djl = sum_n xa_nd m_nj g_nl.
 
 Myrtle5 (Fig. 1; Shankar et al. 2020, the neural-tangents example at depth 5)
 -------------------------------------------------------------------------------
@@ -86,36 +104,46 @@ out[n,i,j,o] = sum_{a,b,c} xp[n,i+a,j+b,c] W[a,b,c,o], i.e. out = cols @ W.resha
   with the kernel flipped in both spatial axes and its channel axes swapped. That is the col2im
   of dcols = dout @ W^T, computed as im2col + one GEMM instead of nine strided scatter-adds.
 
-Derivation: the exact Hessian-vector product (R-operator, forward-over-reverse)
+The layer table
+---------------
+The Myrtle5 functions take ``layers``, a namespace of the layer functions they call; the default
+:data:`LAYERS` holds the functions of this module. fast/layers.py builds the same table with
+CUDA-backed layers of identical signatures (cs231n's ``fast_layers``), so the model below is
+also the model that runs on a GPU, and each fast layer is tested equal to its reference here.
+
+Derivation: exact Hessian-vector products (the R-operator, forward-over-reverse)
 -------------------------------------------------------------------------------
 For a direction v (P,) write R{f} = d/de f(theta + e v) at e = 0 (Pearlmutter 1994). Then
 Hv = R{dF/dtheta}: apply R to every line of the forward and then the backward pass. R is linear
 and obeys the product rule; R{W_l} = V_l, R{b_l} = v_bl (v unflattened), R{x} = 0.
 
-- conv3x3 and dense are bilinear in (input a, weight W): R{z} = f(R{a}, W) + f(a, V) + v_b.
+- affine, conv3x3 and dense are bilinear in (input a, weight W): R{z} = f(R{a}, W) + f(a, V) + v_b.
 - ReLU: h = 1[z > 0] z with the mask locally constant (away from the kinks, where F is not twice
   differentiable), so R{h} = 1[z > 0] R{z}: the same product as relu_backward.
 - pools are linear: R{pool(a)} = pool(R{a}).
-- loss: R{dF/dz} = (d^2F/dz^2) R{z}, dynloss.apply_logit_hessian (derived there).
+- loss: R{dF/dz} = (d^2F/dz^2) R{z}, dynloss.loss_rop (derived there).
 - backward lines: dW = a^T dz gives R{dW} = R{a}^T dz + a^T R{dz}; da = dz W^T (a flipped conv
   for conv3x3) gives R{da} = R{dz} W^T + dz V^T; db = sum dz gives R{db} = sum R{dz};
   dz = 1[z > 0] dh gives R{dz} = 1[z > 0] R{dh}; pool backward is linear.
 
-Hv = (R{dW1}, R{db1}, ..., R{dW5}, R{db5}) is the exact Hessian of the batch loss applied to v (no
-Gauss-Newton approximation), at about twice the cost of a gradient given the cached forward pass.
+The R forward pass alone is the Jacobian-vector product R{logits} = J v (:func:`mlp_jvp`); the
+backward pass alone is J^T u (:func:`mlp_backward` with u as dlogits). Hv is the exact Hessian of
+the batch loss applied to v (no Gauss-Newton approximation), at about twice the cost of a gradient.
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 
-import gpu
 from dynloss import (
     apply_logit_hessian,
     get_array_module,
     logit_curvature,
     loss_backward,
     loss_forward,
+    loss_rop,
 )
 
 INITS = ("standard", "glorot")
@@ -123,33 +151,6 @@ MLP_PARAM_NAMES = ("W1", "b1", "W2", "b2")
 MYRTLE5_PARAM_NAMES = ("W1", "b1", "W2", "b2", "W3", "b3", "W4", "b4", "W5", "b5")
 MYRTLE5_DIVISOR = 8  # image sides must be multiples of this (2x2 pools down to 8x8 -> 1x1)
 NESTEROV_MOMENTUM = 0.9  # the Fig. 1 protocol's momentum
-
-
-def backend(device):
-    """The array module for ``device`` in {"cpu", "gpu"}; "gpu" needs CuPy and a GPU."""
-    if device == "cpu":
-        return np
-    if device == "gpu":
-        try:
-            import cupy
-        except ImportError as err:
-            raise RuntimeError(
-                "--device gpu needs CuPy: pip install -r requirements-gpu.txt"
-            ) from err
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            raise RuntimeError("--device gpu: CuPy found no GPU")
-        return cupy
-    raise ValueError(f"unknown device {device!r}; choose cpu or gpu")
-
-
-def to_device(tree, xp):
-    """Copy a dict of host arrays to the backend ``xp`` (identity for NumPy)."""
-    return {k: xp.asarray(v) for k, v in tree.items()}
-
-
-def to_host(tree):
-    """Copy a dict of arrays (NumPy or CuPy) to NumPy."""
-    return {k: (v.get() if hasattr(v, "get") else np.asarray(v)) for k, v in tree.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +241,7 @@ def mlp_forward(X, params):
 def mlp_backward(dlogits, cache):
     """Parameter gradients of :func:`mlp_forward`, the chain rule in reverse order.
 
-    dlogits : (M, N, K)
+    dlogits : (M, N, K) (dF/dz; any upstream u gives J^T u)
     Returns grads with the shapes of params.
     """
     c1, c2, c3 = cache
@@ -257,9 +258,86 @@ def mlp_loss_and_grads(params, X, y, gamma, loss="ce"):
     Returns F (M,), grads (shapes of params), logits (M, N, K).
     """
     logits, cache = mlp_forward(X, params)
-    F, lcache = loss_forward(logits, y, gamma, loss)  # (M,)
+    F, lcache = loss_forward(logits, y, gamma, loss)  # (M,)  Eq. (1)
     grads = mlp_backward(loss_backward(lcache), cache)
     return F, grads, logits
+
+
+def _mlp_rforward(params, cache, V):
+    """The R forward pass: R{h1} (M, N, H) and R{logits} (M, N, K) for the direction V."""
+    (X, _), h1, _ = cache
+    Rz1 = X @ V["W1"] + V["b1"][:, None, :]  # (M, N, H)  R{z1} = X V1 + v_b1  (R{X} = 0)
+    Rh1 = relu_backward(Rz1, h1)  # R{h1} = 1[z1 > 0] R{z1}
+    Rlogits = Rh1 @ params["W2"] + h1 @ V["W2"] + V["b2"][:, None, :]  # R{h1} W2 + h1 V2 + v_b2
+    return Rh1, Rlogits
+
+
+def mlp_jvp(params, cache, V):
+    """The Jacobian-vector product J v = R{logits} at a :func:`mlp_forward` cache.
+
+    V : a direction, dict with the shapes of params.  Returns (M, N, K).
+    """
+    return _mlp_rforward(params, cache, V)[1]
+
+
+def mlp_hvp(params, X, y, gamma, V, loss="ce"):
+    """The exact Hessian of F applied to V, by the R-operator (module docstring).
+
+    X : (N, D);  y : (N,);  gamma : (M, K);  V : dict with the shapes of params
+    Returns HV, a dict with the shapes of params: R{dF/dtheta}.
+    """
+    xp = get_array_module(X)
+    logits, cache = mlp_forward(X, params)
+    _, lcache = loss_forward(logits, y, gamma, loss)
+    g = loss_backward(lcache)  # (M, N, K)  dF/dz
+    c1, h1, c3 = cache
+    Rh1, Rlogits = _mlp_rforward(params, cache, V)
+    Rg = loss_rop(lcache, Rlogits)  # (M, N, K)  R{dF/dz} = (d2F/dz2) R{z}
+    Rdh1, RdW2, Rdb2 = affine_backward(Rg, c3)  # R{g} W2^T, h1^T R{g}, sum R{g}
+    RdW2 = RdW2 + xp.swapaxes(Rh1, -1, -2) @ g  # + R{h1}^T g
+    Rdh1 = Rdh1 + g @ xp.swapaxes(V["W2"], -1, -2)  # + g V2^T
+    Rdz1 = relu_backward(Rdh1, h1)  # R{dz1} = 1[z1 > 0] R{dh1}
+    _, RdW1, Rdb1 = affine_backward(Rdz1, c1)  # X^T R{dz1}, sum R{dz1}
+    return {"W1": RdW1, "b1": Rdb1, "W2": RdW2, "b2": Rdb2}
+
+
+def mlp_jacobian(params, X):
+    """The logit Jacobian J = dz/dtheta of M MLPs (module docstring), row n*K + k, columns in
+    the order of :func:`flatten`: (M, N*K, P). Dense: N*K*P values per network."""
+    xp = get_array_module(X)
+    _, ((_, _), h1, _) = mlp_forward(X, params)
+    mask = (h1 > 0).astype(h1.dtype)  # (M, N, H)  m = 1[z1 > 0]
+    W2 = params["W2"]  # (M, H, K)
+    M, N, H = h1.shape
+    K = W2.shape[2]
+    eye = xp.eye(K)
+    dW1 = xp.einsum("nd,mnj,mjk->mnkdj", X, mask, W2)  # (M, N, K, D, H)  x_nd m_nj W2_jk
+    db1 = xp.einsum("mnj,mjk->mnkj", mask, W2)  # (M, N, K, H)  m_nj W2_jk
+    dW2 = xp.einsum("mnj,kl->mnkjl", h1, eye)  # (M, N, K, H, K)  h1_nj [k=l]
+    db2 = xp.broadcast_to(eye, (M, N, K, K))  # (M, N, K, K)  [k=l]
+    parts = [a.reshape(M, N, K, -1) for a in (dW1, db1, dW2, db2)]
+    return xp.concatenate(parts, axis=3).reshape(M, N * K, -1)  # (M, N*K, P)
+
+
+def mlp_network_term(params, X, dlogits):
+    """The network's own part of the exact Hessian, sum_{n,k} g_nk d2 z_nk/dtheta2: C_djl in the
+    W1a-W2 blocks and their transpose (module docstring). dlogits : g = dF/dz (M, N, K).
+    Returns (M, P, P), zero outside those blocks."""
+    xp = get_array_module(X)
+    _, ((_, _), h1, _) = mlp_forward(X, params)
+    mask = (h1 > 0).astype(h1.dtype)  # (M, N, H)
+    M, N, H = h1.shape
+    D, K = X.shape[1], dlogits.shape[2]
+    xa = xp.concatenate([X, xp.ones((N, 1))], axis=1)  # (N, D+1)  [x, 1]: W1a = [W1; b1]
+    C = xp.einsum("nd,mnj,mnl->mdjl", xa, mask, dlogits)  # (M, D+1, H, K)  C_djl
+    P = (D + 1) * H + H * K + K
+    d, j, l = np.meshgrid(np.arange(D + 1), np.arange(H), np.arange(K), indexing="ij")
+    rows = (d * H + j).ravel()  # W1a[d, j] in the flat order (W1 rows, then b1)
+    cols = ((D + 1) * H + j * K + l).ravel()  # W2[j, l]
+    term = xp.zeros((M, P, P))
+    term[:, rows, cols] = C.reshape(M, -1)
+    term[:, cols, rows] = C.reshape(M, -1)
+    return term
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,8 +378,6 @@ def im2col3x3(x):
     Returns cols (N*Hx*Wx, 9C), row (n, i, j) = xpad[n, i:i+3, j:j+3, :] flattened in the
     order (kernel row a, kernel column b, channel), in the dtype of x.
     """
-    if gpu.im2col_applies(x):
-        return gpu.im2col3x3(x)  # one CUDA kernel, no padded copy
     xp = get_array_module(x)
     N, Hx, Wx, C = x.shape
     xpad = xp.zeros((N, Hx + 2, Wx + 2, C), dtype=x.dtype)  # (N, Hx+2, Wx+2, C)  SAME zeros
@@ -324,12 +400,9 @@ def conv3x3_forward(x, W, b):
     """3x3 convolution, stride 1, SAME zero padding, NHWC (cross-correlation, as in deep learning).
 
     x : (N, Hx, Wx, C);  W : (3, 3, C, C_out);  b : (C_out,), or None for no bias
-    Returns out (N, Hx, Wx, C_out) and the cache (x, W, cols) with cols (N*Hx*Wx, 9C) (None
-    from the GPU kernels that never write it).
+    Returns out (N, Hx, Wx, C_out) and the cache (x, W, cols) with cols (N*Hx*Wx, 9C).
     """
     _check_conv_shapes(x, W)
-    if gpu.conv_applies(x, W):
-        return gpu.conv3x3_forward(x, W, b)
     cols = im2col3x3(x)  # (N*Hx*Wx, 9C)
     out = (cols @ W.reshape(-1, W.shape[3])).reshape(x.shape[:3] + (W.shape[3],))  # cols W
     if b is not None:
@@ -343,37 +416,35 @@ def conv3x3_relu_forward(x, W, b):
     x : (N, Hx, Wx, C);  W : (3, 3, C, C_out);  b : (C_out,)
     Returns h (N, Hx, Wx, C_out) and the caches (conv cache, relu cache = h).
     """
-    _check_conv_shapes(x, W)
-    if gpu.conv_applies(x, W):
-        return gpu.conv3x3_relu_forward(x, W, b)  # bias and ReLU fused into the GEMM's output
     z, conv_cache = conv3x3_forward(x, W, b)
     h, relu_cache = relu_forward(z)
     return h, (conv_cache, relu_cache)
 
 
-def conv3x3_backward(dout, cache, need_dx=True, gate=None):
+def conv3x3_backward(dout, cache, need_dx=True):
     """Gradients of :func:`conv3x3_forward` (derivation in the module docstring).
 
-    dout : (N, Hx, Wx, C_out);  cache : (x, W, cols) from the forward pass (cols None: taken
-    again from x)
-    gate : None, or the ReLU output h (N, Hx, Wx, C) that was this convolution's input x: then
-    dx is returned already multiplied by 1[h > 0], the ReLU's backward pass.
+    dout : (N, Hx, Wx, C_out);  cache : (x, W, cols) from the forward pass
     Returns dx (N, Hx, Wx, C), or None when ``need_dx`` is False (the input is data);
     dW (3, 3, C, C_out); db (C_out,).
     """
     x, W, cols = cache
-    if gpu.conv_applies(x, W):
-        return gpu.conv3x3_backward(dout, cache, need_dx, gate)
     dout2 = dout.reshape(-1, W.shape[3])  # (N*Hx*Wx, C_out)
     db = column_sums(dout2)  # (C_out,)  dF/db = sum_{n,i,j} dout
-    cols = im2col3x3(x) if cols is None else cols  # (N*Hx*Wx, 9C)
     dW = (cols.T @ dout2).reshape(W.shape)  # (3, 3, C, C_out)  dF/dW = cols^T dout
-    dx = None
-    if need_dx:
-        dx = conv3x3_input_grad(dout, W)  # (N, Hx, Wx, C)
-        if gate is not None:
-            dx = relu_backward(dx, gate)  # dF/dz = dF/dx * 1[h > 0] for the ReLU below
+    dx = conv3x3_input_grad(dout, W) if need_dx else None  # (N, Hx, Wx, C)
     return dx, dW, db
+
+
+def relu_conv3x3_backward(dout, relu_cache, conv_cache):
+    """The backward pass of h -> conv3x3(h, W) + b where h = relu(z) is the layer below:
+    :func:`conv3x3_backward` then :func:`relu_backward` on its dx.
+
+    dout : (N, Hx, Wx, C_out);  relu_cache : h (N, Hx, Wx, C);  conv_cache : (h, W, cols)
+    Returns dz (N, Hx, Wx, C), dW (3, 3, C, C_out), db (C_out,).
+    """
+    dh, dW, db = conv3x3_backward(dout, conv_cache)
+    return relu_backward(dh, relu_cache), dW, db  # dF/dz = dF/dh * 1[z > 0]
 
 
 def conv3x3_input_grad(dout, W):
@@ -386,8 +457,6 @@ def conv3x3_input_grad(dout, W):
 
 def column_sums(a):
     """a (R, C) -> (C,), the sum over rows, as the product ones (R,) @ a (one GEMV)."""
-    if gpu.handles(a):
-        return gpu.column_sums(a)  # a cached ones vector: no allocation per call
     return get_array_module(a).ones(a.shape[0], dtype=a.dtype) @ a  # (C,)
 
 
@@ -396,8 +465,6 @@ def avgpool2_forward(x):
     N, Hx, Wx, C = x.shape
     if Hx % 2 or Wx % 2:
         raise ValueError(f"avgpool2 needs even image sides, got {Hx}x{Wx}")
-    if gpu.pool_applies(x):
-        return gpu.avgpool2_forward(x)  # the same four-term mean as one CUDA kernel
     out = x.reshape(N, Hx // 2, 2, Wx // 2, 2, C).mean(axis=(2, 4))  # (N, Hx/2, Wx/2, C)
     return out, x.shape
 
@@ -417,8 +484,6 @@ def relu_avgpool2_backward(dout, pool_cache, relu_cache):
 
     dout : (N, Hx/2, Wx/2, C);  relu_cache : h (N, Hx, Wx, C).  Returns dz (N, Hx, Wx, C).
     """
-    if gpu.pool_applies(dout, relu_cache):
-        return gpu.relu_avgpool2_backward(dout, pool_cache, relu_cache)
     N, Hx, Wx, C = pool_cache
     mask = relu_cache.reshape(N, Hx // 2, 2, Wx // 2, 2, C) > 0  # (N, Hx/2, 2, Wx/2, 2, C)
     dz = mask * (0.25 * dout)[:, :, None, :, None, :]  # dF/dz = 1[z > 0] dout / 4
@@ -497,74 +562,76 @@ def _check_image(x):
         )
 
 
-def myrtle5_forward(x, params):
+def myrtle5_forward(x, params, layers=None):
     """Logits of one Myrtle5 network.
 
     x : (N, Hx, Wx, C_in), Hx and Wx multiples of 8;  params : see :func:`init_myrtle5`
+    layers : the layer table (module docstring); None: this module's :data:`LAYERS`
     Returns logits (N, K) and the cache for :func:`myrtle5_backward` (a dict of layer caches).
     """
     _check_image(x)
-    P = params
-    h1, (conv1, relu1) = conv3x3_relu_forward(x, P["W1"], P["b1"])  # (N, Hx, Wx, c)
-    h2, (conv2, relu2) = conv3x3_relu_forward(h1, P["W2"], P["b2"])  # (N, Hx, Wx, c)
-    p2, pool2 = avgpool2_forward(h2)  # (N, Hx/2, Wx/2, c)
-    h3, (conv3, relu3) = conv3x3_relu_forward(p2, P["W3"], P["b3"])
-    p3, pool3 = avgpool2_forward(h3)  # (N, Hx/4, Wx/4, c)
-    h4, (conv4, relu4) = conv3x3_relu_forward(p3, P["W4"], P["b4"])
-    g, pool4 = global_avgpool_forward(h4)  # (N, c)
-    logits, dense5 = dense_forward(g, P["W5"], P["b5"])  # (N, K)
+    P, L = params, layers or LAYERS
+    h1, (conv1, relu1) = L.conv3x3_relu_forward(x, P["W1"], P["b1"])  # (N, Hx, Wx, c)
+    h2, (conv2, relu2) = L.conv3x3_relu_forward(h1, P["W2"], P["b2"])  # (N, Hx, Wx, c)
+    p2, pool2 = L.avgpool2_forward(h2)  # (N, Hx/2, Wx/2, c)
+    h3, (conv3, relu3) = L.conv3x3_relu_forward(p2, P["W3"], P["b3"])
+    p3, pool3 = L.avgpool2_forward(h3)  # (N, Hx/4, Wx/4, c)
+    h4, (conv4, relu4) = L.conv3x3_relu_forward(p3, P["W4"], P["b4"])
+    g, pool4 = L.global_avgpool_forward(h4)  # (N, c)
+    logits, dense5 = L.dense_forward(g, P["W5"], P["b5"])  # (N, K)
     cache = dict(conv1=conv1, relu1=relu1, conv2=conv2, relu2=relu2, pool2=pool2, conv3=conv3)
     cache.update(relu3=relu3, pool3=pool3, conv4=conv4, relu4=relu4, pool4=pool4, dense5=dense5)
     return logits, cache
 
 
-def _myrtle5_backward(dlogits, cache):
+def _myrtle5_backward(dlogits, cache, L):
     """The backward pass, returning the grads and the pre-activation gradients dz1..dz4."""
     c = cache
-    dg, dW5, db5 = dense_backward(dlogits, c["dense5"])  # (N, c)
-    dz4 = relu_backward(global_avgpool_backward(dg, c["pool4"]), c["relu4"])  # (N, Hx/4, Wx/4, c)
-    dp3, dW4, db4 = conv3x3_backward(dz4, c["conv4"])
-    dz3 = relu_avgpool2_backward(dp3, c["pool3"], c["relu3"])  # (N, Hx/2, Wx/2, c)
-    dp2, dW3, db3 = conv3x3_backward(dz3, c["conv3"])
-    dz2 = relu_avgpool2_backward(dp2, c["pool2"], c["relu2"])  # (N, Hx, Wx, c)
-    dz1, dW2, db2 = conv3x3_backward(dz2, c["conv2"], gate=c["relu1"])  # dz1 = dh1 1[h1 > 0]
-    _, dW1, db1 = conv3x3_backward(dz1, c["conv1"], need_dx=False)
+    dg, dW5, db5 = L.dense_backward(dlogits, c["dense5"])  # (N, c)
+    dh4 = L.global_avgpool_backward(dg, c["pool4"])  # (N, Hx/4, Wx/4, c)
+    dz4 = L.relu_backward(dh4, c["relu4"])
+    dp3, dW4, db4 = L.conv3x3_backward(dz4, c["conv4"])
+    dz3 = L.relu_avgpool2_backward(dp3, c["pool3"], c["relu3"])  # (N, Hx/2, Wx/2, c)
+    dp2, dW3, db3 = L.conv3x3_backward(dz3, c["conv3"])
+    dz2 = L.relu_avgpool2_backward(dp2, c["pool2"], c["relu2"])  # (N, Hx, Wx, c)
+    dz1, dW2, db2 = L.relu_conv3x3_backward(dz2, c["relu1"], c["conv2"])  # dz1 = dh1 1[h1 > 0]
+    _, dW1, db1 = L.conv3x3_backward(dz1, c["conv1"], need_dx=False)
     grads = dict(W1=dW1, b1=db1, W2=dW2, b2=db2, W3=dW3, b3=db3, W4=dW4, b4=db4, W5=dW5, b5=db5)
     return grads, dict(dz1=dz1, dz2=dz2, dz3=dz3, dz4=dz4)
 
 
-def myrtle5_backward(dlogits, cache):
+def myrtle5_backward(dlogits, cache, layers=None):
     """Parameter gradients of :func:`myrtle5_forward`, the chain rule in reverse order.
 
-    dlogits : (N, K)
+    dlogits : (N, K);  layers : the table the forward pass used (None: :data:`LAYERS`)
     Returns grads, a dict with the shapes of params (order ``MYRTLE5_PARAM_NAMES``).
     """
-    grads, _ = _myrtle5_backward(dlogits, cache)
+    grads, _ = _myrtle5_backward(dlogits, cache, layers or LAYERS)
     return {k: grads[k] for k in MYRTLE5_PARAM_NAMES}
 
 
 def loss_on_batch(logits, y, gamma, loss="ce"):
     """dynloss on one network: F (0-d) and dF/dlogits (N, K) in the dtype of logits (N, K);
     adds and removes the leading M = 1 axis that dynloss works with. gamma : (K,)."""
-    if gpu.ce_applies(logits, loss):
-        return gpu.ce_loss(logits, y, gamma)  # eq. (1) and its gradient in one kernel
     xp = get_array_module(logits)
     gamma = xp.asarray(gamma, dtype=logits.dtype)[None, :]  # (1, K)
-    F, lcache = loss_forward(logits[None], xp.asarray(y), gamma, loss)  # (1,)
+    F, lcache = loss_forward(logits[None], xp.asarray(y), gamma, loss)  # (1,)  Eq. (1)
     dlogits = loss_backward(lcache)[0].astype(logits.dtype, copy=False)  # (N, K)
     return F[0], dlogits
 
 
-def myrtle5_loss_and_grads(params, x, y, gamma, loss="ce"):
+def myrtle5_loss_and_grads(params, x, y, gamma, loss="ce", layers=None):
     """Dynamical loss F (eq. 1, mean over the batch) of one Myrtle5 network and its gradient.
 
     x : (N, Hx, Wx, C_in);  y : (N,) ints;  gamma : (K,) class weights at the current step
+    layers : the layer table (None: :data:`LAYERS`)
     Returns F (a 0-d array on the backend of x: no device-to-host sync), grads (shapes of params),
     logits (N, K).
     """
-    logits, cache = myrtle5_forward(x, params)
-    F, dlogits = loss_on_batch(logits, y, gamma, loss)
-    return F, myrtle5_backward(dlogits, cache), logits
+    L = layers or LAYERS
+    logits, cache = myrtle5_forward(x, params, L)
+    F, dlogits = L.loss_on_batch(logits, y, gamma, loss)
+    return F, myrtle5_backward(dlogits, cache, L), logits
 
 
 def myrtle5_flatten(params):
@@ -584,78 +651,76 @@ def myrtle5_unflatten(theta, like):
 # ---------------------------------------------------------------------------------------------
 
 
-def _conv_rop_backward(dz, Rdz, cache, V, cache_R, need_dx=True):
+def _conv_rop_backward(dz, Rdz, cache, V, cache_R, L, need_dx=True):
     """R of conv3x3_backward: (R{dx} or None, R{dW}, R{db}) from dz = dF/dout and R{dz}.
 
-    cache: the forward cache (a, W, cols) of the input a; cache_R: the cache of a convolution
-    whose input was R{a}, or None where R{a} = 0 (the data); V: the direction's kernel
-    (3, 3, C, C_out).
+    cache: the forward cache of the input a; cache_R: the cache of a convolution whose input was
+    R{a}, or None where R{a} = 0 (the data); V: the direction's kernel (3, 3, C, C_out).
     """
-    Rdx, RdW, Rdb = conv3x3_backward(Rdz, cache, need_dx)  # R{dz} * W~, a^T R{dz}, sum R{dz}
+    Rdx, RdW, Rdb = L.conv3x3_backward(Rdz, cache, need_dx)  # R{dz} * W~, a^T R{dz}, sum R{dz}
     if cache_R is not None:
-        RdW = RdW + conv3x3_backward(dz, cache_R, need_dx=False)[1]  # + R{a}^T dz
+        RdW = RdW + L.conv3x3_backward(dz, cache_R, need_dx=False)[1]  # + R{a}^T dz
     if need_dx:
-        Rdx = Rdx + conv3x3_input_grad(dz, V)  # + dz * V~
+        Rdx = Rdx + L.conv3x3_input_grad(dz, V)  # + dz * V~
     return Rdx, RdW, Rdb
 
 
-def _conv_of_cached_input(cache, V):
+def conv3x3_cached_forward(cache, V):
     """conv3x3 (no bias) of the input a of a cached convolution with another kernel V
-    (3, 3, C, C_out): reuses the cached cols where there are any. Returns (N, Hx, Wx, C_out)."""
+    (3, 3, C, C_out), reusing the cached cols: (N, Hx, Wx, C_out)."""
     a, _, cols = cache
-    if cols is not None:
-        return (cols @ V.reshape(-1, V.shape[3])).reshape(a.shape[:3] + (V.shape[3],))
-    xp = get_array_module(a)
-    return conv3x3_forward(a, V, xp.zeros(V.shape[3], dtype=V.dtype))[0]
+    return (cols @ V.reshape(-1, V.shape[3])).reshape(a.shape[:3] + (V.shape[3],))  # cols V
 
 
-def _myrtle5_rop(params, cache, curvature, dlogits, dz, V):
+def _myrtle5_rop(params, cache, curvature, dlogits, dz, V, L):
     """R{grads} for the direction V (a params-shaped dict): the Hessian applied to V."""
     P, c = params, cache
     # R forward pass: R{z} = conv(R{a}, W) + conv(a, V) + v_b; R{h} = 1[z > 0] R{z}
     conv1, conv2, conv3, conv4 = c["conv1"], c["conv2"], c["conv3"], c["conv4"]
-    Rz1 = _conv_of_cached_input(conv1, V["W1"]) + V["b1"]  # (N, Hx, Wx, c)  R{x} = 0
-    Rh1 = relu_backward(Rz1, c["relu1"])
-    Rz2, convR2 = conv3x3_forward(Rh1, P["W2"], V["b2"])
-    Rz2 += _conv_of_cached_input(conv2, V["W2"])  # (N, Hx, Wx, c)
-    Rp2, _ = avgpool2_forward(relu_backward(Rz2, c["relu2"]))  # (N, Hx/2, Wx/2, c)
-    Rz3, convR3 = conv3x3_forward(Rp2, P["W3"], V["b3"])
-    Rz3 += _conv_of_cached_input(conv3, V["W3"])
-    Rp3, _ = avgpool2_forward(relu_backward(Rz3, c["relu3"]))  # (N, Hx/4, Wx/4, c)
-    Rz4, convR4 = conv3x3_forward(Rp3, P["W4"], V["b4"])
-    Rz4 += _conv_of_cached_input(conv4, V["W4"])
-    Rg, _ = global_avgpool_forward(relu_backward(Rz4, c["relu4"]))  # (N, c)
+    Rz1 = L.conv3x3_cached_forward(conv1, V["W1"]) + V["b1"]  # (N, Hx, Wx, c)  R{x} = 0
+    Rh1 = L.relu_backward(Rz1, c["relu1"])
+    Rz2, convR2 = L.conv3x3_forward(Rh1, P["W2"], V["b2"])
+    Rz2 += L.conv3x3_cached_forward(conv2, V["W2"])  # (N, Hx, Wx, c)
+    Rp2, _ = L.avgpool2_forward(L.relu_backward(Rz2, c["relu2"]))  # (N, Hx/2, Wx/2, c)
+    Rz3, convR3 = L.conv3x3_forward(Rp2, P["W3"], V["b3"])
+    Rz3 += L.conv3x3_cached_forward(conv3, V["W3"])
+    Rp3, _ = L.avgpool2_forward(L.relu_backward(Rz3, c["relu3"]))  # (N, Hx/4, Wx/4, c)
+    Rz4, convR4 = L.conv3x3_forward(Rp3, P["W4"], V["b4"])
+    Rz4 += L.conv3x3_cached_forward(conv4, V["W4"])
+    Rg, _ = L.global_avgpool_forward(L.relu_backward(Rz4, c["relu4"]))  # (N, c)
     g, W5 = c["dense5"]
     Rlogits = Rg @ W5 + g @ V["W5"] + V["b5"]  # (N, K)
     Rdlogits = apply_logit_hessian(curvature, Rlogits[None])[0]  # (N, K)  R{dF/dz}, dynloss
     # R backward pass: R{dW} = R{a}^T dz + a^T R{dz};  R{da} = R{dz} W^T + dz V^T
-    Rdg, RdW5, Rdb5 = dense_backward(Rdlogits, c["dense5"])
+    Rdg, RdW5, Rdb5 = L.dense_backward(Rdlogits, c["dense5"])
     RdW5 = RdW5 + Rg.T @ dlogits  # (c, K)
     Rdg = Rdg + dlogits @ V["W5"].T  # (N, c)
-    Rdz4 = relu_backward(global_avgpool_backward(Rdg, c["pool4"]), c["relu4"])
-    Rdp3, RdW4, Rdb4 = _conv_rop_backward(dz["dz4"], Rdz4, conv4, V["W4"], convR4)
-    Rdz3 = relu_avgpool2_backward(Rdp3, c["pool3"], c["relu3"])
-    Rdp2, RdW3, Rdb3 = _conv_rop_backward(dz["dz3"], Rdz3, conv3, V["W3"], convR3)
-    Rdz2 = relu_avgpool2_backward(Rdp2, c["pool2"], c["relu2"])
-    Rdh1, RdW2, Rdb2 = _conv_rop_backward(dz["dz2"], Rdz2, conv2, V["W2"], convR2)
-    Rdz1 = relu_backward(Rdh1, c["relu1"])
-    _, RdW1, Rdb1 = _conv_rop_backward(dz["dz1"], Rdz1, conv1, V["W1"], None, need_dx=False)
+    Rdz4 = L.relu_backward(L.global_avgpool_backward(Rdg, c["pool4"]), c["relu4"])
+    Rdp3, RdW4, Rdb4 = _conv_rop_backward(dz["dz4"], Rdz4, conv4, V["W4"], convR4, L)
+    Rdz3 = L.relu_avgpool2_backward(Rdp3, c["pool3"], c["relu3"])
+    Rdp2, RdW3, Rdb3 = _conv_rop_backward(dz["dz3"], Rdz3, conv3, V["W3"], convR3, L)
+    Rdz2 = L.relu_avgpool2_backward(Rdp2, c["pool2"], c["relu2"])
+    Rdh1, RdW2, Rdb2 = _conv_rop_backward(dz["dz2"], Rdz2, conv2, V["W2"], convR2, L)
+    Rdz1 = L.relu_backward(Rdh1, c["relu1"])
+    _, RdW1, Rdb1 = _conv_rop_backward(dz["dz1"], Rdz1, conv1, V["W1"], None, L, need_dx=False)
     return dict(
         W1=RdW1, b1=Rdb1, W2=RdW2, b2=Rdb2, W3=RdW3, b3=Rdb3, W4=RdW4, b4=Rdb4, W5=RdW5, b5=Rdb5
     )
 
 
-def myrtle5_hvp_operator(params, x, y, gamma, loss="ce"):
+def myrtle5_hvp_operator(params, x, y, gamma, loss="ce", layers=None):
     """The exact Hessian of the batch loss as a function v (P,) -> Hv (P,), for Lanczos.
 
     Runs the forward and backward pass once and keeps them; each call then costs about two
     gradient evaluations. v may be a NumPy array (it is moved to the backend of params); Hv is on
     that backend, in the dtype of params. x : (N, Hx, Wx, C_in); y : (N,); gamma : (K,).
+    layers : the layer table (None: :data:`LAYERS`).
     """
     xp = get_array_module(*params.values())
-    logits, cache = myrtle5_forward(x, params)
-    _, dlogits = loss_on_batch(logits, y, gamma, loss)
-    _, dz = _myrtle5_backward(dlogits, cache)
+    L = layers or LAYERS
+    logits, cache = myrtle5_forward(x, params, L)
+    _, dlogits = L.loss_on_batch(logits, y, gamma, loss)
+    _, dz = _myrtle5_backward(dlogits, cache, L)
     gamma_row = xp.asarray(gamma, dtype=logits.dtype)[None, :]  # (1, K)
     _, lcache = loss_forward(logits[None], xp.asarray(y), gamma_row, loss)
     curvature = logit_curvature(lcache)  # the logit Hessian's pieces, computed once
@@ -663,19 +728,19 @@ def myrtle5_hvp_operator(params, x, y, gamma, loss="ce"):
 
     def matvec(v):
         V = myrtle5_unflatten(xp.asarray(v, dtype=dtype).reshape(-1), params)
-        Hv = _myrtle5_rop(params, cache, curvature, dlogits, dz, V)
+        Hv = _myrtle5_rop(params, cache, curvature, dlogits, dz, V, L)
         return myrtle5_flatten(Hv)  # (P,)
 
     return matvec
 
 
-def myrtle5_hvp(params, x, y, gamma, v, loss="ce"):
+def myrtle5_hvp(params, x, y, gamma, v, loss="ce", layers=None):
     """Exact Hessian-vector product of the Myrtle5 loss on a batch, by the R-operator.
 
     x : (N, Hx, Wx, C_in);  y : (N,);  gamma : (K,);  v : (P,) in ``myrtle5_flatten`` order
     Returns Hv (P,) = (d^2 F / d theta^2) v (derivation in the module docstring).
     """
-    return myrtle5_hvp_operator(params, x, y, gamma, loss)(v)
+    return myrtle5_hvp_operator(params, x, y, gamma, loss, layers)(v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -699,9 +764,27 @@ def nesterov_step(params, grads, velocity, lr, momentum=NESTEROV_MOMENTUM):
         params, grads, velocity = {"": params}, {"": grads}, {"": velocity}
     for k, theta in params.items():
         v, g = velocity[k], grads[k]
-        if gpu.handles(theta):
-            gpu.nesterov_update(g, lr, momentum, theta, v)  # the two lines below in one kernel
-            continue
         v *= momentum
         v += g  # v <- momentum v + g
         theta -= lr * (g + momentum * v)  # theta <- theta - lr (g + momentum v)
+
+
+# The reference layer table: every function the Myrtle5 code above calls through ``layers``.
+# fast/layers.py builds a table with the same names and signatures around our CUDA kernels.
+LAYERS = SimpleNamespace(
+    conv3x3_forward=conv3x3_forward,
+    conv3x3_relu_forward=conv3x3_relu_forward,
+    conv3x3_backward=conv3x3_backward,
+    relu_conv3x3_backward=relu_conv3x3_backward,
+    conv3x3_input_grad=conv3x3_input_grad,
+    conv3x3_cached_forward=conv3x3_cached_forward,
+    relu_backward=relu_backward,
+    avgpool2_forward=avgpool2_forward,
+    relu_avgpool2_backward=relu_avgpool2_backward,
+    global_avgpool_forward=global_avgpool_forward,
+    global_avgpool_backward=global_avgpool_backward,
+    dense_forward=dense_forward,
+    dense_backward=dense_backward,
+    loss_on_batch=loss_on_batch,
+    nesterov_step=nesterov_step,
+)

@@ -16,7 +16,8 @@ A CPU demo on synthetic data (about a minute of CPU time; benchmarks/cifar_demo/
         --image-size 16 --channels 16 --batch 100 --epochs 14 --lr-peak 0.05 --lr-final 0.005 \\
         --A 20 --T 20 --out runs/cifar-demo/A20-T20
 
-The protocol (schedule, minibatches, checkpoints, exact resume) is in protocol.py; outputs are
+The protocol (schedule, minibatches, one epoch) is in protocol.py, the run around it (settings,
+checkpoints, exact resume) in apparatus/cifar_runs.py; outputs are
 described in docs/formats.md. Rerunning a command resumes it from its checkpoint; an --out that
 holds a run with other settings is refused.
 """
@@ -31,10 +32,21 @@ import time
 import numpy as np
 
 import cifar
-import digits
-import plots
-import sweep
-from cli import (
+from apparatus import digits, plots, statistics, sweeps
+from apparatus.cifar_runs import (
+    CHECKPOINT_NAME,
+    DEFAULTS,
+    DIGITS_PROTOCOL,
+    CheckpointError,
+    check_run,
+    final_metrics,
+    load_data,
+    read_checkpoint,
+    resolve_settings,
+    run_arrays,
+    train_run,
+)
+from apparatus.cli import (
     AMPLITUDE,
     COUNT,
     COUNT0,
@@ -52,29 +64,19 @@ from cli import (
     parse_list,
     run_main,
 )
+from apparatus.storage import atomic_savez, claim_folder, differing, versions, write_json
+from fast.layers import layers_for
 from protocol import (
     BATCH,
     CHANNELS,
-    CHECKPOINT_NAME,
-    DEFAULTS,
-    DIGITS_PROTOCOL,
     EPOCHS,
     LR_FINAL,
     LR_PEAK,
     MOMENTUM,
     PEAK_EPOCH,
     STOP_EPOCH,
-    CheckpointError,
-    check_run,
-    final_metrics,
-    load_data,
-    read_checkpoint,
-    resolve_settings,
-    run_arrays,
     steps_per_epoch,
-    train_run,
 )
-from sweep import atomic_savez, differing, versions, write_json
 
 SCRIPT = "run_cifar.py"
 CIFAR_IMAGES, CIFAR_SIDE = 60000, 32  # CIFAR-10: 50,000 + 10,000 images of 32 x 32 x 3
@@ -143,7 +145,7 @@ def check_train(args):
     xp = checked_backend(args.device)
     data = load_data(settings, args.data, args.hess_batch if args.hess_every else 0)
     settings["data_fingerprint"] = data["fingerprint"]
-    sweep.claim_folder(args.out, "cifar-train", settings, overwrite=args.overwrite)
+    claim_folder(args.out, "cifar-train", settings, overwrite=args.overwrite)
     check_checkpoint(os.path.join(args.out, CHECKPOINT_NAME), settings, data, args.overwrite)
     return settings, xp, data
 
@@ -174,6 +176,7 @@ def cmd_train(args):
         args.checkpoint_every,
         hess_every=args.hess_every,
         progress=not args.quiet,
+        layers=layers_for(xp),
     )
     arrays = run_arrays(state, info)
     atomic_savez(os.path.join(args.out, "run.npz"), **arrays)
@@ -221,7 +224,7 @@ def check_phase(args):
     settings = resolve_settings(args)
     A_list = parse_list(args.A, "--A", low=1)
     T_list = parse_list(args.T, "--T", low=1)
-    shard = sweep.parse_shard(args.shard)
+    shard = sweeps.parse_shard(args.shard)
     check_memory(cifar_memory(settings), "a run of this sweep")
     xp = checked_backend(args.device)
     data = load_data(settings, args.data)
@@ -229,7 +232,7 @@ def check_phase(args):
     cfg["seeds"] = list(range(args.seed0, args.seed0 + args.seeds))
     cfg["data_fingerprint"] = data["fingerprint"]
     if os.path.exists(os.path.join(args.out, "sweep.json")):
-        old = sweep.load_config(args.out)
+        old = sweeps.load_config(args.out)
         diff = differing(old, cfg)
         if diff and not (diff == ["seeds"] and cfg["seeds"][: len(old["seeds"])] == old["seeds"]):
             raise InputError(
@@ -249,11 +252,11 @@ def unit_settings(cfg, A, T, seed):
 def cmd_phase(args):
     """``phase``: the (T, A) grid x seeds, one run per unit; resumable, shardable; Fig. 1."""
     cfg, xp, data, (i, n) = check_phase(args)
-    sweep.prepare(args.out, cfg, grow=("seeds",))
+    sweeps.prepare(args.out, cfg, grow=("seeds",))
     write_json(os.path.join(args.out, "versions.json"), versions())
     units = phase_units(len(cfg["T"]), len(cfg["A"]), cfg["seeds"])
-    mine = sweep.shard(units, i, n)
-    todo = set(sweep.pending(args.out, [u[0] for u in mine], unit_expect(cfg)))
+    mine = sweeps.shard(units, i, n)
+    todo = set(sweeps.pending(args.out, [u[0] for u in mine], unit_expect(cfg)))
     print(f"shard {i}/{n}: {len(todo)} of {len(mine)} runs to do ({len(units)} in the sweep)")
     t0 = time.time()
     for name, ti, ai, seed in mine:
@@ -276,12 +279,19 @@ def cmd_phase(args):
             if stale:
                 os.remove(ckpt)
         state, info = train_run(
-            settings, data, xp, work, args.checkpoint_every, progress=not args.quiet, say=print
+            settings,
+            data,
+            xp,
+            work,
+            args.checkpoint_every,
+            progress=not args.quiet,
+            say=print,
+            layers=layers_for(xp),
         )
         arrays = {k: np.array([v], dtype=np.float64) for k, v in final_metrics(state).items()}
         arrays["diverged_epoch"] = np.array([state.diverged_epoch], dtype=np.int64)
         arrays["val_acc_history"] = state.hist["test_acc"][None]  # a leading axis of one seed
-        sweep.save_unit(args.out, name, arrays)
+        sweeps.save_unit(args.out, name, arrays)
         shutil.rmtree(work)
         if not args.quiet:
             acc, val = arrays["train_acc"][0], arrays["val_acc"][0]
@@ -295,7 +305,7 @@ def cmd_phase(args):
 
 def unit_expect(cfg):
     """name -> the fields (shapes) of a stored unit: one run's final metrics and history."""
-    fields = {f: (1,) for f in (*sweep.PHASE_FIELDS, "diverged_epoch")}
+    fields = {f: (1,) for f in (*sweeps.PHASE_FIELDS, "diverged_epoch")}
     fields["val_acc_history"] = (1, cfg["epochs"] + 1)
     return lambda name: fields
 
@@ -306,22 +316,24 @@ def copy_static_twin(out, cfg, name, ti, ai, seed, units):
     return whether one was found."""
     for other, tj, aj, s in units:
         if s == seed and tj != ti and cfg["A"][aj] == 1:
-            arrays, _ = sweep.read_unit(out, other, unit_expect(cfg)(other))
+            arrays, _ = sweeps.read_unit(out, other, unit_expect(cfg)(other))
             if arrays is not None:
-                sweep.save_unit(out, name, arrays)
+                sweeps.save_unit(out, name, arrays)
                 return True
     return False
 
 
 def merge_phase(out):
     """Combine the units of a finished sweep into phase.npz and the Fig. 1 figure."""
-    cfg = sweep.load_config(out, kind="cifar-phase")
+    cfg = sweeps.load_config(out, kind="cifar-phase")
     A_list, T_list, seeds = cfg["A"], cfg["T"], cfg["seeds"]
     units = phase_units(len(T_list), len(A_list), seeds)
-    done = sweep.load_units(out, [u[0] for u in units], unit_expect(cfg))
+    done = sweeps.load_units(out, [u[0] for u in units], unit_expect(cfg))
     placements = [(name, ti, ai, seeds.index(seed)) for name, ti, ai, seed in units]
-    arrays = sweep.assemble(done, placements, len(T_list), len(A_list), len(seeds))
-    summary = sweep.summarize(arrays, sweep.PHASE_FIELDS, A_list, T_list, seeds, "diverged_epoch")
+    arrays = sweeps.assemble(done, placements, len(T_list), len(A_list), len(seeds))
+    summary = statistics.summarize(
+        arrays, sweeps.PHASE_FIELDS, A_list, T_list, seeds, "diverged_epoch"
+    )
     atomic_savez(os.path.join(out, "phase.npz"), **arrays, **summary)
     png = os.path.join(out, "phase.png")
     title = (
@@ -329,7 +341,7 @@ def merge_phase(out):
         f"{cfg['epochs']} epochs, batch {cfg['batch']}, lr peak {cfg['lr_peak']:g}"
     )
     plots.plot_phase(summary, png, title, "period T (minibatch steps)")
-    sweep.print_table(summary, digits=3)
+    statistics.print_table(summary, digits=3)
     print(f"wrote {out}/phase.npz and the figure {png}")
     return summary
 

@@ -3,6 +3,7 @@
 Commands
 --------
 python run_spiral.py                      the demo: width 100, A = 20, T = 1000, 30k steps (~10 s)
+python run_spiral.py train --reference    the same run through the reference loop
 python run_spiral.py train --A 1 --steps 35000 --out runs/static            Fig. 4 (a)-(d), static
 python run_spiral.py train --A 10 --T 200 --steps 35000 --seed 0-7           one cell of Fig. 3
 python run_spiral.py phase --width 100 --seeds 50 --out runs/phase-w100      Fig. 3 (a, b)
@@ -14,8 +15,11 @@ python run_spiral.py threshold --out runs/fig5                               Fig
 python run_spiral.py density --at 0,1000,10000,30000 --out runs/density    Hessian spectra
 
 Every command writes its arrays (npz), its settings (json) and its figure (png) into --out;
-docs/formats.md lists the keys. The modules do the work: spiral.py (data, trainer), stability.py
-(spectra along a run), sweep.py (resumable units), plots.py (figures).
+docs/formats.md lists the keys. Every command that trains takes --reference: it then trains with
+spiral.train_reference, the plain loop built from dynloss.py and models.py, instead of the fast
+trainer (fast/spiral_trainer.py); both write the same files. The modules do the work: spiral.py
+(data, reference loop), fast/ (the fast trainer), apparatus/ (sweeps, the spectra tracker,
+statistics, figures).
 """
 
 from __future__ import annotations
@@ -26,11 +30,9 @@ import time
 
 import numpy as np
 
-import plots
-import spiral_sweeps
 import stability
-import sweep
-from cli import (
+from apparatus import plots, spiral_sweeps, statistics, sweeps, tracker
+from apparatus.cli import (
     AMPLITUDE,
     COUNT,
     COUNT0,
@@ -40,30 +42,32 @@ from cli import (
     InputError,
     Parser,
     add_merge_command,
+    backend,
     check_memory,
     check_out_dir,
+    checked_backend,
     number,
     parse_list,
     parse_seeds,
     run_main,
 )
+from apparatus.spiral_sweeps import run_arrays
+from apparatus.storage import atomic_savez, claim_folder, versions, write_json
 from dynloss import LOSSES
-from models import INITS, backend, init_mlp
+from fast.spiral_trainer import block_size
+from fast.workers import WORKERS
+from models import INITS, init_mlp
 from spectra import SLQ_PROBES, SLQ_STEPS
 from spiral import (
+    D_SPIRAL,
     K_SPIRAL,
     LOG_FIELDS,
     N_PER_CLASS,
     VAL_SETS,
-    WORKERS,
     TrainSpec,
-    block_size,
-    run_arrays,
+    spiral_data,
     stop_steps,
-    train_many,
 )
-from spiral_sweeps import D_SPIRAL, spiral_data
-from sweep import atomic_savez, versions, write_json
 
 SCRIPT = "run_spiral.py"
 TRAIN_DEFAULTS = {
@@ -104,10 +108,9 @@ FIG5_STATIC_STEPS = 35000
 def check_common(args):
     """Validate what every spiral command shares (the typed options checked their own values);
     raise InputError."""
-    try:
-        backend(args.device)  # --device gpu without CuPy or a GPU: one line, before any work
-    except RuntimeError as err:
-        raise InputError(str(err)) from None
+    if getattr(args, "reference", False) and args.device != "cpu":
+        raise InputError("--reference runs the NumPy reference loop on the CPU: drop --device gpu")
+    checked_backend(args.device)  # --device gpu without CuPy or a GPU: one line, before any work
     check_out_dir(args.out)
 
 
@@ -132,14 +135,14 @@ def run_memory(M, H, rows, xp=np):
 
 def check_train(args, identity=None):
     """Validate ``train`` (and ``dynamics``, ``density``) options; return the list of seeds.
-    identity : the (kind, settings) of the run, claimed in --out (sweep.claim_folder)."""
+    identity : the (kind, settings) of the run, claimed in --out (sweeps.claim_folder)."""
     check_common(args)
     seeds = parse_seeds(args.seed, "--seed")
     check_oscillates(args, args.A, args.T)
     rows = args.steps // args.log_every + 2
     check_memory(run_memory(len(seeds), args.width, rows, backend(args.device)), "this run")
     if identity is not None:
-        sweep.claim_folder(args.out, *identity, overwrite=getattr(args, "overwrite", False))
+        claim_folder(args.out, *identity, overwrite=getattr(args, "overwrite", False))
     return seeds
 
 
@@ -159,7 +162,7 @@ def train_spec(args, M):
 
 
 def run_config(args, seeds, spec, t0, identity=None, **extra):
-    """config.json of a run: its kind and settings (its identity, sweep.claim_folder), every
+    """config.json of a run: its kind and settings (its identity, sweeps.claim_folder), every
     option, the seeds, the stop step, versions, wall time."""
     config = {k: v for k, v in vars(args).items() if k != "func"}
     if identity is not None:
@@ -207,7 +210,9 @@ def cmd_train(args):
     params0 = init_mlp(seeds, D=D_SPIRAL, H=args.width, K=K_SPIRAL, init=args.init)
     spec = train_spec(args, len(seeds))
     start_run(args, seeds, spec, t0, identity, ("run.npz", "run.png"))
-    res = train_many(params0, data, spec, xp=backend(args.device), progress=not args.quiet)
+    res = spiral_sweeps.train(
+        params0, data, spec, args.reference, backend(args.device), progress=not args.quiet
+    )
     arrays = run_arrays(data, params0, res, net=0 if len(seeds) == 1 else None)
     atomic_savez(os.path.join(args.out, "run.npz"), **arrays)
     diverged = [int(d) for d in res["diverged_step"]]
@@ -245,7 +250,7 @@ def check_phase(args):
     xp = backend(args.device)
     batch = args.batch if args.batch is not None else default_batch(args.width, xp)
     check_memory(run_memory(batch, args.width, 2, xp), "a batch of this sweep")
-    return A_list, T_list, seeds, sweep.parse_shard(args.shard)
+    return A_list, T_list, seeds, sweeps.parse_shard(args.shard)
 
 
 def phase_config(args, A_list, T_list, seeds):
@@ -279,19 +284,19 @@ def cmd_phase(args):
     A_list, T_list, seeds, (i, n) = check_phase(args)
     cfg = phase_config(args, A_list, T_list, seeds)
     xp = backend(args.device)
-    sweep.prepare(args.out, cfg, grow=("seeds",))
+    sweeps.prepare(args.out, cfg, grow=("seeds",))
     write_json(os.path.join(args.out, "versions.json"), versions())
     units = spiral_sweeps.phase_units(len(T_list), len(A_list), seeds, args.seed_block)
     expect = spiral_sweeps.unit_expect(cfg)
-    mine = sweep.shard(units, i, n)
-    todo = set(sweep.pending(args.out, [u[0] for u in mine], expect))
+    mine = sweeps.shard(units, i, n)
+    todo = set(sweeps.pending(args.out, [u[0] for u in mine], expect))
     batch = args.batch if args.batch is not None else default_batch(args.width, xp)
     print(
         f"shard {i}/{n}: {len(todo)} of {len(mine)} units to run ({len(units)} in the sweep), "
         f"{max(1, batch // args.seed_block)} unit(s) per batch"
     )
     seconds = spiral_sweeps.run_phase(
-        args.out, cfg, [u for u in mine if u[0] in todo], xp, batch, not args.quiet
+        args.out, cfg, [u for u in mine if u[0] in todo], xp, batch, not args.quiet, args.reference
     )
     print(f"shard {i}/{n} done in {seconds:.0f} s")
     if n == 1:
@@ -333,14 +338,14 @@ def cmd_dynamics(args):
     P = (D_SPIRAL + 1 + K_SPIRAL) * args.width + K_SPIRAL  # parameters of one network
     if args.top_k >= P:
         raise InputError(f"--top-k {args.top_k}: a width-{args.width} network has {P} parameters")
-    problem = stability.stride_problem(args.hess_every, args.ntk_every, args.log_every)
+    problem = tracker.stride_problem(args.hess_every, args.ntk_every, args.log_every)
     if problem:
         raise InputError(problem)
     t0 = time.time()
     cfg = dynamics_config(args, seeds)
-    sweep.prepare(args.out, cfg, grow=("seeds",))
+    sweeps.prepare(args.out, cfg, grow=("seeds",))
     units = spiral_sweeps.dynamics_units(seeds, args.width)
-    todo = set(sweep.pending(args.out, [u[0] for u in units], spiral_sweeps.dynamics_expect))
+    todo = set(sweeps.pending(args.out, [u[0] for u in units], spiral_sweeps.dynamics_expect))
     xp = backend(args.device)
     spiral_sweeps.run_dynamics(
         args.out,
@@ -350,15 +355,16 @@ def cmd_dynamics(args):
         xp,
         not args.quiet,
         k=args.top_k,
+        reference=args.reference,
     )
-    done = sweep.load_units(args.out, [u[0] for u in units], spiral_sweeps.dynamics_expect)
+    done = sweeps.load_units(args.out, [u[0] for u in units], spiral_sweeps.dynamics_expect)
     arrays = dict(done[units[0][0]])  # the figure follows the first seed
     info = {k: arrays[k] for k in stability.ANALYSIS_FIELDS}  # stored with the unit
     if args.zoom_every > 0:
         data = spiral_data(args.val)
         params0 = init_mlp(seeds[:1], D=D_SPIRAL, H=args.width, K=K_SPIRAL, init=args.init)
-        window = stability.zoom_window(info, arrays["step"], args.T)
-        zoom = stability.zoom_replay(
+        window = tracker.zoom_window(info, arrays["step"], args.T)
+        zoom = tracker.zoom_replay(
             params0,
             data,
             train_spec(args, 1),
@@ -366,6 +372,7 @@ def cmd_dynamics(args):
             k=args.top_k,
             every=args.zoom_every,
             ntk=args.ntk_every > 0,
+            reference=args.reference,
             xp=xp,
         )
         arrays.update(zoom)
@@ -410,7 +417,7 @@ def print_dynamics(summary, arrays, info):
         print(
             f"Hessian threshold over {S} seeds: {summary['threshold_mean']:.4g} "
             f"[{summary['threshold_lo']:.4g}, {summary['threshold_hi']:.4g}] "
-            f"({sweep.CONFIDENCE:.0%} t interval; 2/lr = {info['gd_bound']:.4g}); per seed "
+            f"({statistics.CONFIDENCE:.0%} t interval; 2/lr = {info['gd_bound']:.4g}); per seed "
             + " ".join(f"{t:.3g}" for t in summary["threshold"])
         )
         print(
@@ -452,14 +459,16 @@ def cmd_threshold(args):
         "hess_every": args.hess_every,
         "val": args.val,
     }
-    sweep.prepare(args.out, cfg, grow=("seeds",))
+    sweeps.prepare(args.out, cfg, grow=("seeds",))
     write_json(os.path.join(args.out, "versions.json"), versions())
     units = spiral_sweeps.threshold_units(widths, lrs, seeds)
-    todo = set(sweep.pending(args.out, [u[0] for u in units], spiral_sweeps.threshold_expect))
+    todo = set(sweeps.pending(args.out, [u[0] for u in units], spiral_sweeps.threshold_expect))
     print(f"{len(todo)} of {len(units)} runs to do")
     t0 = time.time()
     mine = [u for u in units if u[0] in todo]
-    spiral_sweeps.run_threshold(args.out, cfg, mine, backend(args.device), not args.quiet)
+    spiral_sweeps.run_threshold(
+        args.out, cfg, mine, backend(args.device), not args.quiet, args.reference
+    )
     print(f"trained in {time.time() - t0:.0f} s")
     spiral_sweeps.merge_threshold(args.out)
 
@@ -478,9 +487,10 @@ def cmd_density(args):
     params0 = init_mlp(seeds, D=D_SPIRAL, H=args.width, K=K_SPIRAL, init=args.init)
     spec = train_spec(args, 1)
     start_run(args, seeds, spec, t0, identity, ("density.npz", "density.png"))
-    out = stability.densities_along(
-        params0, data, spec, at, args.probes, args.lanczos_steps, xp=backend(args.device)
-    )
+    out = tracker.densities_along(
+        params0, data, spec, at, args.probes, args.lanczos_steps, args.reference,
+        backend(args.device),
+    )  # fmt: skip
     run = out.pop("run")
     atomic_savez(os.path.join(args.out, "density.npz"), **out)
     diverged = int(run["diverged_step"][0])
@@ -532,8 +542,13 @@ def add_train_options(p, defaults):
 
 
 def add_common_options(p, out, what):
-    """--val, --device, --out and --quiet."""
+    """--val, --device, --reference, --out and --quiet."""
     p.add_argument("--val", default="uniform", choices=tuple(VAL_SETS), help="validation set")
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="train with the reference loop (spiral.train_reference) instead of the fast trainer",
+    )
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="cpu or gpu (CuPy)")
     p.add_argument("--out", default=out, help=what)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -569,9 +584,9 @@ def build_parser():
     add_spectra_options(p)
     p.add_argument(
         "--top-k",
-        type=number(int, low=1, high=stability.TOP_K_MAX),
+        type=number(int, low=1, high=tracker.TOP_K_MAX),
         default=1,
-        help=f"Hessian eigenvalues kept (top k, at most {stability.TOP_K_MAX})",
+        help=f"Hessian eigenvalues kept (top k, at most {tracker.TOP_K_MAX})",
     )
     p.add_argument(
         "--zoom-every",

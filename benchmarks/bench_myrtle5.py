@@ -35,27 +35,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import gpu  # noqa: E402
-from dynloss import class_weights  # noqa: E402
+from dynloss import class_weights, to_device  # noqa: E402
+from fast import gpu  # noqa: E402
+from fast.layers import GPU_LAYERS as L  # noqa: E402  (the reference's layers on NumPy arrays)
 from machine import cpu_name  # noqa: E402
 from models import (  # noqa: E402
     avgpool2_backward,
-    avgpool2_forward,
-    column_sums,
-    conv3x3_backward,
-    conv3x3_forward,
-    conv3x3_input_grad,
-    conv3x3_relu_forward,
-    im2col3x3,
     init_myrtle5,
     myrtle5_forward,
     myrtle5_hvp_operator,
     myrtle5_loss_and_grads,
-    nesterov_step,
-    relu_avgpool2_backward,
     relu_backward,
     relu_forward,
-    to_device,
 )
 
 K = 10
@@ -87,8 +78,8 @@ def our_step_fn(xp, batch, c, side, dtype, channels=3):
     x, y, gamma = make_batch(xp, batch, side, dtype, channels=channels)
 
     def step():
-        _, grads, _ = myrtle5_loss_and_grads(params, x, y, gamma)
-        nesterov_step(params, grads, velocity, LR)
+        _, grads, _ = myrtle5_loss_and_grads(params, x, y, gamma, layers=L)
+        L.nesterov_step(params, grads, velocity, LR)
 
     return step
 
@@ -155,37 +146,37 @@ def profile_cupy(cupy, args):
     h = cupy.asarray(np.abs(rng.normal(size=(N, 32, 32, c))).astype(np.float32))
     W = cupy.asarray(rng.normal(size=(3, 3, c, c)).astype(np.float32))
     b = cupy.zeros(c, dtype=np.float32)
-    cols = im2col3x3(h)
+    cols = gpu.im2col3x3(h)
     dout = cupy.asarray(rng.normal(size=(N, 32, 32, c)).astype(np.float32))
     params = to_device(init_myrtle5(0, c=c, dtype=np.float32), cupy)
     x, y, gamma = make_batch(cupy, N, 32, np.float32)
-    dout2, cols1 = dout.reshape(-1, c), im2col3x3(x)
+    dout2, cols1 = dout.reshape(-1, c), gpu.im2col3x3(x)
     dp = cupy.ascontiguousarray(dout[:, :16, :16])
     params2 = {k: p.copy() for k, p in params.items()}
     velocity = {k: cupy.zeros_like(p) for k, p in params.items()}
-    hvp = myrtle5_hvp_operator(params, x, y, gamma)
+    hvp = myrtle5_hvp_operator(params, x, y, gamma, layers=L)
     v = cupy.asarray(rng.normal(size=sum(p.size for p in params.values())).astype(np.float32))
-    _, cache = conv3x3_forward(h, W, b)
+    _, cache = L.conv3x3_forward(h, W, b)
     pieces = {
-        "im2col 32x32xc": lambda: im2col3x3(h),
+        "im2col 32x32xc": lambda: gpu.im2col3x3(h),
         "GEMM fwd cols@W 32x32": lambda: cols @ W.reshape(-1, c),
-        "conv fwd 32x32 (this method)": lambda: conv3x3_forward(h, W, b),
-        "conv+bias+relu fwd 32x32": lambda: conv3x3_relu_forward(h, W, b),
-        "conv bwd 32x32: dW, db, dx*1[h>0]": lambda: conv3x3_backward(dout, cache, gate=h),
+        "conv fwd 32x32 (this method)": lambda: L.conv3x3_forward(h, W, b),
+        "conv+bias+relu fwd 32x32": lambda: L.conv3x3_relu_forward(h, W, b),
+        "conv bwd 32x32: dW, db, dx*1[h>0]": lambda: L.relu_conv3x3_backward(dout, h, cache),
         "GEMM dW cols.T@dout 32x32": lambda: cols.T @ dout.reshape(-1, c),
-        "conv dx (flipped conv) 32x32": lambda: conv3x3_input_grad(dout, W),
+        "conv dx (flipped conv) 32x32": lambda: L.conv3x3_input_grad(dout, W),
         "relu fwd 32x32": lambda: relu_forward(dout),
         "relu bwd 32x32": lambda: relu_backward(dout, h),
-        "avgpool2 fwd 32x32": lambda: avgpool2_forward(h),
+        "avgpool2 fwd 32x32": lambda: L.avgpool2_forward(h),
         "avgpool2 bwd 32x32": lambda: avgpool2_backward(dout[:, :16, :16], h.shape),
-        "relu_avgpool2_backward 32x32": lambda: relu_avgpool2_backward(dp, h.shape, h),
-        "db ones@dout 32x32": lambda: column_sums(dout2),
-        "conv1 fwd (C_in = 3)": lambda: conv3x3_forward(x, params["W1"], params["b1"]),
+        "relu_avgpool2_backward 32x32": lambda: L.relu_avgpool2_backward(dp, h.shape, h),
+        "db ones@dout 32x32": lambda: gpu.column_sums(dout2),
+        "conv1 fwd (C_in = 3)": lambda: L.conv3x3_forward(x, params["W1"], params["b1"]),
         "conv1 dW (K = 27)": lambda: cols1.T @ dout2,
-        "Myrtle5 forward": lambda: myrtle5_forward(x, params),
-        "Myrtle5 loss+grads": lambda: myrtle5_loss_and_grads(params, x, y, gamma),
+        "Myrtle5 forward": lambda: myrtle5_forward(x, params, L),
+        "Myrtle5 loss+grads": lambda: myrtle5_loss_and_grads(params, x, y, gamma, layers=L),
         "Myrtle5 HVP (cached forward/backward)": lambda: hvp(v),
-        "nesterov_step (10 arrays)": lambda: nesterov_step(params, params2, velocity, LR),
+        "nesterov_step (10 arrays)": lambda: L.nesterov_step(params, params2, velocity, LR),
     }
     start, end = cupy.cuda.Event(), cupy.cuda.Event()
     out = {

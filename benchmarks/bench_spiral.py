@@ -1,4 +1,4 @@
-"""Spiral training speed: our trainer (spiral.py) and the same step in jit-compiled JAX, in one run.
+"""Spiral training speed: our trainers and the same step in jit-compiled JAX, in one run.
 
     python benchmarks/bench_spiral.py              # the tables in README.md and docs/speed.md
     python benchmarks/bench_spiral.py --tiny       # a few seconds, for CI
@@ -6,11 +6,15 @@
 
 Work, for both: full-batch gradient descent on the 300-point spiral, float64, widths 100 and
 1000, the dynamical loss of eqs. (1)-(5) (A = 10, T = 200, weights recomputed at every step),
-learning rate 1, no logging. "batch" trains M networks at once: ours with spiral.train_many
-(blocks of networks in two worker processes on the CPU), JAX with ``jax.vmap`` over networks of
-a ``jax.lax.fori_loop`` of steps under ``jax.jit``. "single" trains one network: ours with
-spiral.train_block on one BLAS thread (as the train, dynamics and threshold commands do), JAX
-with the same jitted loop for M = 1. Rates are network-steps per second, the best of
+learning rate 1, no logging. "batch" trains M networks: ours with fast/spiral_trainer.train_many
+(blocks of networks in two worker processes on the CPU); JAX in whichever of its two ways is
+faster in this run, ``jax.vmap`` over networks of a ``jax.lax.fori_loop`` of steps under
+``jax.jit``, or the jitted single-network loop called once per network (the JAX column names the
+winner; on two cores the second often wins at width 1000). "single" trains one network: ours
+with fast/spiral_trainer.train_block on one BLAS thread (as the train, dynamics and threshold
+commands do), JAX with the jitted single-network loop. "single, reference" is ours through
+spiral.train_reference, the plain loop that ``--reference`` runs: the price of reading the code
+that runs. Rates are network-steps per second, the best of
 ``--repeats`` timed runs after a warm-up (JAX's compilation is not timed). Before timing, both
 train the same networks for ``CHECK_STEPS`` steps and must agree to ``CHECK_RTOL``: the JAX
 step is the same computation. "single, logging" times our trainer logging every step with the
@@ -38,8 +42,10 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import spiral  # noqa: E402
+from apparatus.cli import backend  # noqa: E402
+from fast import spiral_trainer  # noqa: E402
 from machine import describe  # noqa: E402
-from models import backend, init_mlp  # noqa: E402
+from models import init_mlp  # noqa: E402
 
 A_BENCH, T_BENCH, LR = 10.0, 200.0, 1.0  # a dynamical loss that oscillates during the run
 SIZES = {  # width: (networks in a batch, steps)
@@ -65,24 +71,29 @@ def spec_for(M, steps):
 
 def ours_batch(params, data, steps, xp):
     t0 = time.perf_counter()
-    out = spiral.train_many(params, data, spec_for(len(params["W1"]), steps), xp=xp, progress=False)
+    spec = spec_for(len(params["W1"]), steps)
+    out = spiral_trainer.train_many(params, data, spec, xp=xp, progress=False)
     if xp is not np:
         xp.cuda.Device().synchronize()
     return time.perf_counter() - t0, out["params"]
 
 
-def ours_one(params, data, steps, xp, log_every=None):
+def ours_one(params, data, steps, xp, log_every=None, reference=False):
     spec = spec_for(1, steps)
     spec.log_every = log_every or steps
     spec.val_every = VAL_EVERY
     t0 = time.perf_counter()
     with threadpool_limits(limits=1):
-        out = spiral.train_block(params, data, spec, xp=xp)
+        if reference:
+            out = spiral.train_reference(params, data, spec)
+        else:
+            out = spiral_trainer.train_block(params, data, spec, xp=xp)
     return time.perf_counter() - t0, out["params"]
 
 
-def jax_trainer(X, y, K, steps):
-    """The same step in JAX: jit over vmap (networks) over fori_loop (steps), float64."""
+def jax_trainer(X, y, K, steps, vmapped=True):
+    """The same step in JAX, float64: jit over vmap (networks) over fori_loop (steps); with
+    ``vmapped`` False, the jitted single-network loop called once per network."""
     import jax
     import jax.numpy as jnp
 
@@ -115,13 +126,19 @@ def jax_trainer(X, y, K, steps):
         return jax.lax.fori_loop(0, steps, body, p)
 
     run = jax.jit(jax.vmap(train_one))
+    run_one = jax.jit(train_one)
+    A, T = jnp.float64(A_BENCH), jnp.float64(T_BENCH)
 
     def timed(params):
         M = len(params["W1"])
         p = {k: jnp.asarray(v) for k, v in params.items()}
-        A, T = jnp.full(M, A_BENCH), jnp.full(M, T_BENCH)
         t0 = time.perf_counter()
-        out = jax.block_until_ready(run(p, A, T))
+        if vmapped:
+            out = jax.block_until_ready(run(p, jnp.full(M, A_BENCH), jnp.full(M, T_BENCH)))
+        else:  # one network after another
+            outs = [jax.block_until_ready(run_one({k: v[m] for k, v in p.items()}, A, T))
+                    for m in range(M)]  # fmt: skip
+            out = {k: jnp.stack([o[k] for o in outs]) for k in p}
         return time.perf_counter() - t0, {k: np.asarray(v) for k, v in out.items()}
 
     return timed
@@ -172,16 +189,27 @@ def main():
     except ImportError:
         theirs = {}
         print("JAX is not installed: our rates only; the comparison needs JAX")
-    head = f"{'width':>6} {'run':<16} {'networks':>8} {'steps':>6} {'ours':>9} {'JAX':>9}"
-    print(head + f" {'ours/JAX':>8}")
+    head = f"{'width':>6} {'run':<18} {'networks':>8} {'steps':>6} {'ours':>9} {'JAX':>9}"
+    print(head + f" {'ours/JAX':>8}  JAX's way")
     for width, (M, steps) in sizes.items():
-        rows = (("batch", M, steps), ("single", 1, steps), ("single, logging", 1, steps))
-        rows += (("phase command", M, steps * PHASE_STEPS_FACTOR),)
+        rows = (("batch", M, steps), ("single", 1, steps), ("single, reference", 1, steps))
+        rows += (("single, logging", 1, steps), ("phase command", M, steps * PHASE_STEPS_FACTOR))
         for run, m, n in rows:
             mine = ours[width][run]
             jax_rate = theirs.get(width, {}).get(run)
             j = f"{jax_rate:>9.0f} {mine / jax_rate:>8.2f}" if jax_rate else f"{'-':>9} {'-':>8}"
-            print(f"{width:>6} {run:<16} {m:>8} {n:>6} {mine:>9.0f} {j}")
+            way = theirs.get(width, {}).get(run + " way", "") if jax_rate else ""
+            print(f"{width:>6} {run:<18} {m:>8} {n:>6} {mine:>9.0f} {j}  {way}")
+        speedup = ours[width]["single"] / ours[width]["single, reference"]
+        print(
+            f"width {width}: the fast trainer is {speedup:.2f} x the reference loop (one network)"
+        )
+        if "batch vmap" in theirs.get(width, {}):
+            t = theirs[width]
+            print(
+                f"width {width}: JAX batch {t['batch vmap']:.0f} (vmap) and "
+                f"{t['batch loop']:.0f} (one network after another) network-steps/s"
+            )
     for width in sizes:
         whole, training = (ours[width][k] / ours[width]["batch"] for k in PHASE_ROWS)
         print(
@@ -226,6 +254,9 @@ def bench_ours(width, M, steps, data, xp, repeats):
     return {
         "batch": best_rate(lambda: ours_batch(batch, data, steps, xp), M * steps, repeats),
         "single": best_rate(lambda: ours_one(one, data, steps, xp), steps, repeats),
+        "single, reference": best_rate(
+            lambda: ours_one(one, data, steps, xp, reference=True), steps, repeats
+        ),
         "single, logging": best_rate(lambda: ours_one(one, data, steps, xp, 1), steps, repeats),
         "check": (two, ours_batch(two, data, CHECK_STEPS, xp)[1]),
     }
@@ -235,15 +266,24 @@ def bench_jax(width, M, steps, data, repeats, check):
     """JAX's rates for one width, after checking that it computes what ours does."""
     two, mine = check
     check_same(mine, jax_trainer(data[0], data[1], 3, CHECK_STEPS)(two)[1], f"width {width}")
-    timed = jax_trainer(data[0], data[1], 3, steps)
+    loop = jax_trainer(data[0], data[1], 3, CHECK_STEPS, vmapped=False)
+    check_same(mine, loop(two)[1], f"width {width}, one network after another")
+    vmapped = jax_trainer(data[0], data[1], 3, steps)
+    looped = jax_trainer(data[0], data[1], 3, steps, vmapped=False)
     batch = init_mlp(range(M), 2, width, 3)
     one = {k: v[:1] for k, v in batch.items()}
-    timed(batch)  # compile for both shapes
-    timed(one)
-    return {
-        "batch": best_rate(lambda: timed(batch), M * steps, repeats),
-        "single": best_rate(lambda: timed(one), steps, repeats),
+    vmapped(batch)  # compile for both ways
+    looped(one)
+    rates = {
+        "batch vmap": best_rate(lambda: vmapped(batch), M * steps, repeats),
+        "batch loop": best_rate(lambda: looped(batch), M * steps, repeats),
+        "single": best_rate(lambda: looped(one), steps, repeats),
     }
+    way = "vmap" if rates["batch vmap"] >= rates["batch loop"] else "loop"
+    rates["batch"], rates["batch way"] = rates[f"batch {way}"], way
+    rates["single, reference"] = rates["single"]
+    rates["single way"] = rates["single, reference way"] = "jit"
+    return rates
 
 
 if __name__ == "__main__":

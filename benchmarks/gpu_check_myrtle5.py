@@ -11,8 +11,9 @@ host result at ``F32_RTOL``, or at ``TF32_RTOL`` when CUPY_TF32=1 is set (CuPy t
 float32 matrices in TF32, and dynloss its TF32 implicit-GEMM convolutions):
 ``CUPY_TF32=1 python benchmarks/gpu_check_myrtle5.py``; ``DYNLOSS_CONV=3xtf32`` checks the 3xTF32
 convolutions at the float32 tolerance. The float32 exact HVP is checked too (at ``F32_HVP_RTOL``).
-Prints one PASS/FAIL line per check and exits 1 on any failure; without CuPy or a GPU it prints
-'skipped: no CuPy/GPU' and exits 0.
+The GPU side runs through fast/layers.py's table (our CUDA kernels); the host side is the
+reference (models.LAYERS). Prints one PASS/FAIL line per check and exits 1 on any failure;
+without CuPy or a GPU it prints 'skipped: no CuPy/GPU' and exits 0.
 """
 
 from __future__ import annotations
@@ -25,15 +26,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dynloss import class_weights  # noqa: E402
+from dynloss import class_weights, to_device, to_host  # noqa: E402
+from fast.layers import GPU_LAYERS as L  # noqa: E402
 from models import (  # noqa: E402
     init_myrtle5,
     myrtle5_flatten,
     myrtle5_hvp,
     myrtle5_loss_and_grads,
     nesterov_step,
-    to_device,
-    to_host,
 )
 
 F64_RTOL = 1e-10  # same float64 arithmetic, other summation order (cuBLAS vs OpenBLAS)
@@ -90,8 +90,8 @@ def run_checks(cupy):
         Hv = myrtle5_hvp(params, x, y, gamma, v)
         p_gpu = to_device(params, cupy)
         x_gpu, y_gpu, g_gpu = cupy.asarray(x), cupy.asarray(y), cupy.asarray(gamma)
-        F2, grads2, logits2 = myrtle5_loss_and_grads(p_gpu, x_gpu, y_gpu, g_gpu)
-        Hv2 = myrtle5_hvp(p_gpu, x_gpu, y_gpu, g_gpu, cupy.asarray(v))
+        F2, grads2, logits2 = myrtle5_loss_and_grads(p_gpu, x_gpu, y_gpu, g_gpu, layers=L)
+        Hv2 = myrtle5_hvp(p_gpu, x_gpu, y_gpu, g_gpu, cupy.asarray(v), layers=L)
         results.append((f"float64 logits {tag}", rel(logits2, logits), F64_RTOL))
         results.append((f"float64 loss {tag}", rel(F2, F), F64_RTOL))
         results.append(
@@ -102,7 +102,7 @@ def run_checks(cupy):
         velocity = {k: np.zeros_like(p) for k, p in params.items()}
         v_gpu = to_device(velocity, cupy)
         nesterov_step(params, grads, velocity, lr=0.02)
-        nesterov_step(p_gpu, grads2, v_gpu, lr=0.02)
+        L.nesterov_step(p_gpu, grads2, v_gpu, lr=0.02)
         results.append(
             (
                 f"float64 Nesterov step {tag}",
@@ -113,7 +113,7 @@ def run_checks(cupy):
 
         p32 = {k: cupy.asarray(p, dtype=cupy.float32) for k, p in params.items()}
         F3, grads3, _ = myrtle5_loss_and_grads(
-            p32, cupy.asarray(x, dtype=cupy.float32), y_gpu, g_gpu
+            p32, cupy.asarray(x, dtype=cupy.float32), y_gpu, g_gpu, layers=L
         )
         _, grads_ref, _ = myrtle5_loss_and_grads(params, x, y, gamma)  # at the stepped weights
         Hv_ref = myrtle5_hvp(params, x, y, gamma, v)
@@ -123,7 +123,7 @@ def run_checks(cupy):
         err32 = rel(myrtle5_flatten(grads3), myrtle5_flatten(grads_ref))
         label = f"{'TF32' if tf32 else 'float32'} grads vs float64 {tag}"
         results.append((label, err32, TF32_RTOL if tf32 else F32_RTOL))
-        Hv3 = myrtle5_hvp(p32, cupy.asarray(x, dtype=cupy.float32), y_gpu, g_gpu, v)
+        Hv3 = myrtle5_hvp(p32, cupy.asarray(x, dtype=cupy.float32), y_gpu, g_gpu, v, layers=L)
         label = f"{'TF32' if tf32 else 'float32'} HVP vs float64 {tag}"
         results.append((label, rel(Hv3, Hv_ref), TF32_RTOL if tf32 else F32_HVP_RTOL))
     return results

@@ -62,8 +62,10 @@ def main(argv=None):
     import cupy
     from bench_myrtle5 import gpu_time, make_batch, our_step_fn
 
-    import gpu
-    from models import init_myrtle5, myrtle5_loss_and_grads, to_device
+    from dynloss import to_device
+    from fast import gpu
+    from fast.layers import GPU_LAYERS
+    from models import init_myrtle5, myrtle5_loss_and_grads
 
     # the float64 reference gradients of a small batch
     params64 = init_myrtle5(0, c=64, dtype=np.float64)
@@ -73,7 +75,7 @@ def main(argv=None):
     x32 = cupy.asarray(x64.astype(np.float32))
 
     def check():
-        _, g, _ = myrtle5_loss_and_grads(params32, x32, y, gamma)
+        _, g, _ = myrtle5_loss_and_grads(params32, x32, y, gamma, layers=GPU_LAYERS)
         return max(float(np.abs(g[k].get() - ref[k]).max() / np.abs(ref[k]).max()) for k in ref)
 
     start, end = cupy.cuda.Event(), cupy.cuda.Event()

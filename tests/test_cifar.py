@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import cifar
+from apparatus import synthetic
 
 # Normalised float64 data: mean 0 and std 1 up to rounding of sums over a few thousand values.
 NORM_TOL_F64 = 1e-12
@@ -53,7 +54,7 @@ def layout_archive(tmp_path):
     y_test = (np.arange(N_TEST) * 3) % N_CLASSES
     path = tmp_path / cifar.ARCHIVE_NAME
     rows = layout_rows(n_train + N_TEST)
-    md5 = cifar.write_archive(path, rows[:n_train], y_train, rows[n_train:], y_test)
+    md5 = synthetic.write_archive(path, rows[:n_train], y_train, rows[n_train:], y_test)
     return path, md5, y_train, y_test
 
 
@@ -63,7 +64,7 @@ def synthetic_archive(tmp_path):
     folder = tmp_path / "archive_dir"
     folder.mkdir()
     path = folder / cifar.ARCHIVE_NAME
-    md5 = cifar.write_synthetic_archive(path, N_PER_BATCH, N_TEST, np.random.default_rng(0), 8)
+    md5 = synthetic.write_synthetic_archive(path, N_PER_BATCH, N_TEST, np.random.default_rng(0), 8)
     return path, md5
 
 
@@ -162,17 +163,17 @@ def test_synthetic_archive_equals_in_memory_and_is_deterministic(tmp_path):
     md5s = []
     for name in ("a.tar.gz", "b.tar.gz"):
         rng = np.random.default_rng(5)
-        md5s.append(cifar.write_synthetic_archive(tmp_path / name, N_PER_BATCH, N_TEST, rng, 8))
+        md5s.append(synthetic.write_synthetic_archive(tmp_path / name, N_PER_BATCH, N_TEST, rng, 8))
     assert md5s[0] == md5s[1]
     loaded = cifar.load_cifar10(tmp_path / "a.tar.gz", expected_md5=md5s[0])
-    assert_same_data(loaded, cifar.load_synthetic(5, **kwargs))
-    assert_same_data(cifar.load_synthetic(5, **kwargs), cifar.load_synthetic(5, **kwargs))
-    other_seed = cifar.load_synthetic(6, **kwargs)
+    assert_same_data(loaded, synthetic.load_synthetic(5, **kwargs))
+    assert_same_data(synthetic.load_synthetic(5, **kwargs), synthetic.load_synthetic(5, **kwargs))
+    other_seed = synthetic.load_synthetic(6, **kwargs)
     assert not np.array_equal(loaded.x_train, other_seed.x_train)
 
 
 def test_load_synthetic_defaults_and_balanced_labels():
-    data = cifar.load_synthetic(image_size=4)
+    data = synthetic.load_synthetic(image_size=4)
     assert data.x_train.shape == (5000, 4, 4, 3) and data.x_test.shape == (1000, 4, 4, 3)
     np.testing.assert_array_equal(np.bincount(data.y_train), np.full(N_CLASSES, 500))
     np.testing.assert_array_equal(np.bincount(data.y_test), np.full(N_CLASSES, 100))
@@ -181,7 +182,7 @@ def test_load_synthetic_defaults_and_balanced_labels():
 @pytest.mark.parametrize("learnable", [True, False])
 def test_synthetic_signal_is_learnable_only_when_asked(learnable):
     # Nearest class mean on the per-image mean colour: about 0.7 with the signal, 0.1 without.
-    data = cifar.load_synthetic(1, n_train_per_batch=100, n_test=500, learnable=learnable)
+    data = synthetic.load_synthetic(1, n_train_per_batch=100, n_test=500, learnable=learnable)
     colour_train = data.x_train.mean(axis=(1, 2))  # (N_train, C)
     colour_test = data.x_test.mean(axis=(1, 2))  # (N_test, C)
     centres = np.stack([colour_train[data.y_train == k].mean(0) for k in range(N_CLASSES)])
@@ -305,7 +306,7 @@ def test_channel_stats_match_numpy_in_float64():
 
 
 def test_normalize_uses_train_statistics_for_both_sets():
-    data = cifar.load_synthetic(3, n_train_per_batch=20, n_test=50, image_size=8)
+    data = synthetic.load_synthetic(3, n_train_per_batch=20, n_test=50, image_size=8)
     # Shift and scale the test images so that their own statistics differ from the train ones.
     x_test = (data.x_test // 2 + 100).astype(np.uint8)
     data = cifar.CifarData(data.x_train, data.y_train, x_test, data.y_test, data.label_names, "t")

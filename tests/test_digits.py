@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-import digits
 import run_cifar as rc
+from apparatus import cifar_runs, digits
 from cifar import CifarError
 
 pytest.importorskip("sklearn", reason="--data digits needs scikit-learn (requirements-digits.txt)")
@@ -68,17 +68,15 @@ def test_a_short_run_on_the_digits(tmp_path):
 
 
 def test_digits_default_to_their_own_scale_and_cifar_to_the_papers():
-    import protocol
-
     parser = rc.build_parser()
     for data, scale in (
-        ("digits", protocol.DIGITS_PROTOCOL),
-        ("synthetic", protocol.PAPER_PROTOCOL),
+        ("digits", cifar_runs.DIGITS_PROTOCOL),
+        ("synthetic", cifar_runs.PAPER_PROTOCOL),
     ):
         args = parser.parse_args(["train", "--data", data])
-        s = protocol.resolve_settings(args)
+        s = cifar_runs.resolve_settings(args)
         assert {k: s[k] for k in scale} == scale
     args = parser.parse_args(["train", "--data", "digits", "--channels", "8", "--epochs", "7"])
-    s = protocol.resolve_settings(args)
-    assert (s["channels"], s["epochs"], s["batch"]) == (8, 7, protocol.DIGITS_PROTOCOL["batch"])
+    s = cifar_runs.resolve_settings(args)
+    assert (s["channels"], s["epochs"], s["batch"]) == (8, 7, cifar_runs.DIGITS_PROTOCOL["batch"])
     assert s["peak_epoch"] == 3 and s["stop_epoch"] == 6  # the schedule scales with --epochs

@@ -9,7 +9,7 @@ from scipy.stats import ttest_ind
 
 import run_spiral as rs
 import spectra
-import stability
+from apparatus import tracker
 from dynloss import class_weights
 from spiral import make_spiral_train
 
@@ -43,7 +43,7 @@ def dyn(tmp_path_factory):
 def test_dynamics_writes_the_spectra_and_the_figure(dyn):
     out, z, cfg = dyn
     for k in (
-        *stability.SPECTRA_FIELDS,
+        *tracker.SPECTRA_FIELDS,
         "threshold",
         "bif_start",
         "thr_start",

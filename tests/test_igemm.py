@@ -1,4 +1,5 @@
-"""The CUDA kernels of kernels/*.cu (TF32 implicit-GEMM convolution and helpers), launched by gpu.py.
+"""The CUDA kernels of fast/kernels/*.cu (TF32 implicit-GEMM convolution and helpers), launched by
+fast/gpu.py and tabled by fast/layers.py.
 
 Without a GPU they are still tested twice over: nvcc compiles the files for sm_90 (where nvcc is
 installed), and tests/cuda_emulator.cpp runs the very same files on the CPU (where g++ is), one
@@ -17,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import gpu
-from dynloss import class_weights, loss_backward, loss_forward
+from dynloss import class_weights, loss_backward, loss_forward, to_device
+from fast import gpu
+from fast.layers import GPU_LAYERS
 from models import (
     avgpool2_forward,
     conv3x3_backward,
@@ -27,7 +29,7 @@ from models import (
     init_myrtle5,
     myrtle5_loss_and_grads,
     relu_avgpool2_backward,
-    to_device,
+    relu_conv3x3_backward,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -202,7 +204,7 @@ def test_emulated_weight_gradient_matches_numpy(emulator, tmp_path, chunk, shape
     emulator(gpu.WGRAD_TILES, "wgrad", tmp_path, N, H, W, C, CO, chunk, split=split)
     dW = read(tmp_path, "dw", (3, 3, C, CO))
     x64, dz64 = (operand(conv_case[k], split) for k in ("x", "dz"))
-    cache = (x64, np.zeros((3, 3, C, CO)), None)
+    _, cache = conv3x3_forward(x64, np.zeros((3, 3, C, CO)), None)
     _, ref, _ = conv3x3_backward(dz64, cache, need_dx=False)
     assert rel_err(dW, ref) < ACC_RTOL
 
@@ -298,12 +300,12 @@ def test_gpu_implicit_conv_layers_match_numpy(cupy_tf32, conv_case):
     cp = cupy_tf32
     x, w, b, gate, dz = (cp.asarray(conv_case[k]) for k in ("x", "w", "bias", "gate", "dz"))
     assert gpu.implicit_split(x, w) is not None
-    out, cache = conv3x3_forward(x, w, b)
+    out, cache = GPU_LAYERS.conv3x3_forward(x, w, b)
     assert cache[2] is None  # the implicit path: no cols
-    dx, dW, db = conv3x3_backward(dz, cache, gate=gate)
+    dx, dW, db = GPU_LAYERS.relu_conv3x3_backward(dz, gate, cache)
     x64, w64, dz64 = (tf32_round(conv_case[k]).astype(np.float64) for k in ("x", "w", "dz"))
     z, ref_cache = conv3x3_forward(x64, w64, conv_case["bias"].astype(np.float64))
-    rdx, rdW, rdb = conv3x3_backward(dz64, ref_cache, gate=conv_case["gate"])
+    rdx, rdW, rdb = relu_conv3x3_backward(dz64, conv_case["gate"], ref_cache)
     assert rel_err((out), z) < ACC_RTOL
     assert rel_err((dx), rdx) < ACC_RTOL
     assert rel_err((dW), rdW) < ACC_RTOL
@@ -320,7 +322,8 @@ def test_gpu_tf32_myrtle5_gradients_match_float64(cupy_tf32):
     gamma = class_weights(13, 20.0, 10, 10)
     F, grads, _ = myrtle5_loss_and_grads(params, x, y, gamma)
     p32 = to_device({k: v.astype(np.float32) for k, v in params.items()}, cupy_tf32)
-    F32, g32, _ = myrtle5_loss_and_grads(p32, cupy_tf32.asarray(x, np.float32), y, gamma)
+    x32 = cupy_tf32.asarray(x, np.float32)
+    F32, g32, _ = myrtle5_loss_and_grads(p32, x32, y, gamma, layers=GPU_LAYERS)
     assert abs(float(F32) - F) < TF32_STEP_RTOL * abs(F)
     for k in grads:
         assert rel_err((g32[k]), grads[k]) < TF32_STEP_RTOL, k
@@ -333,11 +336,11 @@ def test_gpu_3xtf32_layers_match_float64(cupy_tf32, conv_case, monkeypatch):
     cp = cupy_tf32
     x, w, b, gate, dz = (cp.asarray(conv_case[k]) for k in ("x", "w", "bias", "gate", "dz"))
     assert gpu.implicit_split(x, w) == 1
-    out, cache = conv3x3_forward(x, w, b)
-    dx, dW, _ = conv3x3_backward(dz, cache, gate=gate)
+    out, cache = GPU_LAYERS.conv3x3_forward(x, w, b)
+    dx, dW, _ = GPU_LAYERS.relu_conv3x3_backward(dz, gate, cache)
     x64, w64, dz64 = (conv_case[k].astype(np.float64) for k in ("x", "w", "dz"))
     z, ref_cache = conv3x3_forward(x64, w64, conv_case["bias"].astype(np.float64))
-    rdx, rdW, _ = conv3x3_backward(dz64, ref_cache, gate=conv_case["gate"])
+    rdx, rdW, _ = relu_conv3x3_backward(dz64, conv_case["gate"], ref_cache)
     for got, ref in ((out, z), (dx, rdx), (dW, rdW)):
         assert rel_err((got), ref) < ACC_RTOL
 

@@ -1,9 +1,10 @@
 """Myrtle5: layers and the loss against central differences, the exact HVP, Lanczos, shapes.
 
 Every check runs in float64 on tiny images (8x8, c = 2-4, N = 2-3). Backend-parametrized tests
-run on NumPy and, where CuPy finds a GPU, on CuPy (marked ``gpu``); the central differences are
-always taken on the host in NumPy, so the CuPy case checks the GPU path against the same
-reference.
+run on NumPy and, where CuPy finds a GPU, on CuPy (marked ``gpu``), each through both layer
+tables: the reference (models.LAYERS, xp-generic) and the fast one (fast/layers.py: our CUDA
+kernels on CuPy, the reference on NumPy). The central differences are always taken on the host
+in NumPy, so every case checks its layers against the same reference.
 """
 
 import subprocess
@@ -15,16 +16,17 @@ import pytest
 from scipy.sparse.linalg import LinearOperator, eigsh
 
 import spectra
-from dynloss import class_weights
+from dynloss import class_weights, to_device
+from fast import gpu
+from fast.layers import GPU_LAYERS
 from models import (
+    LAYERS,
     MYRTLE5_PARAM_NAMES,
     avgpool2_backward,
     avgpool2_forward,
     conv3x3_backward,
     conv3x3_forward,
-    dense_backward,
     dense_forward,
-    global_avgpool_backward,
     global_avgpool_forward,
     im2col3x3,
     init_myrtle5,
@@ -34,11 +36,8 @@ from models import (
     myrtle5_hvp_operator,
     myrtle5_loss_and_grads,
     myrtle5_unflatten,
-    nesterov_step,
-    relu_avgpool2_backward,
     relu_backward,
     relu_forward,
-    to_device,
 )
 
 FD_STEP = 1e-6  # central-difference step in float64 (truncation ~h^2, rounding ~eps/h: both tiny)
@@ -68,6 +67,12 @@ def xp(request):
     if n_gpus < 1:
         pytest.skip("CuPy is installed but finds no GPU")
     return cupy
+
+
+@pytest.fixture(params=["reference", "fast"])
+def L(request):
+    """The layer table under test: models.LAYERS, or fast/layers.py's GPU_LAYERS."""
+    return LAYERS if request.param == "reference" else GPU_LAYERS
 
 
 def host(a):
@@ -167,13 +172,14 @@ def test_im2col_copies_the_exact_patches(xp, dtype, C):
     expected = np.stack(
         [xpad[:, a : a + 4, b : b + 6] for a in range(3) for b in range(3)], axis=3
     ).reshape(2 * 4 * 6, 9 * C)
-    cols = im2col3x3(x_dev)
-    assert cols.dtype == dtype and cols.shape == expected.shape
-    assert np.array_equal(host(cols), expected)
+    for im2col in [im2col3x3] + ([gpu.im2col3x3] if gpu.im2col_applies(x_dev) else []):
+        cols = im2col(x_dev)
+        assert cols.dtype == dtype and cols.shape == expected.shape
+        assert np.array_equal(host(cols), expected)
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3, 4), (1, 4, 6, 2, 3)])
-def test_conv3x3_value_and_gradients(xp, shape):
+def test_conv3x3_value_and_gradients(xp, L, shape):
     N, Hx, Wx, C, C_out = shape
     rng = np.random.default_rng(1)
     x, W, b = (
@@ -182,46 +188,55 @@ def test_conv3x3_value_and_gradients(xp, shape):
         rng.normal(size=C_out),
     )
     dout = rng.normal(size=(N, Hx, Wx, C_out))
-    out, cache = conv3x3_forward(xp.asarray(x), xp.asarray(W), xp.asarray(b))
+    out, cache = L.conv3x3_forward(xp.asarray(x), xp.asarray(W), xp.asarray(b))
     assert rel_err(out, conv_reference(x, W, b)) < 1e-13  # same sums, other order
-    dx, dW, db = conv3x3_backward(xp.asarray(dout), cache)
+    dx, dW, db = L.conv3x3_backward(xp.asarray(dout), cache)
     assert dx.shape == x.shape and dW.shape == W.shape and db.shape == b.shape
     f = lambda: np.sum(conv3x3_forward(x, W, b)[0] * dout)
     assert fd_check(f, x, dx, rng) < GRAD_RTOL
     assert fd_check(f, W, dW, rng) < GRAD_RTOL
     assert fd_check(f, b, db, rng) < GRAD_RTOL
-    none, dW2, _ = conv3x3_backward(xp.asarray(dout), cache, need_dx=False)
+    none, dW2, _ = L.conv3x3_backward(xp.asarray(dout), cache, need_dx=False)
     assert none is None and rel_err(dW2, dW) == 0.0
+    assert rel_err(L.conv3x3_input_grad(xp.asarray(dout), xp.asarray(W)), dx) < 1e-13
+    V = rng.normal(size=W.shape)  # the R-operator's conv of the cached input with another kernel
+    assert rel_err(L.conv3x3_cached_forward(cache, xp.asarray(V)), conv_reference(x, V, 0)) < 1e-13
+    # relu -> conv backward: the input gradient times the ReLU's mask of the layer below
+    h = np.maximum(x, 0.0)
+    _, hcache = L.conv3x3_forward(xp.asarray(h), xp.asarray(W), xp.asarray(b))
+    dz, dWh, _ = L.relu_conv3x3_backward(xp.asarray(dout), xp.asarray(h), hcache)
+    dh, dWr, _ = conv3x3_backward(dout, conv3x3_forward(h, W, b)[1])
+    assert rel_err(dz, relu_backward(dh, h)) < 1e-13 and rel_err(dWh, dWr) < 1e-13
 
 
-def test_pools_and_dense_gradients(xp):
+def test_pools_and_dense_gradients(xp, L):
     rng = np.random.default_rng(2)
     x = rng.normal(size=(2, 8, 6, 3))
     d_pool = rng.normal(size=(2, 4, 3, 3))
-    out, cache = avgpool2_forward(xp.asarray(x))
+    out, cache = L.avgpool2_forward(xp.asarray(x))
     assert rel_err(out, x.reshape(2, 4, 2, 3, 2, 3).mean(axis=(2, 4))) < 1e-15
     f = lambda: np.sum(avgpool2_forward(x)[0] * d_pool)
     assert fd_check(f, x, avgpool2_backward(xp.asarray(d_pool), cache), rng) < GRAD_RTOL
 
     d_gap = rng.normal(size=(2, 3))
-    _, cache = global_avgpool_forward(xp.asarray(x))
+    _, cache = L.global_avgpool_forward(xp.asarray(x))
     f = lambda: np.sum(global_avgpool_forward(x)[0] * d_gap)
-    assert fd_check(f, x, global_avgpool_backward(xp.asarray(d_gap), cache), rng) < GRAD_RTOL
+    assert fd_check(f, x, L.global_avgpool_backward(xp.asarray(d_gap), cache), rng) < GRAD_RTOL
 
     g, W, b = rng.normal(size=(3, 4)), rng.normal(size=(4, 5)), rng.normal(size=5)
     d_dense = rng.normal(size=(3, 5))
-    _, cache = dense_forward(xp.asarray(g), xp.asarray(W), xp.asarray(b))
-    dg, dW, db = dense_backward(xp.asarray(d_dense), cache)
+    _, cache = L.dense_forward(xp.asarray(g), xp.asarray(W), xp.asarray(b))
+    dg, dW, db = L.dense_backward(xp.asarray(d_dense), cache)
     f = lambda: np.sum(dense_forward(g, W, b)[0] * d_dense)
     for arr, analytic in ((g, dg), (W, dW), (b, db)):
         assert fd_check(f, arr, analytic, rng) < GRAD_RTOL
 
 
-def test_fused_relu_pool_backward_equals_the_composition(xp):
+def test_fused_relu_pool_backward_equals_the_composition(xp, L):
     rng = np.random.default_rng(14)
     h, _ = relu_forward(xp.asarray(rng.normal(size=(2, 8, 6, 3))))
     dp = xp.asarray(rng.normal(size=(2, 4, 3, 3)))
-    fused = relu_avgpool2_backward(dp, h.shape, h)
+    fused = L.relu_avgpool2_backward(dp, h.shape, h)
     assert rel_err(fused, relu_backward(avgpool2_backward(dp, h.shape), h)) == 0.0
 
 
@@ -240,11 +255,11 @@ def test_global_pool_is_three_2x2_pools_at_8x8():
 
 
 @pytest.mark.parametrize("loss", ["ce", "mse"])
-def test_myrtle5_loss_gradient_matches_central_differences(xp, loss):
+def test_myrtle5_loss_gradient_matches_central_differences(xp, L, loss):
     params, x, y, gamma = tiny_problem(seed=4)
     assert min_abs_preactivation(params, x) > KINK
     F, grads, logits = myrtle5_loss_and_grads(
-        to_device(params, xp), xp.asarray(x), xp.asarray(y), xp.asarray(gamma), loss
+        to_device(params, xp), xp.asarray(x), xp.asarray(y), xp.asarray(gamma), loss, layers=L
     )
     assert logits.shape == (3, 10) and F.shape == ()
     rng = np.random.default_rng(5)
@@ -255,14 +270,13 @@ def test_myrtle5_loss_gradient_matches_central_differences(xp, loss):
 
 
 @pytest.mark.parametrize("loss", ["ce", "mse"])
-def test_hvp_matches_central_differences_of_the_gradient(xp, loss):
+def test_hvp_matches_central_differences_of_the_gradient(xp, L, loss):
     params, x, y, gamma = tiny_problem(seed=6, c=4, N=2)
     assert min_abs_preactivation(params, x) > KINK
     theta = myrtle5_flatten(params)
     v = np.random.default_rng(7).normal(size=theta.shape)
-    Hv = myrtle5_hvp(
-        to_device(params, xp), xp.asarray(x), xp.asarray(y), xp.asarray(gamma), xp.asarray(v), loss
-    )
+    dev = to_device(params, xp)
+    Hv = myrtle5_hvp(dev, xp.asarray(x), xp.asarray(y), xp.asarray(gamma), xp.asarray(v), loss, L)
     g = lambda t: grad_vector(myrtle5_unflatten(t, params), x, y, gamma, loss)
     fd = (g(theta + FD_STEP * v) - g(theta - FD_STEP * v)) / (2 * FD_STEP)
     assert Hv.shape == theta.shape
@@ -338,12 +352,12 @@ def test_image_size_not_divisible_by_8_raises(side_h, side_w):
         myrtle5_forward(np.zeros((1, side_h, side_w, 3)), params)
 
 
-def test_float32_stays_float32(xp):
+def test_float32_stays_float32(xp, L):
     """The GPU trains in float32: a float64 gamma must not promote logits, loss or grads."""
     params, x, y, gamma = tiny_problem(seed=10)
     p32 = to_device({k: v.astype(np.float32) for k, v in params.items()}, xp)
     F, grads, logits = myrtle5_loss_and_grads(
-        p32, xp.asarray(x, dtype=np.float32), xp.asarray(y), gamma
+        p32, xp.asarray(x, dtype=np.float32), xp.asarray(y), gamma, layers=L
     )
     assert logits.dtype == np.float32 and F.dtype == np.float32
     assert all(grads[k].dtype == np.float32 for k in MYRTLE5_PARAM_NAMES)
@@ -370,7 +384,7 @@ def test_flatten_round_trip():
     assert theta[: params["W1"].size].reshape(params["W1"].shape).tolist() == params["W1"].tolist()
 
 
-def test_nesterov_step_is_pytorchs_recursion(xp):
+def test_nesterov_step_is_pytorchs_recursion(xp, L):
     """torch.optim.SGD(nesterov=True): buf = g (step 1), buf = m buf + g; p -= lr (g + m buf)."""
     rng = np.random.default_rng(13)
     p0, gs = rng.normal(size=(2, 3)), rng.normal(size=(3, 2, 3))
@@ -381,12 +395,12 @@ def test_nesterov_step_is_pytorchs_recursion(xp):
     for g in gs:
         buf = g.copy() if buf is None else m * buf + g
         expected -= lr * (g + m * buf)
-        nesterov_step(params, {"W": xp.asarray(g)}, velocity, lr, momentum=m)
+        L.nesterov_step(params, {"W": xp.asarray(g)}, velocity, lr, momentum=m)
     assert params["W"] is W_before  # updated in place
     assert rel_err(params["W"], expected) < 1e-14
     assert rel_err(velocity["W"], buf) < 1e-14
     theta, v = xp.asarray(p0.copy()), xp.zeros((2, 3))
-    nesterov_step(theta, xp.asarray(gs[0]), v, lr, momentum=m)  # plain arrays work too
+    L.nesterov_step(theta, xp.asarray(gs[0]), v, lr, momentum=m)  # plain arrays work too
     assert rel_err(theta, p0 - lr * (1 + m) * gs[0]) < 1e-14
 
 
@@ -412,3 +426,23 @@ def test_benchmark_tiny_and_gpu_check_run_on_the_cpu():
     )
     assert check.returncode == 0, check.stdout + check.stderr
     assert "PASS" in check.stdout or "skipped: no CuPy/GPU" in check.stdout
+
+
+def test_the_fast_table_has_the_reference_names_and_falls_back_on_numpy():
+    """fast/layers.py's table: the names of models.LAYERS; on NumPy arrays every entry is the
+    reference, bit for bit (the CUDA kernels are checked in tests/test_igemm.py)."""
+    assert vars(GPU_LAYERS).keys() == vars(LAYERS).keys()
+    params, x, y, gamma = tiny_problem(seed=15)
+    ref = myrtle5_loss_and_grads(params, x, y, gamma)
+    fast = myrtle5_loss_and_grads(params, x, y, gamma, layers=GPU_LAYERS)
+    assert float(ref[0]) == float(fast[0])
+    assert all(np.array_equal(ref[1][k], fast[1][k]) for k in MYRTLE5_PARAM_NAMES)
+    v = np.random.default_rng(16).normal(size=myrtle5_flatten(params).shape)
+    hv = [myrtle5_hvp(params, x, y, gamma, v, layers=t) for t in (LAYERS, GPU_LAYERS)]
+    assert np.array_equal(*hv)
+
+
+def test_models_imports_no_gpu_code():
+    """models.py is the reference: no import of the fast path, no GPU branch."""
+    source = (REPO / "models.py").read_text()
+    assert "import gpu" not in source and "from fast" not in source and "cupy" not in source

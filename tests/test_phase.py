@@ -12,7 +12,7 @@ import pytest
 from helpers import assert_same, load
 
 import run_spiral as rs
-import sweep
+from apparatus import sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -198,7 +198,7 @@ def test_merge_refuses_an_unfinished_sweep(tmp_path, capsys):
 
 def test_shards_partition_the_units():
     units = list(range(17))
-    parts = [sweep.shard(units, i, 5) for i in range(5)]
+    parts = [sweeps.shard(units, i, 5) for i in range(5)]
     assert sorted(u for p in parts for u in p) == units
 
 
@@ -211,12 +211,12 @@ def test_benchmark_script_runs_tiny():
         timeout=300,
     )
     assert r.returncode == 0, r.stderr
-    rows = [
-        line.split() for line in r.stdout.splitlines() if line.split()[:1] in (["100"], ["1000"])
-    ]
-    assert len(rows) == 8  # batch, single, single with logging, phase command, for both widths
-    ours = [float(row[-3]) for row in rows]  # columns ... ours JAX ours/JAX
+    rows = [line for line in r.stdout.splitlines() if line.split()[:1] in (["100"], ["1000"])]
+    # batch, single, single with the reference loop, single with logging, phase command, per width
+    assert len(rows) == 10
+    ours = [float(row[25:].split()[2]) for row in rows]  # after width and run: networks steps ours
     assert all(rate > 0 for rate in ours)
+    assert sum("the fast trainer is" in line for line in r.stdout.splitlines()) == 2
     ratios = [line for line in r.stdout.splitlines() if "the phase command runs at" in line]
     assert len(ratios) == 2 and all("its training at" in line for line in ratios)
 

@@ -13,6 +13,7 @@ import pytest
 
 import run_cifar as rc
 import run_spiral as rs
+from apparatus import storage, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SPIRAL = ["--width", "6", "--steps", "40", "--T", "10", "--quiet"]
@@ -472,7 +473,7 @@ def test_resuming_on_other_data_is_refused(tmp_path, capsys):
     for seed in (0, 1):
         path = tmp_path / f"a{seed}" / cifar.ARCHIVE_NAME
         path.parent.mkdir()
-        cifar.write_synthetic_archive(path, 20, 50, np.random.default_rng(seed), image_size=8)
+        synthetic.write_synthetic_archive(path, 20, 50, np.random.default_rng(seed), image_size=8)
         archives.append(path)
     argv = ["train", "--md5", "none", "--channels", "2", "--batch", "20", "--epochs", "2"]
     argv += ["--quiet", "--out", str(tmp_path / "run")]
@@ -485,8 +486,6 @@ def test_resuming_on_other_data_is_refused(tmp_path, capsys):
 def test_a_full_disk_ends_in_one_line_and_keeps_what_was_stored(tmp_path, capsys, monkeypatch):
     import errno
 
-    import sweep
-
     out = tmp_path / "p"
     assert rs.main([*SMALL_PHASE, "--out", str(out)]) == 0
     stored = snapshot(out)
@@ -494,7 +493,7 @@ def test_a_full_disk_ends_in_one_line_and_keeps_what_was_stored(tmp_path, capsys
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(out / "units" / "x.npz"))
 
-    monkeypatch.setattr(sweep.np, "savez", full)
+    monkeypatch.setattr(storage.np, "savez", full)
     more = [a if a != "2" else "3" for a in SMALL_PHASE]  # one seed more: new units to write
     with pytest.raises(SystemExit) as e:
         rs.main([*more, "--out", str(out)])

@@ -20,7 +20,7 @@ import cifar
 import protocol
 import run_cifar as rc
 import spectra
-import sweep
+from apparatus import cifar_runs, sweeps, synthetic
 from dynloss import class_weights
 from models import MYRTLE5_PARAM_NAMES, init_myrtle5, myrtle5_loss_and_grads, nesterov_step
 
@@ -51,19 +51,19 @@ TINY = [
 
 def settings_for(argv):
     """The resolved settings of a ``train`` command line (what the trainer uses), from the
-    options of protocol.DEFAULTS overridden by ``argv`` (--name value pairs)."""
-    opts = dict(protocol.DEFAULTS, A=50.0, T=100.0, seed=0, hess_every=0, hess_batch=512)
+    options of cifar_runs.DEFAULTS overridden by ``argv`` (--name value pairs)."""
+    opts = dict(cifar_runs.DEFAULTS, A=50.0, T=100.0, seed=0, hess_every=0, hess_batch=512)
     flags = [a for a in argv if a != "--quiet"]
     for key, value in zip(flags[::2], flags[1::2], strict=True):
         name = key.removeprefix("--").replace("-", "_")
-        default = protocol.PAPER_PROTOCOL.get(name) if opts[name] is None else opts[name]
+        default = cifar_runs.PAPER_PROTOCOL.get(name) if opts[name] is None else opts[name]
         if name in ("peak_epoch", "stop_epoch"):  # default None: a float when given
             opts[name] = float(value)
         else:
             opts[name] = (
                 value if default is None or isinstance(default, str) else type(default)(value)
             )
-    s = protocol.resolve_settings(argparse.Namespace(**opts))
+    s = cifar_runs.resolve_settings(argparse.Namespace(**opts))
     s.update(A=opts["A"], T=opts["T"], seed=opts["seed"], hess_every=0, hess_batch=None)
     return s
 
@@ -136,7 +136,7 @@ def test_train_writes_run_config_and_figure(tmp_path):
     assert rc.main(["train", *argv]) == 0
     z = load(out / "run.npz")
     E, K = 7, 10
-    for f in (*protocol.HIST_FIELDS, "epoch", "step"):
+    for f in (*cifar_runs.HIST_FIELDS, "epoch", "step"):
         assert z[f].shape == (E + 1,), f
     assert z["gamma"].shape == (E + 1, K)
     assert int(z["steps_per_epoch"]) == 10 and int(z["stop_step"]) == 60
@@ -155,7 +155,7 @@ def test_train_writes_run_config_and_figure(tmp_path):
     assert cfg["settings"]["stop_epoch"] == 6 and "numpy" in cfg["versions"]
     assert cfg["final"]["val_acc"] == z["test_acc"][-1]
     assert (out / "run.png").stat().st_size > 1000
-    assert (out / protocol.CHECKPOINT_NAME).exists()
+    assert (out / cifar_runs.CHECKPOINT_NAME).exists()
 
 
 def test_training_replays_by_hand(tmp_path):
@@ -165,7 +165,7 @@ def test_training_replays_by_hand(tmp_path):
     assert rc.main(["train", *argv, "--out", str(tmp_path / "r")]) == 0
     z = load(tmp_path / "r" / "run.npz")
     s = settings_for(argv)
-    data = protocol.load_data(s, None)
+    data = cifar_runs.load_data(s, None)
     x, y = data["x_train"], data["y_train"]
     init_seq, shuffle_seq = np.random.SeedSequence(5).spawn(2)
     params = init_myrtle5(np.random.default_rng(init_seq), c=3, dtype=np.float64)
@@ -241,7 +241,7 @@ def rerun_resumes(cmd):
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
     killed = tmp_path / "killed"
-    cmd = kill_after_first_checkpoint("train", killed, killed / protocol.CHECKPOINT_NAME)
+    cmd = kill_after_first_checkpoint("train", killed, killed / cifar_runs.CHECKPOINT_NAME)
     assert not (killed / "run.npz").exists()
     rerun_resumes(cmd)
     assert rc.main(["train", *KILL_ARGS, "--out", str(tmp_path / "clean")]) == 0
@@ -250,7 +250,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
 
 def test_archive_path_and_environment_variable(tmp_path, monkeypatch):
     archive = tmp_path / cifar.ARCHIVE_NAME
-    md5 = cifar.write_synthetic_archive(archive, 40, 50, np.random.default_rng(3), image_size=8)
+    md5 = synthetic.write_synthetic_archive(archive, 40, 50, np.random.default_rng(3), image_size=8)
     argv = [*TINY[2:], "--epochs", "2", "--A", "2", "--T", "3"]  # TINY without --data synthetic
     assert (
         rc.main(
@@ -278,7 +278,7 @@ def test_top_hessian_eigenvalue_every_epoch(tmp_path):
     assert np.isfinite(z["hess_top"]).all() and z["hess_top"].shape == (3,)
     # the last row against a dense Hessian built column by column from the exact HVP
     s = settings_for(argv)
-    data = protocol.load_data(s, None, hess_batch=40)
+    data = cifar_runs.load_data(s, None, hess_batch=40)
     params = {k: z[k] for k in MYRTLE5_PARAM_NAMES}
     P = myrtle5_flatten(params).size
     H = np.stack(
@@ -327,7 +327,7 @@ def test_sharded_and_merged_phase_equals_unsharded(tmp_path):
     assert rc.main(["merge", "--out", str(tmp_path / "sh")]) == 0
     whole = load(tmp_path / "whole" / "phase.npz")
     assert_same(whole, load(tmp_path / "sh" / "phase.npz"))
-    for f in sweep.PHASE_FIELDS:
+    for f in sweeps.PHASE_FIELDS:
         assert whole[f].shape == (2, 2, 2) and np.isfinite(whole[f]).all(), f  # (T, A, seeds)
         np.testing.assert_allclose(whole[f + "_mean"], whole[f].mean(axis=2), rtol=EXACT)
         np.testing.assert_allclose(whole[f + "_std"], whole[f].std(axis=2), rtol=EXACT)
@@ -352,7 +352,7 @@ def test_phase_resumes_a_killed_unit_from_its_checkpoint(tmp_path):
     """A sweep killed (SIGKILL) in the middle of a run resumes that run from its checkpoint in
     OUT/work/<unit>/ and ends with exactly the uninterrupted sweep's results."""
     killed = tmp_path / "killed"
-    checkpoint = killed / "work" / "T000_A000_s00000" / protocol.CHECKPOINT_NAME
+    checkpoint = killed / "work" / "T000_A000_s00000" / cifar_runs.CHECKPOINT_NAME
     cmd = kill_after_first_checkpoint("phase", killed, checkpoint, extra=["--seeds", "1"])
     assert not (killed / "phase.npz").exists()
     rerun_resumes(cmd)
@@ -408,7 +408,7 @@ def test_bad_train_input_is_refused_in_one_line_and_nothing_written(tmp_path, ca
 
 def test_wrong_md5_is_refused_before_any_work(tmp_path, capsys):
     archive = tmp_path / cifar.ARCHIVE_NAME
-    cifar.write_synthetic_archive(archive, 4, 5, np.random.default_rng(0), image_size=8)
+    synthetic.write_synthetic_archive(archive, 4, 5, np.random.default_rng(0), image_size=8)
     out = tmp_path / "out"
     err = refused(capsys, ["train", "--data", str(archive), "--out", str(out)])
     assert "md5 mismatch" in err and cifar.OFFICIAL_MD5 in err

@@ -178,3 +178,47 @@ def test_gpu_without_cupy_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "needs CuPy" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+REFERENCE_RTOL = 1e-9  # the reference loop against the fast trainer over a few hundred steps
+REFERENCE_ATOL = 1e-12  # for entries that are zero up to rounding (dloss near a turning point)
+
+
+def assert_same_run(a, b, rtol=REFERENCE_RTOL, atol=REFERENCE_ATOL):
+    """Two run.npz files: the same keys, the same NaN pattern, every value to rtol."""
+    a, b = np.load(a), np.load(b)
+    assert sorted(a.files) == sorted(b.files)
+    for k in a.files:
+        x, y = a[k], b[k]
+        assert x.shape == y.shape, k
+        if x.dtype.kind != "f":
+            np.testing.assert_array_equal(x, y, err_msg=k)
+            continue
+        np.testing.assert_array_equal(np.isnan(x), np.isnan(y), err_msg=k)
+        ok = np.isfinite(x)
+        np.testing.assert_allclose(x[ok], y[ok], rtol=rtol, atol=atol, err_msg=k)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train", "--seed", "0-2", "--steps", "600", "--T", "100", "--A", "20"],
+        ["dynamics", "--steps", "600", "--T", "100", "--hess-every", "5", "--ntk-every", "5"],
+    ],
+    ids=["train", "dynamics"],
+)
+def test_reference_and_fast_trainer_write_the_same_run(tmp_path, command):
+    """The same short command through spiral.train_reference (--reference) and through the fast
+    trainer: every logged array (and the spectra measured along the run) agrees to 1e-9."""
+    for name, extra in (("fast", []), ("reference", ["--reference"])):
+        out = tmp_path / name
+        assert rs.main([*command, *extra, "--width", "20", "--quiet", "--out", str(out)]) == 0
+        assert json.loads((out / "config.json").read_text())["reference"] == bool(extra)
+    assert_same_run(tmp_path / "fast" / "run.npz", tmp_path / "reference" / "run.npz")
+
+
+def test_reference_runs_on_the_cpu_only(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        rs.main(["train", "--reference", "--device", "gpu", "--out", str(tmp_path / "r")])
+    assert e.value.code == 2 and "--reference" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

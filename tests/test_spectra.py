@@ -1,12 +1,23 @@
-"""Second-order tools of spectra.py: exact Hessian, R-operator, NTK, eigensolvers, SLQ, trace."""
+"""Second-order tools: the MLP's Jacobian and R-operator (models.py), the exact Hessian, its
+Gauss-Newton part, the NTK, eigensolvers, SLQ and the trace (spectra.py), and the tracker's fused
+copies of them (fast/mlp_spectra.py) tied to those references."""
 
 import numpy as np
 import pytest
 from helpers import tiny_problem
 
 import spectra
-from dynloss import class_weights, loss_backward, loss_forward
-from models import flatten, init_mlp, mlp_forward, mlp_loss_and_grads, unflatten
+from dynloss import class_weights, logit_curvature, loss_backward, loss_forward
+from fast import mlp_spectra as fs
+from models import (
+    flatten,
+    init_mlp,
+    mlp_forward,
+    mlp_hvp,
+    mlp_jvp,
+    mlp_loss_and_grads,
+    unflatten,
+)
 
 N, D, H, K = 20, 2, 8, 3
 P = D * H + H + H * K + K  # 51
@@ -31,7 +42,7 @@ def analytic_grad(theta, like, X, y, gamma, loss):
 
 def logits_at(theta, like, X):
     """Flat logits (N*K,), row n*K + k, at theta (P,)."""
-    return spectra.net_state(unflatten(theta[None], like), X)["logits"].ravel()
+    return mlp_forward(X, unflatten(theta[None], like))[0].ravel()
 
 
 def central_jacobian(f, theta):
@@ -60,31 +71,72 @@ def test_exact_hessian_matches_central_differences_of_the_gradient(loss):
     assert rel_err(hess, numeric) < FD_RTOL
     # the network's own second-derivative term (the W1a-W2 cross blocks) is not negligible, so
     # a Gauss-Newton-only Hessian would fail the check above
-    s = spectra.net_state(params, X)
-    g = spectra.loss_terms(s, y, GAMMA_A10, loss)[0]
-    cross = spectra.cross_terms(s["xa"], s["mask"], g)
-    assert np.abs(cross).max() > 1e3 * FD_RTOL * np.abs(hess).max()
+    gn, network = spectra.hessian(params, X, y, GAMMA_A10, loss, parts=True)
+    assert np.abs(network).max() > 1e3 * FD_RTOL * np.abs(hess).max()
+    assert rel_err(gn + network, hess) == 0
 
 
 @pytest.mark.parametrize("loss", ["ce", "mse"])
-def test_loss_terms_are_dynloss_and_the_forward_pass_is_models(loss):
+def test_gauss_newton_is_j_transpose_logit_hessian_j(loss):
+    """spectra.gauss_newton's factored V^T V against J^T (d2F/dz2) J with the logit Hessian
+    written out block by block from dynloss.logit_curvature."""
+    params, X, y = tiny_problem(seed=11)
+    J = spectra.logits_jacobian(params, X)  # (N*K, P)
+    logits, _ = mlp_forward(X, params)
+    _, lcache = loss_forward(logits, y, GAMMA_A10[None], loss)
+    w, p = logit_curvature(lcache)
+    hz = np.zeros((N * K, N * K))
+    for n in range(N):
+        block = np.eye(K) if p is None else np.diag(p[0, n]) - np.outer(p[0, n], p[0, n])
+        hz[n * K : (n + 1) * K, n * K : (n + 1) * K] = w[0, n] * block
+    gn = spectra.gauss_newton(J, (w, p))
+    assert rel_err(gn, J.T @ hz @ J) < EXACT_RTOL
+    assert rel_err(gn, spectra.hessian(params, X, y, GAMMA_A10, loss, parts=True)[0]) == 0
+    # the loss-weighted NTK has the Gauss-Newton part's nonzero spectrum
+    top = np.linalg.eigvalsh(spectra.weighted_ntk(params, X, y, GAMMA_A10, loss))[-5:]
+    np.testing.assert_allclose(top, np.linalg.eigvalsh(gn)[-5:], rtol=1e-10)
+
+
+def test_jvp_matches_central_differences_of_the_logits_and_networks_are_independent():
+    params, X, y = tiny_problem(seed=12)
+    theta = flatten(params)[0]
+    v = np.random.default_rng(3).normal(size=P)
+    _, cache = mlp_forward(X, params)
+    Jv = mlp_jvp(params, cache, unflatten(v[None], params)).ravel()
+    numeric = logits_at(theta + FD_STEP * v, params, X) - logits_at(theta - FD_STEP * v, params, X)
+    assert rel_err(Jv, numeric / (2 * FD_STEP)) < FD_RTOL
+    assert rel_err(Jv, spectra.logits_jacobian(params, X) @ v) < EXACT_RTOL
+    # two networks at once (a leading M axis): each network's HVP is its own
+    two = init_mlp([0, 1], D, H, K, init="glorot")
+    V = {k: np.random.default_rng(4).normal(size=a.shape) for k, a in two.items()}
+    gamma2 = np.stack([GAMMA_A10, np.ones(K)])
+    both = mlp_hvp(two, X, y, gamma2, V)
+    for m in range(2):
+        one = mlp_hvp({k: a[m : m + 1] for k, a in two.items()}, X, y, gamma2[m : m + 1],
+                      {k: a[m : m + 1] for k, a in V.items()})  # fmt: skip
+        for k in one:
+            np.testing.assert_allclose(both[k][m], one[k][0], rtol=EXACT_RTOL, atol=EXACT_RTOL)
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_fast_forward_state_and_loss_terms_are_models_and_dynloss(loss):
     params, X, y = tiny_problem(seed=1)
-    s = spectra.net_state(params, X)
+    s = fs.net_state(params, X)
     logits, (_, h1, _) = mlp_forward(X, params)
     np.testing.assert_array_equal(s["logits"], logits[0])  # the same forward pass, bit for bit
     np.testing.assert_array_equal(s["mask"], h1[0] > 0)
     np.testing.assert_array_equal(s["W1a"], np.vstack([params["W1"][0], params["b1"][0]]))
     H = params["W1"].shape[2]
-    fast = spectra.net_state(params, X, work={"h1": np.empty((N, H)), "mask": np.empty((N, H))})
+    fast = fs.net_state(params, X, work={"h1": np.empty((N, H)), "mask": np.empty((N, H))})
     for k in ("mask", "h1", "logits"):  # the tracker's buffered pass: the same up to rounding
         np.testing.assert_allclose(fast[k], s[k], rtol=EXACT_RTOL, atol=EXACT_RTOL, err_msg=k)
-    g, w, p, _ = spectra.loss_terms(s, y, GAMMA_A10, loss)
+    g, w, p, _ = fs.loss_terms(s, y, GAMMA_A10, loss)
     _, cache = loss_forward(logits, y, GAMMA_A10[None], loss)
     np.testing.assert_array_equal(g, loss_backward(cache)[0])
     np.testing.assert_allclose(w, GAMMA_A10[y] / N, rtol=EXACT_RTOL)
     assert (p is None) == (loss == "mse")
     with pytest.raises(ValueError, match="unknown loss"):
-        spectra.loss_terms(s, y, GAMMA_A10, "hinge")
+        fs.loss_terms(s, y, GAMMA_A10, "hinge")
 
 
 @pytest.mark.parametrize("loss", ["ce", "mse"])
@@ -97,6 +149,9 @@ def test_hvp_on_identity_columns_reproduces_the_hessian(loss):
     assert op.shape == (P, P) and op.dtype == np.float64
     v = np.random.default_rng(0).normal(size=P)
     assert rel_err(op.matvec(v), hess @ v) < EXACT_RTOL
+    # the tracker's fused HVP (fast/mlp_spectra.py) against the R-operator of models.mlp_hvp
+    fused = fs.hessian_matvec(fs.net_state(params, X), y, GAMMA_A10, loss)
+    assert rel_err(fused(v), spectra.hvp(params, X, y, GAMMA_A10, v, loss)) < EXACT_RTOL
 
 
 def test_single_network_only():
@@ -178,13 +233,12 @@ def test_ntk_is_jacobian_gram_psd_and_traced_is_block_average():
     # operators and warm-startable top eigenvalues
     u = np.random.default_rng(0).normal(size=N * K)
     assert rel_err(spectra.ntk_operator(params, X).matvec(u), theta_ntk @ u) < EXACT_RTOL
-    assert rel_err(spectra.ntk_traced_operator(params, X).matvec(u[:N]), traced @ u[:N]) < (
-        EXACT_RTOL
-    )
+    # the tracker's fused NTK products (fast/mlp_spectra.py) against the references
+    s = fs.net_state(params, X)
+    assert rel_err(fs.ntk_matvec(s)(u), theta_ntk @ u) < EXACT_RTOL
+    assert rel_err(fs.ntk_traced_matvec(s)(u[:N]), traced @ u[:N]) < EXACT_RTOL
     lam, vec = spectra.ntk_top_eig(params, X, tol=1e-10)
     np.testing.assert_allclose(lam, eig[-1], rtol=EIG_RTOL)
-    lam_tr, _ = spectra.ntk_traced_top_eig(params, X, tol=1e-10)
-    np.testing.assert_allclose(lam_tr, np.linalg.eigvalsh(traced)[-1], rtol=EIG_RTOL)
     lam_warm, _ = spectra.ntk_top_eig(params, X, v0=vec, tol=1e-10)
     np.testing.assert_allclose(lam_warm, eig[-1], rtol=EIG_RTOL)
 
@@ -197,12 +251,12 @@ def test_one_mse_gradient_step_moves_outputs_by_minus_eta_over_n_theta_g(gamma):
     z = logits_at(theta, params, X).reshape(N, K)
     g = z - np.eye(K)[y]  # eq. (12)
     predicted_per_eta = -(spectra.ntk(params, X) @ (gamma[y][:, None] * g).ravel()) / N
-    mask0 = spectra.net_state(params, X)["mask"]
+    mask0 = mlp_forward(X, params)[1][1] > 0  # the ReLU's cache h1: 1[z1 > 0]
     residuals = []
     for eta in (4e-3, 2e-3, 1e-3):
         step = theta - eta * analytic_grad(theta, params, X, y, gamma, "mse")
         moved = unflatten(step[None], params)
-        assert np.array_equal(spectra.net_state(moved, X)["mask"], mask0)  # no kink crossed
+        assert np.array_equal(mlp_forward(X, moved)[1][1] > 0, mask0)  # no kink crossed
         dz = logits_at(step, params, X) - z.ravel()
         residuals.append(np.linalg.norm(dz - eta * predicted_per_eta))
         assert residuals[-1] < 1e-2 * np.linalg.norm(dz)
@@ -270,15 +324,7 @@ def test_hutchinson_trace_is_within_its_standard_error():
 def test_mse_hessian_top_equals_ntk_top_over_n_without_the_network_term():
     """Gauss-Newton part of the MSE Hessian at Gamma = 1 is J^T J / N: same top as Theta / N."""
     params, X, y = tiny_problem(seed=9)
-    s = spectra.net_state(params, X)
-    hess = spectra.hessian(params, X, y, np.ones(K), "mse")
-    g = spectra.loss_terms(s, y, np.ones(K), "mse")[0]
-    cross = spectra.cross_terms(s["xa"], s["mask"], g)  # (D+1, H, K)
-    rows = (np.arange(D + 1)[:, None, None] * H + np.arange(H)[None, :, None]).repeat(K, 2)
-    cols = D * H + H + np.arange(H)[None, :, None] * K + np.arange(K)[None, None, :]
-    cols = np.broadcast_to(cols, rows.shape)
-    hess[rows.ravel(), cols.ravel()] -= cross.ravel()
-    hess[cols.ravel(), rows.ravel()] -= cross.ravel()
+    gn, _ = spectra.hessian(params, X, y, np.ones(K), "mse", parts=True)
     np.testing.assert_allclose(
-        np.linalg.eigvalsh(hess)[-1], np.linalg.eigvalsh(spectra.ntk(params, X))[-1] / N, rtol=1e-10
+        np.linalg.eigvalsh(gn)[-1], np.linalg.eigvalsh(spectra.ntk(params, X))[-1] / N, rtol=1e-10
     )

@@ -1,13 +1,19 @@
-"""spiral.py: the data, and the fused batched trainer tied to the layer-by-layer MLP of models.py."""
+"""spiral.py (the data and the reference loop) and the fast trainer of fast/spiral_trainer.py,
+tied to the reference loop and to the layer-by-layer MLP of models.py."""
 
 import numpy as np
 import pytest
 
 import spiral as sp
 from dynloss import DIVERGENCE_FACTOR, class_weights
+from fast import spiral_trainer as ft
+from fast import workers
 from models import init_mlp, mlp_loss_and_grads
 
 EXACT = 1e-13  # fused trainer against the layer-by-layer reference: equal up to rounding
+LOGS_RTOL = 1e-9  # reference loop against the fast trainer over a few hundred steps: the sums
+# run in another order (1e-16 per step), which the dynamics amplify, but not to 1e-9 this soon
+TRAINERS = {"fast": ft.train_block, "reference": sp.train_reference}
 
 
 def spec_for(M, A, T, steps, lr=1.0, log_every=5, stop=None, loss="ce"):
@@ -40,13 +46,13 @@ def test_spiral_data(data):
 
 
 @pytest.mark.parametrize("loss", ["ce", "mse"])
-@pytest.mark.parametrize("width", [16, sp.CPU_TILE + 50])  # one tile; two, the second partial
+@pytest.mark.parametrize("width", [16, ft.CPU_TILE + 50])  # one tile; two, the second partial
 def test_one_fused_step_equals_the_layer_by_layer_gradient(data, loss, width):
     X, y, _, _ = data
     params = init_mlp([0, 1], 2, width, 3)
     spec = spec_for(2, 8.0, 10, steps=1, lr=0.3, log_every=1, loss=loss)
     spec.T = np.array([10.0, 7.0])
-    out = sp.train_block(params, data, spec)
+    out = ft.train_block(params, data, spec)
     gamma = class_weights(0, spec.A, spec.T, 3)
     F, grads, logits = mlp_loss_and_grads(params, X, y, gamma, loss)
     for k in params:
@@ -63,9 +69,9 @@ def test_batched_training_equals_networks_trained_alone(data):
     spec.A = np.array([1.0, 5.0, 20.0, 3.0])
     spec.T = np.array([10.0, 8.0, 30.0, 5.0])
     spec.stop_step = np.array([50, 52, 61, 40])
-    together = sp.train_many(params, data, spec, block=3, workers=2, progress=False)
+    together = ft.train_many(params, data, spec, block=3, workers=2, progress=False)
     for m, s in enumerate(seeds):
-        one = sp.train_block(
+        one = ft.train_block(
             init_mlp([s], 2, 20, 3),
             data,
             sp.TrainSpec(
@@ -81,7 +87,7 @@ def test_batched_training_equals_networks_trained_alone(data):
 
 
 def test_logged_rows_and_gamma(data):
-    out = sp.train_block(
+    out = ft.train_block(
         init_mlp([0], 2, 8, 3), data, spec_for(1, 5.0, 4, steps=23, log_every=5, stop=20)
     )
     np.testing.assert_array_equal(out["step"], [0, 5, 10, 15, 20, 23])
@@ -90,8 +96,9 @@ def test_logged_rows_and_gamma(data):
     assert np.isnan(out["dloss"][0]).all() and np.isfinite(out["dloss"][1:]).all()
 
 
-def test_divergence_is_recorded_and_history_kept(data):
-    out = sp.train_block(
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_divergence_is_recorded_and_history_kept(data, trainer):
+    out = TRAINERS[trainer](
         init_mlp([0, 1], 2, 30, 3),
         data,
         spec_for(2, 1.0, 10, steps=200, lr=1e4, log_every=1, loss="mse"),
@@ -109,24 +116,25 @@ def test_divergence_is_recorded_and_history_kept(data):
         assert np.isnan(out["train_acc"][d[m] :, m]).all()
 
 
-def test_a_finite_blow_up_is_divergence_too(data):
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_a_finite_blow_up_is_divergence_too(data, trainer):
     """lr 1e6 sends the cross-entropy to ~1e5 at chance accuracy without overflowing: diverged."""
-    out = sp.train_block(
+    out = TRAINERS[trainer](
         init_mlp([0], 2, 20, 3), data, spec_for(1, 1.0, 10, steps=400, lr=1e6, log_every=1)
     )
     d = int(out["diverged_step"][0])
-    assert 0 < d < sp.GAMMA_CHUNK and np.isfinite(out["loss"][d, 0])
+    assert 0 < d < ft.GAMMA_CHUNK and np.isfinite(out["loss"][d, 0])
 
 
 def test_logging_interval_and_buffer_do_not_change_the_numbers(data, monkeypatch):
     """Rows are the same numbers whatever the logging interval, the validation interval and the
     size of the buffer that batches their metrics (a one-row buffer flushes at every row)."""
     params = init_mlp([0, 1], 2, 10, 3)
-    every = sp.train_block(params, data, spec_for(2, 6.0, 9, steps=300, log_every=1))
+    every = ft.train_block(params, data, spec_for(2, 6.0, 9, steps=300, log_every=1))
     spec = spec_for(2, 6.0, 9, steps=300, log_every=7)
     spec.val_every = 21
-    monkeypatch.setattr(sp, "LOG_BUFFER_BYTES", 1)
-    sparse = sp.train_block(params, data, spec)
+    monkeypatch.setattr(ft, "LOG_BUFFER_BYTES", 1)
+    sparse = ft.train_block(params, data, spec)
     rows = np.searchsorted(every["step"], sparse["step"])
     np.testing.assert_array_equal(sparse["step"], every["step"][rows])
     for f in ("loss", "dloss", "loss_static", "train_acc"):
@@ -167,10 +175,33 @@ def _die(*args, xp=None, progress=None):
 
 def test_a_worker_that_dies_ends_the_run_instead_of_hanging():
     with pytest.raises(ChildProcessError, match="worker process died"):
-        sp.run_jobs(_die, [(1,), (2,)], workers=2)
+        workers.run_jobs(_die, [(1,), (2,)], workers=2)
 
 
 def test_stop_steps_make_the_final_period_static():
     assert sp.stop_steps(100, 30.0) == 70 and sp.stop_steps(100, 300.0) == 0
     np.testing.assert_array_equal(sp.stop_steps(100, np.array([10.0, 200.0])), [90, 0])
     assert sp.stop_steps(100, 30.0, oscillate_to_end=True) == 101
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_the_reference_loop_and_the_fast_trainer_log_the_same_run(data, loss):
+    """Every logged array of spiral.train_reference equals the fast trainer's to LOGS_RTOL: three
+    networks with their own A, T and stop steps, validation every third logged step."""
+    params = init_mlp([0, 1, 2], 2, 30, 3)
+    spec = spec_for(3, 1.0, 10, steps=400, log_every=4, loss=loss)
+    spec.A, spec.T = np.array([1.0, 10.0, 30.0]), np.array([50.0, 40.0, 90.0])
+    spec.stop_step, spec.val_every = np.array([401, 300, 350]), 12
+    seen = []
+    fast = ft.train_block(params, data, spec)
+    ref = sp.train_reference(params, data, spec, on_log=lambda t, p: seen.append(t))
+    assert sorted(fast) == sorted(ref) and ref["logged"] == fast["logged"] == 101
+    np.testing.assert_array_equal(seen, fast["step"])  # on_log at every logged step
+    for f in ("step", "gamma", "diverged_step"):
+        np.testing.assert_array_equal(ref[f], fast[f], err_msg=f)
+    for f in sp.LOG_FIELDS:  # NaN where nothing was measured, in both
+        np.testing.assert_array_equal(np.isnan(ref[f]), np.isnan(fast[f]), err_msg=f)
+        ok = np.isfinite(fast[f])
+        np.testing.assert_allclose(ref[f][ok], fast[f][ok], rtol=LOGS_RTOL, atol=0, err_msg=f)
+    for k in params:
+        np.testing.assert_allclose(ref["params"][k], fast["params"][k], rtol=LOGS_RTOL, atol=1e-12)

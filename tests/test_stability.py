@@ -1,4 +1,5 @@
-"""stability.py: bifurcations, the Hessian threshold, the bounds, and the spectra tracker."""
+"""stability.py (bifurcations, the Hessian threshold, the bounds) and the spectra tracker of
+apparatus/tracker.py."""
 
 import numpy as np
 import pytest
@@ -6,8 +7,10 @@ from helpers import tiny_problem
 
 import spectra
 import stability
+from apparatus import tracker as trk
 from dynloss import class_weights
-from spiral import TrainSpec, train_block
+from fast.spiral_trainer import train_block
+from spiral import TrainSpec
 
 K = 3  # classes of helpers.tiny_problem
 EIG_RTOL = 1e-8  # eigsh / Lanczos at tol 1e-10 against dense eigh (error ~ tol^2 / gap)
@@ -87,7 +90,7 @@ def test_tracker_follows_the_exact_top_eigenvalues_during_training(k):
         steps=120,
         log_every=5,
     )
-    tracker = stability.SpectraTracker(X, y, spec, k=k)
+    tracker = trk.SpectraTracker(X, y, spec, k=k)
     snaps = {}
 
     def on_log(step, params_host):
@@ -122,7 +125,7 @@ def test_tracker_follows_the_exact_top_eigenvalues_during_training(k):
 def test_tracker_records_nan_for_a_diverged_network_and_recovers():
     params, X, y = tiny_problem(seed=11)
     spec = TrainSpec(np.array([1.0]), np.array([10.0]), np.array([100]), 1.0, 10, 1)
-    tracker = stability.SpectraTracker(X, y, spec)
+    tracker = trk.SpectraTracker(X, y, spec)
     bad = {name: np.full_like(a, np.nan) for name, a in params.items()}
     tracker(0, params)
     tracker(1, bad)
@@ -136,8 +139,8 @@ def test_track_refuses_spectra_strides_that_are_not_logged_steps():
     spec = TrainSpec(np.array([1.0]), np.array([10.0]), np.array([100]), 1.0, 20, 10)  # log 10
     data = (X, y, X, y)
     with pytest.raises(ValueError, match="--hess-every 15 must be a multiple of --log-every 10"):
-        stability.track(params, data, spec, every=15, ntk_every=0)
+        trk.track(params, data, spec, every=15, ntk_every=0)
     with pytest.raises(ValueError, match="--ntk-every 5"):
-        stability.track(params, data, spec, every=10, ntk_every=5)
-    res, (arrays,) = stability.track(params, data, spec, every=10, ntk_every=20)
+        trk.track(params, data, spec, every=10, ntk_every=5)
+    res, (arrays,) = trk.track(params, data, spec, every=10, ntk_every=20)
     assert arrays["hess_step"].tolist() == [0, 10, 20]  # every logged step, the final one too

@@ -1,10 +1,11 @@
-"""The GPU fast path of models.py: launchers of our CUDA kernels (kernels/*.cu) and the CuPy glue.
+"""The GPU fast path of models.py's Myrtle5: launchers of our CUDA kernels (fast/kernels/*.cu)
+and the CuPy glue.
 
 Nothing here is needed to read the math: every function has a NumPy reference in models.py (or
-dynloss.py) with the same arguments and results, and the layers there hand off to this module in
-one line when it applies (``if gpu.conv_applies(x, W): return gpu.conv3x3_forward(x, W, b)``).
+dynloss.py) with the same arguments and results, and fast/layers.py builds the layer table that
+hands each layer to a kernel here when the kernel applies (``conv_applies`` and its siblings).
 tests/test_igemm.py checks every kernel against those references: through CuPy on a GPU, and
-without one by compiling kernels/*.cu with nvcc and running them on the CPU
+without one by compiling fast/kernels/*.cu with nvcc and running them on the CPU
 (tests/cuda_emulator.cpp).
 
 Why our own kernels: CuPy 14 has no cuDNN. What runs where (docs/gpu.md has the measurements):

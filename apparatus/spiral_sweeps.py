@@ -1,8 +1,8 @@
-"""The spiral's sweeps as resumable units (sweep.py): the Fig. 3 phase diagrams and their seeds.
+"""The spiral's sweeps as resumable units (sweeps.py): the Fig. 3 phase diagrams and their seeds.
 
 A phase sweep is a (T, A) grid x seeds for one width. Its units are one cell and a block of
 ``seed_block`` seeds; seed s initialises network s in every cell, so cells differ only by (T, A)
-and each cell can be compared with the static loss (A = 1) seed by seed (sweep.paired_summary).
+and each cell can be compared with the static loss (A = 1) seed by seed (sweeps.paired_summary).
 A unit stores each network's final metrics, its seed and its final parameters (48 KB at width
 1000), so that a finished sweep can be evaluated again on another validation set without
 training (:func:`reevaluate`). With A = 1 the weights Gamma are 1 at every step whatever T is,
@@ -16,31 +16,61 @@ import os
 import time
 
 import numpy as np
+from tqdm import tqdm
 
-import plots
 import stability
-import sweep
+from apparatus import plots, statistics, sweeps, tracker
+from apparatus.storage import atomic_savez
 from dynloss import accuracy, cross_entropy
+from fast.spiral_trainer import train_many
+from fast.workers import WORKERS, run_jobs
 from models import MLP_PARAM_NAMES, init_mlp, mlp_forward
 from spiral import (
+    D_SPIRAL,
     K_SPIRAL,
-    WORKERS,
+    LOG_FIELDS,
     TrainSpec,
-    make_spiral_train,
     make_spiral_val,
-    run_arrays,
-    run_jobs,
+    spiral_data,
     stop_steps,
-    train_many,
+    train_reference,
 )
-from sweep import atomic_savez
-
-D_SPIRAL = 2  # the spiral's input dimension
 
 
-def spiral_data(val="uniform"):
-    """(X_train, y_train, X_val, y_val) of the spiral with the validation set ``val``."""
-    return (*make_spiral_train(), *make_spiral_val(val))
+def train(params, data, spec, reference=False, xp=np, progress=True, desc="training"):
+    """Train M networks with spiral.train_reference (``reference``, on the CPU) or the fast
+    trainer's train_many, with a progress bar: the same arguments and result."""
+    if not reference:
+        return train_many(params, data, spec, xp=xp, progress=progress, desc=desc)
+    M = params["W1"].shape[0]
+    bar = tqdm(total=M * spec.steps, desc=desc + " (reference)", unit="net-step",
+               unit_scale=True, disable=not progress, mininterval=0.5)  # fmt: skip
+    res = train_reference(params, data, spec, progress=bar.update)
+    bar.close()
+    return res
+
+
+def run_arrays(data, params0, res, net=None):
+    """The arrays of a run.npz (docs/formats.md) from a training result (spiral.finish_run):
+    every network with its seed axis (net None), or network ``net`` alone, without that axis."""
+    X, y, Xv, yv = data
+    pick = (lambda a, ax: a) if net is None else (lambda a, ax: np.take(a, net, axis=ax))
+    S = res["logged"]  # rows logged (fewer when every network diverged)
+    arrays = {
+        "X_train": X,
+        "y_train": y,
+        "X_val": Xv,
+        "y_val": yv,
+        "step": res["step"][:S],
+        "gamma": pick(res["gamma"][:S], 1),
+        "diverged_step": pick(res["diverged_step"], 0),
+    }
+    for k in MLP_PARAM_NAMES:
+        arrays[k + "_init"] = pick(params0[k], 0)
+        arrays[k] = pick(res["params"][k], 0)
+    for f in LOG_FIELDS:
+        arrays[f] = pick(res[f][:S], 1)
+    return arrays
 
 
 def phase_units(n_T, n_A, seeds, seed_block):
@@ -57,7 +87,7 @@ def phase_units(n_T, n_A, seeds, seed_block):
 
 
 def unit_expect(cfg):
-    """name -> the fields (and shapes) a stored phase unit must have (sweep.check_unit)."""
+    """name -> the fields (and shapes) a stored phase unit must have (sweeps.check_unit)."""
     units = phase_units(len(cfg["T"]), len(cfg["A"]), cfg["seeds"], cfg["seed_block"])
     seeds_of = {name: us for name, _, _, us in units}
     H = cfg["width"]
@@ -65,7 +95,7 @@ def unit_expect(cfg):
     def expect(name):
         us = seeds_of[name]
         n = len(us)
-        fields = {f: (n,) for f in (*sweep.PHASE_FIELDS, "diverged_step")}
+        fields = {f: (n,) for f in (*sweeps.PHASE_FIELDS, "diverged_step")}
         fields["seeds"] = lambda a, us=us: a.shape == (n,) and a.tolist() == list(us)
         shapes = {"W1": (n, D_SPIRAL, H), "b1": (n, H), "W2": (n, H, K_SPIRAL), "b2": (n, K_SPIRAL)}
         fields.update(shapes)
@@ -81,7 +111,7 @@ def same_runs(cfg, unit):
     return (cell, tuple(us))
 
 
-def train_units(units, cfg, xp, progress):
+def train_units(units, cfg, xp, progress, reference=False):
     """Train the networks of several units together; yield (name, arrays) per finished unit.
 
     Units that are the same runs (:func:`same_runs`) are trained once."""
@@ -98,7 +128,7 @@ def train_units(units, cfg, xp, progress):
     params = init_mlp(seeds, D=D_SPIRAL, H=cfg["width"], K=K_SPIRAL, init=cfg["init"])
     desc = f"{len(todo)} cells x seeds"
     data = spiral_data(cfg.get("val", "uniform"))
-    res = train_many(params, data, spec, xp=xp, progress=progress, desc=desc)
+    res = train(params, data, spec, reference, xp, progress, desc)
     final = {
         "train_acc": res["train_acc"][-1],
         "val_acc": res["val_acc"][-1],
@@ -117,16 +147,17 @@ def train_units(units, cfg, xp, progress):
         yield u[0], arrays_of[same_runs(cfg, u)]
 
 
-def run_phase(out, cfg, units, xp, batch, progress=True):
+def run_phase(out, cfg, units, xp, batch, progress=True, reference=False):
     """Train the given units of a prepared sweep folder in batches of about ``batch`` networks,
     storing each as it finishes. Units that are the same runs as another (:func:`same_runs`)
-    are trained once and copied: from a stored unit, or from the one trained here."""
+    are trained once and copied: from a stored unit, or from the one trained here.
+    reference : train with spiral.train_reference instead of the fast trainer."""
     every = phase_units(len(cfg["T"]), len(cfg["A"]), cfg["seeds"], cfg["seed_block"])
     expect = unit_expect(cfg)
     stored = {}  # same-runs key -> the name of a stored unit with those runs
     for v in every:
         key = same_runs(cfg, v)
-        if key not in stored and sweep.read_unit(out, v[0], expect(v[0]))[0] is not None:
+        if key not in stored and sweeps.read_unit(out, v[0], expect(v[0]))[0] is not None:
             stored[key] = v[0]
     trained, copies = [], []  # copies: (unit name, name of the unit it repeats)
     for u in units:
@@ -139,8 +170,9 @@ def run_phase(out, cfg, units, xp, batch, progress=True):
     per_batch = max(1, batch // cfg["seed_block"])
     t0 = time.time()
     for b in range(0, len(trained), per_batch):
-        for name, arrays in train_units(trained[b : b + per_batch], cfg, xp, progress):
-            sweep.save_unit(out, name, arrays)
+        batch_units = trained[b : b + per_batch]
+        for name, arrays in train_units(batch_units, cfg, xp, progress, reference):
+            sweeps.save_unit(out, name, arrays)
         copies = _copy_ready(out, copies, expect)
     _copy_ready(out, copies, expect)
     return time.time() - t0
@@ -150,11 +182,11 @@ def _copy_ready(out, copies, expect):
     """Store the copies whose source unit is on disk; return the others."""
     waiting = []
     for name, source in copies:
-        arrays = sweep.read_unit(out, source, expect(source))[0]
+        arrays = sweeps.read_unit(out, source, expect(source))[0]
         if arrays is None:
             waiting.append((name, source))
         else:
-            sweep.save_unit(out, name, arrays)  # the same runs, stored under another T
+            sweeps.save_unit(out, name, arrays)  # the same runs, stored under another T
     return waiting
 
 
@@ -169,25 +201,27 @@ def merge_phase(out, val=None):
     """Combine the units of a finished sweep into its phase file and figure: phase.npz and
     phase.png for the sweep's own validation set, or, with ``val``, the units' parameters
     evaluated on that validation set (:func:`reevaluate`) into phase-val-<val>.npz / .png.
-    Returns the summary (sweep.summarize)."""
-    cfg = sweep.load_config(out, kind="spiral-phase")
+    Returns the summary (statistics.summarize)."""
+    cfg = sweeps.load_config(out, kind="spiral-phase")
     A_list, T_list, seeds = cfg["A"], cfg["T"], cfg["seeds"]
     units = phase_units(len(T_list), len(A_list), seeds, cfg["seed_block"])
-    done = sweep.load_units(out, [u[0] for u in units], unit_expect(cfg))
+    done = sweeps.load_units(out, [u[0] for u in units], unit_expect(cfg))
     own = cfg.get("val", "uniform")
     if val is not None and val != own:
         done = reevaluate(done, val)
     placements = [(name, ti, ai, seeds.index(us[0])) for name, ti, ai, us in units]
     metrics = {
-        n: {k: d[k] for k in (*sweep.PHASE_FIELDS, "diverged_step")} for n, d in done.items()
+        n: {k: d[k] for k in (*sweeps.PHASE_FIELDS, "diverged_step")} for n, d in done.items()
     }
-    arrays = sweep.assemble(metrics, placements, len(T_list), len(A_list), len(seeds))
-    summary = sweep.summarize(arrays, sweep.PHASE_FIELDS, A_list, T_list, seeds, "diverged_step")
+    arrays = sweeps.assemble(metrics, placements, len(T_list), len(A_list), len(seeds))
+    summary = statistics.summarize(
+        arrays, sweeps.PHASE_FIELDS, A_list, T_list, seeds, "diverged_step"
+    )
     stem = "phase" if val is None or val == own else f"phase-val-{val}"
     atomic_savez(os.path.join(out, f"{stem}.npz"), **arrays, **summary, val=np.array(val or own))
     png = os.path.join(out, f"{stem}.png")
     plots.plot_phase(summary, png, phase_title(cfg, len(seeds), val or own), "period T (steps)")
-    sweep.print_table(summary)
+    statistics.print_table(summary)
     print(f"wrote {out}/{stem}.npz and the figure {png}")
     return summary
 
@@ -214,20 +248,26 @@ def reevaluate(done, val):
 # Figs. 4 and 5 over seeds: runs followed by the spectra tracker, one unit per network
 # ---------------------------------------------------------------------------------------------
 
-BOOTSTRAP_SAMPLES = 2000  # resamplings of the seeds for the exponent's interval
-BOOTSTRAP_SEED = 0
-
 
 def tracked_units(
-    units, cfg, spec_of, data, xp, progress, store, k=1, every=25, ntk_every=0, workers=WORKERS
+    units,
+    cfg,
+    spec_of,
+    data,
+    xp,
+    progress,
+    store,
+    k=1,
+    every=25,
+    ntk_every=0,
+    workers=WORKERS,
+    reference=False,
 ):
-    """Train the networks of pending units side by side (stability.track), units with the same
+    """Train the networks of pending units side by side (tracker.track), units with the same
     TrainSpec together, spread over worker processes; ``store(unit, res, net, spectra)`` is
     called for each network as its group finishes. units : [(name, width, key, seed)] with key
     a hashable naming the spec (spec_of(width, key, M) -> TrainSpec). Units sharing a spec are
     one job (split in WORKERS pieces when there is only one such group)."""
-    from tqdm import tqdm
-
     by_spec = {}
     for u in units:
         by_spec.setdefault((u[1], u[2]), []).append(u)
@@ -241,7 +281,7 @@ def tracked_units(
         seeds = [u[3] for u in group]
         params0 = init_mlp(seeds, D=D_SPIRAL, H=width, K=K_SPIRAL, init=cfg["init"])
         spec = spec_of(width, key, len(seeds))
-        jobs.append((params0, data, spec, k, every, ntk_every))
+        jobs.append((params0, data, spec, k, every, ntk_every, reference))
         members.append(group)
     total = sum(len(g) * j[2].steps for g, j in zip(members, jobs, strict=True))
     bar = tqdm(total=total, unit="net-step", unit_scale=True, disable=not progress, mininterval=1)
@@ -251,7 +291,7 @@ def tracked_units(
         for m, u in enumerate(members[i]):
             store(u, res, m, spectra[m], jobs[i][0], jobs[i][2])
 
-    run_jobs(stability.track, jobs, xp, workers, bar=bar, done=done)
+    run_jobs(tracker.track, jobs, xp, workers, bar=bar, done=done)
     bar.close()
 
 
@@ -288,7 +328,7 @@ def threshold_expect(name):
     return fields
 
 
-def run_threshold(out, cfg, units, xp, progress=True):
+def run_threshold(out, cfg, units, xp, progress=True, reference=False):
     """Train the pending threshold units of a prepared sweep folder and store each."""
     data = spiral_data(cfg.get("val", "uniform"))
 
@@ -305,34 +345,22 @@ def run_threshold(out, cfg, units, xp, progress=True):
             info = stability.analyze(run, spec.lr, len(data[0]), T, stop)
             keep = ("threshold", "settled_period", "thr_start", "thr_end")
             arrays.update({key: info[key] for key in keep})
-        sweep.save_unit(out, u[0], arrays)
+        sweeps.save_unit(out, u[0], arrays)
 
     spec_of = lambda width, key, M: threshold_spec(cfg, key, M)
-    tracked_units(units, cfg, spec_of, data, xp, progress, store, every=cfg["hess_every"])
-
-
-def bootstrap_exponent(lrs, thresholds, rng, samples=BOOTSTRAP_SAMPLES):
-    """The exponent x of threshold ~ eta^x fitted to the points of all seeds together, and its
-    fits on ``samples`` resamplings of the seeds (with replacement).
-
-    thresholds : (S, L) one row per seed.  Returns (x, its least-squares standard error,
-    intercept), and the resampled exponents (samples,)."""
-    fit = stability.fit_exponent(lrs, thresholds)
-    S = len(thresholds)
-    draws = np.array(
-        [stability.fit_exponent(lrs, thresholds[rng.integers(0, S, S)])[0] for _ in range(samples)]
+    tracked_units(
+        units, cfg, spec_of, data, xp, progress, store, every=cfg["hess_every"], reference=reference
     )
-    return fit, draws
 
 
 def merge_threshold(out):
     """Per (width, eta): the threshold of each seed, their mean with a t interval, the periods
     after which lambda_max stays below it; per width the exponent with a bootstrap interval over
     seeds, and the widths' difference; threshold.npz and the Fig. 5 figure."""
-    cfg = sweep.load_config(out, kind="spiral-threshold")
+    cfg = sweeps.load_config(out, kind="spiral-threshold")
     widths, lrs, seeds = cfg["widths"], np.array(cfg["lrs"]), cfg["seeds"]
     units = threshold_units(widths, cfg["lrs"], seeds)
-    done = sweep.load_units(out, [u[0] for u in units], threshold_expect)
+    done = sweeps.load_units(out, [u[0] for u in units], threshold_expect)
     unit = lambda w, lr, s: done[f"w{w}_lr{lr:g}_s{s:05d}"]
     thr = np.array(
         [[[stability.unit_threshold(unit(w, lr, s)) for s in seeds] for lr in lrs] for w in widths]
@@ -340,9 +368,12 @@ def merge_threshold(out):
     settled = np.array(
         [[[float(unit(w, lr, s)["settled_period"]) for s in seeds] for lr in lrs] for w in widths]
     )
-    mean, lo, hi, n = sweep.mean_interval(thr)  # (W, L)
-    rng = np.random.default_rng(BOOTSTRAP_SEED)
-    q = (50 * (1 - sweep.CONFIDENCE), 50 * (1 + sweep.CONFIDENCE))  # percentiles of the interval
+    mean, lo, hi, n = statistics.mean_interval(thr)  # (W, L)
+    rng = np.random.default_rng(statistics.BOOTSTRAP_SEED)
+    q = (
+        50 * (1 - statistics.CONFIDENCE),
+        50 * (1 + statistics.CONFIDENCE),
+    )  # percentiles of the interval
     arrays = {
         "widths": np.array(widths),
         "lrs": lrs,
@@ -357,7 +388,7 @@ def merge_threshold(out):
     for key, rows in [(str(w), thr[i].T) for i, w in enumerate(widths)] + [
         ("all", thr.transpose(0, 2, 1).reshape(-1, len(lrs)))
     ]:
-        (slope, stderr, icpt), draws[key] = bootstrap_exponent(lrs, rows, rng)
+        (slope, stderr, icpt), draws[key] = statistics.bootstrap_exponent(lrs, rows, rng)
         b_lo, b_hi = (
             np.nanpercentile(draws[key], q) if np.isfinite(draws[key]).any() else (np.nan,) * 2
         )
@@ -367,7 +398,7 @@ def merge_threshold(out):
         diff = draws[str(widths[1])] - draws[str(widths[0])]
         arrays["slope_diff"] = arrays[f"slope_{widths[1]}"] - arrays[f"slope_{widths[0]}"]
         arrays["slope_diff_lo"], arrays["slope_diff_hi"] = np.nanpercentile(diff, q)
-        d, d_lo, d_hi = sweep.welch_difference(thr[0], thr[1])  # (L,): wide - narrow per eta
+        d, d_lo, d_hi = statistics.welch_difference(thr[0], thr[1])  # (L,): wide - narrow per eta
         arrays.update(threshold_diff=d, threshold_diff_lo=d_lo, threshold_diff_hi=d_hi)
     for w in widths:
         static = [done[f"static_w{w}_s{s:05d}"] for s in seeds]
@@ -391,7 +422,7 @@ def merge_threshold(out):
 def print_threshold(arrays, cfg):
     """The Fig. 5 summary: thresholds with intervals, settled periods, exponents."""
     widths, lrs, S = arrays["widths"], arrays["lrs"], len(arrays["seeds"])
-    c = f"{sweep.CONFIDENCE:.0%}"
+    c = f"{statistics.CONFIDENCE:.0%}"
     print(f"Hessian threshold: mean over {S} seeds [{c} t interval]; lambda_max below it after")
     for i, w in enumerate(widths):
         for j, lr in enumerate(lrs):
@@ -429,12 +460,12 @@ def dynamics_expect(name):
     """The fields a stored dynamics unit must have (a run.npz of one seed, docs/formats.md)."""
     series = lambda a: a.ndim == 1
     fields = {f: series for f in ("step", "loss", "dloss", "train_acc", "val_acc")}
-    fields.update({f: series for f in stability.SPECTRA_FIELDS if f != "hess_topk"})
+    fields.update({f: series for f in tracker.SPECTRA_FIELDS if f != "hess_topk"})
     fields.update(threshold=(), settled_period=(), bif_start=series, thr_start=series)
     return fields
 
 
-def run_dynamics(out, cfg, units, spec_of, xp, progress=True, k=1):
+def run_dynamics(out, cfg, units, spec_of, xp, progress=True, k=1, reference=False):
     """Train the pending dynamics units (seeds) of a prepared folder side by side, each followed
     by the tracker; store each seed's run arrays with its spectra and stability analysis."""
     data = spiral_data(cfg.get("val", "uniform"))
@@ -447,7 +478,7 @@ def run_dynamics(out, cfg, units, spec_of, xp, progress=True, k=1):
             arrays, spec.lr, len(data[0]), float(spec.T[m]), int(spec.stop_step[m])
         )
         arrays.update(info)
-        sweep.save_unit(out, u[0], arrays)
+        sweeps.save_unit(out, u[0], arrays)
 
     tracked_units(
         units,
@@ -460,6 +491,7 @@ def run_dynamics(out, cfg, units, spec_of, xp, progress=True, k=1):
         k=k,
         every=cfg["hess_every"],
         ntk_every=cfg["ntk_every"],
+        reference=reference,
     )
 
 
@@ -468,7 +500,7 @@ def dynamics_summary(done, seeds):
     instabilities and of bifurcation episodes; the threshold's mean and t interval."""
     runs = [done[f"seed_{s:05d}"] for s in seeds]
     thr = np.array([float(r["threshold"]) for r in runs])
-    mean, lo, hi, n = sweep.mean_interval(thr)
+    mean, lo, hi, n = statistics.mean_interval(thr)
     return {
         "seeds": np.array(seeds),
         "threshold": thr,

@@ -174,10 +174,27 @@ def check_out_dir(path, name="--out"):
         raise InputError(f"{name}: cannot write to {probe}")
 
 
-def checked_backend(device):
-    """models.backend(device), its failures (no CuPy, no GPU) as one-line input errors."""
-    from models import backend
+def backend(device):
+    """The array module for ``device`` in {"cpu", "gpu"}; "gpu" needs CuPy and a GPU."""
+    import numpy as np
 
+    if device == "cpu":
+        return np
+    if device == "gpu":
+        try:
+            import cupy
+        except ImportError as err:
+            raise RuntimeError(
+                "--device gpu needs CuPy: pip install -r requirements-gpu.txt"
+            ) from err
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("--device gpu: CuPy found no GPU")
+        return cupy
+    raise ValueError(f"unknown device {device!r}; choose cpu or gpu")
+
+
+def checked_backend(device):
+    """:func:`backend`, its failures (no CuPy, no GPU) as one-line input errors."""
     try:
         return backend(device)
     except (RuntimeError, ValueError) as err:

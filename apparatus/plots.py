@@ -16,10 +16,11 @@ matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from apparatus.statistics import CONFIDENCE  # noqa: E402
+from apparatus.tracker import SPECTRA_FIELDS, zoom_window  # noqa: E402
 from dynloss import class_weights  # noqa: E402
 from protocol import lr_schedule  # noqa: E402
-from stability import SPECTRA_FIELDS, gd_threshold, zoom_window  # noqa: E402
-from sweep import CONFIDENCE  # noqa: E402
+from stability import gd_threshold  # noqa: E402
 
 PLOT_MAX_POINTS = 20000  # points per curve of Gamma(t) in a CIFAR run figure
 SEED_JITTER = 0.04  # log-spread of one (width, lr)'s seed points, so they do not overlap

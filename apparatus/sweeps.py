@@ -1,0 +1,189 @@
+"""Sweeps that survive: grids, shards, atomic per-unit results, resume and merge.
+
+Shared by the spiral phase diagrams (``run_spiral.py phase``, Fig. 3) and the CIFAR-10 ones
+(``run_cifar.py phase``, Fig. 1). A sweep is a deterministic list of *units* (for example one
+(T, A) cell and a block of seeds). Each finished unit is written atomically to
+``OUT/units/<name>.npz`` (a temporary file, then a rename), so
+
+* rerunning the same command skips every unit already on disk: a killed sweep loses at most the
+  units in flight;
+* ``--shard i/n`` runs units i, i+n, i+2n, ... only, so n machines (a SLURM job array) share one
+  sweep, each writing into the same output folder;
+* ``merge`` assembles the units into one array file once all of them exist.
+
+The sweep's configuration is stored in ``OUT/sweep.json``; a rerun or a shard with a different
+configuration in the same folder is refused, so results of different sweeps never mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from apparatus.cli import InputError
+from apparatus.storage import atomic_savez, differing, folder_owner, write_json
+
+PHASE_FIELDS = ("train_acc", "val_acc", "train_loss", "val_loss")  # per run of a phase diagram
+
+
+def parse_shard(text):
+    """'i/n' with 0 <= i < n -> (i, n); refuses anything else."""
+    try:
+        i, n = (int(v) for v in str(text).split("/"))
+    except ValueError:
+        raise InputError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise InputError(f"--shard {text}: need 0 <= i < n and n >= 1")
+    return i, n
+
+
+def shard(units, i, n):
+    """The deterministic slice of the work for shard i of n: units i, i+n, i+2n, ..."""
+    return units[i::n]
+
+
+def prepare(out, config, grow=()):
+    """Create OUT/units and OUT/sweep.json; refuse a folder that holds a different sweep.
+
+    ``config`` holds only what defines the results (grid, seeds, steps, ...), never how the
+    work is split (shard, device, batch size), so every shard writes the same sweep.json.
+    grow : keys of list values that may grow: a config whose only differences are such lists
+    extending the stored ones (the stored list is their start, e.g. more seeds) continues the
+    sweep, and sweep.json records the longer lists.
+    """
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"--out {out!r} is a file, not a folder")
+    path = os.path.join(out, "sweep.json")
+    owner = folder_owner(out)
+    if owner is not None and not os.path.exists(path):
+        raise InputError(f"{out} holds a {owner['kind']} run, not a sweep: use another --out")
+    if os.path.exists(path):
+        old, new = load_config(out), json.loads(json.dumps(config))
+        diff = differing(old, new)
+        extends = all(
+            k in grow
+            and isinstance(old.get(k), list)
+            and isinstance(new.get(k), list)
+            and new[k][: len(old[k])] == old[k]
+            for k in diff
+        )
+        if diff and not extends:
+            raise InputError(
+                f"{out} holds a different sweep (differs in: {', '.join(diff)}); use another --out"
+            )
+    os.makedirs(os.path.join(out, "units"), exist_ok=True)
+    write_json(path, config)
+
+
+def load_config(out, kind=None):
+    """The sweep.json of a sweep folder (InputError naming the file when it is unreadable, or
+    when the sweep is not of ``kind``)."""
+    path = os.path.join(out, "sweep.json")
+    if not os.path.exists(path):
+        raise InputError(f"{out} is not a sweep folder (no sweep.json)")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path} is unreadable ({type(err).__name__}): not a sweep") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path} holds no sweep settings")
+    if kind is not None and config.get("kind") != kind:
+        raise InputError(f"{out} holds a {config.get('kind', 'unknown')} sweep, not a {kind} one")
+    return config
+
+
+def unit_path(out, name):
+    """Where unit ``name`` is stored."""
+    return os.path.join(out, "units", f"{name}.npz")
+
+
+def check_unit(arrays, expect):
+    """None if ``arrays`` has every field of ``expect`` ({field: shape, or a callable that
+    takes the array and says whether it is right}), else what is wrong, in a few words."""
+    for field, want in (expect or {}).items():
+        if field not in arrays:
+            return f"no field {field!r}"
+        a = arrays[field]
+        ok = want(a) if callable(want) else a.shape == tuple(want)
+        if not ok:
+            return f"field {field!r} has shape {a.shape}, dtype {a.dtype}"
+    return None
+
+
+def read_unit(out, name, expect=None):
+    """(arrays, None) for a stored unit that reads and validates, else (None, reason)."""
+    path = unit_path(out, name)
+    if not os.path.exists(path):
+        return None, "missing"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as err:  # truncated, empty, not a zip, a bad CRC: any unreadable file
+        return None, f"unreadable ({type(err).__name__})"
+    problem = check_unit(arrays, expect)
+    return (None, problem) if problem else (arrays, None)
+
+
+def pending(out, names, expect=None, say=print):
+    """The names among ``names`` whose results are not on disk or do not validate (they are
+    redone, and each stored one that does not validate is named through ``say``), in order.
+    expect : callable name -> the ``expect`` of :func:`check_unit`."""
+    todo = []
+    for n in names:
+        arrays, why = read_unit(out, n, expect and expect(n))
+        if arrays is None:
+            todo.append(n)
+            if why != "missing":
+                say(f"unit {unit_path(out, n)} is {why}: redoing it")
+    return todo
+
+
+def save_unit(out, name, arrays):
+    """Store one finished unit atomically."""
+    atomic_savez(unit_path(out, name), **arrays)
+
+
+def load_units(out, names, expect=None):
+    """Load every unit; refuse with the count (and a few names) of those still missing, or name
+    the first stored unit that does not validate."""
+    result, missing = {}, []
+    for n in names:
+        arrays, why = read_unit(out, n, expect and expect(n))
+        if arrays is None and why == "missing":
+            missing.append(n)
+        elif arrays is None:
+            raise InputError(
+                f"unit {unit_path(out, n)} is {why}: rerun the sweep's command to redo it"
+            )
+        result[n] = arrays
+    if missing:
+        raise InputError(
+            f"{len(missing)} of {len(names)} units are not done yet in {out} "
+            f"(e.g. {', '.join(missing[:3])}): run the remaining shards first"
+        )
+    return result
+
+
+def assemble(done, placements, n_T, n_A, n_seeds):
+    """Place every unit's results into (T, A, seed, ...) arrays.
+
+    done : {name: {field: array (n, ...)}}, each unit's values with a leading axis of its n seeds
+    placements : [(name, T index, A index, index of the unit's first seed)]
+    Returns {field: (n_T, n_A, n_seeds, ...)}; integer fields are filled with -1, others NaN.
+    """
+    arrays = {}
+    for name, ti, ai, s0 in placements:
+        for f, v in done[name].items():
+            v = np.asarray(v)
+            if f not in arrays:
+                integer = v.dtype.kind in "iu"
+                arrays[f] = np.full(
+                    (n_T, n_A, n_seeds, *v.shape[1:]),
+                    -1 if integer else np.nan,
+                    dtype=np.int64 if integer else np.float64,
+                )
+            arrays[f][ti, ai, s0 : s0 + len(v)] = v
+    return arrays

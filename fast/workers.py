@@ -1,0 +1,98 @@
+"""Worker processes for the CPU: many independent jobs (blocks of networks, tracked runs) spread
+over the cores, with one shared progress bar.
+
+A step of the spiral trainer is many short NumPy calls, so threads are held back by the GIL;
+forked processes with one BLAS thread each are not. Where fork is unavailable, threads are used;
+on a GPU the jobs run one after another in this process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+PROGRESS_POLL = 0.5  # seconds between progress-bar updates while workers train
+WORKERS = min(2, os.cpu_count() or 1)  # CPU worker processes: one per core, at most two
+
+_WORKER = {}  # in a worker process: the shared progress counter and the parent's pid
+
+
+def _worker_init(counter, parent):
+    """Initialiser of a CPU worker process: one BLAS thread, the shared progress counter."""
+    threadpool_limits(limits=1)
+    _WORKER.update(counter=counter, parent=parent)
+
+
+def _worker_progress(n):
+    """Count n network-steps; a worker whose parent died (e.g. SIGKILL) stops at once."""
+    with _WORKER["counter"].get_lock():
+        _WORKER["counter"].value += n
+    if os.getppid() != _WORKER["parent"]:
+        os._exit(1)
+
+
+def _worker_run(task):
+    """Run one job in a worker process: task = (function, its positional arguments)."""
+    fn, job = task
+    return fn(*job, progress=_worker_progress)
+
+
+def _can_fork():
+    """Worker processes by fork: Linux (elsewhere fork is unavailable or unsafe)."""
+    return sys.platform.startswith("linux")
+
+
+def run_jobs(fn, jobs, xp=np, workers=WORKERS, bar=None, done=None):
+    """[fn(*job, xp=xp, progress=...) for job in jobs], in ``workers`` processes on the CPU.
+
+    fn : a module-level function (workers find it by name) taking ``progress``, a callable that
+    counts network-steps for the progress bar ``bar`` (a tqdm or None). done : optional
+    callable(index, result), called in this process as each job finishes, in order (to store
+    results as they come). On the CPU the jobs go to worker processes (fork, one BLAS thread
+    each): threads were held back by the GIL, since a step is many short NumPy calls. Where fork
+    is unavailable, threads are used; on a GPU, one job after another in this process. A worker
+    that dies (out of memory, a signal) raises ChildProcessError instead of a hang."""
+    count = bar.update if bar is not None else (lambda n: None)
+    done = done or (lambda i, result: None)
+    results = []
+    parallel = xp is np and workers > 1 and len(jobs) > 1
+    if parallel and _can_fork():
+        ctx = multiprocessing.get_context("fork")
+        counter = ctx.Value("q", 0)
+        seen = 0
+        with ProcessPoolExecutor(
+            min(workers, len(jobs)), ctx, _worker_init, (counter, os.getpid())
+        ) as pool:
+            futures = [pool.submit(_worker_run, (fn, job)) for job in jobs]
+            for future in futures:
+                while True:
+                    try:
+                        results.append(future.result(timeout=PROGRESS_POLL))
+                        break
+                    except TimeoutError:
+                        pass
+                    except BrokenProcessPool:  # a worker was killed (out of memory, a signal)
+                        raise ChildProcessError(
+                            "a worker process died before its job ended"
+                        ) from None
+                    finally:
+                        count(counter.value - seen)
+                        seen = counter.value
+                done(len(results) - 1, results[-1])
+        return results
+    if parallel:
+        with threadpool_limits(limits=1), ThreadPoolExecutor(workers) as pool:
+            for result in pool.map(lambda job: fn(*job, progress=count), jobs):
+                results.append(result)
+                done(len(results) - 1, result)
+        return results
+    for job in jobs:
+        results.append(fn(*job, xp=xp, progress=count))
+        done(len(results) - 1, results[-1])
+    return results
