@@ -6,16 +6,16 @@ Command (about a minute on 2 shared cores):
     python benchmarks/bench_spectra.py --widths 100 --steps 1000 --repeats 1     (quick look)
 
 For each width: full-batch gradient descent on the 300-point spiral (A = 70, T = 500, learning
-rate 1), once plain (no logging at all) and once logging every ``--every`` steps with a
-stability.SpectraTracker as the on_log callback (Hessian top-k eigenvalues, full and traced NTK
-lambda_max at every logged step; a tight eigsh at the first call, warm-started Lanczos to
+rate 1), once plain (no logging at all) and once logging every ``--every`` steps with an
+apparatus.tracker.SpectraTracker as the on_log callback (Hessian top-k eigenvalues, full and
+traced NTK lambda_max at every logged step; a tight eigsh at the first call, warm-started Lanczos to
 residual 1e-3 after that). The table gives the best of ``--repeats`` runs, the ratio (training +
 tracking) / training, the Hessian-vector / NTK-vector products per call (the cold first call
 included), and the largest relative error of the tracked eigenvalues against exact ones at a few
 of the tracked steps (dense eigvalsh of the exact Hessian and NTKs; at width 1000 the Hessian's
 exact lambda_max comes from a tight cold-started eigsh on the dense exact Hessian). Then the
 cost of one exact dense Hessian, spectra.hessian, per width. BLAS runs on ``--threads`` threads
-(1, as in spiral.train_many).
+(1, as in the fast trainer's workers).
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import spectra  # noqa: E402
-import stability  # noqa: E402
+from apparatus.tracker import SpectraTracker  # noqa: E402
 from dynloss import class_weights  # noqa: E402
+from fast.spiral_trainer import train_block  # noqa: E402
 from machine import describe  # noqa: E402
 from models import init_mlp  # noqa: E402
-from spiral import TrainSpec, make_spiral_train, make_spiral_val, train_block  # noqa: E402
+from spiral import TrainSpec, make_spiral_train, make_spiral_val  # noqa: E402
 
 A_BENCH, T_BENCH = 70.0, 500.0  # Fig. 4's amplitude; a shorter period so the run sees cycles
 EXACT_SAMPLES = {100: 20, 1000: 3}  # tracked steps checked against exact eigenvalues
@@ -65,7 +66,7 @@ def timed_runs(H, steps, every, k, repeats):
         t0 = time.perf_counter()
         train_block(params0, data, quiet)  # plain training: no logging, no spectra
         plain = min(plain, time.perf_counter() - t0)
-        tracker = stability.SpectraTracker(X, y, spec, k=k)
+        tracker = SpectraTracker(X, y, spec, k=k)
         snaps, calls = {}, []
 
         def on_log(step, params, tracker=tracker, snaps=snaps, calls=calls):
