@@ -111,6 +111,18 @@ The Myrtle5 functions take ``layers``, a namespace of the layer functions they c
 CUDA-backed layers of identical signatures (cs231n's ``fast_layers``), so the model below is
 also the model that runs on a GPU, and each fast layer is tested equal to its reference here.
 
+A smooth activation (softplus, the control of a kink-free network)
+-------------------------------------------------------------------
+sigma(z) = log(1 + exp(beta z)) / beta, sigma'(z) = s = sigmoid(beta z),
+sigma''(z) = beta s (1 - s); beta -> infinity gives ReLU. Everything above holds with m replaced
+by sigma'(z1), and since sigma'' is no longer zero, z is no longer linear in W1a at fixed W2:
+d2 z_nk / dW1a[d,j] dW1a[d',j] = W2_jk sigma''(z1_nj) xa_nd xa_nd'. The network term gains the
+activation-curvature blocks
+
+    H[W1a[d,j], W1a[d',j]] += B_jdd',   B_jdd' = sum_n dh1_nj sigma''(z1_nj) xa_nd xa_nd',
+
+with dh1 = g W2^T, and the R-operator the line R{dz1} = sigma'(z1) R{dh1} + sigma''(z1) R{z1} dh1.
+
 Derivation: exact Hessian-vector products (the R-operator, forward-over-reverse)
 -------------------------------------------------------------------------------
 For a direction v (P,) write R{f} = d/de f(theta + e v) at e = 0 (Pearlmutter 1994). Then
@@ -119,7 +131,8 @@ and obeys the product rule; R{W_l} = V_l, R{b_l} = v_bl (v unflattened), R{x} = 
 
 - affine, conv3x3 and dense are bilinear in (input a, weight W): R{z} = f(R{a}, W) + f(a, V) + v_b.
 - ReLU: h = 1[z > 0] z with the mask locally constant (away from the kinks, where F is not twice
-  differentiable), so R{h} = 1[z > 0] R{z}: the same product as relu_backward.
+  differentiable), so R{h} = 1[z > 0] R{z}: the same product as relu_backward. (Softplus:
+  R{h} = sigma'(z) R{z}, and R{dz} gains sigma''(z) R{z} dh, above.)
 - pools are linear: R{pool(a)} = pool(R{a}).
 - loss: R{dF/dz} = (d^2F/dz^2) R{z}, dynloss.loss_rop (derived there).
 - backward lines: dW = a^T dz gives R{dW} = R{a}^T dz + a^T R{dz}; da = dz W^T (a flipped conv
@@ -196,6 +209,49 @@ def relu_backward(dh, cache):
     return dh * (cache > 0)  # dF/dz = dF/dh * 1[z > 0]
 
 
+def softplus_forward(z, beta):
+    """h = log(1 + exp(beta z)) / beta, elementwise: a smooth ReLU (beta -> infinity: ReLU).
+
+    z : any shape;  beta : > 0.  Returns h and the cache (z, beta).
+    """
+    xp = get_array_module(z)
+    return xp.logaddexp(0.0, beta * z) / beta, (z, beta)
+
+
+def softplus_backward(dh, cache):
+    """dz = dh * sigma'(z) with sigma'(z) = sigmoid(beta z)."""
+    return dh * hidden_slope(cache)  # dF/dz = dF/dh * sigmoid(beta z)
+
+
+def hidden_slope(cache):
+    """sigma'(z) of the hidden activation from its cache: 1[z > 0] for ReLU (cache h),
+    sigmoid(beta z) for softplus (cache (z, beta)); the shape of z."""
+    if not isinstance(cache, tuple):
+        return (cache > 0).astype(cache.dtype)
+    z, beta = cache
+    xp = get_array_module(z)
+    return 0.5 * (1.0 + xp.tanh(0.5 * beta * z))  # sigmoid(beta z), without overflow
+
+
+def hidden_curvature(cache):
+    """sigma''(z): None for ReLU (zero away from the kink), beta s (1 - s) for softplus, with
+    s = sigmoid(beta z)."""
+    if not isinstance(cache, tuple):
+        return None
+    s = hidden_slope(cache)
+    return cache[1] * s * (1.0 - s)
+
+
+def hidden_forward(z, beta=None):
+    """The hidden activation: ReLU (beta None) or softplus with this beta. Returns (h, cache)."""
+    return relu_forward(z) if beta is None else softplus_forward(z, beta)
+
+
+def hidden_backward(dh, cache):
+    """The backward pass of :func:`hidden_forward`: dz = dh * sigma'(z)."""
+    return softplus_backward(dh, cache) if isinstance(cache, tuple) else relu_backward(dh, cache)
+
+
 # ---------------------------------------------------------------------------------------------
 # The MLP D -> H -> K
 # ---------------------------------------------------------------------------------------------
@@ -226,14 +282,15 @@ def init_mlp(seeds, D, H, K, init="standard", dtype=np.float64):
     return {k: np.stack(v).astype(dtype) for k, v in out.items()}
 
 
-def mlp_forward(X, params):
+def mlp_forward(X, params, beta=None):
     """Logits of M MLPs on shared inputs.
 
     X : (N, D);  params : W1 (M, D, H), b1 (M, H), W2 (M, H, K), b2 (M, K)
+    beta : None for ReLU hidden units (the paper's), or softplus with this beta
     Returns logits (M, N, K) and the cache for :func:`mlp_backward`.
     """
     z1, c1 = affine_forward(X, params["W1"], params["b1"])  # (M, N, H)
-    h1, c2 = relu_forward(z1)  # (M, N, H)
+    h1, c2 = hidden_forward(z1, beta)  # (M, N, H)
     logits, c3 = affine_forward(h1, params["W2"], params["b2"])  # (M, N, K)
     return logits, (c1, c2, c3)
 
@@ -246,30 +303,31 @@ def mlp_backward(dlogits, cache):
     """
     c1, c2, c3 = cache
     dh1, dW2, db2 = affine_backward(dlogits, c3)  # (M, N, H), (M, H, K), (M, K)
-    dz1 = relu_backward(dh1, c2)  # (M, N, H)
+    dz1 = hidden_backward(dh1, c2)  # (M, N, H)  dF/dz1 = dF/dh1 * sigma'(z1)
     _, dW1, db1 = affine_backward(dz1, c1)  # (M, D, H), (M, H)
     return {"W1": dW1, "b1": db1, "W2": dW2, "b2": db2}
 
 
-def mlp_loss_and_grads(params, X, y, gamma, loss="ce"):
+def mlp_loss_and_grads(params, X, y, gamma, loss="ce", beta=None):
     """Dynamical loss F (eq. 1) of M MLPs and its gradient with respect to every parameter.
 
-    X : (N, D);  y : (N,) ints;  gamma : (M, K) class weights at the current step
+    X : (N, D);  y : (N,) ints;  gamma : (M, K) class weights at the current step;
+    beta : None (ReLU) or the softplus beta
     Returns F (M,), grads (shapes of params), logits (M, N, K).
     """
-    logits, cache = mlp_forward(X, params)
+    logits, cache = mlp_forward(X, params, beta)
     F, lcache = loss_forward(logits, y, gamma, loss)  # (M,)  Eq. (1)
     grads = mlp_backward(loss_backward(lcache), cache)
     return F, grads, logits
 
 
 def _mlp_rforward(params, cache, V):
-    """The R forward pass: R{h1} (M, N, H) and R{logits} (M, N, K) for the direction V."""
-    (X, _), h1, _ = cache
+    """The R forward pass: R{z1} and R{h1} (M, N, H), R{logits} (M, N, K) for the direction V."""
+    (X, _), c2, (h1, _) = cache
     Rz1 = X @ V["W1"] + V["b1"][:, None, :]  # (M, N, H)  R{z1} = X V1 + v_b1  (R{X} = 0)
-    Rh1 = relu_backward(Rz1, h1)  # R{h1} = 1[z1 > 0] R{z1}
+    Rh1 = hidden_backward(Rz1, c2)  # R{h1} = sigma'(z1) R{z1}
     Rlogits = Rh1 @ params["W2"] + h1 @ V["W2"] + V["b2"][:, None, :]  # R{h1} W2 + h1 V2 + v_b2
-    return Rh1, Rlogits
+    return Rz1, Rh1, Rlogits
 
 
 def mlp_jvp(params, cache, V):
@@ -277,59 +335,74 @@ def mlp_jvp(params, cache, V):
 
     V : a direction, dict with the shapes of params.  Returns (M, N, K).
     """
-    return _mlp_rforward(params, cache, V)[1]
+    return _mlp_rforward(params, cache, V)[2]
 
 
-def mlp_hvp(params, X, y, gamma, V, loss="ce"):
-    """The exact Hessian of F applied to V, by the R-operator (module docstring).
+def mlp_hvp_operator(params, X, y, gamma, loss="ce", beta=None):
+    """The exact Hessian of F as a function V -> HV by the R-operator (module docstring): the
+    forward pass and the loss's pieces are computed once, each call costs about two gradients.
 
-    X : (N, D);  y : (N,);  gamma : (M, K);  V : dict with the shapes of params
-    Returns HV, a dict with the shapes of params: R{dF/dtheta}.
+    X : (N, D);  y : (N,);  gamma : (M, K);  beta : None (ReLU) or the softplus beta
+    The function takes V, a dict with the shapes of params, and returns HV = R{dF/dtheta}.
     """
     xp = get_array_module(X)
-    logits, cache = mlp_forward(X, params)
+    logits, cache = mlp_forward(X, params, beta)
     _, lcache = loss_forward(logits, y, gamma, loss)
     g = loss_backward(lcache)  # (M, N, K)  dF/dz
-    c1, h1, c3 = cache
-    Rh1, Rlogits = _mlp_rforward(params, cache, V)
-    Rg = loss_rop(lcache, Rlogits)  # (M, N, K)  R{dF/dz} = (d2F/dz2) R{z}
-    Rdh1, RdW2, Rdb2 = affine_backward(Rg, c3)  # R{g} W2^T, h1^T R{g}, sum R{g}
-    RdW2 = RdW2 + xp.swapaxes(Rh1, -1, -2) @ g  # + R{h1}^T g
-    Rdh1 = Rdh1 + g @ xp.swapaxes(V["W2"], -1, -2)  # + g V2^T
-    Rdz1 = relu_backward(Rdh1, h1)  # R{dz1} = 1[z1 > 0] R{dh1}
-    _, RdW1, Rdb1 = affine_backward(Rdz1, c1)  # X^T R{dz1}, sum R{dz1}
-    return {"W1": RdW1, "b1": Rdb1, "W2": RdW2, "b2": Rdb2}
+    c1, c2, c3 = cache
+    curvature = hidden_curvature(c2)  # sigma''(z1) (M, N, H), None for ReLU
+    dh1 = g @ xp.swapaxes(params["W2"], -1, -2)  # (M, N, H)  dF/dh1
+
+    def hvp(V):
+        Rz1, Rh1, Rlogits = _mlp_rforward(params, cache, V)
+        Rg = loss_rop(lcache, Rlogits)  # (M, N, K)  R{dF/dz} = (d2F/dz2) R{z}
+        Rdh1, RdW2, Rdb2 = affine_backward(Rg, c3)  # R{g} W2^T, h1^T R{g}, sum R{g}
+        RdW2 = RdW2 + xp.swapaxes(Rh1, -1, -2) @ g  # + R{h1}^T g
+        Rdh1 = Rdh1 + g @ xp.swapaxes(V["W2"], -1, -2)  # + g V2^T
+        Rdz1 = hidden_backward(Rdh1, c2)  # R{dz1} = sigma'(z1) R{dh1} ...
+        if curvature is not None:
+            Rdz1 = Rdz1 + curvature * Rz1 * dh1  # ... + sigma''(z1) R{z1} dh1 (softplus)
+        _, RdW1, Rdb1 = affine_backward(Rdz1, c1)  # X^T R{dz1}, sum R{dz1}
+        return {"W1": RdW1, "b1": Rdb1, "W2": RdW2, "b2": Rdb2}
+
+    return hvp
 
 
-def mlp_jacobian(params, X):
+def mlp_hvp(params, X, y, gamma, V, loss="ce", beta=None):
+    """The exact Hessian of F applied to V (:func:`mlp_hvp_operator`): a dict shaped like V."""
+    return mlp_hvp_operator(params, X, y, gamma, loss, beta)(V)
+
+
+def mlp_jacobian(params, X, beta=None):
     """The logit Jacobian J = dz/dtheta of M MLPs (module docstring), row n*K + k, columns in
     the order of :func:`flatten`: (M, N*K, P). Dense: N*K*P values per network."""
     xp = get_array_module(X)
-    _, ((_, _), h1, _) = mlp_forward(X, params)
-    mask = (h1 > 0).astype(h1.dtype)  # (M, N, H)  m = 1[z1 > 0]
+    _, (_, c2, (h1, _)) = mlp_forward(X, params, beta)
+    slope = hidden_slope(c2)  # (M, N, H)  sigma'(z1): the mask 1[z1 > 0] for ReLU
     W2 = params["W2"]  # (M, H, K)
     M, N, H = h1.shape
     K = W2.shape[2]
     eye = xp.eye(K)
-    dW1 = xp.einsum("nd,mnj,mjk->mnkdj", X, mask, W2)  # (M, N, K, D, H)  x_nd m_nj W2_jk
-    db1 = xp.einsum("mnj,mjk->mnkj", mask, W2)  # (M, N, K, H)  m_nj W2_jk
+    dW1 = xp.einsum("nd,mnj,mjk->mnkdj", X, slope, W2)  # (M, N, K, D, H)  x_nd m_nj W2_jk
+    db1 = xp.einsum("mnj,mjk->mnkj", slope, W2)  # (M, N, K, H)  m_nj W2_jk
     dW2 = xp.einsum("mnj,kl->mnkjl", h1, eye)  # (M, N, K, H, K)  h1_nj [k=l]
     db2 = xp.broadcast_to(eye, (M, N, K, K))  # (M, N, K, K)  [k=l]
     parts = [a.reshape(M, N, K, -1) for a in (dW1, db1, dW2, db2)]
     return xp.concatenate(parts, axis=3).reshape(M, N * K, -1)  # (M, N*K, P)
 
 
-def mlp_network_term(params, X, dlogits):
-    """The network's own part of the exact Hessian, sum_{n,k} g_nk d2 z_nk/dtheta2: C_djl in the
-    W1a-W2 blocks and their transpose (module docstring). dlogits : g = dF/dz (M, N, K).
-    Returns (M, P, P), zero outside those blocks."""
+def mlp_network_term(params, X, dlogits, beta=None):
+    """The network's own part of the exact Hessian, sum_{n,k} g_nk d2 z_nk/dtheta2 (module
+    docstring): C_djl in the W1a-W2 blocks and their transpose, and for softplus the
+    activation-curvature blocks B_j in W1a-W1a. dlogits : g = dF/dz (M, N, K).
+    Returns (M, P, P), zero elsewhere."""
     xp = get_array_module(X)
-    _, ((_, _), h1, _) = mlp_forward(X, params)
-    mask = (h1 > 0).astype(h1.dtype)  # (M, N, H)
-    M, N, H = h1.shape
+    _, (_, c2, _) = mlp_forward(X, params, beta)
+    slope = hidden_slope(c2)  # (M, N, H)
+    M, N, H = slope.shape
     D, K = X.shape[1], dlogits.shape[2]
     xa = xp.concatenate([X, xp.ones((N, 1))], axis=1)  # (N, D+1)  [x, 1]: W1a = [W1; b1]
-    C = xp.einsum("nd,mnj,mnl->mdjl", xa, mask, dlogits)  # (M, D+1, H, K)  C_djl
+    C = xp.einsum("nd,mnj,mnl->mdjl", xa, slope, dlogits)  # (M, D+1, H, K)  C_djl
     P = (D + 1) * H + H * K + K
     d, j, l = np.meshgrid(np.arange(D + 1), np.arange(H), np.arange(K), indexing="ij")
     rows = (d * H + j).ravel()  # W1a[d, j] in the flat order (W1 rows, then b1)
@@ -337,6 +410,12 @@ def mlp_network_term(params, X, dlogits):
     term = xp.zeros((M, P, P))
     term[:, rows, cols] = C.reshape(M, -1)
     term[:, cols, rows] = C.reshape(M, -1)
+    curvature = hidden_curvature(c2)  # sigma''(z1) (M, N, H), None for ReLU
+    if curvature is not None:  # B_j[d, d'] = sum_n dh1_nj sigma''_nj xa_nd xa_nd'
+        dh1 = dlogits @ xp.swapaxes(params["W2"], -1, -2)  # (M, N, H)
+        B = xp.einsum("mnj,nd,ne->mjde", dh1 * curvature, xa, xa)  # (M, H, D+1, D+1)
+        d, e, j = np.meshgrid(np.arange(D + 1), np.arange(D + 1), np.arange(H), indexing="ij")
+        term[:, (d * H + j).ravel(), (e * H + j).ravel()] += B.transpose(0, 2, 3, 1).reshape(M, -1)
     return term
 
 

@@ -31,7 +31,7 @@ import time
 import numpy as np
 
 import stability
-from apparatus import plots, spiral_sweeps, statistics, sweeps, tracker
+from apparatus import onset, plots, spiral_sweeps, statistics, sweeps, tracker
 from apparatus.cli import (
     AMPLITUDE,
     COUNT,
@@ -44,6 +44,7 @@ from apparatus.cli import (
     add_merge_command,
     backend,
     check_memory,
+    check_number,
     check_out_dir,
     checked_backend,
     number,
@@ -98,6 +99,7 @@ CPU_BATCH = 64  # networks trained together by one phase batch on the CPU
 GPU_BATCH = {100: 4096, 1000: 1024}  # ... and on a GPU: up to width 100, and wider
 FIG5_T0, FIG5_STEPS0 = 5000.0, 70000  # Fig. 5: T = T0/eta, steps0/eta steps
 FIG5_STATIC_STEPS = 35000
+ONSET_PERIODS = 5  # periods of an onset run (oscillating throughout): instabilities in each
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,6 +513,53 @@ def cmd_density(args):
 
 
 # ---------------------------------------------------------------------------------------------
+# onset (beyond the paper: where the instabilities begin)
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_onset(args):
+    """``onset``: runs with lambda_max and the period-two mode at every step, for a grid of
+    periods, learning rates, arithmetics, perturbations and activations; resumable; the folder
+    collects the conditions of several commands, and each run merges every complete one."""
+    check_common(args)
+    T0s = parse_list(args.T0, "--T0", low=1)
+    lrs = parse_list(args.lrs, "--lrs", low=0, low_open=True)
+    noises = parse_list(args.noise, "--noise", low=0)
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not dtypes or not set(dtypes) <= {"float64", "float32"}:
+        raise InputError(f"--dtypes: float64 and/or float32, got {args.dtypes!r}")
+    betas = [None if b.strip() == "relu" else b for b in args.betas.split(",") if b.strip()]
+    betas = [b if b is None else check_number(b, "--betas", low=0, low_open=True) for b in betas]
+    seeds = parse_seeds(args.seed, "--seed")
+    if min(T0s) / max(lrs) < 1:
+        raise InputError("need T0/lr >= 1 step for every T0 and lr")
+    new = onset.grid(T0s, lrs, dtypes, noises, betas)
+    old = sweeps.load_config(args.out).get("conditions", []) if os.path.exists(
+        os.path.join(args.out, "sweep.json")
+    ) else []  # fmt: skip
+    cfg = {
+        "kind": "spiral-onset",
+        "width": args.width,
+        "A": args.A,
+        "periods": args.periods,
+        "init": args.init,
+        "loss": args.loss,
+        "seeds": seeds,
+        "conditions": old + [c for c in new if c not in old],
+    }
+    sweeps.prepare(args.out, cfg, grow=("seeds", "conditions"))
+    write_json(os.path.join(args.out, "versions.json"), versions())
+    mine = {onset.condition_name(c) for c in new}
+    units = [u for u in onset.onset_units(cfg) if u[0].rsplit("_s", 1)[0] in mine]
+    todo = set(sweeps.pending(args.out, [u[0] for u in units], onset.onset_expect(cfg)))
+    print(f"{len(todo)} of {len(units)} runs to do")
+    t0 = time.time()
+    onset.run_onset(args.out, cfg, [u for u in units if u[0] in todo], not args.quiet)
+    print(f"trained and measured in {time.time() - t0:.0f} s")
+    onset.merge_onset(args.out)
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
@@ -646,6 +695,23 @@ def build_parser():
     )
     add_common_options(p, "runs/phase-w100", "sweep folder")
     p.set_defaults(func=cmd_phase)
+
+    p = sub.add_parser("onset", help="where the instabilities begin (beyond the paper)")
+    p.add_argument("--T0", default=str(FIG5_T0), help="periods at lr 1: T = T0/lr, e.g. 1250,5000")
+    p.add_argument("--lrs", default="1", help="learning rates, e.g. 0.5,1,2,4")
+    p.add_argument("--dtypes", default="float64", help="float64 and/or float32")
+    p.add_argument("--noise", default="0", help="norms of a perturbation after every step")
+    p.add_argument("--betas", default="relu", help="relu and/or softplus betas, e.g. relu,10")
+    p.add_argument("--A", type=AMPLITUDE, default=DYNAMICS_DEFAULTS["A"], help="amplitude")
+    p.add_argument("--periods", type=COUNT, default=ONSET_PERIODS, help="periods per run")
+    p.add_argument("--width", type=COUNT, default=100, help="hidden units H")
+    p.add_argument("--seed", default="0-9", help="init seed(s): 0, or 0,1,2, or 0-4")
+    p.add_argument("--init", default="standard", choices=INITS, help="initialisation")
+    p.add_argument("--loss", default="ce", choices=LOSSES, help="base loss")
+    p.add_argument("--device", default="cpu", choices=("cpu",), help="cpu (the reference loop)")
+    p.add_argument("--out", default="runs/onset", help="sweep folder (resumable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_onset)
 
     add_merge_command(sub, cmd_merge, "Fig. 3")
     p = sub.add_parser("reeval", help="a finished phase sweep on another validation set")

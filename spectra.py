@@ -47,7 +47,7 @@ from models import (
     flatten,
     mlp_backward,
     mlp_forward,
-    mlp_hvp,
+    mlp_hvp_operator,
     mlp_jacobian,
     mlp_jvp,
     mlp_network_term,
@@ -81,24 +81,25 @@ def _one(params):
     return {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
 
 
-def loss_state(params, X, y, gamma, loss="ce"):
+def loss_state(params, X, y, gamma, loss="ce", beta=None):
     """The forward pass and the loss's pieces in the logits: (cache, g = dF/dz (1, N, K),
-    curvature (w (1, N), p (1, N, K) or None), lcache). gamma : (K,) class weights."""
-    logits, cache = mlp_forward(np.asarray(X, dtype=np.float64), params)
+    curvature (w (1, N), p (1, N, K) or None), lcache). gamma : (K,) class weights;
+    beta : None (ReLU) or the softplus beta."""
+    logits, cache = mlp_forward(np.asarray(X, dtype=np.float64), params, beta)
     gamma = np.asarray(gamma, dtype=np.float64).reshape(1, -1)  # (1, K)
     _, lcache = loss_forward(logits, np.asarray(y), gamma, loss)
     return cache, loss_backward(lcache), logit_curvature(lcache), lcache
 
 
-def logits_jacobian(params, X):
+def logits_jacobian(params, X, beta=None):
     """J = d logits / d theta of one MLP, (N*K, P), row n*K + k (models.mlp_jacobian)."""
     p = _one(params)
-    return mlp_jacobian(p, np.asarray(X, dtype=np.float64))[0]
+    return mlp_jacobian(p, np.asarray(X, dtype=np.float64), beta)[0]
 
 
-def gauss_newton(J, curvature):
-    """J^T Hz J (P, P) from the Jacobian J (N*K, P) and the logit curvature (w (1, N), p
-    (1, N, K) or None for MSE) of dynloss.logit_curvature, as V^T V (module docstring)."""
+def gn_factor(J, curvature):
+    """V (N*K, P) with V^T V = J^T Hz J, from the Jacobian J (N*K, P) and the logit curvature
+    (w (1, N), p (1, N, K) or None for MSE) of dynloss.logit_curvature (module docstring)."""
     w, p = curvature[0][0], None if curvature[1] is None else curvature[1][0]
     N = len(w)
     J = J.reshape(N, -1, J.shape[1])  # (N, K, P)
@@ -107,34 +108,42 @@ def gauss_newton(J, curvature):
     else:
         pJ = np.einsum("nk,nkp->np", p, J)  # (N, P)  p_n^T J_n
         V = np.sqrt(w[:, None] * p)[:, :, None] * (J - pJ[:, None, :])  # (N, K, P)
-    V = V.reshape(-1, J.shape[2])
+    return V.reshape(-1, J.shape[2])
+
+
+def gauss_newton(J, curvature):
+    """The Gauss-Newton part J^T Hz J (P, P) of the Hessian, as V^T V (:func:`gn_factor`)."""
+    V = gn_factor(J, curvature)
     return V.T @ V  # (P, P)
 
 
-def hessian(params, X, y, gamma, loss="ce", parts=False):
+def hessian(params, X, y, gamma, loss="ce", parts=False, beta=None):
     """The exact Hessian of F (eq. 1, weights gamma (K,)) with respect to theta: (P, P).
 
     The Gauss-Newton part J^T Hz J plus the network's own term (module docstring); with
-    ``parts`` returns the two (P, P) terms instead of their sum. Dense: P = 6003 at H = 1000
-    costs a (N*K) x P x P product (seconds) and 0.3 GB per matrix.
+    ``parts`` returns the two (P, P) terms instead of their sum. beta : None (ReLU) or the
+    softplus beta. Dense: P = 6003 at H = 1000 costs a (N*K) x P x P product (seconds) and
+    0.3 GB per matrix.
     """
     p = _one(params)
     X = np.asarray(X, dtype=np.float64)
-    _, g, curvature, _ = loss_state(p, X, y, gamma, loss)
-    gn = gauss_newton(mlp_jacobian(p, X)[0], curvature)
-    network = mlp_network_term(p, X, g)[0]
+    _, g, curvature, _ = loss_state(p, X, y, gamma, loss, beta)
+    gn = gauss_newton(mlp_jacobian(p, X, beta)[0], curvature)
+    network = mlp_network_term(p, X, g, beta)[0]
     return (gn, network) if parts else gn + network
 
 
-def hessian_matvec(params, X, y, gamma, loss="ce"):
-    """The exact HVP v (P,) -> H v (P,), by the R-operator (models.mlp_hvp)."""
+def hessian_matvec(params, X, y, gamma, loss="ce", beta=None):
+    """The exact HVP v (P,) -> H v (P,), by the R-operator (models.mlp_hvp_operator: the
+    forward pass once, about two gradients per product)."""
     p = _one(params)
     X, y = np.asarray(X, dtype=np.float64), np.asarray(y)
     gamma = np.asarray(gamma, dtype=np.float64).reshape(1, -1)  # (1, K)
+    hvp_of = mlp_hvp_operator(p, X, y, gamma, loss, beta)
 
     def matvec(v):
         V = unflatten(np.asarray(v, dtype=np.float64).reshape(1, -1), p)
-        return flatten(mlp_hvp(p, X, y, gamma, V, loss))[0]  # (P,)
+        return flatten(hvp_of(V))[0]  # (P,)
 
     return matvec
 
@@ -144,16 +153,16 @@ def n_params(params):
     return sum(a[0].size for a in params.values())
 
 
-def hessian_operator(params, X, y, gamma, loss="ce"):
+def hessian_operator(params, X, y, gamma, loss="ce", beta=None):
     """The Hessian of F as a scipy LinearOperator (P, P), float64."""
     P = n_params(params)
-    mv = hessian_matvec(params, X, y, gamma, loss)
+    mv = hessian_matvec(params, X, y, gamma, loss, beta)
     return LinearOperator((P, P), matvec=mv, rmatvec=mv, dtype=np.float64)
 
 
-def hvp(params, X, y, gamma, v, loss="ce"):
+def hvp(params, X, y, gamma, v, loss="ce", beta=None):
     """Exact Hessian-vector product H v of F (eq. 1, weights gamma (K,)): v (P,) -> (P,)."""
-    return hessian_matvec(params, X, y, gamma, loss)(v)
+    return hessian_matvec(params, X, y, gamma, loss, beta)(v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,41 +292,31 @@ def hessian_top_eigs(params, X, y, gamma, k=1, v0=None, loss="ce", tol=EIGSH_TOL
 # ---------------------------------------------------------------------------------------------
 
 
-def ntk(params, X):
+def ntk(params, X, beta=None):
     """The full empirical NTK Theta = J J^T of eq. (11), (N*K, N*K), row/column n*K + k."""
-    J = logits_jacobian(params, X)  # (N*K, P)
+    J = logits_jacobian(params, X, beta)  # (N*K, P)
     return J @ J.T  # Eq. (11)
 
 
-def ntk_traced(params, X):
+def ntk_traced(params, X, beta=None):
     """The NTK averaged over the K logit blocks, (1/K) sum_k Theta[(n,k), (n',k)]: (N, N).
 
     This is the kernel the authors' notebook plotted (on its first 50 points).
     """
     K = params["W2"].shape[2]
-    theta = ntk(params, X)
+    theta = ntk(params, X, beta)
     N = theta.shape[0] // K
     return np.einsum("akbk->ab", theta.reshape(N, K, N, K)) / K  # eq. (11), traced over k
 
 
-def weighted_ntk(params, X, y, gamma, loss="ce"):
-    """The loss-weighted NTK Hz^(1/2) Theta Hz^(1/2) (N*K, N*K): its nonzero eigenvalues are
-    those of the Gauss-Newton part J^T Hz J (module docstring). gamma : (K,)."""
+def weighted_ntk(params, X, y, gamma, loss="ce", beta=None):
+    """The loss-weighted NTK V V^T (N*K, N*K), V = Hz^(1/2) J in the factored form of
+    :func:`gn_factor`: Theta weighted by the logit curvature and Gamma. Its nonzero eigenvalues
+    are those of the Gauss-Newton part V^T V (module docstring). gamma : (K,)."""
     p = _one(params)
-    _, _, (w, s), _ = loss_state(p, X, y, gamma, loss)
-    w, N = w[0], len(w[0])
-    if s is None:
-        root = np.sqrt(w)[:, None, None] * np.eye(params["W2"].shape[2])  # (N, K, K)
-    else:
-        s = s[0]  # (N, K)
-        hz = w[:, None, None] * (
-            np.einsum("nk,kl->nkl", s, np.eye(s.shape[1])) - s[:, :, None] * s[:, None, :]
-        )
-        vals, vecs = np.linalg.eigh(hz)  # (N, K), (N, K, K): Hz_n is positive semidefinite
-        root = np.einsum("nkl,nl,nml->nkm", vecs, np.sqrt(np.maximum(vals, 0.0)), vecs)
-    Jr = np.einsum("nkl,nlp->nkp", root, logits_jacobian(p, X).reshape(N, -1, n_params(p)))
-    Jr = Jr.reshape(-1, Jr.shape[2])  # (N*K, P)  Hz^(1/2) J
-    return Jr @ Jr.T
+    _, _, curvature, _ = loss_state(p, X, y, gamma, loss, beta)
+    V = gn_factor(logits_jacobian(p, X, beta), curvature)  # (N*K, P)
+    return V @ V.T
 
 
 def ntk_matvec(params, X):

@@ -109,6 +109,7 @@ def nearest_neighbour_accuracy(X_train, y_train, X, y):
 # ---------------------------------------------------------------------------------------------
 
 LOG_FIELDS = ("loss", "dloss", "loss_static", "train_acc", "val_acc", "val_loss")
+NOISE_STREAM = 7  # the first word of every perturbation stream's seed
 
 
 @dataclass
@@ -119,6 +120,10 @@ class TrainSpec:
     lr : learning rate eta; steps : number of updates; log_every : logging interval (steps);
     loss : "ce" or "mse"; val_every : the validation set is evaluated at the logged steps that
     are multiples of this (and at the last step); None: at every logged step.
+    Beyond the paper (train_reference only): beta, softplus hidden units with this beta (None:
+    ReLU); dtype, the arithmetic ("float64" or "float32"); noise, an isotropic perturbation of
+    this norm added to each network's parameters after every update, drawn from the stream
+    np.random.default_rng([NOISE_STREAM, noise_seed[m]]) of network m.
     """
 
     A: np.ndarray
@@ -129,6 +134,14 @@ class TrainSpec:
     log_every: int
     loss: str = "ce"
     val_every: int | None = None
+    beta: float | None = None
+    dtype: str = "float64"
+    noise: float = 0.0
+    noise_seed: np.ndarray | None = None
+
+    def is_default(self):
+        """Whether the run is the paper's: ReLU, float64, no perturbation."""
+        return self.beta is None and self.dtype == "float64" and self.noise == 0.0
 
 
 def log_steps(steps, log_every):
@@ -169,6 +182,17 @@ def finish_run(params, steps, gamma, log, diverged, rows):
     return out
 
 
+def perturb(params, size, rngs):
+    """Add to each network m's parameters (in place) a random vector of norm ``size``, isotropic
+    in the P parameters, drawn from rngs[m]."""
+    M = params["W1"].shape[0]
+    for m in range(M):
+        xi = {k: rngs[m].normal(size=v.shape[1:]) for k, v in params.items()}
+        norm = np.sqrt(sum((a**2).sum() for a in xi.values()))
+        for k in params:
+            params[k][m] += (size / norm) * xi[k]
+
+
 # ---------------------------------------------------------------------------------------------
 # The reference training loop
 # ---------------------------------------------------------------------------------------------
@@ -186,9 +210,11 @@ def train_reference(params, data, spec, on_log=None, progress=None):
     loss diverges (dynloss.diverged) is marked at that step; training stops once all have.
     Returns :func:`finish_run`'s dict.
     """
-    X, y, Xv, yv = data
-    params = {k: np.array(v, dtype=np.float64) for k, v in params.items()}  # our own copies
+    X, y, Xv, yv = (np.asarray(a, dtype=spec.dtype) if a.dtype.kind == "f" else a for a in data)
+    params = {k: np.array(v, dtype=spec.dtype) for k, v in params.items()}  # our own copies
     M, K = params["W2"].shape[0], params["W2"].shape[2]
+    seeds = range(M) if spec.noise_seed is None else spec.noise_seed  # of the perturbations
+    rngs = [np.random.default_rng([NOISE_STREAM, int(s)]) for s in seeds]
     steps = log_steps(spec.steps, spec.log_every)  # (S,)
     log = {f: np.full((len(steps), M), np.nan) for f in LOG_FIELDS}  # (S, M) each
     val_every = spec.val_every or spec.log_every
@@ -197,7 +223,8 @@ def train_reference(params, data, spec, on_log=None, progress=None):
     with np.errstate(all="ignore"):  # a diverging network overflows: it is marked, not fatal
         for t in range(spec.steps + 1):
             gamma = class_weights(t, spec.A, spec.T, K, spec.stop_step)  # (M, K)  Eqs. (2)-(5)
-            F, grads, logits = mlp_loss_and_grads(params, X, y, gamma, spec.loss)  # Eq. (1)
+            gamma = gamma.astype(spec.dtype)
+            F, grads, logits = mlp_loss_and_grads(params, X, y, gamma, spec.loss, spec.beta)  # (1)
             if t == 0:
                 F0 = F  # the scale of divergence (dynloss.diverged)
             diverged = np.where((diverged < 0) & loss_diverged(F, F0), t, diverged)
@@ -206,7 +233,7 @@ def train_reference(params, data, spec, on_log=None, progress=None):
                 log["loss_static"][row] = cross_entropy(logits, y)  # Gamma = 1
                 log["train_acc"][row] = accuracy(logits, y)
                 if t % val_every == 0 or t == spec.steps:
-                    logits_val, _ = mlp_forward(Xv, params)  # (M, Nv, K)
+                    logits_val, _ = mlp_forward(Xv, params, spec.beta)  # (M, Nv, K)
                     log["val_loss"][row] = cross_entropy(logits_val, yv)
                     log["val_acc"][row] = accuracy(logits_val, yv)
                 if on_log is not None:
@@ -216,6 +243,8 @@ def train_reference(params, data, spec, on_log=None, progress=None):
                 break
             for k in params:
                 params[k] -= spec.lr * grads[k]  # gradient descent: theta <- theta - eta dF/dtheta
+            if spec.noise:
+                perturb(params, spec.noise, rngs)
             F_prev = F
             if progress is not None:
                 progress(M)

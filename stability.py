@@ -15,6 +15,20 @@ The bounds they are compared with (eqs. 6-7 and 13-14 of the paper):
 - eqs. (13)-(14): under MSE the NTK mode with eigenvalue lambda is multiplied by
   1 - (eta/N) lambda per step (:func:`ntk_multiplier`), so it flips and grows once
   lambda > 2N/eta (:func:`ntk_threshold`).
+
+Where an instability begins (beyond the paper)
+----------------------------------------------
+Along the top eigenvector, gradient descent multiplies a deviation by 1 - eta lambda per step:
+once eta lambda > 2 the period-two mode grows by |1 - eta lambda| = eta lambda - 1 per step (a
+flip bifurcation), and before that it decays. :func:`linear_onsets` finds, for each instability
+the Fig. 4 rule detects, the step where eta lambda_max crossed 2 (the linear-stability onset) and
+the lag to the rule; :func:`period_two_amplitude` measures the mode from any series (the
+alternating part x(t+1) - 2x(t) + x(t-1) = -4 c(t) of c(t) (-1)^t); :func:`growth_fit` compares
+its growth per step with log|1 - eta lambda|, the multiplier of the linear map. If the mode is
+born at 2/eta from an amplitude a0 and must reach a1 to be seen, and eta lambda rises at rate
+rho per step, it has grown by sum (eta lambda - 2) ~ rho dt^2 / 2 e-foldings after dt steps, so
+the rule fires at eta lambda - 2 ~ sqrt(2 rho ln(a1/a0)) above the onset (slow passage):
+:func:`slow_passage_excess`.
 """
 
 from __future__ import annotations
@@ -181,3 +195,83 @@ def fit_exponent(lrs, thresholds):
         return (np.nan, np.nan, np.nan)
     r = linregress(x[ok], y[ok])
     return (r.slope, r.stderr, r.intercept)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where an instability begins: the linear-stability onset and the period-two mode
+# ---------------------------------------------------------------------------------------------
+
+GROWTH_SMOOTH = 5  # steps averaged in the growth rate of the period-two amplitude (odd)
+RAMP_WINDOW = 50  # steps on each side of an onset in the fit of eta lambda's rate of change
+
+
+def branch_midpoint(lam):
+    """(lam(t) + lam(t-1)) / 2 of a per-step series (S,): the middle of the two branches a
+    period-two bounce alternates between (the value the Fig. 4 rule averages); NaN at t = 0."""
+    lam = np.asarray(lam, dtype=np.float64)
+    return np.concatenate([[np.nan], 0.5 * (lam[1:] + lam[:-1])])
+
+
+def linear_onsets(lam, lr, rule_starts, step0=0):
+    """For each instability start s of the Fig. 4 rule, the linear-stability onset: the first
+    step of the run of consecutive steps ending at s in which eta * (branch midpoint) > 2.
+
+    lam : (S,) lambda_max at steps step0, step0 + 1, ...;  rule_starts : (E,) steps
+    Returns onsets (E,) steps, -1 where eta * midpoint <= 2 at s (the rule fired below the
+    linear threshold).
+    """
+    above = lr * branch_midpoint(lam) > 2.0  # (S,)
+    onsets = []
+    for s in np.asarray(rule_starts) - step0:
+        if not above[s]:
+            onsets.append(-1)
+            continue
+        below = np.flatnonzero(~above[: s + 1])
+        onsets.append(step0 + (below[-1] + 1 if len(below) else 0))
+    return np.array(onsets, dtype=np.int64)
+
+
+def period_two_amplitude(x):
+    """|x(t+1) - 2 x(t) + x(t-1)| / 4 (its norm over any trailing axes) of a per-step series
+    x (S, ...): the amplitude of the alternating part c (-1)^t (the smooth part contributes its
+    second derivative). Returns (S,), NaN at the two ends."""
+    x = np.asarray(x, dtype=np.float64)
+    d2 = (x[2:] - 2.0 * x[1:-1] + x[:-2]) / 4.0  # (S-2, ...)
+    a = np.sqrt((d2.reshape(len(d2), -1) ** 2).sum(axis=1))
+    return np.concatenate([[np.nan], a, [np.nan]])
+
+
+def ramp_rate(lam, lr, at, step0=0, window=RAMP_WINDOW):
+    """d(eta lambda)/dt around step ``at``: the least-squares slope of eta * midpoint over the
+    steps at - window .. at + window (those in the series). Returns a float (per step)."""
+    mid = lr * branch_midpoint(lam)
+    lo, hi = max(1, at - step0 - window), min(len(mid), at - step0 + window + 1)
+    t, v = np.arange(lo, hi), mid[lo:hi]
+    ok = np.isfinite(v)
+    return float(np.polyfit(t[ok], v[ok], 1)[0]) if ok.sum() > 2 else np.nan
+
+
+def growth_fit(amp, lam, lr, t0, t1, step0=0, smooth=GROWTH_SMOOTH):
+    """The per-step growth of the period-two amplitude against the linear map's multiplier.
+
+    Over the steps t0 .. t1: r(t) = log a(t+1) - log a(t), averaged over ``smooth`` steps, and
+    mu(t) = log|1 - eta * midpoint(t)|; the least squares r = c + b mu. The flip bifurcation's
+    linear normal form predicts b = 1, c = 0. amp, lam : (S,) per-step series.
+    Returns (b, c, standard error of b, number of points); NaNs with fewer than 3 points.
+    """
+    a = np.log(np.asarray(amp, dtype=np.float64)[t0 - step0 : t1 - step0 + 2])
+    r = np.convolve(np.diff(a), np.ones(smooth) / smooth, mode="same")  # (n,)
+    mu = np.log(np.abs(1.0 - lr * branch_midpoint(lam)[t0 - step0 : t1 - step0 + 1]))
+    ok = np.isfinite(r) & np.isfinite(mu)
+    if ok.sum() < 3:
+        return (np.nan, np.nan, np.nan, int(ok.sum()))
+    from scipy.stats import linregress
+
+    fit = linregress(mu[ok], r[ok])
+    return (fit.slope, fit.intercept, fit.stderr, int(ok.sum()))
+
+
+def slow_passage_excess(rho, seed_amplitude, seen_amplitude):
+    """eta lambda - 2 at which a mode born at eta lambda = 2 with amplitude a0 has grown to a1
+    while eta lambda rises at rate rho per step: sqrt(2 rho ln(a1 / a0)) (module docstring)."""
+    return np.sqrt(2.0 * rho * np.log(seen_amplitude / seed_amplitude))

@@ -334,3 +334,83 @@ def plot_density(arrays, path, title):
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _family_points(arrays, select, x_key, field):
+    """x, mean, lo, hi of ``field`` over the conditions ``select`` (a boolean (C,)), by x_key."""
+    idx = np.flatnonzero(select)
+    idx = idx[np.argsort(arrays[x_key][idx])]
+    return (arrays[x_key][idx], *(arrays[field + s][idx] for s in ("", "_lo", "_hi")))
+
+
+def _onset_label(arrays, i):
+    """A short name of condition i's kind: relu / softplus beta, dtype, noise."""
+    beta = arrays["beta"][i]
+    act = "ReLU" if not np.isfinite(beta) else f"softplus beta {beta:g}"
+    noise = f", noise {arrays['noise'][i]:g}" if arrays["noise"][i] else ""
+    return f"{act}, {arrays['dtype'][i]}{noise}"
+
+
+def plot_onset(arrays, cfg, path):
+    """Where the instabilities begin: (a) against the period T at lr 1, the paper's threshold,
+    the midpoint lambda where the rule starts and where the period-two mode starts growing, and
+    2/eta; (b) the same at T0 = 5000, lr 1 for every arithmetic and noise; (c) against the
+    learning rate (log-log); (d) every instability's excess over 2/eta against the slow-passage
+    prediction sqrt(2 rho ln(a1/a0)) / eta."""
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4.3))
+    kinds = sorted({_onset_label(arrays, i) for i in range(len(arrays["lr"]))})
+    marks = dict(zip(kinds, "os^vDP<>", strict=False))
+    lr1 = np.isclose(arrays["lr"], 1.0)
+    fields = (("threshold", "paper's rule (stride 25)"), ("growth_lambda", "mode starts growing"))
+    for kind in kinds:
+        same = np.array([_onset_label(arrays, i) == kind for i in range(len(arrays["lr"]))])
+        for j, (field, what) in enumerate(fields):
+            for a, sel, key in ((ax[0], same & lr1, "T"), (ax[2], same, "lr")):
+                if sel.sum() < 2:
+                    continue
+                x, m, lo, hi = _family_points(arrays, sel, key, field)
+                a.errorbar(x, m, yerr=[m - lo, hi - m], fmt=marks[kind] + "-", color=f"C{j}",
+                           ms=4, lw=0.8, capsize=2, alpha=1 if "ReLU, float64" == kind else 0.5,
+                           label=f"{what}: {kind}")  # fmt: skip
+    ax[0].axhline(2.0, ls=":", color="C7", label=r"$2/\eta$")
+    ax[0].set_xscale("log")
+    ax[0].set_xlabel("period T (steps), lr 1")
+    ax[0].set_ylabel(r"Hessian $\lambda_{max}$")
+    ax[0].set_title("(a) slower ramps: the threshold against T")
+    base = lr1 & np.isclose(arrays["T0"], 5000.0)
+    idx = np.flatnonzero(base)
+    for j, (field, what) in enumerate(fields):
+        m, lo, hi = (arrays[field + s][idx] for s in ("", "_lo", "_hi"))
+        ax[1].errorbar(np.arange(len(idx)) + 0.1 * j, m, yerr=[m - lo, hi - m], fmt="o",
+                       color=f"C{j}", capsize=3, label=what)  # fmt: skip
+    ax[1].axhline(2.0, ls=":", color="C7", label=r"$2/\eta$")
+    ax[1].set_xticks(np.arange(len(idx)), [_onset_label(arrays, i) for i in idx], rotation=20,
+                     fontsize=7, ha="right")  # fmt: skip
+    ax[1].set_title("(b) the noise floor: T = 5000, lr 1")
+    grid = np.geomspace(max(arrays["lr"].min(), 1e-3), arrays["lr"].max(), 50)
+    ax[2].plot(grid, gd_threshold(grid), ":", color="C7", label=r"$2/\eta$")
+    ax[2].set_xscale("log")
+    ax[2].set_yscale("log")
+    ax[2].set_xlabel(r"learning rate $\eta$ (T = T0/$\eta$)")
+    ax[2].set_title("(c) the threshold against the learning rate")
+    pred, meas = arrays["episode_predicted_excess"], arrays["episode_excess"]
+    cond = arrays["episode_condition"].astype(int)
+    for kind in kinds:
+        sel = np.array([_onset_label(arrays, i) == kind for i in cond], dtype=bool)
+        ax[3].plot(pred[sel], meas[sel], marks[kind], ms=2, alpha=0.4, label=kind)
+    hi = np.nanmax(np.r_[pred[np.isfinite(pred)], meas[np.isfinite(meas)], 1e-3])
+    ax[3].plot([0, hi], [0, hi], "k:", lw=0.8, label="measured = predicted")
+    ax[3].set_xlabel(r"slow-passage prediction $\sqrt{2\rho\,\ln(a_1/a_0)}/\eta$")
+    ax[3].set_ylabel(r"measured excess $\lambda - 2/\eta$ at the rule's start")
+    ax[3].set_title("(d) every instability")
+    for a in ax:
+        a.legend(fontsize=6)
+    fig.suptitle(
+        f"Onset of the instabilities: width {cfg['width']}, A = {cfg['A']:g}, "
+        f"{cfg['periods']} periods, {len(arrays['seeds'])} seeds per point; means and "
+        f"{CONFIDENCE:.0%} intervals over seeds",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -1,0 +1,515 @@
+"""Where the instabilities begin (beyond the paper): the top Hessian eigenvalue and the period-two
+mode at every step of a run, the units of an onset sweep, and their analysis.
+
+An onset run is spiral.train_reference logging every step, with an :class:`OnsetTracker` per
+network as its callback. At every step the tracker measures lambda_max of the exact Hessian by
+Lanczos warm-started from the previous step's eigenvector, converged to a relative residual
+ONSET_TOL (and checked against the dense eigensolver every VERIFY_EVERY steps), the hidden
+pre-activations that change sign (and those that change back at the next step), the cosine of
+consecutive updates, the update's projection on the top eigenvector, and the period-two
+amplitude of the logits (stability.period_two_amplitude). Where eta lambda crosses 2 and where
+the Fig. 4 rule starts an instability, it computes the dense spectra: the Hessian, its
+Gauss-Newton part, the loss-weighted NTK and the plain NTK (spectra.py).
+
+:func:`analyze_unit` turns a run's series into one row per instability (stability.py's onset
+analysis); :func:`merge_onset` gathers a sweep's units, the statistics over seeds and the fits
+across conditions; docs/onset.md describes the experiment and its fields.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import numpy as np
+from scipy.linalg import eigh
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+import spectra
+import stability
+from apparatus import plots, statistics, sweeps
+from apparatus.cli import InputError
+from apparatus.storage import atomic_savez, write_json
+from dynloss import class_weights
+from fast import mlp_spectra as fast_spectra
+from fast.workers import WORKERS, run_jobs
+from models import flatten, hidden_slope, init_mlp, mlp_forward
+from spiral import D_SPIRAL, K_SPIRAL, TrainSpec, spiral_data, train_reference
+
+ONSET_TOL = 1e-5  # Lanczos residual / |lambda| at every step: within 1e-5 of an eigenvalue, and
+# within about (1e-5 lambda)^2 / gap of lambda_max (checked against the dense one, VERIFY_*)
+ONSET_MIX = 0.03  # a random unit vector of this weight joins each warm start (as the tracker's)
+MIX_SEED = 1  # its stream
+VERIFY_EVERY = 250  # steps between dense checks of the warm-started value
+VERIFY_RTOL = 1e-4  # a warm value this far from the dense lambda_max (another eigenvalue) is
+# replaced by it and counted
+MAX_EVENTS = 400  # dense spectra at most this many times per run
+RULE_STRIDE = 25  # the Fig. 4-5 threshold's tracking stride (the published measurement)
+CHATTER_WINDOW = 200  # steps before an onset over which the kink chattering is averaged
+GROWTH_PRE = 300  # steps before an onset included in the growth fit (the decaying side)
+SERIES = ("lam", "products", "flips", "flipbacks", "cos", "proj", "amp_logits")
+EVENT_KINDS = ("onset", "rule")  # eta * midpoint crosses 2; the rule's bouncing pair starts
+EVENT_FIELDS = ("lam_dense", "lam_gn", "lam_wntk", "lam_ntk")
+
+
+def top_eigenvalue(matrix):
+    """The largest eigenvalue and its eigenvector of a symmetric matrix (LAPACK, subset)."""
+    n = len(matrix)
+    vals, vecs = eigh(matrix, subset_by_index=[n - 1, n - 1])
+    return float(vals[0]), vecs[:, 0]
+
+
+class OnsetTracker:
+    """The per-step measurements of network ``net`` of a run (module docstring): an ``on_log``
+    callback of spiral.train_reference with log_every = 1. X (N, D), y (N,); spec: the run's
+    TrainSpec (A, T, stop_step, lr, loss, beta)."""
+
+    def __init__(self, X, y, spec, net=0):
+        self.X, self.y, self.net = np.asarray(X, dtype=np.float64), np.asarray(y), net
+        pick = lambda a: float(np.atleast_1d(a)[net])
+        self.A, self.T, self.stop = pick(spec.A), pick(spec.T), pick(spec.stop_step)
+        self.lr, self.loss, self.beta = spec.lr, spec.loss, spec.beta
+        self.series = {f: np.full(spec.steps + 1, np.nan) for f in SERIES}
+        self.events = []  # (step, kind, lam_dense, lam_gn, lam_wntk, lam_ntk)
+        self.verified, self.replaced = 0, 0
+        self._rng = np.random.default_rng(MIX_SEED)
+        self._vec = None
+        self._prev = []  # the last two steps: (params, theta, logits, signs)
+        self._dtheta = None  # the previous update
+        self._work = None  # the (N, H) buffers of fast_spectra.net_state
+
+    def _gamma(self, step):
+        return class_weights(step, self.A, self.T, K_SPIRAL, self.stop)  # (K,)
+
+    def _dense(self, one, step, kind):
+        """Record the dense spectra of one network's parameters ``one`` at ``step``."""
+        if len(self.events) >= MAX_EVENTS:
+            return
+        args = (one, self.X, self.y, self._gamma(step), self.loss)
+        gn, network = spectra.hessian(*args, parts=True, beta=self.beta)
+        row = (top_eigenvalue(gn + network)[0], top_eigenvalue(gn)[0])
+        row += (top_eigenvalue(spectra.weighted_ntk(*args, beta=self.beta))[0],)
+        row += (top_eigenvalue(spectra.ntk(one, self.X, beta=self.beta))[0],)
+        self.events.append((step, EVENT_KINDS.index(kind), *row))
+
+    def __call__(self, step, params):
+        one = {
+            k: np.asarray(a[self.net : self.net + 1], dtype=np.float64) for k, a in params.items()
+        }
+        s = self.series
+        gamma = self._gamma(step)
+        if self.beta is None:  # ReLU: the tracker's fused products (fast/mlp_spectra.py)
+            if self._work is None:
+                shape = (len(self.X), one["W1"].shape[2])  # (N, H) buffers, reused
+                self._work = {"h1": np.empty(shape), "mask": np.empty(shape)}
+            state = fast_spectra.net_state(one, self.X, work=self._work)
+            logits, signs = state["logits"][None], state["mask"] > 0  # (1, N, K), (N, H)
+            matvec = fast_spectra.hessian_matvec(state, self.y, gamma, self.loss)
+        else:  # softplus: the reference R-operator (models.mlp_hvp_operator)
+            logits, cache = mlp_forward(self.X, one, self.beta)
+            signs = hidden_slope(cache[1])[0] > 0.5  # (N, H)  z1 > 0
+            matvec = spectra.hessian_matvec(one, self.X, self.y, gamma, self.loss, self.beta)
+        theta = flatten(one)[0]  # (P,)
+        v0 = self._vec
+        if v0 is not None:
+            r = self._rng.normal(size=len(v0))
+            v0 = v0 + ONSET_MIX * r / np.linalg.norm(r)
+        lam, vec, n = spectra.warm_top_eig(matvec, len(theta), v0=v0, tol=ONSET_TOL)
+        if self._vec is None or step % VERIFY_EVERY == 0:
+            dense, dense_vec = top_eigenvalue(spectra.hessian(one, self.X, self.y,
+                                                              self._gamma(step), self.loss,
+                                                              beta=self.beta))  # fmt: skip
+            self.verified += 1
+            if abs(lam - dense) > VERIFY_RTOL * abs(dense):
+                self.replaced += 1
+                lam, vec = dense, dense_vec
+        if self._vec is not None and vec @ self._vec < 0:
+            vec = -vec  # the eigenvector's sign follows the previous one's
+        self._vec = vec
+        s["lam"][step], s["products"][step] = lam, n
+        if self._prev:
+            p_one, p_theta, p_logits, p_signs = self._prev[-1]
+            s["flips"][step] = (signs != p_signs).sum()
+            dtheta = theta - p_theta  # the update of step - 1
+            s["proj"][step - 1] = dtheta @ vec
+            if self._dtheta is not None:
+                norms = np.linalg.norm(dtheta) * np.linalg.norm(self._dtheta)
+                s["cos"][step - 1] = dtheta @ self._dtheta / norms if norms > 0 else np.nan
+            self._dtheta = dtheta
+            if len(self._prev) == 2:
+                _, _, pp_logits, pp_signs = self._prev[0]
+                s["flipbacks"][step - 1] = ((p_signs != pp_signs) & (signs == pp_signs)).sum()
+                s["amp_logits"][step - 1] = np.linalg.norm(logits - 2 * p_logits + pp_logits) / 4
+            self._events(step, one, p_one)
+        self._prev = (self._prev + [(one, theta, logits, signs)])[-2:]
+
+    def _events(self, step, one, p_one):
+        """Dense spectra where eta * midpoint crosses 2 upwards, and at the first step of a pair
+        of opposite jumps of at least HESS_JUMP (where the Fig. 4 rule starts an instability)."""
+        lam = self.series["lam"]
+        if (
+            step >= 2
+            and self.lr * (lam[step] + lam[step - 1]) / 2
+            > 2.0
+            >= self.lr * (lam[step - 1] + lam[step - 2]) / 2
+        ):
+            self._dense(one, step, "onset")
+        if step >= 3:
+            d = np.diff(lam[step - 3 : step + 1])  # jumps at step - 2, step - 1, step
+            pair = lambda a, b: min(abs(a), abs(b)) >= stability.HESS_JUMP and a * b < 0
+            if pair(d[1], d[2]) and not pair(d[0], d[1]):
+                self._dense(p_one, step - 1, "rule")
+
+    def arrays(self):
+        """The per-step series, the events (E, 6) and the verification counts, for np.savez."""
+        out = dict(self.series)
+        out["events"] = np.array(self.events, dtype=np.float64).reshape(-1, 2 + len(EVENT_FIELDS))
+        out["verified"], out["replaced"] = np.int64(self.verified), np.int64(self.replaced)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One run's instabilities
+# ---------------------------------------------------------------------------------------------
+
+EPISODE_FIELDS = (
+    "rule_step", "onset_step", "growth_step", "lag_steps", "excess", "growth_lambda", "ramp",
+    "seed_amp", "seen_amp", "predicted_excess", "growth_slope", "growth_intercept", "flips",
+    "flipback_share", "cos", "lam_alternation", "onset_lam_dense", "onset_lam_gn",
+    "onset_lam_wntk", "onset_lam_ntk", "rule_lam_dense", "rule_lam_gn", "rule_lam_wntk",
+    "rule_lam_ntk",
+)  # fmt: skip
+
+
+def _event_values(events, step, kind):
+    """The dense spectra recorded at ``step`` for an event of ``kind`` (NaNs if none)."""
+    hit = (events[:, 0] == step) & (events[:, 1] == EVENT_KINDS.index(kind))
+    return events[hit][0, 2:] if hit.any() else np.full(len(EVENT_FIELDS), np.nan)
+
+
+def growth_step(amp, rule, onset_floor, smooth=stability.GROWTH_SMOOTH):
+    """The step from which the smoothed per-step growth of the period-two amplitude stays
+    positive up to the rule's start: the onset measured from the mode itself, not from lambda.
+    amp : (S,);  rule : the rule's start;  onset_floor : the earliest step considered."""
+    a = np.log(amp[onset_floor : rule + 2])
+    r = np.convolve(np.diff(a), np.ones(smooth) / smooth, mode="same")  # growth from step t
+    not_growing = np.flatnonzero(~(r[: rule - onset_floor + 1] > 0))
+    return onset_floor + (not_growing[-1] + 1 if len(not_growing) else 0)
+
+
+def analyze_unit(u, lr):
+    """One row per instability (the stride-1 rule's episodes) of a stored onset run ``u`` and the
+    run's thresholds: (rows {field: (E,)}, {"threshold": stride-25 rule, "threshold_1": stride 1,
+    "episodes_below": rules that fired with eta * midpoint <= 2})."""
+    lam, amp, steps = u["lam"], u["amp_logits"], np.arange(len(u["lam"]))
+    ok = np.isfinite(lam)
+    thr1, starts, _ = stability.hessian_threshold(steps[ok], lam[ok])
+    every = ok & (steps % RULE_STRIDE == 0)
+    thr25 = stability.hessian_threshold(steps[every], lam[every])[0]
+    onsets = stability.linear_onsets(lam, lr, starts)
+    mid = stability.branch_midpoint(lam)
+    rows = {f: [] for f in EPISODE_FIELDS}
+    for s, c in zip(starts, onsets, strict=True):
+        if c < 0:
+            continue
+        lo = max(2, c - GROWTH_PRE)
+        g = growth_step(amp, s, lo)
+        rho = stability.ramp_rate(lam, lr, c)
+        b, icpt, _, _ = stability.growth_fit(amp, lam, lr, lo, s)
+        win = slice(max(1, c - CHATTER_WINDOW), c)
+        flips = np.nansum(u["flips"][win])
+        values = {
+            "rule_step": s, "onset_step": c, "growth_step": g, "lag_steps": s - c,
+            "excess": mid[s] - 2.0 / lr, "growth_lambda": mid[g], "ramp": rho,
+            "seed_amp": amp[c], "seen_amp": amp[s],
+            "predicted_excess": stability.slow_passage_excess(rho, amp[c], amp[s]) / lr,
+            "growth_slope": b, "growth_intercept": icpt, "flips": np.nanmean(u["flips"][win]),
+            "flipback_share": np.nansum(u["flipbacks"][win]) / flips if flips else np.nan,
+            "cos": np.nanmean(u["cos"][win]),
+            "lam_alternation": np.nanmean(np.abs(np.diff(lam[win.start - 1 : c]))),
+        }  # fmt: skip
+        for kind, at in (("onset", c), ("rule", s)):
+            for f, v in zip(EVENT_FIELDS, _event_values(u["events"], at, kind), strict=True):
+                values[f"{kind}_{f}"] = v
+        for f in EPISODE_FIELDS:
+            rows[f].append(values[f])
+    rows = {f: np.array(v, dtype=np.float64) for f, v in rows.items()}
+    return rows, {
+        "threshold": thr25,
+        "threshold_1": thr1,
+        "episodes_below": int((onsets < 0).sum()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep: conditions x seeds, one unit per network
+# ---------------------------------------------------------------------------------------------
+
+
+CONDITION_KEYS = ("T0", "lr", "dtype", "noise", "beta")  # what a condition of the sweep fixes
+
+
+def grid(T0s, lrs, dtypes, noises, betas):
+    """The conditions of a command line, a product of its lists, in a fixed order: dicts of
+    T0, lr, dtype, noise and beta (None: ReLU)."""
+    return [
+        dict(T0=T0, lr=lr, dtype=dtype, noise=noise, beta=beta)
+        for beta in betas
+        for dtype in dtypes
+        for noise in noises
+        for T0 in T0s
+        for lr in lrs
+    ]
+
+
+def conditions(cfg):
+    """The sweep's conditions (its sweep.json lists them; a later command may append more), each
+    with its run's T = T0/lr and steps = periods T."""
+    out = []
+    for c in cfg["conditions"]:
+        T = c["T0"] / c["lr"]
+        out.append(dict(c, T=T, steps=int(round(cfg["periods"] * T))))
+    return out
+
+
+def condition_name(c):
+    """A file-name key that holds the condition's exact values (repr of the floats; "*" for a
+    key that varies within a family)."""
+    r = lambda v: v if v == "*" else repr(v)
+    beta = "relu" if c["beta"] is None else f"softplus{r(c['beta'])}"
+    return f"T0{r(c['T0'])}_lr{r(c['lr'])}_{c['dtype']}_noise{r(c['noise'])}_{beta}"
+
+
+def onset_units(cfg):
+    """(name, condition index, seed) of every unit, conditions outermost."""
+    return [
+        (f"{condition_name(c)}_s{s:05d}", i, s)
+        for i, c in enumerate(conditions(cfg))
+        for s in cfg["seeds"]
+    ]
+
+
+def onset_spec(cfg, c, seeds):
+    """The TrainSpec of the networks ``seeds`` of condition ``c`` (every step logged)."""
+    M = len(seeds)
+    full = lambda v: np.full(M, float(v))
+    return TrainSpec(
+        A=full(cfg["A"]), T=full(c["T"]), stop_step=full(c["steps"] + 1), lr=c["lr"],
+        steps=c["steps"], log_every=1, loss=cfg["loss"], val_every=c["steps"],
+        beta=c["beta"], dtype=c["dtype"], noise=c["noise"], noise_seed=np.array(seeds),
+    )  # fmt: skip
+
+
+def track_onsets(params0, data, spec, progress=None):
+    """Train with spiral.train_reference, one OnsetTracker per network: (result, [arrays])."""
+    trackers = [OnsetTracker(data[0], data[1], spec, net=m) for m in range(len(params0["W1"]))]
+
+    def on_log(step, params):
+        for tracker in trackers:
+            tracker(step, params)
+
+    with threadpool_limits(limits=1):
+        res = train_reference(params0, data, spec, on_log=on_log, progress=progress)
+    return res, [t.arrays() for t in trackers]
+
+
+def run_onset(out, cfg, units, progress=True, workers=WORKERS):
+    """Train the pending units of a prepared onset sweep, a condition's seeds split over the
+    worker processes; store each network's series as its unit."""
+    conds = conditions(cfg)
+    data = spiral_data()
+    by_cond = {}
+    for u in units:
+        by_cond.setdefault(u[1], []).append(u)
+    jobs, members = [], []
+    for i, group in by_cond.items():
+        pieces = max(1, min(workers, len(group)))
+        size = -(-len(group) // pieces)
+        for j in range(0, len(group), size):
+            part = group[j : j + size]
+            seeds = [u[2] for u in part]
+            params0 = init_mlp(seeds, D=D_SPIRAL, H=cfg["width"], K=K_SPIRAL, init=cfg["init"])
+            jobs.append((params0, data, onset_spec(cfg, conds[i], seeds)))
+            members.append(part)
+    total = sum(len(m) * j[2].steps for m, j in zip(members, jobs, strict=True))
+    bar = tqdm(total=total, unit="net-step", unit_scale=True, disable=not progress, mininterval=1)
+
+    def done(k, result):
+        res, arrays = result
+        for m, u in enumerate(members[k]):
+            unit = dict(arrays[m], loss=res["loss"][:, m], diverged_step=res["diverged_step"][m])
+            sweeps.save_unit(out, u[0], unit)
+
+    run_jobs(track_onsets, jobs, np, workers, bar=bar, done=done)
+    bar.close()
+
+
+def onset_expect(cfg):
+    """name -> the fields a stored onset unit must have, with its run's length."""
+    steps = {condition_name(c): c["steps"] for c in conditions(cfg)}
+
+    def expect(name):
+        S = steps[name.rsplit("_s", 1)[0]] + 1
+        fields = {f: (S,) for f in SERIES}
+        fields.update(loss=(S,), diverged_step=(), verified=(), replaced=())
+        fields["events"] = lambda a: a.ndim == 2 and a.shape[1] == 2 + len(EVENT_FIELDS)
+        return fields
+
+    return expect
+
+
+# ---------------------------------------------------------------------------------------------
+# Merge: statistics over seeds per condition, fits across conditions
+# ---------------------------------------------------------------------------------------------
+
+SUMMARY_FIELDS = ("threshold", "threshold_1", "excess", "lag_steps", "ramp", "growth_lambda",
+                  "predicted_excess", "seed_amp", "seen_amp", "growth_slope",
+                  "growth_intercept", "flips", "flipback_share", "cos", "lam_alternation",
+                  "onset_lam_dense", "onset_lam_gn", "onset_lam_wntk", "onset_lam_ntk",
+                  "rule_lam_dense", "rule_lam_gn", "rule_lam_wntk")  # fmt: skip
+LOG10_FIELDS = ("seed_amp", "seen_amp")  # averaged as log10 (orders of magnitude apart)
+
+
+def merge_onset(out):
+    """Analyze every unit of a finished onset sweep: per condition and seed the run's numbers
+    (episode means), their means and t intervals over seeds; fits of the excess against the ramp
+    rate and of the thresholds against eta; onset.npz, onset.json and onset.png."""
+    cfg = sweeps.load_config(out, kind="spiral-onset")
+    seeds, expect = cfg["seeds"], onset_expect(cfg)
+    complete = [
+        c
+        for i, c in enumerate(conditions(cfg))
+        if not sweeps.pending(out, [u[0] for u in onset_units(cfg) if u[1] == i], expect)
+    ]
+    if not complete:
+        raise InputError(f"{out}: no condition has all its units yet: run the onset command")
+    cfg = dict(cfg, conditions=[{k: c[k] for k in CONDITION_KEYS} for c in complete])
+    conds, units = conditions(cfg), onset_units(cfg)
+    done = sweeps.load_units(out, [u[0] for u in units], expect)
+    C, S = len(conds), len(seeds)
+    per_seed = {f: np.full((C, S), np.nan) for f in SUMMARY_FIELDS}
+    episodes = {f: [] for f in ("condition", "seed", *EPISODE_FIELDS)}
+    below, replaced = np.zeros((C, S), dtype=np.int64), np.zeros((C, S), dtype=np.int64)
+    for name, i, seed in units:
+        u = done[name]
+        j = seeds.index(seed)
+        rows, run = analyze_unit(u, conds[i]["lr"])
+        per_seed["threshold"][i, j], per_seed["threshold_1"][i, j] = (
+            run["threshold"],
+            run["threshold_1"],
+        )
+        below[i, j], replaced[i, j] = run["episodes_below"], int(u["replaced"])
+        for f in SUMMARY_FIELDS[2:]:
+            v = rows[f]
+            with np.errstate(divide="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # no episodes: NaN
+                per_seed[f][i, j] = np.nanmean(np.log10(v) if f in LOG10_FIELDS else v)
+        n = len(rows["rule_step"])
+        episodes["condition"] += [i] * n
+        episodes["seed"] += [seed] * n
+        for f in EPISODE_FIELDS:
+            episodes[f] += list(rows[f])
+    arrays = {f"{f}_seeds": v for f, v in per_seed.items()}
+    for f, v in per_seed.items():
+        mean, lo, hi, _ = statistics.mean_interval(v)
+        arrays.update({f: mean, f"{f}_lo": lo, f"{f}_hi": hi})
+    arrays.update({f"episode_{f}": np.array(v, dtype=np.float64) for f, v in episodes.items()})
+    arrays.update(episodes_below=below, replaced=replaced, seeds=np.array(seeds))
+    for key in ("T0", "lr", "T", "noise", "steps"):
+        arrays[key] = np.array([c[key] for c in conds], dtype=np.float64)
+    arrays["beta"] = np.array([np.nan if c["beta"] is None else c["beta"] for c in conds])
+    arrays["dtype"] = np.array([c["dtype"] for c in conds])
+    fits = _fits(arrays, conds, per_seed)
+    atomic_savez(os.path.join(out, "onset.npz"), **arrays)
+    report = {"conditions": conds, "fits": fits, "per_condition": []}
+    for i, c in enumerate(conds):
+        row = {"condition": condition_name(c)}
+        for f in SUMMARY_FIELDS:
+            row[f] = [_num(arrays[f][i]), _num(arrays[f"{f}_lo"][i]), _num(arrays[f"{f}_hi"][i])]
+        row["episodes"] = int((arrays["episode_condition"] == i).sum())
+        row["episodes_below_2_over_eta"] = int(below[i].sum())
+        row["warm_lanczos_replaced"] = int(replaced[i].sum())
+        report["per_condition"].append(row)
+    write_json(os.path.join(out, "onset.json"), json.loads(json.dumps(report, default=_num)))
+    png = os.path.join(out, "onset.png")
+    plots.plot_onset(arrays, cfg, png)
+    print_onset(arrays, conds, fits)
+    print(f"wrote {out}/onset.npz, onset.json and the figure {png}")
+    return arrays
+
+
+def _num(v):
+    v = float(v)
+    return None if not np.isfinite(v) else round(v, 6)
+
+
+def families(conds, vary):
+    """Groups of conditions that differ only in the key ``vary``: {label: [indices]}, in order."""
+    groups = {}
+    for i, c in enumerate(conds):
+        fixed = {k: c[k] for k in CONDITION_KEYS if k != vary}
+        groups.setdefault(condition_name({**fixed, vary: "*"}), []).append(i)
+    return groups
+
+
+def _fits(arrays, conds, per_seed):
+    """Within each family of conditions that differ in T0 only: the excess against the ramp rate,
+    excess = k rho^alpha over the episodes (bootstrap over seeds); within each family that
+    differs in the learning rate only (at least MIN_FIT_POINTS of them): threshold ~ eta^x for
+    the paper's rule and for the growth onset (bootstrap over seeds). Returns [dict per fit]."""
+    fits = []
+    rng = np.random.default_rng(statistics.BOOTSTRAP_SEED)
+    q = (50 * (1 - statistics.CONFIDENCE), 50 * (1 + statistics.CONFIDENCE))
+    cond, seed = arrays["episode_condition"], arrays["episode_seed"]
+    ramp, excess = arrays["episode_ramp"], arrays["episode_excess"]
+    for label, members in families(conds, "T0").items():
+        ok = np.isin(cond, members) & (ramp > 0) & (excess > 0)
+        if len(members) < 2 or ok.sum() < stability.MIN_FIT_POINTS:
+            continue
+        x, y, s = np.log(ramp[ok]), np.log(excess[ok]), seed[ok]
+        alpha, icpt = np.polyfit(x, y, 1)
+        draws = []
+        for _ in range(statistics.BOOTSTRAP_SAMPLES):
+            picked = rng.choice(np.unique(s), len(np.unique(s)))
+            k = np.concatenate([np.flatnonzero(s == v) for v in picked])
+            if len(np.unique(x[k])) > 1:
+                draws.append(np.polyfit(x[k], y[k], 1)[0])
+        lo, hi = np.percentile(draws, q)
+        fits.append(dict(family=label, fit="excess = k ramp^alpha", alpha=alpha, alpha_lo=lo,
+                         alpha_hi=hi, k=np.exp(icpt), episodes=int(ok.sum())))  # fmt: skip
+    for label, members in families(conds, "lr").items():
+        lrs = np.array([conds[i]["lr"] for i in members])
+        if len(members) < stability.MIN_FIT_POINTS:
+            continue
+        for f in ("threshold", "growth_lambda"):
+            (x, err, _), draws = statistics.bootstrap_exponent(lrs, per_seed[f][members].T, rng)
+            lo, hi = np.nanpercentile(draws, q) if np.isfinite(draws).any() else (np.nan,) * 2
+            fits.append(dict(family=label, fit=f"{f} ~ lr^x", x=x, x_stderr=err, x_lo=lo, x_hi=hi))
+    return fits
+
+
+def print_onset(arrays, conds, fits):
+    """One line per condition: thresholds, the excess and its slow-passage prediction, the lag,
+    the seed amplitude, the growth fit, the chattering, the NTK side; then the fits."""
+    c95 = f"{statistics.CONFIDENCE:.0%}"
+    show = lambda f, i, fmt=".3f": (
+        f"{arrays[f][i]:{fmt}} [{arrays[f + '_lo'][i]:{fmt}}, {arrays[f + '_hi'][i]:{fmt}}]"
+    )
+    print(f"means over seeds [{c95} t intervals]; excess = midpoint lambda at the rule - 2/lr")
+    for i, c in enumerate(conds):
+        print(
+            f"{condition_name(c)}: threshold (stride {RULE_STRIDE}) {show('threshold', i)}, "
+            f"stride 1 {show('threshold_1', i)}; excess {show('excess', i)} (slow passage "
+            f"predicts {show('predicted_excess', i)}); lag {show('lag_steps', i, '.0f')} steps; "
+            f"growth onset at lambda {show('growth_lambda', i)}; log10 seed amplitude "
+            f"{show('seed_amp', i, '.2f')}; growth slope {show('growth_slope', i, '.2f')}, "
+            f"intercept {show('growth_intercept', i, '.3f')}; flips/step {show('flips', i, '.1f')}"
+            f", flip-back share {show('flipback_share', i, '.2f')}, cos {show('cos', i, '.2f')}; "
+            f"at onset lambda_H {show('onset_lam_dense', i)}, GN {show('onset_lam_gn', i)}, "
+            f"loss-weighted NTK {show('onset_lam_wntk', i)}"
+        )
+    for fit in fits:
+        values = ", ".join(f"{k} {v:.4g}" for k, v in fit.items() if isinstance(v, float))
+        print(f"{fit['family']}: {fit['fit']}: {values}")

@@ -1,0 +1,185 @@
+"""Where the instabilities begin: the onset analysis of stability.py on synthetic series, the
+softplus network's derivatives, the reference loop's float32, perturbed and softplus runs, and
+the onset command end to end."""
+
+import json
+
+import numpy as np
+import pytest
+from helpers import tiny_problem
+
+import run_spiral as rs
+import spectra
+import spiral as sp
+import stability
+from dynloss import class_weights
+from fast import spiral_trainer as ft
+from models import flatten, init_mlp, mlp_loss_and_grads, unflatten
+
+K = 3
+BETA = 4.0  # a softplus smooth on the scale of the pre-activations
+FD_STEP = 1e-6
+FD_RTOL = 1e-6  # central differences in float64 against the analytic derivatives
+EXACT_RTOL = 1e-12
+GAMMA = class_weights(30, 10.0, 50.0, K)  # a tilted loss
+
+
+def rel_err(a, b):
+    return np.max(np.abs(a - b)) / max(np.max(np.abs(a)), np.max(np.abs(b)), 1e-300)
+
+
+# ---------------------------------------------------------------------------------------------
+# The softplus control: its gradient, Hessian (with the activation-curvature term) and HVP
+# ---------------------------------------------------------------------------------------------
+
+
+def test_softplus_gradient_hessian_and_hvp_match_central_differences():
+    params, X, y = tiny_problem(seed=3, kink=0.0)  # no kinks to avoid: softplus is smooth
+    theta = flatten(params)[0]
+    grad = lambda t: flatten(
+        mlp_loss_and_grads(unflatten(t[None], params), X, y, GAMMA[None], "ce", BETA)[1]
+    )[0]
+    F = lambda t: mlp_loss_and_grads(unflatten(t[None], params), X, y, GAMMA[None], "ce", BETA)[0][
+        0
+    ]
+    e = np.eye(len(theta))
+    numeric_grad = np.array(
+        [(F(theta + FD_STEP * v) - F(theta - FD_STEP * v)) / (2 * FD_STEP) for v in e]
+    )
+    assert rel_err(grad(theta), numeric_grad) < FD_RTOL
+    hess = spectra.hessian(params, X, y, GAMMA, beta=BETA)
+    numeric = np.stack(
+        [(grad(theta + FD_STEP * v) - grad(theta - FD_STEP * v)) / (2 * FD_STEP) for v in e], axis=1
+    )
+    assert rel_err(hess, numeric) < FD_RTOL and rel_err(hess, hess.T) < EXACT_RTOL
+    v = np.random.default_rng(0).normal(size=len(theta))
+    assert rel_err(spectra.hvp(params, X, y, GAMMA, v, beta=BETA), hess @ v) < EXACT_RTOL
+    # the activation-curvature blocks (W1a-W1a) are there and matter
+    _, network = spectra.hessian(params, X, y, GAMMA, parts=True, beta=BETA)
+    D1H = (X.shape[1] + 1) * params["W1"].shape[2]
+    assert np.abs(network[:D1H, :D1H]).max() > 1e3 * FD_RTOL * np.abs(hess).max()
+    _, relu_network = spectra.hessian(params, X, y, GAMMA, parts=True)
+    assert not relu_network[:D1H, :D1H].any()  # ReLU has none
+
+
+def test_large_beta_approaches_relu():
+    params, X, y = tiny_problem(seed=4)
+    relu = mlp_loss_and_grads(params, X, y, GAMMA[None])
+    smooth = mlp_loss_and_grads(params, X, y, GAMMA[None], "ce", 1e6)
+    assert abs(smooth[0][0] - relu[0][0]) < 1e-5
+    assert rel_err(flatten(smooth[1]), flatten(relu[1])) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference loop beyond the paper: float32, perturbations, softplus
+# ---------------------------------------------------------------------------------------------
+
+
+def spec_for(M, steps, **kw):
+    return sp.TrainSpec(
+        np.full(M, 5.0), np.full(M, 20.0), np.full(M, steps + 1), 0.5, steps, 1, **kw
+    )
+
+
+def test_perturbation_has_its_norm_and_is_each_networks_own():
+    params = init_mlp([0, 1], 2, 10, K)
+    moved = {k: v.copy() for k, v in params.items()}
+    rngs = [np.random.default_rng([sp.NOISE_STREAM, s]) for s in (5, 6)]
+    sp.perturb(moved, 1e-3, rngs)
+    diff = flatten(moved) - flatten(params)
+    np.testing.assert_allclose(np.linalg.norm(diff, axis=1), 1e-3, rtol=1e-12)
+    alone = {k: v[1:].copy() for k, v in params.items()}
+    sp.perturb(alone, 1e-3, [np.random.default_rng([sp.NOISE_STREAM, 6])])
+    np.testing.assert_array_equal(flatten(alone)[0], flatten(moved)[1])
+
+
+def test_float32_noise_and_softplus_runs_and_the_fast_trainer_refuses_them():
+    data = sp.spiral_data()
+    params = init_mlp([0, 1], 2, 10, K)
+    base = sp.train_reference(params, data, spec_for(2, 20))
+    f32 = sp.train_reference(params, data, spec_for(2, 20, dtype="float32"))
+    assert all(v.dtype == np.float32 for v in f32["params"].values())
+    assert 1e-8 < rel_err(f32["loss"], base["loss"]) < 1e-4  # float32 rounding, not another run
+    noisy = sp.train_reference(
+        params, data, spec_for(2, 20, noise=1e-8, noise_seed=np.array([0, 1]))
+    )
+    assert 0 < rel_err(flatten(noisy["params"]), flatten(base["params"])) < 1e-5
+    smooth = sp.train_reference(params, data, spec_for(2, 20, beta=BETA))
+    assert np.isfinite(smooth["loss"]).all() and not np.allclose(smooth["loss"], base["loss"])
+    for kw in ({"dtype": "float32"}, {"noise": 1e-8}, {"beta": BETA}):
+        with pytest.raises(ValueError, match="fast trainer"):
+            ft.train_block(params, data, spec_for(2, 5, **kw))
+
+
+# ---------------------------------------------------------------------------------------------
+# The onset analysis on synthetic series
+# ---------------------------------------------------------------------------------------------
+
+
+def test_linear_onsets_and_the_branch_midpoint():
+    lam = np.r_[np.linspace(1.5, 1.9, 50), np.full(30, 2.1), [1.9], np.full(20, 2.2)]
+    mid = stability.branch_midpoint(lam)
+    assert np.isnan(mid[0]) and mid[1] == (lam[0] + lam[1]) / 2
+    starts = np.array([75, 95, 10])  # two inside runs above 2, one below
+    onsets = stability.linear_onsets(lam, 1.0, starts)
+    first_above = np.flatnonzero(mid > 2.0)  # (1.9 + 2.1) / 2 is not above: the next one is
+    assert onsets[0] == first_above[0] == 51
+    assert onsets[1] == 81 and onsets[2] == -1  # after the dip; none below the threshold
+    np.testing.assert_array_equal(stability.linear_onsets(lam / 2, 2.0, starts), onsets)
+
+
+def test_period_two_amplitude_reads_the_alternating_part():
+    t = np.arange(200)
+    c = 1e-3 * 1.05**t
+    x = np.c_[0.5 + 1e-4 * t, 2.0 - 1e-5 * t**1.0] + (c * (-1.0) ** t)[:, None] * np.array(
+        [3.0, 4.0]
+    )
+    a = stability.period_two_amplitude(x)
+    np.testing.assert_allclose(a[1:-1], 5 * c[1:-1] * (1.05 + 2 + 1 / 1.05) / 4, rtol=1e-9)
+    assert np.isnan(a[0]) and np.isnan(a[-1])
+
+
+def test_a_slow_passage_grows_as_the_linear_map_predicts():
+    """x(t+1) = (1 - eta lambda(t)) x(t) with eta lambda ramping through 2: the growth fit gives
+    slope 1 and intercept 0, and the excess at which x reaches a1 is the slow-passage law's."""
+    rho, a1 = 2e-4, 1e-3
+    lam = 1.9 + rho * np.arange(1800)  # eta = 1 (a longer ramp overflows float64)
+    x = np.empty(len(lam))
+    x[0] = 1e-6
+    for t in range(len(lam) - 1):
+        x[t + 1] = (1 - lam[t]) * x[t]
+    amp = stability.period_two_amplitude(x[:, None])
+    onset = int(np.argmax(stability.branch_midpoint(lam) > 2))
+    seen = int(np.argmax(amp > a1))
+    b, c, _, n = stability.growth_fit(amp, lam, 1.0, onset - 200, seen - 5, smooth=1)
+    assert n > 100 and abs(b - 1) < 0.02 and abs(c) < 1e-3
+    excess = stability.branch_midpoint(lam)[seen] - 2
+    predicted = stability.slow_passage_excess(rho, amp[onset], a1)
+    assert abs(excess / predicted - 1) < 0.1
+    assert abs(stability.ramp_rate(lam, 1.0, onset) - rho) < 1e-9
+
+
+# ---------------------------------------------------------------------------------------------
+# The onset command
+# ---------------------------------------------------------------------------------------------
+
+
+def test_onset_command_writes_units_resumes_and_merges(tmp_path, capsys):
+    out = tmp_path / "onset"
+    argv = ["onset", "--T0", "400", "--seed", "0-1", "--periods", "3", "--width", "30"]
+    argv += ["--quiet", "--out", str(out)]
+    assert rs.main(argv) == 0
+    units = sorted((out / "units").glob("*.npz"))
+    assert len(units) == 2
+    z = np.load(units[0])
+    assert z["lam"].shape == (1201,) and np.isfinite(z["lam"]).all()
+    assert int(z["replaced"]) == 0  # the warm-started values agreed with the dense ones
+    before = [u.stat().st_mtime_ns for u in units]
+    capsys.readouterr()
+    assert rs.main(argv) == 0  # a rerun trains nothing
+    assert "0 of 2 runs to do" in capsys.readouterr().out
+    assert [u.stat().st_mtime_ns for u in units] == before
+    assert rs.main([*argv[:3], "--lrs", "2", *argv[3:]]) == 0  # another condition joins
+    report = json.loads((out / "onset.json").read_text())
+    assert len(report["per_condition"]) == 2 and (out / "onset.png").exists()
+    assert json.loads((out / "sweep.json").read_text())["conditions"][1]["lr"] == 2.0
