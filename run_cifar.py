@@ -25,6 +25,7 @@ holds a run with other settings is refused.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -64,7 +65,17 @@ from apparatus.cli import (
     parse_list,
     run_main,
 )
-from apparatus.storage import atomic_savez, claim_folder, differing, versions, write_json
+from apparatus.storage import (
+    atomic_savez,
+    begin_run,
+    check_claim,
+    differing,
+    identity,
+    try_unit_lock,
+    unit_unlock,
+    versions,
+    write_json,
+)
 from fast.layers import layers_for
 from protocol import (
     BATCH,
@@ -145,7 +156,7 @@ def check_train(args):
     xp = checked_backend(args.device)
     data = load_data(settings, args.data, args.hess_batch if args.hess_every else 0)
     settings["data_fingerprint"] = data["fingerprint"]
-    claim_folder(args.out, "cifar-train", settings, overwrite=args.overwrite)
+    check_claim(args.out, "cifar-train", settings, overwrite=args.overwrite)
     check_checkpoint(os.path.join(args.out, CHECKPOINT_NAME), settings, data, args.overwrite)
     return settings, xp, data
 
@@ -153,11 +164,6 @@ def check_train(args):
 def cmd_train(args):
     """``train``: one run of the Fig. 1 protocol; writes run.npz, config.json, run.png."""
     settings, xp, data = check_train(args)
-    os.makedirs(args.out, exist_ok=True)
-    if args.overwrite:  # the user asked to replace another run: its outputs go
-        for name in ("run.npz", "run.png"):
-            if os.path.exists(os.path.join(args.out, name)):
-                os.remove(os.path.join(args.out, name))
     config = {
         "kind": "cifar-train",
         "settings": settings,
@@ -167,7 +173,8 @@ def cmd_train(args):
         "versions": versions(),
         "status": "running",
     }
-    write_json(os.path.join(args.out, "config.json"), config)
+    outputs = ("run.npz", "run.png")  # the previous run's, which --overwrite replaces
+    begin_run(args.out, "cifar-train", settings, config, args.overwrite, outputs)
     state, info = train_run(
         settings,
         data,
@@ -179,6 +186,7 @@ def cmd_train(args):
         layers=layers_for(xp),
     )
     arrays = run_arrays(state, info)
+    arrays["identity"] = np.array(identity(settings))
     atomic_savez(os.path.join(args.out, "run.npz"), **arrays)
     final = final_metrics(state)
     trained = settings["epochs"] - (info["resumed_from_epoch"] or 0)
@@ -231,14 +239,7 @@ def check_phase(args):
     cfg = {"kind": "cifar-phase", **settings, "A": A_list, "T": T_list}
     cfg["seeds"] = list(range(args.seed0, args.seed0 + args.seeds))
     cfg["data_fingerprint"] = data["fingerprint"]
-    if os.path.exists(os.path.join(args.out, "sweep.json")):
-        old = sweeps.load_config(args.out)
-        diff = differing(old, cfg)
-        if diff and not (diff == ["seeds"] and cfg["seeds"][: len(old["seeds"])] == old["seeds"]):
-            raise InputError(
-                f"{args.out} holds a different sweep (differs in: {', '.join(diff)}); "
-                "use another --out"
-            )
+    check_claim(args.out, "cifar-phase", cfg, args.overwrite, grow=("seeds",))
     return cfg, xp, data, shard
 
 
@@ -252,55 +253,69 @@ def unit_settings(cfg, A, T, seed):
 def cmd_phase(args):
     """``phase``: the (T, A) grid x seeds, one run per unit; resumable, shardable; Fig. 1."""
     cfg, xp, data, (i, n) = check_phase(args)
-    sweeps.prepare(args.out, cfg, grow=("seeds",))
+    cfg = sweeps.prepare(args.out, cfg, ("seeds",), args.overwrite, work=args.shard)
     write_json(os.path.join(args.out, "versions.json"), versions())
     units = phase_units(len(cfg["T"]), len(cfg["A"]), cfg["seeds"])
     mine = sweeps.shard(units, i, n)
     todo = set(sweeps.pending(args.out, [u[0] for u in mine], unit_expect(cfg)))
     print(f"shard {i}/{n}: {len(todo)} of {len(mine)} runs to do ({len(units)} in the sweep)")
     t0 = time.time()
+    index = {u[0]: k for k, u in enumerate(units)}
     for name, ti, ai, seed in mine:
         if name not in todo:
             continue
-        if cfg["A"][ai] == 1 and copy_static_twin(args.out, cfg, name, ti, ai, seed, units):
+        if not try_unit_lock(args.out, index[name]):  # another shard is training it
+            print(f"{name}: another process is training this unit; left to it")
             continue
-        settings = unit_settings(cfg, cfg["A"][ai], cfg["T"][ti], seed)
-        work = os.path.join(args.out, "work", name)
-        os.makedirs(work, exist_ok=True)
-        ckpt = os.path.join(work, CHECKPOINT_NAME)
-        if os.path.exists(ckpt):  # a unit's own checkpoint: resumed if it is sound, else redone
-            try:
-                spe = steps_per_epoch(len(data["y_train"]), settings["batch"])
-                stored = read_checkpoint(ckpt, settings, data["K"], data["C"], spe)["settings"]
-                stale = bool(differing(stored, settings))
-            except CheckpointError as err:
-                print(f"{err}: this unit is trained again from the start")
-                stale = True
-            if stale:
-                os.remove(ckpt)
-        state, info = train_run(
-            settings,
-            data,
-            xp,
-            work,
-            args.checkpoint_every,
-            progress=not args.quiet,
-            say=print,
-            layers=layers_for(xp),
-        )
-        arrays = {k: np.array([v], dtype=np.float64) for k, v in final_metrics(state).items()}
-        arrays["diverged_epoch"] = np.array([state.diverged_epoch], dtype=np.int64)
-        arrays["val_acc_history"] = state.hist["test_acc"][None]  # a leading axis of one seed
-        sweeps.save_unit(args.out, name, arrays)
-        shutil.rmtree(work)
-        if not args.quiet:
-            acc, val = arrays["train_acc"][0], arrays["val_acc"][0]
-            print(f"{name}: train acc {acc:.4f}, val acc {val:.4f}")
+        try:
+            train_unit(args, cfg, data, xp, units, name, ti, ai, seed)
+        finally:
+            unit_unlock(args.out, index[name])
     print(f"shard {i}/{n} done in {time.time() - t0:.0f} s")
     if n == 1:
         merge_phase(args.out)
     else:
-        print(f"when every shard is done: python {SCRIPT} merge --out {args.out}")
+        print(f"when every shard is done: python {SCRIPT} merge --out {shlex.quote(args.out)}")
+
+
+def train_unit(args, cfg, data, xp, units, name, ti, ai, seed):
+    """Train one unit of the sweep (resuming its checkpoint in OUT/work/<unit>/) and store it."""
+    if sweeps.read_unit(args.out, name, unit_expect(cfg)(name))[0] is not None:
+        return  # done by another process meanwhile
+    if cfg["A"][ai] == 1 and copy_static_twin(args.out, cfg, name, ti, ai, seed, units):
+        return
+    settings = unit_settings(cfg, cfg["A"][ai], cfg["T"][ti], seed)
+    work = os.path.join(args.out, "work", name)
+    os.makedirs(work, exist_ok=True)
+    ckpt = os.path.join(work, CHECKPOINT_NAME)
+    if os.path.exists(ckpt):  # a unit's own checkpoint: resumed if it is sound, else redone
+        try:
+            spe = steps_per_epoch(len(data["y_train"]), settings["batch"])
+            stored = read_checkpoint(ckpt, settings, data["K"], data["C"], spe)["settings"]
+            stale = bool(differing(stored, settings))
+        except CheckpointError as err:
+            print(f"{err}: this unit is trained again from the start")
+            stale = True
+        if stale:
+            os.remove(ckpt)
+    state, info = train_run(
+        settings,
+        data,
+        xp,
+        work,
+        args.checkpoint_every,
+        progress=not args.quiet,
+        say=print,
+        layers=layers_for(xp),
+    )
+    arrays = {k: np.array([v], dtype=np.float64) for k, v in final_metrics(state).items()}
+    arrays["diverged_epoch"] = np.array([state.diverged_epoch], dtype=np.int64)
+    arrays["val_acc_history"] = state.hist["test_acc"][None]  # a leading axis of one seed
+    sweeps.save_unit(args.out, name, arrays)
+    shutil.rmtree(work)
+    if not args.quiet:
+        acc, val = arrays["train_acc"][0], arrays["val_acc"][0]
+        print(f"{name}: train acc {acc:.4f}, val acc {val:.4f}")
 
 
 def unit_expect(cfg):
@@ -432,6 +447,11 @@ def add_common_options(p, out):
     )
     p.add_argument("--device", default=d["device"], choices=("cpu", "gpu"), help="cpu or gpu")
     p.add_argument("--out", default=out, help="output folder")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --out that holds another run or files this tool did not write",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -451,7 +471,6 @@ def build_parser():
         help="top Hessian eigenvalue every E epochs (0: off)",
     )
     p.add_argument("--hess-batch", type=COUNT, default=HESS_BATCH, help="first N training images")
-    p.add_argument("--overwrite", action="store_true", help="replace another run in --out")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("phase", help="a (T, A) grid x seeds: Fig. 1 (resumable, shardable)")

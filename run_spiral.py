@@ -25,6 +25,7 @@ statistics, figures).
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
 
@@ -53,7 +54,14 @@ from apparatus.cli import (
     run_main,
 )
 from apparatus.spiral_sweeps import run_arrays
-from apparatus.storage import atomic_savez, claim_folder, versions, write_json
+from apparatus.storage import (
+    atomic_savez,
+    begin_run,
+    check_claim,
+    identity,
+    versions,
+    write_json,
+)
 from dynloss import LOSSES
 from fast.spiral_trainer import block_size
 from fast.workers import WORKERS
@@ -135,16 +143,16 @@ def run_memory(M, H, rows, xp=np):
     return trainer + 8 * LOG_ROW_COPIES * rows * M * (K + len(LOG_FIELDS)) + 8 * 4 * M * H * K
 
 
-def check_train(args, identity=None):
+def check_train(args, identity_of=None):
     """Validate ``train`` (and ``dynamics``, ``density``) options; return the list of seeds.
-    identity : the (kind, settings) of the run, claimed in --out (sweeps.claim_folder)."""
+    identity_of : the (kind, settings) of the run, for which --out must be free (check_claim)."""
     check_common(args)
     seeds = parse_seeds(args.seed, "--seed")
     check_oscillates(args, args.A, args.T)
     rows = args.steps // args.log_every + 2
     check_memory(run_memory(len(seeds), args.width, rows, backend(args.device)), "this run")
-    if identity is not None:
-        claim_folder(args.out, *identity, overwrite=getattr(args, "overwrite", False))
+    if identity_of is not None:
+        check_claim(args.out, *identity_of, overwrite=getattr(args, "overwrite", False))
     return seeds
 
 
@@ -163,12 +171,12 @@ def train_spec(args, M):
     )
 
 
-def run_config(args, seeds, spec, t0, identity=None, **extra):
-    """config.json of a run: its kind and settings (its identity, sweeps.claim_folder), every
+def run_config(args, seeds, spec, t0, identity_of=None, **extra):
+    """config.json of a run: its kind and settings (what the folder is claimed for), every
     option, the seeds, the stop step, versions, wall time."""
     config = {k: v for k, v in vars(args).items() if k != "func"}
-    if identity is not None:
-        config.update(kind=identity[0], settings=identity[1])
+    if identity_of is not None:
+        config.update(kind=identity_of[0], settings=identity_of[1])
     config.update(
         seeds=seeds,
         stop_step=int(spec.stop_step[0]),
@@ -189,36 +197,32 @@ def train_settings(args, seeds, kind="spiral-train"):
     return kind, {**{k: getattr(args, k) for k in TRAIN_KEYS}, "seeds": seeds}
 
 
-def start_run(args, seeds, spec, t0, identity, outputs):
-    """Claim --out for a run about to start: its config.json first (status "running"), so that
-    the folder names this run even if it is killed; with --overwrite the previous run's
-    ``outputs`` go first."""
-    os.makedirs(args.out, exist_ok=True)
-    if getattr(args, "overwrite", False):
-        for name in outputs:
-            if os.path.exists(os.path.join(args.out, name)):
-                os.remove(os.path.join(args.out, name))
-    config = run_config(args, seeds, spec, t0, identity, status="running")
-    write_json(os.path.join(args.out, "config.json"), config)
+def start_run(args, seeds, spec, t0, identity_of, outputs):
+    """Claim --out for a run about to start (storage.begin_run): its config.json first (status
+    "running"), so that the folder names this run even if it is killed; with --overwrite the
+    previous run's ``outputs`` go first."""
+    config = run_config(args, seeds, spec, t0, identity_of, status="running")
+    begin_run(args.out, *identity_of, config, getattr(args, "overwrite", False), outputs)
 
 
 def cmd_train(args):
     """``train``: one setting, one or a few seeds; writes run.npz, config.json, run.png."""
     seeds = parse_seeds(args.seed, "--seed")
-    identity = train_settings(args, seeds)
-    check_train(args, identity)
+    identity_of = train_settings(args, seeds)
+    check_train(args, identity_of)
     t0 = time.time()
     data = spiral_data(args.val)
     params0 = init_mlp(seeds, D=D_SPIRAL, H=args.width, K=K_SPIRAL, init=args.init)
     spec = train_spec(args, len(seeds))
-    start_run(args, seeds, spec, t0, identity, ("run.npz", "run.png"))
+    start_run(args, seeds, spec, t0, identity_of, ("run.npz", "run.png"))
     res = spiral_sweeps.train(
         params0, data, spec, args.reference, backend(args.device), progress=not args.quiet
     )
     arrays = run_arrays(data, params0, res, net=0 if len(seeds) == 1 else None)
+    arrays["identity"] = np.array(identity({"kind": identity_of[0], "settings": identity_of[1]}))
     atomic_savez(os.path.join(args.out, "run.npz"), **arrays)
     diverged = [int(d) for d in res["diverged_step"]]
-    config = run_config(args, seeds, spec, t0, identity, status="done", diverged_step=diverged)
+    config = run_config(args, seeds, spec, t0, identity_of, status="done", diverged_step=diverged)
     write_json(os.path.join(args.out, "config.json"), config)
     title = (
         f"width {args.width}, A = {args.A:g}, T = {args.T:g}, lr = {args.lr:g}, "
@@ -286,7 +290,7 @@ def cmd_phase(args):
     A_list, T_list, seeds, (i, n) = check_phase(args)
     cfg = phase_config(args, A_list, T_list, seeds)
     xp = backend(args.device)
-    sweeps.prepare(args.out, cfg, grow=("seeds",))
+    cfg = sweeps.prepare(args.out, cfg, ("seeds",), args.overwrite, work=args.shard)
     write_json(os.path.join(args.out, "versions.json"), versions())
     units = spiral_sweeps.phase_units(len(T_list), len(A_list), seeds, args.seed_block)
     expect = spiral_sweeps.unit_expect(cfg)
@@ -304,7 +308,7 @@ def cmd_phase(args):
     if n == 1:
         spiral_sweeps.merge_phase(args.out)
     else:
-        print(f"when every shard is done: python {SCRIPT} merge --out {args.out}")
+        print(f"when every shard is done: python {SCRIPT} merge --out {shlex.quote(args.out)}")
 
 
 def cmd_merge(args):
@@ -345,7 +349,7 @@ def cmd_dynamics(args):
         raise InputError(problem)
     t0 = time.time()
     cfg = dynamics_config(args, seeds)
-    sweeps.prepare(args.out, cfg, grow=("seeds",))
+    cfg = sweeps.prepare(args.out, cfg, ("seeds",), args.overwrite, work="dynamics")
     units = spiral_sweeps.dynamics_units(seeds, args.width)
     todo = set(sweeps.pending(args.out, [u[0] for u in units], spiral_sweeps.dynamics_expect))
     xp = backend(args.device)
@@ -378,6 +382,7 @@ def cmd_dynamics(args):
             xp=xp,
         )
         arrays.update(zoom)
+    arrays["identity"] = np.array(identity({"kind": cfg["kind"], "settings": cfg}))
     atomic_savez(os.path.join(args.out, "run.npz"), **arrays)
     summary = spiral_sweeps.dynamics_summary(done, seeds)
     if len(seeds) > 1:
@@ -418,7 +423,7 @@ def print_dynamics(summary, arrays, info):
     else:
         print(
             f"Hessian threshold over {S} seeds: {summary['threshold_mean']:.4g} "
-            f"[{summary['threshold_lo']:.4g}, {summary['threshold_hi']:.4g}] "
+            f"{statistics.interval(summary['threshold_lo'], summary['threshold_hi'], '.4g')} "
             f"({statistics.CONFIDENCE:.0%} t interval; 2/lr = {info['gd_bound']:.4g}); per seed "
             + " ".join(f"{t:.3g}" for t in summary["threshold"])
         )
@@ -461,7 +466,7 @@ def cmd_threshold(args):
         "hess_every": args.hess_every,
         "val": args.val,
     }
-    sweeps.prepare(args.out, cfg, grow=("seeds",))
+    cfg = sweeps.prepare(args.out, cfg, ("seeds",), args.overwrite, work="threshold")
     write_json(os.path.join(args.out, "versions.json"), versions())
     units = spiral_sweeps.threshold_units(widths, lrs, seeds)
     todo = set(sweeps.pending(args.out, [u[0] for u in units], spiral_sweeps.threshold_expect))
@@ -481,22 +486,23 @@ def cmd_density(args):
     if len(seeds) != 1:
         raise InputError("density follows one network: give one --seed")
     at = parse_list(args.at, "--at", int, low=0, high=args.steps)
-    identity = train_settings(args, seeds, "spiral-density")
-    identity[1].update(at=at, probes=args.probes, lanczos_steps=args.lanczos_steps)
-    check_train(args, identity)
+    identity_of = train_settings(args, seeds, "spiral-density")
+    identity_of[1].update(at=at, probes=args.probes, lanczos_steps=args.lanczos_steps)
+    check_train(args, identity_of)
     t0 = time.time()
     data = spiral_data(args.val)
     params0 = init_mlp(seeds, D=D_SPIRAL, H=args.width, K=K_SPIRAL, init=args.init)
     spec = train_spec(args, 1)
-    start_run(args, seeds, spec, t0, identity, ("density.npz", "density.png"))
+    start_run(args, seeds, spec, t0, identity_of, ("density.npz", "density.png"))
     out = tracker.densities_along(
         params0, data, spec, at, args.probes, args.lanczos_steps, args.reference,
         backend(args.device),
     )  # fmt: skip
     run = out.pop("run")
+    out["identity"] = np.array(identity({"kind": identity_of[0], "settings": identity_of[1]}))
     atomic_savez(os.path.join(args.out, "density.npz"), **out)
     diverged = int(run["diverged_step"][0])
-    config = run_config(args, seeds, spec, t0, identity, status="done", diverged_step=diverged)
+    config = run_config(args, seeds, spec, t0, identity_of, status="done", diverged_step=diverged)
     write_json(os.path.join(args.out, "config.json"), config)
     png = os.path.join(args.out, "density.png")
     title = (
@@ -547,7 +553,7 @@ def cmd_onset(args):
         "seeds": seeds,
         "conditions": old + [c for c in new if c not in old],
     }
-    sweeps.prepare(args.out, cfg, grow=("seeds", "conditions"))
+    cfg = sweeps.prepare(args.out, cfg, ("seeds", "conditions"), args.overwrite, work=new)
     write_json(os.path.join(args.out, "versions.json"), versions())
     mine = {onset.condition_name(c) for c in new}
     units = [u for u in onset.onset_units(cfg) if u[0].rsplit("_s", 1)[0] in mine]
@@ -600,6 +606,11 @@ def add_common_options(p, out, what):
     )
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="cpu or gpu (CuPy)")
     p.add_argument("--out", default=out, help=what)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --out that holds another run or files this tool did not write",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -625,7 +636,6 @@ def build_parser():
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("train", help="one training run (or a few seeds); Fig. 4 (a)-(d)")
     add_train_options(p, TRAIN_DEFAULTS)
-    p.add_argument("--overwrite", action="store_true", help="replace another run in --out")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("dynamics", help="runs with Hessian and NTK spectra: Fig. 4")
@@ -655,7 +665,6 @@ def build_parser():
     p.add_argument("--at", default="0,1000,10000,30000", help="steps, e.g. 0,5000")
     p.add_argument("--probes", type=COUNT, default=SLQ_PROBES, help="random probes of SLQ")
     p.add_argument("--lanczos-steps", type=COUNT, default=SLQ_STEPS, help="Lanczos steps per probe")
-    p.add_argument("--overwrite", action="store_true", help="replace another run in --out")
     p.set_defaults(func=cmd_density)
 
     p = sub.add_parser("threshold", help="Hessian threshold against the learning rate: Fig. 5")
@@ -710,6 +719,7 @@ def build_parser():
     p.add_argument("--loss", default="ce", choices=LOSSES, help="base loss")
     p.add_argument("--device", default="cpu", choices=("cpu",), help="cpu (the reference loop)")
     p.add_argument("--out", default="runs/onset", help="sweep folder (resumable)")
+    p.add_argument("--overwrite", action="store_true", help="write into another run's --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_onset)
 

@@ -259,9 +259,11 @@ def growth_fit(amp, lam, lr, t0, t1, step0=0, smooth=GROWTH_SMOOTH):
     linear normal form predicts b = 1, c = 0. amp, lam : (S,) per-step series.
     Returns (b, c, standard error of b, number of points); NaNs with fewer than 3 points.
     """
-    a = np.log(np.asarray(amp, dtype=np.float64)[t0 - step0 : t1 - step0 + 2])
-    r = np.convolve(np.diff(a), np.ones(smooth) / smooth, mode="same")  # (n,)
-    mu = np.log(np.abs(1.0 - lr * branch_midpoint(lam)[t0 - step0 : t1 - step0 + 1]))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = np.log(np.asarray(amp, dtype=np.float64)[t0 - step0 : t1 - step0 + 2])
+        r = np.convolve(np.diff(a), np.ones(smooth) / smooth, mode="same")  # (n,) from step t
+        mid = branch_midpoint(lam)[t0 - step0 : t0 - step0 + len(r)]
+        mu = np.log(np.abs(1.0 - lr * mid))  # (n,)
     ok = np.isfinite(r) & np.isfinite(mu)
     if ok.sum() < 3:
         return (np.nan, np.nan, np.nan, int(ok.sum()))

@@ -13,3 +13,7 @@ synthetic.py     synthetic CIFAR-like data in the official format (tests, demos)
 
 Nothing in the top-level core imports from here.
 """
+
+import os
+
+os.environ["MPLBACKEND"] = "Agg"  # figures are files only; an unusable MPLBACKEND breaks the import

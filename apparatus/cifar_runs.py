@@ -28,7 +28,7 @@ from tqdm import tqdm
 import cifar
 from apparatus import digits, synthetic
 from apparatus.cli import InputError, check_number
-from apparatus.storage import atomic_savez
+from apparatus.storage import atomic_savez, identity
 from dynloss import diverged as loss_diverged
 from dynloss import to_device, to_host
 from models import (
@@ -318,6 +318,7 @@ def save_checkpoint(path, state, settings):
         diverged_epoch=np.int64(state.diverged_epoch),
         loss0=np.float64(state.loss0),
         settings=np.array(_settings_json(settings)),
+        identity=np.array(identity(settings)),
     )
     atomic_savez(path, **arrays)
 
@@ -342,10 +343,12 @@ def read_checkpoint(path, settings=None, K=None, C=None, spe=None):
         raise CheckpointError(f"checkpoint {path} does not read ({type(err).__name__})") from None
     need = [f"p_{k}" for k in MYRTLE5_PARAM_NAMES] + [f"v_{k}" for k in MYRTLE5_PARAM_NAMES]
     need += [f"hist_{f}" for f in HIST_FIELDS] + ["epoch", "step", "rng_state", "gamma"]
-    need += ["hess_vec", "diverged_epoch", "loss0"]
+    need += ["hess_vec", "diverged_epoch", "loss0", "identity"]
     missing = [k for k in need if k not in arrays]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing[:3])}")
+    if str(arrays["identity"]) != identity(stored):  # its settings were edited, or another's
+        raise CheckpointError(f"checkpoint {path}: its identity does not match its settings")
     if settings is not None:
         E = settings["epochs"]
         bad = any(arrays[f"hist_{f}"].shape != (E + 1,) for f in HIST_FIELDS)

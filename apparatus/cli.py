@@ -15,12 +15,16 @@ import argparse
 import errno
 import math
 import os
+import signal
 import sys
 
 MAX_SEEDS = 100_000  # a seed list longer than this is a typo, not a sweep
 MAX_LIST = 10_000  # values in a grid list (--A, --T, --lrs, --widths)
 MEMORY_FRACTION = 0.8  # a command may plan to use at most this share of the machine's memory
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+NAME_MAX = 255  # bytes in one file or folder name (Linux file systems)
+PATH_MAX = 4096  # bytes in a whole path (Linux)
+SIGNAL_EXIT = 128  # a command ended by signal n exits with 128 + n (130: SIGINT, 143: SIGTERM)
 
 
 class InputError(ValueError):
@@ -106,10 +110,12 @@ FRACTION = number(float, low=0, high=1, high_open=True)  # in [0, 1), a momentum
 
 def parse_list(text, name, kind=float, low=None, high=None, low_open=False):
     """'1,5,10' -> [1.0, 5.0, 10.0] (sorted, unique): every value finite and within the bounds;
-    refuses empty, unreadable or repeated lists."""
-    items = [v for v in str(text).split(",") if v.strip()]
-    if not items:
+    refuses empty lists, empty items ('1,,5'), unreadable or repeated values."""
+    items = str(text).split(",")
+    if not str(text).strip():
         raise InputError(f"{name}: the list is empty")
+    if any(not v.strip() for v in items):
+        raise InputError(f"{name}: an empty item in {text!r}")
     if len(items) > MAX_LIST:
         raise InputError(f"{name}: {len(items)} values, more than {MAX_LIST}")
     values = [check_number(v, name, kind, low, high, low_open) for v in items]
@@ -133,7 +139,9 @@ def parse_seeds(text, name):
             raise InputError(f"{name}: {b - a + 1} seeds, more than {MAX_SEEDS}")
         seeds = list(range(a, b + 1))
     else:
-        items = [v for v in text.split(",") if v.strip()]
+        items = text.split(",")
+        if any(not v.strip() for v in items):
+            raise InputError(f"{name}: an empty item in {text!r}")
         if len(items) > MAX_SEEDS:
             raise InputError(f"{name}: {len(items)} seeds, more than {MAX_SEEDS}")
         try:
@@ -160,7 +168,14 @@ def check_out_dir(path, name="--out"):
     process cannot write to. Creates nothing."""
     if not str(path).strip():
         raise InputError(f"{name} is empty: give a folder for the results")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise InputError(f"{name} {path!r} is a symbolic link to nothing: give a folder")
     path = os.path.abspath(path)
+    for part in path.split(os.sep):
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise InputError(f"{name}: the name {part[:40]!r}... is longer than {NAME_MAX} bytes")
+    if len(os.fsencode(path)) >= PATH_MAX:
+        raise InputError(f"{name}: the path is longer than {PATH_MAX} bytes")
     probe = path
     while not os.path.exists(probe):
         parent = os.path.dirname(probe)
@@ -224,25 +239,79 @@ def check_memory(nbytes, what):
 # ---------------------------------------------------------------------------------------------
 
 
+_HELD = []  # descriptors of the locks the running command holds (storage.command_lock)
+
+
+def hold(fd):
+    """Keep the lock on descriptor ``fd`` until the command run by :func:`run_main` ends."""
+    _HELD.append(fd)
+
+
+def _release_held():
+    while _HELD:
+        os.close(_HELD.pop())  # closing a descriptor releases its flock
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived: raised in the main thread by :func:`_raise_interrupted`, so that
+    every ``finally`` runs (temporary files are removed, worker processes stopped)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def progress_note():
+    """Where the newest live progress bar stands, e.g. " at 1,234 of 30,000 net-steps", or ""."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return ""
+    bars = [b for b in list(getattr(tqdm, "_instances", [])) if b.total]
+    note = f" at {int(bars[-1].n):,} of {int(bars[-1].total):,} {bars[-1].unit}s" if bars else ""
+    for bar in bars:
+        bar.close()  # ends the bar's line, so that the message starts its own
+    return note
+
+
 def run_main(parser, argv, script, default_argv=None, errors=(InputError,)):
     """Parse ``argv`` (``default_argv`` when it is empty), run the chosen command's ``func``;
     the ``errors`` it raises become one-line refusals (exit 2), a failed write (a full disk) one
-    line saying what is safe (exit 1). Returns 0, or 2 (with the help) without a command."""
+    line saying what is safe (exit 1), SIGINT (Ctrl-C) and SIGTERM (a SLURM time limit) one line
+    saying where the work stopped and that a rerun resumes it (exit 130 / 143). Returns the
+    command's exit code: 0, or the int its ``func`` returns; 2 (with the help) without one."""
     args = parser.parse_args(argv if argv or default_argv is None else default_argv)
     if args.command is None:
         parser.print_help()
         return 2
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        args.func(args)
+        code = args.func(args)
     except errors as err:
         fail(script, str(err))
+    except Interrupted as stop:
+        name = signal.Signals(stop.signum).name
+        fail(
+            script,
+            f"interrupted by {name}{progress_note()}: what was finished is stored (units, "
+            "checkpoints); rerun the same command to resume",
+            SIGNAL_EXIT + stop.signum,
+        )
     except OSError as err:
         where = f" ({err.filename})" if err.filename else ""
         safe = "results stored before are intact (every file is written whole, then renamed)"
         if err.errno in NO_SPACE:
             fail(script, f"no space left on the device{where}: {safe}; free space and rerun", 1)
         fail(script, f"{err.strerror or err}{where}: {safe}", 1)
-    return 0
+    finally:
+        _release_held()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return code if isinstance(code, int) else 0
 
 
 def add_merge_command(sub, func, figure):

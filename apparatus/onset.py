@@ -193,7 +193,8 @@ def growth_step(amp, rule, onset_floor, smooth=stability.GROWTH_SMOOTH):
     """The step from which the smoothed per-step growth of the period-two amplitude stays
     positive up to the rule's start: the onset measured from the mode itself, not from lambda.
     amp : (S,);  rule : the rule's start;  onset_floor : the earliest step considered."""
-    a = np.log(amp[onset_floor : rule + 2])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = np.log(amp[onset_floor : rule + 2])
     r = np.convolve(np.diff(a), np.ones(smooth) / smooth, mode="same")  # growth from step t
     not_growing = np.flatnonzero(~(r[: rule - onset_floor + 1] > 0))
     return onset_floor + (not_growing[-1] + 1 if len(not_growing) else 0)
@@ -494,9 +495,11 @@ def print_onset(arrays, conds, fits):
     """One line per condition: thresholds, the excess and its slow-passage prediction, the lag,
     the seed amplitude, the growth fit, the chattering, the NTK side; then the fits."""
     c95 = f"{statistics.CONFIDENCE:.0%}"
-    show = lambda f, i, fmt=".3f": (
-        f"{arrays[f][i]:{fmt}} [{arrays[f + '_lo'][i]:{fmt}}, {arrays[f + '_hi'][i]:{fmt}}]"
-    )
+
+    def show(f, i, fmt=".3f"):
+        ci = statistics.interval(arrays[f + "_lo"][i], arrays[f + "_hi"][i], fmt)
+        return f"{arrays[f][i]:{fmt}} {ci}"
+
     print(f"means over seeds [{c95} t intervals]; excess = midpoint lambda at the rule - 2/lr")
     for i, c in enumerate(conds):
         print(

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import stability
 from apparatus import plots, statistics, sweeps, tracker
-from apparatus.storage import atomic_savez
+from apparatus.storage import atomic_savez, exact_name
 from dynloss import accuracy, cross_entropy
 from fast.spiral_trainer import train_many
 from fast.workers import WORKERS, run_jobs
@@ -298,7 +298,7 @@ def tracked_units(
 def threshold_units(widths, lrs, seeds):
     """Fig. 5 units: (name, width, (kind, lr), seed) for the dynamical runs, then the static."""
     units = [
-        (f"w{w}_lr{lr:g}_s{s:05d}", w, ("dynamic", lr), s)
+        (f"w{w}_lr{exact_name(lr)}_s{s:05d}", w, ("dynamic", lr), s)
         for w in widths
         for lr in lrs
         for s in seeds
@@ -361,7 +361,7 @@ def merge_threshold(out):
     widths, lrs, seeds = cfg["widths"], np.array(cfg["lrs"]), cfg["seeds"]
     units = threshold_units(widths, cfg["lrs"], seeds)
     done = sweeps.load_units(out, [u[0] for u in units], threshold_expect)
-    unit = lambda w, lr, s: done[f"w{w}_lr{lr:g}_s{s:05d}"]
+    unit = lambda w, lr, s: done[f"w{w}_lr{exact_name(lr)}_s{s:05d}"]
     thr = np.array(
         [[[stability.unit_threshold(unit(w, lr, s)) for s in seeds] for lr in lrs] for w in widths]
     )  # (W, L, S)
@@ -429,25 +429,29 @@ def print_threshold(arrays, cfg):
             m, lo, hi = (arrays[f"threshold_{k}"][i, j] for k in ("mean", "lo", "hi"))
             sp = arrays["settled_period"][i, j]
             periods = " ".join("-" if not np.isfinite(p) else f"{p:g}" for p in sp)
-            print(f"  width {w}, lr {lr:g}: {m:.3f} [{lo:.3f}, {hi:.3f}]; periods: {periods}")
+            ci = statistics.interval(lo, hi)
+            print(f"  width {w}, lr {lr:g}: {m:.3f} {ci}; periods: {periods}")
     for key in [str(w) for w in widths] + ["all"]:
         name = "all widths" if key == "all" else f"width {key}"
         print(
             f"exponent of threshold ~ lr^x, {name}: {arrays[f'slope_{key}']:.3f} "
-            f"[{arrays[f'slope_{key}_lo']:.3f}, {arrays[f'slope_{key}_hi']:.3f}] "
+            f"{statistics.interval(arrays[f'slope_{key}_lo'], arrays[f'slope_{key}_hi'])} "
             f"({c} bootstrap over seeds; paper about -0.9, eq. (7): -1)"
         )
     if "slope_diff" in arrays:
         print(
             f"difference of the exponents (width {widths[1]} - width {widths[0]}): "
-            f"{arrays['slope_diff']:+.3f} [{arrays['slope_diff_lo']:+.3f}, "
-            f"{arrays['slope_diff_hi']:+.3f}]"
+            f"{arrays['slope_diff']:+.3f} "
+            f"{statistics.interval(arrays['slope_diff_lo'], arrays['slope_diff_hi'], '+.3f')}"
         )
         for j, lr in enumerate(lrs):
             print(
                 f"  threshold, width {widths[1]} - width {widths[0]}, lr {lr:g}: "
-                f"{arrays['threshold_diff'][j]:+.3f} [{arrays['threshold_diff_lo'][j]:+.3f}, "
-                f"{arrays['threshold_diff_hi'][j]:+.3f}] ({c} Welch t interval)"
+                f"{arrays['threshold_diff'][j]:+.3f} "
+                + statistics.interval(
+                    arrays["threshold_diff_lo"][j], arrays["threshold_diff_hi"][j], "+.3f"
+                )
+                + f" ({c} Welch t interval)"
             )
 
 

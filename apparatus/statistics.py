@@ -16,6 +16,14 @@ BOOTSTRAP_SAMPLES = 2000  # resamplings of the seeds for an exponent's interval
 BOOTSTRAP_SEED = 0
 
 
+def interval(lo, hi, spec=".3f", sep=", "):
+    """ "[lo, hi]" formatted with ``spec``, or "[no interval: one value]" where it is undefined
+    (fewer than two finite values)."""
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "[no interval: one value]"
+    return f"[{lo:{spec}}{sep}{hi:{spec}}]"
+
+
 def summarize(arrays, fields, A, T, seeds, diverged_field):
     """Grid, per-cell diverged counts, the mean and std over seeds of each field, (n_T, n_A), and,
     when A = 1 is in the grid, the paired differences to it of PAIRED_FIELDS
@@ -118,7 +126,7 @@ def print_table(summary, digits=2):
                 m, lo, hi = (summary[f"val_acc_diff_{k}"][ti, ai] for k in ("mean", "lo", "hi"))
                 mark = "*" if lo > 0 or hi < 0 else " "
                 cells.append(
-                    f"{m:+.{digits + 1}f} [{lo:+.{digits + 1}f},{hi:+.{digits + 1}f}]{mark}"
+                    f"{m:+.{digits + 1}f} {interval(lo, hi, f'+.{digits + 1}f', ',')}{mark}"
                 )
             print(f"T={T:>6g}: {' '.join(cells)}")
 

@@ -17,13 +17,20 @@ configuration in the same folder is refused, so results of different sweeps neve
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
 from apparatus.cli import InputError
-from apparatus.storage import atomic_savez, differing, folder_owner, write_json
+from apparatus.storage import (
+    atomic_savez,
+    check_claim,
+    command_lock,
+    folder_lock,
+    read_json,
+    unit_identity,
+    write_json,
+)
 
 PHASE_FIELDS = ("train_acc", "val_acc", "train_loss", "val_loss")  # per run of a phase diagram
 
@@ -44,60 +51,61 @@ def shard(units, i, n):
     return units[i::n]
 
 
-def prepare(out, config, grow=()):
-    """Create OUT/units and OUT/sweep.json; refuse a folder that holds a different sweep.
+def prepare(out, config, grow=(), overwrite=False, work=None):
+    """Claim ``out`` for a sweep: create OUT/units and write OUT/sweep.json, under the folder's
+    lock; refuse (InputError, nothing written) a folder that holds another sweep or run, or
+    files this tool did not write, unless ``overwrite`` (then units of the other sweep no longer
+    match this one's identity and are redone).
 
     ``config`` holds only what defines the results (grid, seeds, steps, ...), never how the
     work is split (shard, device, batch size), so every shard writes the same sweep.json.
     grow : keys of list values that may grow: a config whose only differences are such lists
     extending the stored ones (the stored list is their start, e.g. more seeds) continues the
     sweep, and sweep.json records the longer lists.
+    work : what distinguishes this command's share of the work (the shard): a second process
+    doing the same share is refused (storage.command_lock).
     """
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--out {out!r} is a file, not a folder")
-    path = os.path.join(out, "sweep.json")
-    owner = folder_owner(out)
-    if owner is not None and not os.path.exists(path):
-        raise InputError(f"{out} holds a {owner['kind']} run, not a sweep: use another --out")
-    if os.path.exists(path):
-        old, new = load_config(out), json.loads(json.dumps(config))
-        diff = differing(old, new)
-        extends = all(
-            k in grow
-            and isinstance(old.get(k), list)
-            and isinstance(new.get(k), list)
-            and new[k][: len(old[k])] == old[k]
-            for k in diff
-        )
-        if diff and not extends:
-            raise InputError(
-                f"{out} holds a different sweep (differs in: {', '.join(diff)}); use another --out"
-            )
+    kind = config["kind"]
+    check_claim(out, kind, config, overwrite, grow)
+    os.makedirs(out, exist_ok=True)
+    if work is not None:
+        command_lock(out, {"sweep": unit_identity(config, ""), "work": work})
+    with folder_lock(out):
+        old = check_claim(out, kind, config, overwrite, grow)  # again: another process may
+        merged = dict(config)  # have claimed or grown it meanwhile
+        for k in grow:  # a longer list that a concurrent command stored is kept
+            if old and old.get("kind") == kind and len(old.get(k, [])) > len(config.get(k, [])):
+                if old[k][: len(config[k])] == config[k]:
+                    merged[k] = old[k]
+        write_json(os.path.join(out, "sweep.json"), merged)
     os.makedirs(os.path.join(out, "units"), exist_ok=True)
-    write_json(path, config)
+    return merged
 
 
 def load_config(out, kind=None):
-    """The sweep.json of a sweep folder (InputError naming the file when it is unreadable, or
-    when the sweep is not of ``kind``)."""
+    """The sweep.json of a sweep folder, checked against its declaration (apparatus/schemas.py):
+    InputError naming the file and the field when it does not fit, or when the sweep is not of
+    ``kind``."""
+    from apparatus import schemas
+
     path = os.path.join(out, "sweep.json")
     if not os.path.exists(path):
         raise InputError(f"{out} is not a sweep folder (no sweep.json)")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path} is unreadable ({type(err).__name__}): not a sweep") from None
-    if not isinstance(config, dict):
-        raise InputError(f"{path} holds no sweep settings")
-    if kind is not None and config.get("kind") != kind:
-        raise InputError(f"{out} holds a {config.get('kind', 'unknown')} sweep, not a {kind} one")
+    config = read_json(path)
+    schemas.validate_sweep(config, path)
+    if kind is not None and config["kind"] != kind:
+        raise InputError(f"{out} holds a {config['kind']} sweep, not a {kind} one")
     return config
 
 
 def unit_path(out, name):
     """Where unit ``name`` is stored."""
     return os.path.join(out, "units", f"{name}.npz")
+
+
+IDENTITY_FIELD = "_identity"  # the field of a unit holding storage.unit_identity of its sweep
 
 
 def check_unit(arrays, expect):
@@ -113,27 +121,33 @@ def check_unit(arrays, expect):
     return None
 
 
-def read_unit(out, name, expect=None):
-    """(arrays, None) for a stored unit that reads and validates, else (None, reason)."""
+def read_unit(out, name, expect=None, config=None):
+    """(arrays, None) for a stored unit that reads, belongs to this sweep (its identity, from
+    ``config``: the sweep.json, read when None) and validates, else (None, reason). The
+    returned arrays hold the results only (no identity field)."""
     path = unit_path(out, name)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return None, "missing"
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except Exception as err:  # truncated, empty, not a zip, a bad CRC: any unreadable file
         return None, f"unreadable ({type(err).__name__})"
+    config = load_config(out) if config is None else config
+    stored = arrays.pop(IDENTITY_FIELD, None)
+    if stored is None or stored.shape != () or str(stored) != unit_identity(config, name):
+        return None, "from another sweep (its settings are not this sweep's)"
     problem = check_unit(arrays, expect)
     return (None, problem) if problem else (arrays, None)
 
 
 def pending(out, names, expect=None, say=print):
-    """The names among ``names`` whose results are not on disk or do not validate (they are
-    redone, and each stored one that does not validate is named through ``say``), in order.
-    expect : callable name -> the ``expect`` of :func:`check_unit`."""
-    todo = []
+    """The names among ``names`` whose results are not on disk, belong to another sweep or do
+    not validate (they are redone, and each stored one that is not this sweep's result is named
+    through ``say``), in order. expect : callable name -> the ``expect`` of :func:`check_unit`."""
+    todo, config = [], load_config(out)
     for n in names:
-        arrays, why = read_unit(out, n, expect and expect(n))
+        arrays, why = read_unit(out, n, expect and expect(n), config)
         if arrays is None:
             todo.append(n)
             if why != "missing":
@@ -142,16 +156,19 @@ def pending(out, names, expect=None, say=print):
 
 
 def save_unit(out, name, arrays):
-    """Store one finished unit atomically."""
-    atomic_savez(unit_path(out, name), **arrays)
+    """Store one finished unit atomically, with its identity in this sweep (an identity a copy
+    from another unit carries is replaced)."""
+    arrays = {k: v for k, v in arrays.items() if k != IDENTITY_FIELD}
+    ident = unit_identity(load_config(out), name)
+    atomic_savez(unit_path(out, name), **arrays, **{IDENTITY_FIELD: np.array(ident)})
 
 
 def load_units(out, names, expect=None):
     """Load every unit; refuse with the count (and a few names) of those still missing, or name
-    the first stored unit that does not validate."""
-    result, missing = {}, []
+    the first stored unit that does not validate or belongs to another sweep."""
+    result, missing, config = {}, [], load_config(out)
     for n in names:
-        arrays, why = read_unit(out, n, expect and expect(n))
+        arrays, why = read_unit(out, n, expect and expect(n), config)
         if arrays is None and why == "missing":
             missing.append(n)
         elif arrays is None:

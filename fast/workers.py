@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -24,8 +25,12 @@ _WORKER = {}  # in a worker process: the shared progress counter and the parent'
 
 
 def _worker_init(counter, parent):
-    """Initialiser of a CPU worker process: one BLAS thread, the shared progress counter."""
+    """Initialiser of a CPU worker process: one BLAS thread, the shared progress counter. A
+    worker leaves Ctrl-C (SIGINT, which the terminal sends to the whole process group) to its
+    parent, which stops it, and ends at once and quietly on SIGTERM."""
     threadpool_limits(limits=1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _WORKER.update(counter=counter, parent=parent)
 
 
@@ -41,6 +46,14 @@ def _worker_run(task):
     """Run one job in a worker process: task = (function, its positional arguments)."""
     fn, job = task
     return fn(*job, progress=_worker_progress)
+
+
+def _stop(pool):
+    """End a pool's worker processes at once (SIGKILL: their jobs' results are not wanted) and
+    release the pool without waiting for the jobs in flight."""
+    for process in list(getattr(pool, "_processes", {}).values()):
+        process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _can_fork():
@@ -66,9 +79,10 @@ def run_jobs(fn, jobs, xp=np, workers=WORKERS, bar=None, done=None):
         ctx = multiprocessing.get_context("fork")
         counter = ctx.Value("q", 0)
         seen = 0
-        with ProcessPoolExecutor(
+        pool = ProcessPoolExecutor(
             min(workers, len(jobs)), ctx, _worker_init, (counter, os.getpid())
-        ) as pool:
+        )
+        try:
             futures = [pool.submit(_worker_run, (fn, job)) for job in jobs]
             for future in futures:
                 while True:
@@ -85,6 +99,10 @@ def run_jobs(fn, jobs, xp=np, workers=WORKERS, bar=None, done=None):
                         count(counter.value - seen)
                         seen = counter.value
                 done(len(results) - 1, results[-1])
+        except BaseException:  # an error, or a signal (Ctrl-C, SIGTERM): stop the workers now
+            _stop(pool)
+            raise
+        pool.shutdown()
         return results
     if parallel:
         with threadpool_limits(limits=1), ThreadPoolExecutor(workers) as pool:

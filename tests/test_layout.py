@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ("dynloss", "models", "spiral", "spectra", "stability", "protocol", "cifar")
 MACHINERY = ("fast", "apparatus")
-CORE_LINES_MAX = 2600  # the core is read in a weekend: about 2,500 lines
+CORE_LINES_MAX = 2700  # read in a weekend: the aim of about 2,500 lines, and the onset analysis
 
 
 def imported_modules(path):
