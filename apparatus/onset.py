@@ -278,7 +278,7 @@ def conditions(cfg):
 def condition_name(c):
     """A file-name key that holds the condition's exact values (repr of the floats; "*" for a
     key that varies within a family)."""
-    r = lambda v: v if v == "*" else repr(v)
+    r = lambda v: v if v == "*" else repr(float(v))
     beta = "relu" if c["beta"] is None else f"softplus{r(c['beta'])}"
     return f"T0{r(c['T0'])}_lr{r(c['lr'])}_{c['dtype']}_noise{r(c['noise'])}_{beta}"
 
@@ -303,8 +303,9 @@ def onset_spec(cfg, c, seeds):
     )  # fmt: skip
 
 
-def track_onsets(params0, data, spec, progress=None):
-    """Train with spiral.train_reference, one OnsetTracker per network: (result, [arrays])."""
+def track_onsets(params0, data, spec, xp=np, progress=None):
+    """Train with spiral.train_reference (on the CPU: ``xp`` is NumPy), one OnsetTracker per
+    network: (result, [arrays])."""
     trackers = [OnsetTracker(data[0], data[1], spec, net=m) for m in range(len(params0["W1"]))]
 
     def on_log(step, params):

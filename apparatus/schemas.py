@@ -234,7 +234,7 @@ RUNS = {  # the "settings" of a run's config.json, by kind
 def validate_sweep(obj, where):
     """A sweep.json: an object with a known ``kind`` and the fields of that kind."""
     kind = obj.get("kind") if isinstance(obj, dict) else None
-    if kind not in SWEEPS:
+    if not isinstance(kind, str) or kind not in SWEEPS:
         kinds = ", ".join(SWEEPS)
         raise InputError(f"{where}: field 'kind': expected one of {kinds}, got {kind!r}")
     validate(obj, {"kind": text(), **SWEEPS[kind]}, where)
@@ -244,7 +244,7 @@ def validate_run(obj, where):
     """A run's config.json: a known ``kind`` and ``settings`` with that kind's fields (the rest
     of the file is a record for people, not read back)."""
     kind = obj.get("kind") if isinstance(obj, dict) else None
-    if kind not in RUNS:
+    if not isinstance(kind, str) or kind not in RUNS:
         raise InputError(f"{where}: field 'kind': expected one of {', '.join(RUNS)}, got {kind!r}")
     problem = check_fields(obj.get("settings"), RUNS[kind])
     if problem:

@@ -433,6 +433,9 @@ def print_threshold(arrays, cfg):
             print(f"  width {w}, lr {lr:g}: {m:.3f} {ci}; periods: {periods}")
     for key in [str(w) for w in widths] + ["all"]:
         name = "all widths" if key == "all" else f"width {key}"
+        if not np.isfinite(arrays[f"slope_{key}"]):
+            print(f"exponent of threshold ~ lr^x, {name}: not fitted (fewer than 3 thresholds)")
+            continue
         print(
             f"exponent of threshold ~ lr^x, {name}: {arrays[f'slope_{key}']:.3f} "
             f"{statistics.interval(arrays[f'slope_{key}_lo'], arrays[f'slope_{key}_hi'])} "

@@ -79,7 +79,7 @@ def exact_name(value):
     """A number as it appears in a file name: its short form (%g) when that reads back as the
     same number, else its full repr, so that distinct values never share a name."""
     short = f"{value:g}"
-    return short if float(short) == value else repr(value)
+    return short if float(short) == value else repr(float(value))
 
 
 def read_json(path):
