@@ -22,6 +22,7 @@ from dynloss import class_weights  # noqa: E402
 from protocol import lr_schedule  # noqa: E402
 from stability import gd_threshold  # noqa: E402
 
+FIGURE_DPI = 80  # every figure's resolution: small files for the repository
 PLOT_MAX_POINTS = 20000  # points per curve of Gamma(t) in a CIFAR run figure
 SEED_JITTER = 0.04  # log-spread of one (width, lr)'s seed points, so they do not overlap
 WIDTH_SHIFT = 0.06  # log-offset between the widths' points at one learning rate
@@ -31,6 +32,13 @@ CELL_MARGIN = 1.3  # the same for the panel of paired differences (bigger marker
 DENSITY_FLOOR = 1e-12  # spectral densities below this are not drawn (log axis)
 DENSITY_BOTTOM = 1e-6  # the density axis starts here: the bulk and the outliers, not the tails
 SYMLOG_LINEAR = 1e-2  # eigenvalues within +- this are drawn on a linear scale (symlog axis)
+
+
+def _save(fig, path, dpi=FIGURE_DPI):
+    """Lay the figure out, write it to ``path`` (PNG) and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
 
 
 def plot_spiral_run(arrays, path, title):
@@ -60,9 +68,7 @@ def plot_spiral_run(arrays, path, title):
     for a, letter in zip(ax, "abcd", strict=False):
         a.text(0.01, 0.85, f"({letter})", transform=a.transAxes)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path, dpi=90)
 
 
 def plot_dynamics(arrays, info, path, title):
@@ -119,9 +125,7 @@ def plot_dynamics(arrays, info, path, title):
     ax[4, 0].legend(fontsize=7, loc="upper right")
     ax[5, 0].legend(fontsize=7, loc="upper right")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=70)
-    plt.close(fig)
+    _save(fig, path, dpi=70)
 
 
 def plot_threshold(arrays, cfg, path):
@@ -178,9 +182,7 @@ def plot_threshold(arrays, cfg, path):
         f"Hessian every {cfg['hess_every']} steps",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_phase(summary, path, title, t_label):
@@ -223,9 +225,7 @@ def plot_phase(summary, path, title, t_label):
         fig.colorbar(cs, ax=ax, format="%.3f")
     axes[0].set_ylabel("amplitude A (A = 1: static loss)")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _grid_axes(ax, T, A, margin, t_label):
@@ -304,9 +304,7 @@ def plot_cifar_run(arrays, settings, path, title):
         a.axvline(settings["stop_epoch"], color="grey", lw=0.5, ls="--")
     ax[-1].set_xlabel("epoch")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_density(arrays, path, title):
@@ -331,9 +329,7 @@ def plot_density(arrays, path, title):
     ax.set_ylabel("density")
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path, dpi=90)
 
 
 def _family_points(arrays, select, x_key, field):
@@ -411,6 +407,4 @@ def plot_onset(arrays, cfg, path):
         f"{CONFIDENCE:.0%} intervals over seeds",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _save(fig, path)

@@ -1,5 +1,9 @@
 """Small helpers shared by the test files (the tests folder is on sys.path under pytest)."""
 
+import hashlib
+import os
+from pathlib import Path
+
 import numpy as np
 
 from models import init_mlp
@@ -30,3 +34,19 @@ def tiny_problem(seed=0, kink=KINK, N=20, D=2, H=8, K=3):
             break
     y = np.arange(N) % K
     return params, X, y
+
+
+def snapshot(root):
+    """{relative path: sha256, or "dir"} of everything under root (lock files aside): equal
+    snapshots mean nothing was written, changed or removed."""
+    out = {}
+    for folder, dirs, files in os.walk(root):
+        for d in dirs:
+            out[os.path.relpath(os.path.join(folder, d), root)] = "dir"
+        for f in files:
+            if not f.startswith(".lock"):
+                path = os.path.join(folder, f)
+                out[os.path.relpath(path, root)] = hashlib.sha256(
+                    Path(path).read_bytes()
+                ).hexdigest()
+    return out

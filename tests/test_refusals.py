@@ -2,7 +2,6 @@
 results byte-identical: a table of bad command lines across both scripts, and crafted CIFAR
 pickles that must be refused without crashing the interpreter (run in a subprocess)."""
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import snapshot
 
 import run_cifar as rc
 import run_spiral as rs
@@ -46,18 +46,6 @@ def prior(tmp_path_factory):
     assert rc.main([*cifar_phase, "--out", str(root / "cifar-phase")]) == 0
     (root / "a-file").write_text("not a folder\n")
     return root
-
-
-def snapshot(root):
-    """{relative path: sha256} of every file and folder under root."""
-    out = {}
-    for folder, dirs, files in os.walk(root):
-        for d in dirs:
-            out[os.path.relpath(os.path.join(folder, d), root)] = "dir"
-        for f in files:
-            path = os.path.join(folder, f)
-            out[os.path.relpath(path, root)] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return out
 
 
 # (script, argv): OUT stands for a fresh folder; PRIOR/... for the earlier results

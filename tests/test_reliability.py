@@ -3,7 +3,6 @@ settings files (every field of each, missing or mistyped), folders this tool did
 symbolic links and impossible names, colliding values, results of other sweeps, SIGTERM and
 SIGINT in the middle of a run, and commands started twice at once."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import load
+from helpers import load, snapshot
 
 import run_cifar as rc
 import run_spiral as rs
@@ -34,21 +33,6 @@ ONSET = ["onset", "--width", "6", "--T0", "20", "--periods", "2", "--seed", "0",
 CIFAR_PHASE = ["phase", *TINY_CIFAR, "--A", "1,3", "--T", "4", "--seeds", "1"]
 CIFAR_TRAIN = ["train", *TINY_CIFAR, "--A", "3", "--T", "4"]
 TRAIN = ["train", *TINY]
-
-
-def snapshot(root):
-    """{relative path: sha256 or "dir"} of everything under root (lock files aside)."""
-    out = {}
-    for folder, dirs, files in os.walk(root):
-        for d in dirs:
-            out[os.path.relpath(os.path.join(folder, d), root)] = "dir"
-        for f in files:
-            if not f.startswith(".lock"):
-                path = os.path.join(folder, f)
-                out[os.path.relpath(path, root)] = hashlib.sha256(
-                    Path(path).read_bytes()
-                ).hexdigest()
-    return out
 
 
 def refused(main, argv, capsys):
