@@ -2,9 +2,10 @@
 mode at every step of a run, the units of an onset sweep, and their analysis.
 
 An onset run is spiral.train_reference logging every step, with an :class:`OnsetTracker` per
-network as its callback. At every step the tracker measures lambda_max of the exact Hessian by
-Lanczos warm-started from the previous step's eigenvector, converged to a relative residual
-ONSET_TOL (and checked against the dense eigensolver every VERIFY_EVERY steps), the hidden
+network as its callback. The tracker measures lambda_max of the exact Hessian by Lanczos
+warm-started from the previous eigenvector, converged to a relative residual ONSET_TOL (and
+checked against the dense eigensolver every VERIFY_EVERY steps): at every step once eta
+lambda_max >= 2 HOT_FRACTION, every COLD_EVERY steps below. At every step it records the hidden
 pre-activations that change sign (and those that change back at the next step), the cosine of
 consecutive updates, the update's projection on the top eigenvector, and the period-two
 amplitude of the logits (stability.period_two_amplitude). Where eta lambda crosses 2 and where
@@ -47,6 +48,9 @@ VERIFY_RTOL = 1e-4  # a warm value this far from the dense lambda_max (another e
 # replaced by it and counted
 MAX_EVENTS = 400  # dense spectra at most this many times per run
 RULE_STRIDE = 25  # the Fig. 4-5 threshold's tracking stride (the published measurement)
+HOT_FRACTION = 0.6  # lambda_max at every step once eta lambda_max >= this times 2 ...
+COLD_EVERY = 5  # ... and every this many steps below (a divisor of RULE_STRIDE, VERIFY_EVERY)
+GAMMA_BLOCK = 4096  # Gamma(t) is evaluated for this many steps at once
 CHATTER_WINDOW = 200  # steps before an onset over which the kink chattering is averaged
 GROWTH_PRE = 300  # steps before an onset included in the growth fit (the decaying side)
 SERIES = ("lam", "products", "flips", "flipbacks", "cos", "proj", "amp_logits")
@@ -79,9 +83,38 @@ class OnsetTracker:
         self._prev = []  # the last two steps: (params, theta, logits, signs)
         self._dtheta = None  # the previous update
         self._work = None  # the (N, H) buffers of fast_spectra.net_state
+        self._last = None  # the last lambda_max measured
+        self._gammas = (None, None)  # (first step, (GAMMA_BLOCK, K)) class weights ahead
 
     def _gamma(self, step):
-        return class_weights(step, self.A, self.T, K_SPIRAL, self.stop)  # (K,)
+        """Gamma(step) (K,), from class_weights evaluated for GAMMA_BLOCK steps at a time."""
+        start, block = self._gammas
+        if start is None or not 0 <= step - start < len(block):
+            start = step
+            block = class_weights(np.arange(step, step + GAMMA_BLOCK), self.A, self.T, K_SPIRAL,
+                                  self.stop)  # fmt: skip
+            self._gammas = (start, block)
+        return block[step - start]
+
+    def _top(self, matvec, one, step, P):
+        """lambda_max and its eigenvector by Lanczos from the previous one, checked against the
+        dense eigensolver every VERIFY_EVERY steps; returns (lambda_max, products)."""
+        v0 = self._vec
+        if v0 is not None:
+            r = self._rng.normal(size=len(v0))
+            v0 = v0 + ONSET_MIX * r / np.linalg.norm(r)
+        lam, vec, n = spectra.warm_top_eig(matvec, P, v0=v0, tol=ONSET_TOL)
+        if self._vec is None or step % VERIFY_EVERY == 0:
+            args = (one, self.X, self.y, self._gamma(step), self.loss)
+            dense, dense_vec = top_eigenvalue(spectra.hessian(*args, beta=self.beta))
+            self.verified += 1
+            if abs(lam - dense) > VERIFY_RTOL * abs(dense):
+                self.replaced += 1
+                lam, vec = dense, dense_vec
+        if self._vec is not None and vec @ self._vec < 0:
+            vec = -vec  # the eigenvector's sign follows the previous one's
+        self._vec, self._last = vec, lam
+        return lam, n
 
     def _dense(self, one, step, kind):
         """Record the dense spectra of one network's parameters ``one`` at ``step``."""
@@ -99,41 +132,29 @@ class OnsetTracker:
             k: np.asarray(a[self.net : self.net + 1], dtype=np.float64) for k, a in params.items()
         }
         s = self.series
-        gamma = self._gamma(step)
         if self.beta is None:  # ReLU: the tracker's fused products (fast/mlp_spectra.py)
             if self._work is None:
                 shape = (len(self.X), one["W1"].shape[2])  # (N, H) buffers, reused
                 self._work = {"h1": np.empty(shape), "mask": np.empty(shape)}
             state = fast_spectra.net_state(one, self.X, work=self._work)
             logits, signs = state["logits"][None], state["mask"] > 0  # (1, N, K), (N, H)
-            matvec = fast_spectra.hessian_matvec(state, self.y, gamma, self.loss)
-        else:  # softplus: the reference R-operator (models.mlp_hvp_operator)
+        else:
             logits, cache = mlp_forward(self.X, one, self.beta)
             signs = hidden_slope(cache[1])[0] > 0.5  # (N, H)  z1 > 0
-            matvec = spectra.hessian_matvec(one, self.X, self.y, gamma, self.loss, self.beta)
         theta = flatten(one)[0]  # (P,)
-        v0 = self._vec
-        if v0 is not None:
-            r = self._rng.normal(size=len(v0))
-            v0 = v0 + ONSET_MIX * r / np.linalg.norm(r)
-        lam, vec, n = spectra.warm_top_eig(matvec, len(theta), v0=v0, tol=ONSET_TOL)
-        if self._vec is None or step % VERIFY_EVERY == 0:
-            dense, dense_vec = top_eigenvalue(spectra.hessian(one, self.X, self.y,
-                                                              self._gamma(step), self.loss,
-                                                              beta=self.beta))  # fmt: skip
-            self.verified += 1
-            if abs(lam - dense) > VERIFY_RTOL * abs(dense):
-                self.replaced += 1
-                lam, vec = dense, dense_vec
-        if self._vec is not None and vec @ self._vec < 0:
-            vec = -vec  # the eigenvector's sign follows the previous one's
-        self._vec = vec
-        s["lam"][step], s["products"][step] = lam, n
+        hot = self._last is None or self.lr * self._last >= 2.0 * HOT_FRACTION
+        if hot or step % COLD_EVERY == 0:
+            if self.beta is None:
+                matvec = fast_spectra.hessian_matvec(state, self.y, self._gamma(step), self.loss)
+            else:  # softplus: the reference R-operator (models.mlp_hvp_operator)
+                args = (one, self.X, self.y, self._gamma(step), self.loss, self.beta)
+                matvec = spectra.hessian_matvec(*args)
+            s["lam"][step], s["products"][step] = self._top(matvec, one, step, len(theta))
         if self._prev:
             p_one, p_theta, p_logits, p_signs = self._prev[-1]
             s["flips"][step] = (signs != p_signs).sum()
             dtheta = theta - p_theta  # the update of step - 1
-            s["proj"][step - 1] = dtheta @ vec
+            s["proj"][step - 1] = dtheta @ self._vec  # on the latest top eigenvector
             if self._dtheta is not None:
                 norms = np.linalg.norm(dtheta) * np.linalg.norm(self._dtheta)
                 s["cos"][step - 1] = dtheta @ self._dtheta / norms if norms > 0 else np.nan
@@ -205,9 +226,8 @@ def analyze_unit(u, lr):
     run's thresholds: (rows {field: (E,)}, {"threshold": stride-25 rule, "threshold_1": stride 1,
     "episodes_below": rules that fired with eta * midpoint <= 2})."""
     lam, amp, steps = u["lam"], u["amp_logits"], np.arange(len(u["lam"]))
-    ok = np.isfinite(lam)
-    thr1, starts, _ = stability.hessian_threshold(steps[ok], lam[ok])
-    every = ok & (steps % RULE_STRIDE == 0)
+    thr1, starts, _ = stability.hessian_threshold(steps, lam)  # NaN (not measured) breaks a run
+    every = np.isfinite(lam) & (steps % RULE_STRIDE == 0)
     thr25 = stability.hessian_threshold(steps[every], lam[every])[0]
     onsets = stability.linear_onsets(lam, lr, starts)
     mid = stability.branch_midpoint(lam)

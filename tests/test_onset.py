@@ -12,6 +12,7 @@ import run_spiral as rs
 import spectra
 import spiral as sp
 import stability
+from apparatus import onset
 from dynloss import class_weights
 from fast import spiral_trainer as ft
 from models import flatten, init_mlp, mlp_loss_and_grads, unflatten
@@ -172,7 +173,10 @@ def test_onset_command_writes_units_resumes_and_merges(tmp_path, capsys):
     units = sorted((out / "units").glob("*.npz"))
     assert len(units) == 2
     z = np.load(units[0])
-    assert z["lam"].shape == (1201,) and np.isfinite(z["lam"]).all()
+    lam = z["lam"]
+    assert lam.shape == (1201,) and np.isfinite(lam[:: onset.COLD_EVERY]).all()
+    hot = np.flatnonzero(lam >= 2 * onset.HOT_FRACTION)  # measured at every step after these
+    assert np.isfinite(lam[hot[hot < 1200] + 1]).all()
     assert int(z["replaced"]) == 0  # the warm-started values agreed with the dense ones
     before = [u.stat().st_mtime_ns for u in units]
     capsys.readouterr()
