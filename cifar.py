@@ -1,9 +1,9 @@
 """CIFAR-10 (python version) loader and per-channel normalisation (the Fig. 1 data).
 
-Symbols: N samples, H/W image height/width (32 for CIFAR-10), C channels (3: red, green, blue),
-K classes (10).
+Symbols: N samples, Hx/Wx image height/width (32 for CIFAR-10; as in models.py), C channels
+(3: red, green, blue), K classes (10).
 
-Images are returned in NHWC layout, ``x[n, row, col, channel]`` with shape (N, H, W, C), because
+Images are returned in NHWC layout, ``x[n, row, col, channel]`` with shape (N, Hx, Wx, C), because
 the Myrtle5 network in ``models.py`` takes NHWC input. Labels are int64 of shape (N,). There is no
 augmentation (the Fig. 1 protocol).
 
@@ -124,9 +124,9 @@ class CifarData:
     """A CIFAR-10-format data set.
 
     Attributes:
-        x_train: (N_train, H, W, C) images, uint8 0..255 as loaded, float after ``normalize``.
+        x_train: (N_train, Hx, Wx, C) images, uint8 0..255 as loaded, float after ``normalize``.
         y_train: (N_train,) int64 labels in 0..K-1.
-        x_test: (N_test, H, W, C) images, same dtype as ``x_train``.
+        x_test: (N_test, Hx, Wx, C) images, same dtype as ``x_train``.
         y_test: (N_test,) int64 labels in 0..K-1.
         label_names: K class names.
         source: where the data came from (archive path, folder path, or synthetic settings).
@@ -241,7 +241,7 @@ def _uint8_rows(record, where):
     The record must be _reconstruct(ndarray, (0,), b"b") with the state (1, (N, L), dtype, False,
     raw bytes), the dtype numpy.dtype("u1", False, True) with DTYPE_UINT8_STATE, and len(raw) ==
     N L: everything is checked on plain Python values before NumPy sees any of it."""
-    bad = _fail(f"{where}: b'data' is not a uint8 (N, 3*H*W) array of an official batch")
+    bad = _fail(f"{where}: b'data' is not a uint8 (N, 3*Hx*Wx) array of an official batch")
     if not (isinstance(record, _Record) and record.what == "array") or record.args[:1] != (
         _NDARRAY,
     ):
@@ -270,14 +270,14 @@ def _uint8_rows(record, where):
 
 
 def _batch_arrays(batch: dict, where: str, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Check one batch dict and turn it into (N, H, W, C) uint8 images and (N,) int64 labels."""
+    """Check one batch dict and turn it into (N, Hx, Wx, C) uint8 images and (N,) int64 labels."""
     if b"data" not in batch or b"labels" not in batch:
         raise _fail(f"{where} lacks b'data' or b'labels'")
     rows = _uint8_rows(batch[b"data"], where)
     n, row_length = rows.shape
     side = math.isqrt(row_length // N_CHANNELS)
     if row_length == 0 or N_CHANNELS * side * side != row_length:
-        raise _fail(f"{where}: b'data' rows have length {row_length}, not 3*H*H (3072 for 32x32)")
+        raise _fail(f"{where}: b'data' rows have length {row_length}, not 3*Hx*Wx (3072 for 32x32)")
     labels = batch[b"labels"]
     if not isinstance(labels, list) or not all(type(v) is int for v in labels):
         raise _fail(f"{where}: b'labels' is not a list of ints")
@@ -285,7 +285,7 @@ def _batch_arrays(batch: dict, where: str, n_labels: int) -> tuple[np.ndarray, n
         raise _fail(f"{where}: {len(labels)} labels for {n} images")
     if labels and not all(0 <= v < n_labels for v in labels):
         raise _fail(f"{where}: labels outside 0..{n_labels - 1}")
-    images = rows.reshape(n, N_CHANNELS, side, side).transpose(0, 2, 3, 1)  # (N, H, W, C)
+    images = rows.reshape(n, N_CHANNELS, side, side).transpose(0, 2, 3, 1)  # (N, Hx, Wx, C)
     return np.ascontiguousarray(images), np.array(labels, dtype=np.int64)
 
 
@@ -310,7 +310,7 @@ def _assemble(blobs: dict[str, bytes], where: str) -> CifarData:
     if len(shapes) != 1:
         raise _fail(f"batches in {where} have different image shapes {sorted(shapes)}")
     return CifarData(
-        x_train=np.concatenate([x for x, _ in train]),  # (N_train, H, W, C)
+        x_train=np.concatenate([x for x, _ in train]),  # (N_train, Hx, Wx, C)
         y_train=np.concatenate([y for _, y in train]),  # (N_train,)
         x_test=x_test,
         y_test=y_test,
@@ -331,9 +331,9 @@ def load_cifar10(
             of a generated archive). None skips the check. Not used for an extracted folder.
 
     Returns:
-        CifarData with x_train (N_train, H, W, C) uint8, y_train (N_train,) int64, x_test
-        (N_test, H, W, C) uint8, y_test (N_test,) int64 -- for the official data N_train = 50000,
-        N_test = 10000, H = W = 32, C = 3 -- and the K = 10 label names.
+        CifarData with x_train (N_train, Hx, Wx, C) uint8, y_train (N_train,) int64, x_test
+        (N_test, Hx, Wx, C) uint8, y_test (N_test,) int64 -- for the official data N_train = 50000,
+        N_test = 10000, Hx = Wx = 32, C = 3 -- and the K = 10 label names.
 
     Raises:
         CifarError: one line saying what is wrong and where to put the archive.
@@ -360,7 +360,7 @@ def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and (population) std of images, in units of pixel / 255.
 
     Args:
-        x: (N, H, W, C) images with values 0..255 (uint8 for CIFAR-10).
+        x: (N, Hx, Wx, C) images with values 0..255 (uint8 for CIFAR-10).
 
     Returns:
         mean (C,) float64 and std (C,) float64; for the CIFAR-10 training set about
@@ -369,7 +369,7 @@ def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     total = np.zeros(x.shape[-1])
     total_sq = np.zeros(x.shape[-1])
     for start in range(0, x.shape[0], _NORMALIZE_CHUNK):
-        chunk = x[start : start + _NORMALIZE_CHUNK].astype(np.float64)  # (n, H, W, C)
+        chunk = x[start : start + _NORMALIZE_CHUNK].astype(np.float64)  # (n, Hx, Wx, C)
         total += chunk.sum(axis=(0, 1, 2))  # (C,); exact: integer sums stay below 2**53
         total_sq += np.square(chunk).sum(axis=(0, 1, 2))  # (C,)
     count = x.size // x.shape[-1]
@@ -384,18 +384,18 @@ def normalize_images(
     """(x / 255 - mean) / std per channel, computed in float64 chunks and stored as ``dtype``.
 
     Args:
-        x: (N, H, W, C) images with values 0..255.
+        x: (N, Hx, Wx, C) images with values 0..255.
         mean, std: (C,) statistics in units of pixel / 255, from ``channel_stats`` of the
             TRAINING images (also when normalising the test images).
         dtype: np.float32 or np.float64.
 
     Returns:
-        (N, H, W, C) array of ``dtype``.
+        (N, Hx, Wx, C) array of ``dtype``.
     """
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
-    out = np.empty(x.shape, dtype=dtype)  # (N, H, W, C)
+    out = np.empty(x.shape, dtype=dtype)  # (N, Hx, Wx, C)
     for start in range(0, x.shape[0], _NORMALIZE_CHUNK):
         chunk = x[start : start + _NORMALIZE_CHUNK].astype(np.float64) / 255.0
         out[start : start + _NORMALIZE_CHUNK] = (chunk - mean) / std
@@ -406,11 +406,11 @@ def normalize(data: CifarData, dtype=np.float32) -> CifarData:
     """Normalise train and test images per channel with the TRAINING-set mean and std.
 
     Args:
-        data: CifarData with x_train (N_train, H, W, C) and x_test (N_test, H, W, C) in 0..255.
+        data: CifarData with x_train (N_train, Hx, Wx, C) and x_test (N_test, Hx, Wx, C) in 0..255.
         dtype: np.float32 or np.float64 for the returned images.
 
     Returns:
-        CifarData with float x_train (N_train, H, W, C) and x_test (N_test, H, W, C); labels,
+        CifarData with float x_train (N_train, Hx, Wx, C) and x_test (N_test, Hx, Wx, C); labels,
         names unchanged, and the statistics recorded in ``source``.
     """
     mean, std = channel_stats(data.x_train)  # (C,), (C,)

@@ -3,6 +3,7 @@
 Symbols
 -------
 M  networks trained side by side (each may have its own amplitude A and period T)
+S  steps at which Gamma is evaluated at once
 N  samples
 K  classes (the paper's C)
 t  update step (full-batch steps for the spiral, minibatch steps for CIFAR-10)
@@ -137,20 +138,21 @@ def loss_forward(logits, y, gamma, loss="ce"):
     Returns
     -------
     F : array (M,)
-    cache : tuple for :func:`loss_backward`.
+    cache : (loss, a, y, gamma_y) for :func:`loss_backward`: a is log softmax(z) (M, N, K) for
+        "ce" and the residual z - onehot(y) (M, N, K) for "mse"; gamma_y (M, N) = Gamma_{y_j}.
     """
     xp = get_array_module(logits, gamma)
     M, N, K = logits.shape
-    w = gamma[:, y]  # (M, N)  Gamma_{y_j}
+    gamma_y = gamma[:, y]  # (M, N)  Gamma_{y_j}
     if loss == "ce":
         logp = log_softmax(logits)  # (M, N, K)
         ce = -xp.take_along_axis(logp, y[None, :, None], axis=-1)[..., 0]  # (M, N)
-        F = (w * ce).sum(axis=1) / N  # (M,)  Eq. (1) / N
-        return F, (loss, logp, y, w)
+        F = (gamma_y * ce).sum(axis=1) / N  # (M,)  Eq. (1) / N
+        return F, (loss, logp, y, gamma_y)
     if loss == "mse":
         resid = logits - _onehot(y, K, xp)  # (M, N, K)  g_k(x) of eq. (12)
-        F = (w * (resid**2).sum(axis=-1)).sum(axis=1) / (2 * N)  # (M,)  Eq. (8), weighted
-        return F, (loss, resid, y, w)
+        F = (gamma_y * (resid**2).sum(axis=-1)).sum(axis=1) / (2 * N)  # (M,)  Eq. (8), weighted
+        return F, (loss, resid, y, gamma_y)
     raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
 
 
@@ -161,14 +163,14 @@ def loss_backward(cache):
     -------
     dlogits : array (M, N, K)
     """
-    loss, a, y, w = cache
+    loss, a, y, gamma_y = cache
     xp = get_array_module(a)
     M, N, K = a.shape
     if loss == "ce":
         dz = xp.exp(a)  # (M, N, K)  softmax(z)
         dz[:, xp.arange(N), y] -= 1.0  # softmax(z) - onehot(y)
-        return dz * (w[..., None] / N)  # eq. (1)': Gamma_y (softmax(z) - onehot(y)) / N
-    return a * (w[..., None] / N)  # eq. (8)': dF/dz = Gamma_y (z - onehot(y)) / N
+        return dz * (gamma_y[..., None] / N)  # dF/dz = Gamma_y (softmax(z) - onehot(y)) / N
+    return a * (gamma_y[..., None] / N)  # eq. (8): dF/dz = Gamma_y (z - onehot(y)) / N
 
 
 def logit_curvature(cache):
@@ -177,10 +179,10 @@ def logit_curvature(cache):
     Returns w (M, N), the weights Gamma_{y_j} / N, and s (M, N, K) = softmax(z) for "ce" (None
     for "mse"): d^2F/dz_j dz_j = w_j (diag(s_j) - s_j s_j^T), or w_j I_K for "mse".
     """
-    loss, a, y, w = cache
+    loss, a, y, gamma_y = cache
     xp = get_array_module(a)
     N = a.shape[1]
-    return w / N, (xp.exp(a) if loss == "ce" else None)
+    return gamma_y / N, (xp.exp(a) if loss == "ce" else None)  # w = Gamma_y / N, softmax(z)
 
 
 def apply_logit_hessian(curvature, Rlogits):

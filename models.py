@@ -16,8 +16,12 @@ D  input dimension (2 for the spiral)
 H  hidden width (100 "narrow", 1000 "wide")
 K  classes
 P  parameters of one network (D*H + H + H*K + K; 603 at H = 100)
-C  channels of an image or feature map (c: the Myrtle5 width, 64 in the paper)
+C  channels of an image or feature map (c: the Myrtle5 width, 64 in the paper; the paper's C
+   is our K)
 Hx, Wx  image height and width (32 for CIFAR-10; Hx, not H, so as not to clash with the MLP's H)
+m  the ReLU mask 1[z1 > 0] (dynloss's m is the slope of eq. 3; the Lanczos steps are spectra's)
+g  dF/dz, the gradient of the loss in the logits (the paper's g of eq. 12 is the MSE residual
+   z - onehot(y), which dF/dz equals up to the factor Gamma_y / N)
 
 Conventions
 -----------
@@ -43,8 +47,9 @@ tied to them by tests.
 
 Derivation: the MLP's Jacobian and exact Hessian
 ------------------------------------------------
-With the mask m = 1[z1 > 0] (N, H) and g = dF/dz (N, K) from dynloss, the logit Jacobian
-J = dz/dtheta (N*K, P), row n*K + k, in the parameter order W1, b1, W2, b2 (:func:`flatten`):
+For one network (the M axis dropped), with the mask m = 1[z1 > 0] (N, H) and g = dF/dz (N, K)
+from dynloss, the logit Jacobian J = dz/dtheta (N*K, P), row n*K + k, in the parameter order
+W1, b1, W2, b2 (:func:`flatten`):
 
     dz_nk/dW1[d,j] = x_nd m_nj W2_jk,   dz_nk/db1_j = m_nj W2_jk,
     dz_nk/dW2[j,l] = h1_nj [k=l],        dz_nk/db2_l = [k=l].
@@ -69,8 +74,8 @@ One network, no M axis (the CIFAR runs train one network at a time)::
     z1 = conv3x3(x,  W1) + b1   h1 = relu(z1)                       (N, Hx, Wx, c)
     z2 = conv3x3(h1, W2) + b2   h2 = relu(z2)   p2 = avgpool2(h2)   (N, Hx/2, Wx/2, c)
     z3 = conv3x3(p2, W3) + b3   h3 = relu(z3)   p3 = avgpool2(h3)   (N, Hx/4, Wx/4, c)
-    z4 = conv3x3(p3, W4) + b4   h4 = relu(z4)   g = global_avgpool(h4)   (N, c)
-    logits = g @ W5 + b5                                              (N, K)
+    z4 = conv3x3(p3, W4) + b4   h4 = relu(z4)   q = global_avgpool(h4)   (N, c)
+    logits = q @ W5 + b5                                              (N, K)
 
 Parameters, in the fixed order of ``MYRTLE5_PARAM_NAMES``: W1 (3, 3, C_in, c), W2..W4
 (3, 3, c, c) (kernel row, kernel column, input channel, output channel), b1..b4 (c,), W5 (c, K),
@@ -350,7 +355,7 @@ def mlp_hvp_operator(params, X, y, gamma, loss="ce", beta=None):
     _, lcache = loss_forward(logits, y, gamma, loss)
     g = loss_backward(lcache)  # (M, N, K)  dF/dz
     c1, c2, c3 = cache
-    curvature = hidden_curvature(c2)  # sigma''(z1) (M, N, H), None for ReLU
+    sigma2 = hidden_curvature(c2)  # sigma''(z1) (M, N, H), None for ReLU
     dh1 = g @ xp.swapaxes(params["W2"], -1, -2)  # (M, N, H)  dF/dh1
 
     def hvp(V):
@@ -360,8 +365,8 @@ def mlp_hvp_operator(params, X, y, gamma, loss="ce", beta=None):
         RdW2 = RdW2 + xp.swapaxes(Rh1, -1, -2) @ g  # + R{h1}^T g
         Rdh1 = Rdh1 + g @ xp.swapaxes(V["W2"], -1, -2)  # + g V2^T
         Rdz1 = hidden_backward(Rdh1, c2)  # R{dz1} = sigma'(z1) R{dh1} ...
-        if curvature is not None:
-            Rdz1 = Rdz1 + curvature * Rz1 * dh1  # ... + sigma''(z1) R{z1} dh1 (softplus)
+        if sigma2 is not None:
+            Rdz1 = Rdz1 + sigma2 * Rz1 * dh1  # ... + sigma''(z1) R{z1} dh1 (softplus)
         _, RdW1, Rdb1 = affine_backward(Rdz1, c1)  # X^T R{dz1}, sum R{dz1}
         return {"W1": RdW1, "b1": Rdb1, "W2": RdW2, "b2": Rdb2}
 
@@ -410,10 +415,10 @@ def mlp_network_term(params, X, dlogits, beta=None):
     term = xp.zeros((M, P, P))
     term[:, rows, cols] = C.reshape(M, -1)
     term[:, cols, rows] = C.reshape(M, -1)
-    curvature = hidden_curvature(c2)  # sigma''(z1) (M, N, H), None for ReLU
-    if curvature is not None:  # B_j[d, d'] = sum_n dh1_nj sigma''_nj xa_nd xa_nd'
+    sigma2 = hidden_curvature(c2)  # sigma''(z1) (M, N, H), None for ReLU
+    if sigma2 is not None:  # B_j[d, d'] = sum_n dh1_nj sigma''_nj xa_nd xa_nd'
         dh1 = dlogits @ xp.swapaxes(params["W2"], -1, -2)  # (M, N, H)
-        B = xp.einsum("mnj,nd,ne->mjde", dh1 * curvature, xa, xa)  # (M, H, D+1, D+1)
+        B = xp.einsum("mnj,nd,ne->mjde", dh1 * sigma2, xa, xa)  # (M, H, D+1, D+1)
         d, e, j = np.meshgrid(np.arange(D + 1), np.arange(D + 1), np.arange(H), indexing="ij")
         term[:, (d * H + j).ravel(), (e * H + j).ravel()] += B.transpose(0, 2, 3, 1).reshape(M, -1)
     return term
@@ -656,8 +661,8 @@ def myrtle5_forward(x, params, layers=None):
     h3, (conv3, relu3) = L.conv3x3_relu_forward(p2, P["W3"], P["b3"])
     p3, pool3 = L.avgpool2_forward(h3)  # (N, Hx/4, Wx/4, c)
     h4, (conv4, relu4) = L.conv3x3_relu_forward(p3, P["W4"], P["b4"])
-    g, pool4 = L.global_avgpool_forward(h4)  # (N, c)
-    logits, dense5 = L.dense_forward(g, P["W5"], P["b5"])  # (N, K)
+    q, pool4 = L.global_avgpool_forward(h4)  # (N, c)  pooled features
+    logits, dense5 = L.dense_forward(q, P["W5"], P["b5"])  # (N, K)
     cache = dict(conv1=conv1, relu1=relu1, conv2=conv2, relu2=relu2, pool2=pool2, conv3=conv3)
     cache.update(relu3=relu3, pool3=pool3, conv4=conv4, relu4=relu4, pool4=pool4, dense5=dense5)
     return logits, cache
@@ -666,8 +671,8 @@ def myrtle5_forward(x, params, layers=None):
 def _myrtle5_backward(dlogits, cache, L):
     """The backward pass, returning the grads and the pre-activation gradients dz1..dz4."""
     c = cache
-    dg, dW5, db5 = L.dense_backward(dlogits, c["dense5"])  # (N, c)
-    dh4 = L.global_avgpool_backward(dg, c["pool4"])  # (N, Hx/4, Wx/4, c)
+    dq, dW5, db5 = L.dense_backward(dlogits, c["dense5"])  # (N, c)
+    dh4 = L.global_avgpool_backward(dq, c["pool4"])  # (N, Hx/4, Wx/4, c)
     dz4 = L.relu_backward(dh4, c["relu4"])
     dp3, dW4, db4 = L.conv3x3_backward(dz4, c["conv4"])
     dz3 = L.relu_avgpool2_backward(dp3, c["pool3"], c["relu3"])  # (N, Hx/2, Wx/2, c)
@@ -766,15 +771,15 @@ def _myrtle5_rop(params, cache, curvature, dlogits, dz, V, L):
     Rp3, _ = L.avgpool2_forward(L.relu_backward(Rz3, c["relu3"]))  # (N, Hx/4, Wx/4, c)
     Rz4, convR4 = L.conv3x3_forward(Rp3, P["W4"], V["b4"])
     Rz4 += L.conv3x3_cached_forward(conv4, V["W4"])
-    Rg, _ = L.global_avgpool_forward(L.relu_backward(Rz4, c["relu4"]))  # (N, c)
-    g, W5 = c["dense5"]
-    Rlogits = Rg @ W5 + g @ V["W5"] + V["b5"]  # (N, K)
+    Rq, _ = L.global_avgpool_forward(L.relu_backward(Rz4, c["relu4"]))  # (N, c)
+    q, W5 = c["dense5"]
+    Rlogits = Rq @ W5 + q @ V["W5"] + V["b5"]  # (N, K)
     Rdlogits = apply_logit_hessian(curvature, Rlogits[None])[0]  # (N, K)  R{dF/dz}, dynloss
     # R backward pass: R{dW} = R{a}^T dz + a^T R{dz};  R{da} = R{dz} W^T + dz V^T
-    Rdg, RdW5, Rdb5 = L.dense_backward(Rdlogits, c["dense5"])
-    RdW5 = RdW5 + Rg.T @ dlogits  # (c, K)
-    Rdg = Rdg + dlogits @ V["W5"].T  # (N, c)
-    Rdz4 = L.relu_backward(L.global_avgpool_backward(Rdg, c["pool4"]), c["relu4"])
+    Rdq, RdW5, Rdb5 = L.dense_backward(Rdlogits, c["dense5"])
+    RdW5 = RdW5 + Rq.T @ dlogits  # (c, K)
+    Rdq = Rdq + dlogits @ V["W5"].T  # (N, c)
+    Rdz4 = L.relu_backward(L.global_avgpool_backward(Rdq, c["pool4"]), c["relu4"])
     Rdp3, RdW4, Rdb4 = _conv_rop_backward(dz["dz4"], Rdz4, conv4, V["W4"], convR4, L)
     Rdz3 = L.relu_avgpool2_backward(Rdp3, c["pool3"], c["relu3"])
     Rdp2, RdW3, Rdb3 = _conv_rop_backward(dz["dz3"], Rdz3, conv3, V["W3"], convR3, L)

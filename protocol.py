@@ -22,6 +22,9 @@ epoch.
   to epoch). The paper does not say which it did.
 * dtype: float32 by default (the paper's JAX runs were float32); float64 for exact checks.
 
+Symbols: N images (a minibatch: B), Hx and Wx their height and width, C their channels, K
+classes, t the minibatch step, E epochs, spe steps per epoch.
+
 ``settings`` is a dict of the protocol's values (apparatus/cifar_runs.py resolves them from the
 command line): A, T, epochs, batch, lr_peak, lr_final, peak_epoch, stop_epoch, momentum, dtype.
 The run around :func:`train_epoch` (seeds, checkpoints and exact resume, the logged history) is
@@ -141,13 +144,13 @@ def evaluate(params, x, y, gamma, batch, layers=None):
     ``batch`` images. Returns three floats (one host sync).
     """
     xp = get_array_module(x)
-    w = xp.asarray(gamma, dtype=np.float64)[None]  # (1, K)
+    gamma_row = xp.asarray(gamma, dtype=np.float64)[None]  # (1, K): M = 1 network
     dyn = static = correct = xp.zeros((), dtype=np.float64)
     for s in range(0, x.shape[0], batch):
         yb = y[s : s + batch]  # (n,)
         logits, _ = myrtle5_forward(x[s : s + batch], params, layers)  # (n, K)
         logits64 = logits.astype(np.float64)[None]  # (1, n, K)
-        dyn = dyn + loss_forward(logits64, yb, w)[0][0] * len(yb)  # n F of eq. (1)
+        dyn = dyn + loss_forward(logits64, yb, gamma_row)[0][0] * len(yb)  # n F of eq. (1)
         static = static + per_sample_cross_entropy(logits64, yb).sum()  # sum_j CE_j
         correct = correct + (logits.argmax(axis=1) == yb).sum()
     n = x.shape[0]

@@ -17,19 +17,24 @@ in the logits); this module assembles them into matrices and operators and finds
 The Hessian and its Gauss-Newton part
 -------------------------------------
 d2F/dtheta2 = J^T Hz J + (the network term, models.mlp_network_term), with J the logit Jacobian
-(N*K, P) and Hz the block-diagonal logit curvature, Hz_n = w_n (diag(p_n) - p_n p_n^T) with
-w_n = Gamma_{y_n} / N, p_n = softmax(z_n) (MSE: w_n I_K). Since diag(p) - p p^T = L L^T with
-L = (I - p 1^T) diag(sqrt p) (multiply out and use 1^T p = 1), J^T Hz J = V^T V with the rows
-V_n = sqrt(w_n) diag(sqrt p_n) (J_n - p_n^T J_n): one product of rank N*K, no loop over samples.
+(N*K, P) and Hz the block-diagonal logit curvature, Hz_n = w_n (diag(s_n) - s_n s_n^T) with
+w_n = Gamma_{y_n} / N, s_n = softmax(z_n) (MSE: w_n I_K). Since diag(s) - s s^T = L L^T with
+L = (I - s 1^T) diag(sqrt s) (multiply out and use 1^T s = 1), J^T Hz J = V^T V with the blocks
+V_n = sqrt(w_n) diag(sqrt s_n) (J_n - 1 (s_n^T J_n)) (K, P), J_n (K, P) the rows of sample n and
+1 (K,) ones: one product of rank N*K, no loop over samples.
 
 The NTK (eq. 11) and its links to the Hessian
 ---------------------------------------------
 Theta = J J^T (N*K, N*K), sample-major (row n*K + k); the traced NTK averages its K logit blocks,
 (1/K) sum_k Theta[(n,k), (n',k)] (N, N), the kernel the authors' notebook plotted. Under gradient
-descent with learning rate eta the logits move by dz = -eta Theta dF/dz to first order; for MSE
+descent with learning rate eta the parameters move by dtheta = -eta J^T dF/dz, so the logits move
+by dz = J dtheta = -eta Theta dF/dz to first order; for MSE
 and Gamma = 1 that is eqs. (13)-(14), g <- (1 - (eta/N) Theta) g, unstable once an NTK eigenvalue
 exceeds 2N/eta. J^T Hz J and Hz^(1/2) Theta Hz^(1/2) share their nonzero eigenvalues (the loss-
-weighted NTK, :func:`weighted_ntk`); for MSE with Gamma = 1 that is Theta / N, and gradient
+weighted NTK, :func:`weighted_ntk`): linearising dF/dz around the trajectory, a deviation of
+the logits obeys dz <- (I - eta Theta Hz) dz, whose multipliers are 1 - eta times those
+eigenvalues, so eq. (14)'s condition with this kernel reads eta lambda_max > 2, the Gauss-Newton
+part's own threshold. For MSE with Gamma = 1 it is Theta / N (eq. 14 as printed), and gradient
 descent on a quadratic is unstable once lambda_max > 2/eta (stability.py has these thresholds).
 
 Spectral density: stochastic Lanczos quadrature (Ghorbani et al. 2019) gives the density of the
@@ -83,8 +88,8 @@ def _one(params):
 
 def loss_state(params, X, y, gamma, loss="ce", beta=None):
     """The forward pass and the loss's pieces in the logits: (cache, g = dF/dz (1, N, K),
-    curvature (w (1, N), p (1, N, K) or None), lcache). gamma : (K,) class weights;
-    beta : None (ReLU) or the softplus beta."""
+    curvature (w (1, N), s (1, N, K) or None), lcache). X (N, D), y (N,), gamma (K,) class
+    weights; beta : None (ReLU) or the softplus beta."""
     logits, cache = mlp_forward(np.asarray(X, dtype=np.float64), params, beta)
     gamma = np.asarray(gamma, dtype=np.float64).reshape(1, -1)  # (1, K)
     _, lcache = loss_forward(logits, np.asarray(y), gamma, loss)
@@ -92,22 +97,23 @@ def loss_state(params, X, y, gamma, loss="ce", beta=None):
 
 
 def logits_jacobian(params, X, beta=None):
-    """J = d logits / d theta of one MLP, (N*K, P), row n*K + k (models.mlp_jacobian)."""
-    p = _one(params)
-    return mlp_jacobian(p, np.asarray(X, dtype=np.float64), beta)[0]
+    """J = d logits / d theta of one MLP, (N*K, P), row n*K + k (models.mlp_jacobian).
+    X : (N, D);  beta : None (ReLU) or the softplus beta."""
+    one = _one(params)
+    return mlp_jacobian(one, np.asarray(X, dtype=np.float64), beta)[0]
 
 
 def gn_factor(J, curvature):
     """V (N*K, P) with V^T V = J^T Hz J, from the Jacobian J (N*K, P) and the logit curvature
-    (w (1, N), p (1, N, K) or None for MSE) of dynloss.logit_curvature (module docstring)."""
-    w, p = curvature[0][0], None if curvature[1] is None else curvature[1][0]
+    (w (1, N), s (1, N, K) or None for MSE) of dynloss.logit_curvature (module docstring)."""
+    w, s = curvature[0][0], None if curvature[1] is None else curvature[1][0]
     N = len(w)
     J = J.reshape(N, -1, J.shape[1])  # (N, K, P)
-    if p is None:
+    if s is None:
         V = np.sqrt(w)[:, None, None] * J  # (N, K, P)  MSE: sqrt(w_n) J_n
     else:
-        pJ = np.einsum("nk,nkp->np", p, J)  # (N, P)  p_n^T J_n
-        V = np.sqrt(w[:, None] * p)[:, :, None] * (J - pJ[:, None, :])  # (N, K, P)
+        sJ = np.einsum("nk,nkp->np", s, J)  # (N, P)  s_n^T J_n
+        V = np.sqrt(w[:, None] * s)[:, :, None] * (J - sJ[:, None, :])  # (N, K, P)
     return V.reshape(-1, J.shape[2])
 
 
@@ -118,31 +124,32 @@ def gauss_newton(J, curvature):
 
 
 def hessian(params, X, y, gamma, loss="ce", parts=False, beta=None):
-    """The exact Hessian of F (eq. 1, weights gamma (K,)) with respect to theta: (P, P).
+    """The exact Hessian of F (eq. 1, weights gamma (K,)) with respect to theta: (P, P);
+    X (N, D), y (N,).
 
     The Gauss-Newton part J^T Hz J plus the network's own term (module docstring); with
     ``parts`` returns the two (P, P) terms instead of their sum. beta : None (ReLU) or the
     softplus beta. Dense: P = 6003 at H = 1000 costs a (N*K) x P x P product (seconds) and
     0.3 GB per matrix.
     """
-    p = _one(params)
+    one = _one(params)
     X = np.asarray(X, dtype=np.float64)
-    _, g, curvature, _ = loss_state(p, X, y, gamma, loss, beta)
-    gn = gauss_newton(mlp_jacobian(p, X, beta)[0], curvature)
-    network = mlp_network_term(p, X, g, beta)[0]
+    _, g, curvature, _ = loss_state(one, X, y, gamma, loss, beta)
+    gn = gauss_newton(mlp_jacobian(one, X, beta)[0], curvature)
+    network = mlp_network_term(one, X, g, beta)[0]
     return (gn, network) if parts else gn + network
 
 
 def hessian_matvec(params, X, y, gamma, loss="ce", beta=None):
     """The exact HVP v (P,) -> H v (P,), by the R-operator (models.mlp_hvp_operator: the
-    forward pass once, about two gradients per product)."""
-    p = _one(params)
+    forward pass once, about two gradients per product). X (N, D), y (N,), gamma (K,)."""
+    one = _one(params)
     X, y = np.asarray(X, dtype=np.float64), np.asarray(y)
     gamma = np.asarray(gamma, dtype=np.float64).reshape(1, -1)  # (1, K)
-    hvp_of = mlp_hvp_operator(p, X, y, gamma, loss, beta)
+    hvp_of = mlp_hvp_operator(one, X, y, gamma, loss, beta)
 
     def matvec(v):
-        V = unflatten(np.asarray(v, dtype=np.float64).reshape(1, -1), p)
+        V = unflatten(np.asarray(v, dtype=np.float64).reshape(1, -1), one)
         return flatten(hvp_of(V))[0]  # (P,)
 
     return matvec
@@ -154,14 +161,16 @@ def n_params(params):
 
 
 def hessian_operator(params, X, y, gamma, loss="ce", beta=None):
-    """The Hessian of F as a scipy LinearOperator (P, P), float64."""
+    """The Hessian of F as a scipy LinearOperator (P, P), float64. X (N, D), y (N,),
+    gamma (K,)."""
     P = n_params(params)
     mv = hessian_matvec(params, X, y, gamma, loss, beta)
     return LinearOperator((P, P), matvec=mv, rmatvec=mv, dtype=np.float64)
 
 
 def hvp(params, X, y, gamma, v, loss="ce", beta=None):
-    """Exact Hessian-vector product H v of F (eq. 1, weights gamma (K,)): v (P,) -> (P,)."""
+    """Exact Hessian-vector product H v of F (eq. 1, weights gamma (K,)): v (P,) -> (P,).
+    X (N, D), y (N,)."""
     return hessian_matvec(params, X, y, gamma, loss, beta)(v)
 
 
@@ -282,7 +291,8 @@ def warm_top_eig(matvec, P, v0=None, tol=EIGSH_TOL, steps=WARM_STEPS, max_restar
 
 
 def hessian_top_eigs(params, X, y, gamma, k=1, v0=None, loss="ce", tol=EIGSH_TOL):
-    """The k largest Hessian eigenpairs of F for one MLP: vals (k,) descending, vecs (P, k)."""
+    """The k largest Hessian eigenpairs of F for one MLP: vals (k,) descending, vecs (P, k).
+    X (N, D), y (N,), gamma (K,)."""
     op = hessian_operator(params, X, y, gamma, loss)
     return top_eigs(op.matvec, op.shape[0], k=k, v0=v0, tol=tol)
 
@@ -293,56 +303,79 @@ def hessian_top_eigs(params, X, y, gamma, k=1, v0=None, loss="ce", tol=EIGSH_TOL
 
 
 def ntk(params, X, beta=None):
-    """The full empirical NTK Theta = J J^T of eq. (11), (N*K, N*K), row/column n*K + k."""
+    """The full empirical NTK Theta = J J^T of eq. (11), (N*K, N*K), row/column n*K + k.
+    X : (N, D)."""
     J = logits_jacobian(params, X, beta)  # (N*K, P)
     return J @ J.T  # Eq. (11)
 
 
 def ntk_traced(params, X, beta=None):
-    """The NTK averaged over the K logit blocks, (1/K) sum_k Theta[(n,k), (n',k)]: (N, N).
+    """The NTK averaged over the K logit blocks, (1/K) sum_k Theta[(n,k), (n',k)]: (N, N);
+    X (N, D).
 
     This is the kernel the authors' notebook plotted (on its first 50 points).
     """
     K = params["W2"].shape[2]
-    theta = ntk(params, X, beta)
-    N = theta.shape[0] // K
-    return np.einsum("akbk->ab", theta.reshape(N, K, N, K)) / K  # eq. (11), traced over k
+    full = ntk(params, X, beta)  # (N*K, N*K)
+    N = full.shape[0] // K
+    return np.einsum("akbk->ab", full.reshape(N, K, N, K)) / K  # eq. (11), traced over k
 
 
 def weighted_ntk(params, X, y, gamma, loss="ce", beta=None):
     """The loss-weighted NTK V V^T (N*K, N*K), V = Hz^(1/2) J in the factored form of
     :func:`gn_factor`: Theta weighted by the logit curvature and Gamma. Its nonzero eigenvalues
-    are those of the Gauss-Newton part V^T V (module docstring). gamma : (K,)."""
-    p = _one(params)
-    _, _, curvature, _ = loss_state(p, X, y, gamma, loss, beta)
-    V = gn_factor(logits_jacobian(p, X, beta), curvature)  # (N*K, P)
+    are those of the Gauss-Newton part V^T V (module docstring). X (N, D), y (N,), gamma (K,)."""
+    one = _one(params)
+    _, _, curvature, _ = loss_state(one, X, y, gamma, loss, beta)
+    V = gn_factor(logits_jacobian(one, X, beta), curvature)  # (N*K, P)
     return V @ V.T
 
 
 def ntk_matvec(params, X):
     """The full NTK product u (N*K,) -> J (J^T u) (N*K,), never formed: models.mlp_backward
-    (J^T u) then models.mlp_jvp (J v)."""
-    p = _one(params)
+    (J^T u) then models.mlp_jvp (J v). X : (N, D)."""
+    one = _one(params)
     X = np.asarray(X, dtype=np.float64)
-    _, cache = mlp_forward(X, p)
-    shape = (1, len(X), p["W2"].shape[2])  # (1, N, K)
+    _, cache = mlp_forward(X, one)
+    shape = (1, len(X), one["W2"].shape[2])  # (1, N, K)
 
     def matvec(u):
         Jt_u = mlp_backward(np.asarray(u, dtype=np.float64).reshape(shape), cache)  # J^T u
-        return mlp_jvp(p, cache, Jt_u).ravel()  # (N*K,)  Theta u, eq. (11)
+        return mlp_jvp(one, cache, Jt_u).ravel()  # (N*K,)  Theta u, eq. (11)
+
+    return matvec
+
+
+def ntk_traced_matvec(params, X):
+    """The traced NTK product u (N,) -> Theta_traced u (N,), never formed: (1/K) sum_k
+    J_k (J_k^T u) with J_k the rows of logit k (models.mlp_backward with u in column k, then
+    models.mlp_jvp). X : (N, D)."""
+    one = _one(params)
+    X = np.asarray(X, dtype=np.float64)
+    _, cache = mlp_forward(X, one)
+    N, K = len(X), one["W2"].shape[2]
+
+    def matvec(u):
+        out = np.zeros(N)
+        for k in range(K):
+            U = np.zeros((1, N, K))  # the upstream u on logit k only
+            U[0, :, k] = np.asarray(u, dtype=np.float64).reshape(N)
+            out += mlp_jvp(one, cache, mlp_backward(U, cache))[0, :, k]  # J_k (J_k^T u)
+        return out / K  # eq. (11), traced over k
 
     return matvec
 
 
 def ntk_operator(params, X):
-    """The full NTK J J^T as a LinearOperator (N*K, N*K), row n*K + k, never formed."""
+    """The full NTK J J^T as a LinearOperator (N*K, N*K), row n*K + k, never formed; X (N, D)."""
     n = len(X) * params["W2"].shape[2]
     mv = ntk_matvec(params, X)
     return LinearOperator((n, n), matvec=mv, rmatvec=mv, dtype=np.float64)
 
 
 def ntk_top_eig(params, X, v0=None, tol=EIGSH_TOL):
-    """lambda_max of the full NTK and its eigenvector (N*K,), by warm-startable Lanczos."""
+    """lambda_max of the full NTK and its eigenvector (N*K,), by warm-startable Lanczos;
+    X (N, D), v0 (N*K,) or None."""
     op = ntk_operator(params, X)
     vals, vecs = top_eigs(op.matvec, op.shape[0], k=1, v0=v0, tol=tol)
     return vals[0], vecs[:, 0]

@@ -46,7 +46,8 @@ def _arms(radii, noise, rng_normal):
 
 
 def make_spiral_train(n_per_class=N_PER_CLASS, K=K_SPIRAL, noise=SPIRAL_NOISE, seed=TRAIN_SEED):
-    """The training spiral of the authors' notebook (cs231n): radii evenly spaced in [0, 1].
+    """The training spiral of the authors' notebook, adapted from cs231n's (which spans 4
+    radians per arm; this one 4 pi): radii evenly spaced in [0, 1].
 
     Class j: radius linspace(0, 1, n), angle linspace(2 pi j/K, 2 pi j/K + 4 pi, n) plus
     N(0, noise^2), drawn from the legacy RandomState(seed) class by class. Radius 0 puts one point

@@ -7,11 +7,17 @@ caption's threshold, Fig. 5 (a)); :func:`analyze` collects these for one run; :f
 fits threshold ~ eta^x (Fig. 5). The series they read (lambda_max along a run) are measured by
 apparatus/tracker.py with spectra.py's operators.
 
+Symbols: S logged (or tracked) steps; E episodes (instabilities); eta the learning rate; lambda
+a Hessian eigenvalue; g = dF/dtheta the gradient; H the Hessian.
+
 The bounds they are compared with (eqs. 6-7 and 13-14 of the paper):
-- eqs. (6)-(7): to second order F(theta - eta g) = F - eta |g|^2 + (eta^2/2) g^T H g, so gradient
-  descent on a quadratic multiplies the component along an eigenvector of curvature lambda by
-  1 - eta lambda per step and is unstable once lambda > 2/eta (:func:`gd_threshold`): the
-  threshold scales as eta^-1;
+- eqs. (6)-(7): to second order, F(theta - eta g) = F - eta |g|^2 + (eta^2/2) g^T H g; along an
+  eigenvector of curvature lambda the step lowers F only while -eta |g|^2 + (eta^2/2) lambda |g|^2
+  < 0, i.e. lambda < 2/eta. On a quadratic F = (theta - theta*)^T H (theta - theta*) / 2 the
+  gradient is H (theta - theta*), so a step maps theta - theta* to (I - eta H)(theta - theta*):
+  the component along that eigenvector is multiplied by 1 - eta lambda, which passes -1 at
+  lambda = 2/eta (:func:`gd_threshold`, the constant the paper's proportionality (7) leaves
+  open): the threshold scales as eta^-1;
 - eqs. (13)-(14): under MSE the NTK mode with eigenvalue lambda is multiplied by
   1 - (eta/N) lambda per step (:func:`ntk_multiplier`), so it flips and grows once
   lambda > 2N/eta (:func:`ntk_threshold`).
@@ -22,13 +28,14 @@ Along the top eigenvector, gradient descent multiplies a deviation by 1 - eta la
 once eta lambda > 2 the period-two mode grows by |1 - eta lambda| = eta lambda - 1 per step (a
 flip bifurcation), and before that it decays. :func:`linear_onsets` finds, for each instability
 the Fig. 4 rule detects, the step where eta lambda_max crossed 2 (the linear-stability onset) and
-the lag to the rule; :func:`period_two_amplitude` measures the mode from any series (the
-alternating part x(t+1) - 2x(t) + x(t-1) = -4 c(t) of c(t) (-1)^t); :func:`growth_fit` compares
-its growth per step with log|1 - eta lambda|, the multiplier of the linear map. If the mode is
-born at 2/eta from an amplitude a0 and must reach a1 to be seen, and eta lambda rises at rate
-rho per step, it has grown by sum (eta lambda - 2) ~ rho dt^2 / 2 e-foldings after dt steps, so
-the rule fires at eta lambda - 2 ~ sqrt(2 rho ln(a1/a0)) above the onset (slow passage):
-:func:`slow_passage_excess`.
+the lag to the rule; :func:`period_two_amplitude` measures the mode from any series (for
+x(t) = c (-1)^t, x(t+1) - 2 x(t) + x(t-1) = -4 c (-1)^t, while a smooth part contributes only its
+second derivative); :func:`growth_fit` compares the mode's growth per step with log|1 - eta
+lambda|, the multiplier of the linear map. If the mode is born at 2/eta from an amplitude a0 and
+must reach a1 to be seen, and eta lambda rises at rate rho per step, then after dt steps it has
+grown by sum ln(eta lambda - 1) ~ sum (eta lambda - 2) ~ rho dt^2 / 2 e-foldings (ln(1 + x) ~ x
+near eta lambda = 2), so the rule fires at eta lambda - 2 ~ sqrt(2 rho ln(a1/a0)) above the onset
+(slow passage): :func:`slow_passage_excess`.
 """
 
 from __future__ import annotations
@@ -89,7 +96,8 @@ def hessian_threshold(step, lmax, jump=HESS_JUMP, min_length=HESS_MIN_RUN):
     line) and its last the end (red line). The threshold is the average of lambda_max at all
     starts and ends, each taken as the midpoint (lambda(t) + lambda(t-1))/2 of the two
     branches the system alternates between. Track at an odd stride (the authors' notebook: 25
-    steps) or every step, or the bouncing is invisible.
+    steps) or every step, or the bouncing is invisible. step : (S,) tracked steps; lmax : (S,)
+    (NaN where not measured: a jump next to a NaN does not count).
 
     Returns threshold (nan when no instability), starts (E,), ends (E,) steps.
     """
@@ -136,7 +144,8 @@ def analyze(arrays, lr, N, T, stop_step):
     ``settled_period``: the number of periods T after which lambda_max never again exceeds the
     threshold while the loss still oscillates (nan when there is no threshold).
 
-    arrays : one run's arrays (spiral.run_arrays): ``step`` (S,), ``loss`` (S,) and the tracked
+    arrays : one run's arrays (a run.npz: apparatus/spiral_sweeps.run_arrays): ``step`` (S,),
+    ``loss`` (S,) and the tracked
     ``hess_step`` (R,), ``hess_lmax`` (R,); lr, N (training points), T, stop_step : scalars.
     Starts and ends are int arrays (E,) of steps, one per episode.
     """

@@ -75,8 +75,8 @@ def plot_dynamics(arrays, info, path, title):
     """Fig. 4: (a) Gamma, (b) F, (c) F(t) - F(t-1), (d) accuracies, (e) Hessian lambda_max with
     the threshold, (f) NTK lambda_max with the eq. (14) bound; (g)-(l) the same zoomed.
 
-    arrays : one run (spiral.run_arrays; ``step`` (S,), ``hess_step`` (R,), ``hess_lmax`` (R,),
-    ``ntk_lmax`` (R,)); info : stability.analyze's dict; path : the PNG to write."""
+    arrays : one run (spiral_sweeps.run_arrays; ``step`` (S,), ``hess_step`` (R,),
+    ``hess_lmax`` (R,), ``ntk_lmax`` (R,)); info : stability.analyze's dict; path : the PNG to write."""
     step = arrays["step"]
     t0, t1 = zoom_window(info, step, arrays["T"])
     fig, ax = plt.subplots(6, 2, figsize=(13, 13), sharex="col")
@@ -260,7 +260,7 @@ def _plot_paired(ax, summary, t_label):
 def plot_cifar_run(arrays, settings, path, title):
     """Gamma_i(t) (every step), learning rate, losses, accuracies (and lambda_max) vs epoch.
 
-    arrays : protocol.run_arrays (``epoch`` (E+1,), ``gamma`` (E+1, K), history (E+1,));
+    arrays : cifar_runs.run_arrays (``epoch`` (E+1,), ``gamma`` (E+1, K), history (E+1,));
     settings : the run's settings (A, T, schedule)."""
     spe = int(arrays["steps_per_epoch"])
     epoch = arrays["epoch"]

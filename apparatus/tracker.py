@@ -6,8 +6,9 @@ measures the top Hessian eigenvalue and the NTK's lambda_max with the fast opera
 fast/mlp_spectra.py (tied to spectra.py's references by tests), warm-starting each Lanczos run
 from the previous eigenvector. :func:`track` trains networks each followed by a tracker;
 :func:`zoom_replay` replays a window with spectra at every step; :func:`densities_along` draws
-the Hessian's whole eigenvalue density at chosen steps. ``reference=True`` trains with
-spiral.train_reference instead of the fast trainer.
+the Hessian's whole eigenvalue density at chosen steps. ``reference=True`` (``--reference``)
+trains with spiral.train_reference instead of the fast trainer and measures with spectra.py's
+operators (the R-operator and Jacobian products of models.py) instead of the fused copies.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ from dataclasses import replace
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+import spectra
 from dynloss import class_weights
 from fast.mlp_spectra import (
     hessian_matvec,
-    n_params,
     net_state,
     ntk_matvec,
     ntk_traced_matvec,
 )
 from fast.spiral_trainer import train_block
+from models import mlp_forward
 from spectra import (
     SLQ_PROBES,
     SLQ_STEPS,
@@ -92,9 +94,12 @@ class SpectraTracker:
         mix=TRACK_MIX,
         ntk=True,
         ntk_every=None,
+        reference=False,
     ):
         """X (N, D), y (N,) training data; spec: any object with A, T, stop_step ((M,) arrays
-        or scalars) and loss, e.g. spiral.TrainSpec."""
+        or scalars) and loss, e.g. spiral.TrainSpec; reference: the operators of spectra.py
+        (models' R-operator and Jacobian products) instead of fast/mlp_spectra.py's."""
+        self.reference = reference
         self.X = np.asarray(X, dtype=np.float64)  # (N, D)
         self.y = np.asarray(y)
         pick = lambda a: None if a is None else float(np.atleast_1d(a)[net])
@@ -131,11 +136,21 @@ class SpectraTracker:
         one = {name: np.asarray(a)[self.net : self.net + 1] for name, a in params_host.items()}
         K = one["W2"].shape[2]
         gamma = self.gamma_at(step, K)  # (K,)
-        shape = (len(self.X), one["W2"].shape[1])  # (N, H)
-        if self._work is None or self._work["h1"].shape != shape:
-            self._work = {"h1": np.empty(shape), "mask": np.empty(shape)}
-        s = net_state(one, self.X, work=self._work)
-        if not np.all(np.isfinite(s["logits"])):
+        N, P = len(self.X), sum(a[0].size for a in one.values())
+        if self.reference:  # spectra.py's operators on models.py's derivatives
+            logits = mlp_forward(self.X, one)[0]
+            hess = lambda: spectra.hessian_matvec(one, self.X, self.y, gamma, self.loss)
+            ntk = lambda: spectra.ntk_matvec(one, self.X)
+            traced = lambda: spectra.ntk_traced_matvec(one, self.X)
+        else:  # the fused copies of fast/mlp_spectra.py, into reused (N, H) buffers
+            shape = (N, one["W2"].shape[1])
+            if self._work is None or self._work["h1"].shape != shape:
+                self._work = {"h1": np.empty(shape), "mask": np.empty(shape)}
+            s = net_state(one, self.X, work=self._work)
+            logits = s["logits"]
+            hess = lambda: hessian_matvec(s, self.y, gamma, self.loss)
+            ntk, traced = lambda: ntk_matvec(s), lambda: ntk_traced_matvec(s)
+        if not np.all(np.isfinite(logits)):
             self._vecs = dict.fromkeys(self._vecs)
             if do_hess:
                 self._rows["hess"].append((step, np.full(self.k, np.nan)))
@@ -144,19 +159,16 @@ class SpectraTracker:
             self.seconds += time.perf_counter() - t0
             return
         if do_hess:
-            matvec = hessian_matvec(s, self.y, gamma, self.loss)
-            vals, self._vecs["hess"] = self._top(matvec, "hess", s)
+            vals, self._vecs["hess"] = self._top(hess(), "hess", P)
             self._rows["hess"].append((step, vals))
         if do_ntk:
-            lam, self._vecs["ntk"] = self._top(ntk_matvec(s), "ntk", s)
-            lam_tr, self._vecs["traced"] = self._top(ntk_traced_matvec(s), "traced", s)
+            lam, self._vecs["ntk"] = self._top(ntk(), "ntk", N * K)
+            lam_tr, self._vecs["traced"] = self._top(traced(), "traced", N)
             self._rows["ntk"].append((step, lam[0], lam_tr[0]))
         self.seconds += time.perf_counter() - t0
 
-    def _top(self, matvec, which, s):
-        """Top eigenpair(s) of one operator, cold or warm (class docstring): (k,), (n, k)."""
-        N, K = s["logits"].shape
-        n = {"hess": n_params(s), "ntk": N * K, "traced": N}[which]
+    def _top(self, matvec, which, n):
+        """Top eigenpair(s) of one operator (n, n), cold or warm (class docstring): (k,), (n, k)."""
         k = self.k if which == "hess" else 1
         v0 = self._vecs[which]
 
@@ -225,7 +237,9 @@ def track(params0, data, spec, k=1, every=25, ntk_every=25, reference=False, xp=
         raise ValueError(problem)
     M = params0["W1"].shape[0]
     trackers = [
-        SpectraTracker(data[0], data[1], spec, net=m, k=k, every=every, ntk_every=ntk_every)
+        SpectraTracker(
+            data[0], data[1], spec, m, k, every, ntk_every=ntk_every, reference=reference
+        )
         for m in range(M)
     ]
 
@@ -261,8 +275,9 @@ def zoom_replay(params0, data, spec, window, k=1, every=1, ntk=True, reference=F
     tracker's arrays with a ``zoom_`` prefix."""
     t0, t1 = max(0, window[0]), min(spec.steps, window[1])
     tracker = SpectraTracker(
-        data[0], data[1], spec, k=k, every=every, ntk_every=every if ntk else 0
-    )
+        data[0], data[1], spec, k=k, every=every, ntk_every=every if ntk else 0,
+        reference=reference,
+    )  # fmt: skip
     replay = replace(spec, steps=t1, log_every=1, val_every=t1 + 1)  # spectra only
     inside = lambda step, params: tracker(step, params) if t0 <= step <= t1 else None
     with threadpool_limits(limits=1):
@@ -314,9 +329,11 @@ def densities_along(
             return
         one = {name: np.asarray(a)[:1] for name, a in params_host.items()}
         gamma = class_weights(step, spec.A[0], spec.T[0], K, spec.stop_step[0])  # (K,)
-        s = net_state(one, X)
-        matvec = hessian_matvec(s, y, gamma, spec.loss)
-        P = n_params(s)
+        if reference:
+            matvec = spectra.hessian_matvec(one, X, y, gamma, spec.loss)
+        else:
+            matvec = hessian_matvec(net_state(one, X), y, gamma, spec.loss)
+        P = sum(a[0].size for a in one.values())
         rng = np.random.default_rng([DENSITY_SEED, step])
         grid, density, nodes, weights = spectral_density(matvec, P, rng, m=steps, n_probes=probes)
         trace, stderr = hutchinson_trace(matvec, P, rng)
