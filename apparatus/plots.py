@@ -76,7 +76,8 @@ def plot_dynamics(arrays, info, path, title):
     the threshold, (f) NTK lambda_max with the eq. (14) bound; (g)-(l) the same zoomed.
 
     arrays : one run (spiral_sweeps.run_arrays; ``step`` (S,), ``hess_step`` (R,),
-    ``hess_lmax`` (R,), ``ntk_lmax`` (R,)); info : stability.analyze's dict; path : the PNG to write."""
+    ``hess_lmax`` (R,), ``ntk_lmax`` (R,)); info : stability.analyze's dict; path : the PNG
+    to write."""
     step = arrays["step"]
     t0, t1 = zoom_window(info, step, arrays["T"])
     fig, ax = plt.subplots(6, 2, figsize=(13, 13), sharex="col")
