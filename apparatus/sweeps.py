@@ -26,6 +26,7 @@ from apparatus.storage import (
     atomic_savez,
     check_claim,
     command_lock,
+    differing,
     folder_lock,
     read_json,
     unit_identity,
@@ -75,10 +76,10 @@ def prepare(out, config, grow=(), overwrite=False, work=None):
     with folder_lock(out):
         old = check_claim(out, kind, config, overwrite, grow)  # again: another process may
         merged = dict(config)  # have claimed or grown it meanwhile
-        for k in grow:  # a longer list that a concurrent command stored is kept
-            if old and old.get("kind") == kind and len(old.get(k, [])) > len(config.get(k, [])):
-                if old[k][: len(config[k])] == config[k]:
-                    merged[k] = old[k]
+        same_sweep = old is not None and set(differing(old, config)) <= set(grow)
+        for k in grow if same_sweep else ():  # a longer list the sweep already has is kept
+            if len(old[k]) > len(config[k]) and old[k][: len(config[k])] == config[k]:
+                merged[k] = old[k]
         write_json(os.path.join(out, "sweep.json"), merged)
     os.makedirs(os.path.join(out, "units"), exist_ok=True)
     return merged
