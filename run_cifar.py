@@ -34,6 +34,7 @@ import numpy as np
 
 import cifar
 from apparatus import digits, plots, statistics, sweeps
+from apparatus.checks import add_cifar_check_command
 from apparatus.cifar_runs import (
     CHECKPOINT_NAME,
     DEFAULTS,
@@ -485,6 +486,7 @@ def build_parser():
     p.set_defaults(func=cmd_phase, train_eval_every=0)
 
     add_merge_command(sub, cmd_merge, "Fig. 1")
+    add_cifar_check_command(sub)  # Myrtle5's hand-written derivatives against differences
     return parser
 
 

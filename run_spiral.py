@@ -13,6 +13,8 @@ python run_spiral.py reeval --out runs/phase-w1000 --val inner    the sweep on a
 python run_spiral.py dynamics --out runs/fig4                                Fig. 4
 python run_spiral.py threshold --out runs/fig5                               Fig. 5
 python run_spiral.py density --at 0,1000,10000,30000 --out runs/density    Hessian spectra
+python run_spiral.py check                every hand-written derivative against differences
+python run_spiral.py onset --T0 1250,5000 --out runs/onset   where the instabilities begin
 
 Every command writes its arrays (npz), its settings (json) and its figure (png) into --out;
 docs/formats.md lists the keys. Every command that trains takes --reference: it then trains with
@@ -33,6 +35,7 @@ import numpy as np
 
 import stability
 from apparatus import onset, plots, spiral_sweeps, statistics, sweeps, tracker
+from apparatus.checks import add_spiral_check_command
 from apparatus.cli import (
     AMPLITUDE,
     COUNT,
@@ -724,6 +727,7 @@ def build_parser():
     p.set_defaults(func=cmd_onset)
 
     add_merge_command(sub, cmd_merge, "Fig. 3")
+    add_spiral_check_command(sub)  # every hand-written derivative against differences
     p = sub.add_parser("reeval", help="a finished phase sweep on another validation set")
     p.add_argument("--out", required=True, help="sweep folder")
     p.add_argument("--val", required=True, choices=tuple(VAL_SETS), help="validation set")

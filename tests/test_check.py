@@ -17,7 +17,7 @@ SPIRAL_ROWS = [  # every derivative the issue names, as the table spells it
     "dynloss.loss_backward dF/dz (ce)", "dynloss.loss_backward dF/dz (mse)",
     "dynloss.loss_rop R{dF/dz} (ce)", "dynloss.loss_rop R{dF/dz} (mse)",
     "dynloss.class_weights Gamma(t)", "class_weights: sum_i Gamma_i",
-    "class_weights: the emphasised class", "class_weights: from the stop step on",
+    "class_weights: emphasised class", "class_weights: from the stop step on",
     "models.mlp_backward dF/dW1", "models.mlp_backward dF/db1", "models.mlp_backward dF/dW2",
     "models.mlp_backward dF/db2", "models.mlp_hvp Hv", "spectra.logits_jacobian J",
     "spectra.ntk Theta", "spectra.ntk_traced", "spectra.hessian H (dense)",
@@ -44,26 +44,26 @@ def parser(add):
 
 
 def run_check(add, argv, capsys):
-    """Run ``check argv`` through run_main (as the scripts do): exit code and the table rows."""
+    """Run ``check argv`` through run_main (as the scripts do): the exit code, the table's rows
+    by name, and everything printed."""
     code = run_main(parser(add), ["check", *argv], "x")
     out = capsys.readouterr().out
-    return code, {
-        line[5:].split("  ")[0]: line for line in out.splitlines() if line[:3].strip().isdigit()
-    }
+    rows = [line for line in out.splitlines() if line[:3].strip().isdigit()]
+    return code, {line[5:].split("  ")[0]: line for line in rows}, out
 
 
 def status(table, start):
     """The status of the one row whose name starts with ``start``."""
     (line,) = [line for name, line in table.items() if name.startswith(start)]
-    return line.split()[-1]
+    return next(word for word in line.split() if word in (checks.PASS, checks.FAIL, checks.KINK))
 
 
 def test_default_spiral_check_passes_and_lists_every_row(capsys):
     p = parser(checks.add_spiral_check_command)
     args = p.parse_args(["check"])
     assert (args.width, args.loss, args.dtype, args.at) == (100, "ce", "float64", None)
-    code, table = run_check(checks.add_spiral_check_command, [], capsys)
-    assert code == 0
+    code, table, out = run_check(checks.add_spiral_check_command, [], capsys)
+    assert code == 0 and "h = 1e-06" in out and "every derivative agrees" in out
     for name in SPIRAL_ROWS:
         assert status(table, name) == checks.PASS, name
     # the three origin points sit on every unit's kink at b1 = 0: left out of the b1 rows
@@ -72,7 +72,7 @@ def test_default_spiral_check_passes_and_lists_every_row(capsys):
 
 
 def test_myrtle5_check_passes_and_lists_every_layer(capsys):
-    code, table = run_check(checks.add_cifar_check_command, [], capsys)
+    code, table, _ = run_check(checks.add_cifar_check_command, [], capsys)
     assert code == 0
     for name in MYRTLE5_ROWS:
         assert status(table, name) == checks.PASS, name
@@ -85,11 +85,12 @@ def test_myrtle5_check_passes_and_lists_every_layer(capsys):
     ids=["spiral", "myrtle5"],
 )  # fmt: skip
 def test_float32_passes_with_its_own_tolerances(add, argv, capsys):
-    code, table = run_check(add, argv + ["--dtype", "float32"], capsys)
+    code, table, out = run_check(add, argv + ["--dtype", "float32"], capsys)
     assert code == 0
     tol = f"{checks.FD_RTOL_F32:.0e}"
     assert tol in table["dynloss.loss_backward dF/dz (ce)"].split()
-    assert all(line.split()[-1] == checks.PASS for line in table.values())
+    assert "derivatives in float32; central differences in float64, h = 1e-06" in out
+    assert all(checks.PASS in line.split() for line in table.values())
 
 
 def test_a_sign_flipped_db_fails_on_the_bias_rows_only(monkeypatch, capsys):
@@ -102,7 +103,7 @@ def test_a_sign_flipped_db_fails_on_the_bias_rows_only(monkeypatch, capsys):
         return dx, dW, -db
 
     monkeypatch.setattr(models, "affine_backward", flipped)
-    code, table = run_check(checks.add_spiral_check_command, SMALL, capsys)
+    code, table, _ = run_check(checks.add_spiral_check_command, SMALL, capsys)
     assert code == 1
     for name in ("models.mlp_backward dF/db1", "models.mlp_backward dF/db2"):
         assert status(table, name) == checks.FAIL, name
@@ -116,7 +117,7 @@ def test_a_sign_flipped_myrtle5_layer_fails_on_its_row(monkeypatch, capsys):
     reference = models.LAYERS.relu_avgpool2_backward
     flipped = lambda dout, pool_cache, relu_cache: -reference(dout, pool_cache, relu_cache)
     monkeypatch.setattr(models.LAYERS, "relu_avgpool2_backward", flipped)
-    code, table = run_check(checks.add_cifar_check_command, [], capsys)
+    code, table, _ = run_check(checks.add_cifar_check_command, [], capsys)
     assert code == 1
     assert status(table, "LAYERS.relu_avgpool2_backward") == checks.FAIL
     assert status(table, "models.myrtle5_backward") == checks.FAIL  # the network uses it
@@ -132,7 +133,7 @@ def test_eqs_2_to_5_by_hand_catch_an_unnormalised_gamma(monkeypatch):
     rows = {r.what: r.status for r in checks.gamma_rows(checks.SPIRAL_SCHEDULE, 3)}
     assert rows["dynloss.class_weights Gamma(t), 11 steps"] == checks.FAIL
     assert rows["class_weights: sum_i Gamma_i"] == checks.FAIL
-    assert rows["class_weights: the emphasised class"] == checks.PASS
+    assert rows["class_weights: emphasised class"] == checks.PASS
 
 
 def test_a_difference_across_every_sample_kink_is_reported_not_failed():
@@ -148,15 +149,15 @@ def test_a_difference_across_every_sample_kink_is_reported_not_failed():
 
 
 def test_at_the_final_parameters_of_a_real_run(tmp_path, capsys):
-    out = str(tmp_path / "run")
+    folder = str(tmp_path / "run")
     train = ["train", "--width", "8", "--steps", "60", "--T", "20", "--A", "5", "--seed", "0,1"]
-    assert run_spiral.main(train + ["--out", out, "--quiet"]) == 0
+    assert run_spiral.main(train + ["--out", folder, "--quiet"]) == 0
     capsys.readouterr()
-    code, table = run_check(checks.add_spiral_check_command, ["--at", out], capsys)
+    code, _, _ = run_check(checks.add_spiral_check_command, ["--at", folder], capsys)
     assert code == 0
-    prob = checks.spiral_problem(at=out)
+    prob = checks.spiral_problem(at=folder)
     assert prob.params["W1"].shape == (1, 2, 8) and "(first seed)" in prob.where
-    with np.load(os.path.join(out, "run.npz")) as z:
+    with np.load(os.path.join(folder, "run.npz")) as z:
         np.testing.assert_array_equal(prob.params["W2"][0], z["W2"][0])  # seed 0, final
         assert not np.array_equal(z["W2"][0], z["W2_init"][0])
 
@@ -164,7 +165,7 @@ def test_at_the_final_parameters_of_a_real_run(tmp_path, capsys):
 def test_myrtle5_at_a_run_npz_takes_its_width_channels_and_classes(tmp_path, capsys):
     params = models.init_myrtle5(0, c=2, in_channels=1, n_classes=4)
     np.savez(tmp_path / "run.npz", **params)
-    code, _ = run_check(checks.add_cifar_check_command, ["--at", str(tmp_path)], capsys)
+    code, _, _ = run_check(checks.add_cifar_check_command, ["--at", str(tmp_path)], capsys)
     assert code == 0
     prob = checks.myrtle5_problem(at=str(tmp_path))
     assert prob.X.shape[3] == 1 and len(prob.gamma) == 4 and prob.params["W2"].shape[3] == 2
@@ -239,3 +240,22 @@ def test_gpu_rows_cover_every_fast_entry_and_pass_on_numpy():
     assert all(r.status == checks.PASS for r in rows)
     fast = {k for k, f in vars(checks.GPU_LAYERS).items() if f is not getattr(models.LAYERS, k)}
     assert {r.what.removeprefix("GPU_LAYERS.") for r in rows} >= fast
+
+
+def test_both_scripts_run_check_and_its_exit_code_is_theirs(monkeypatch, capsys):
+    """The wired commands: exit 0 when every row passes, 1 when a planted bug fails one."""
+    import models
+    import run_cifar
+    import run_spiral
+
+    assert run_spiral.main(["check"]) == 0
+    assert run_cifar.main(["check"]) == 0
+    backward = models.affine_backward
+
+    def wrong_sign(dout, cache):
+        dx, dW, db = backward(dout, cache)
+        return dx, -dW, db
+
+    monkeypatch.setattr(models, "affine_backward", wrong_sign)
+    assert run_spiral.main(["check"]) == 1
+    assert "FAIL" in capsys.readouterr().out
