@@ -36,7 +36,7 @@ from apparatus.storage import atomic_savez, write_json
 from dynloss import class_weights
 from fast import mlp_spectra as fast_spectra
 from fast.workers import WORKERS, run_jobs
-from models import flatten, hidden_slope, init_mlp, mlp_forward
+from models import flatten, init_mlp
 from spiral import D_SPIRAL, K_SPIRAL, TrainSpec, spiral_data, train_reference
 
 ONSET_TOL = 1e-5  # Lanczos residual / |lambda| at every step: within 1e-5 of an eigenvalue, and
@@ -132,23 +132,19 @@ class OnsetTracker:
             k: np.asarray(a[self.net : self.net + 1], dtype=np.float64) for k, a in params.items()
         }
         s = self.series
-        if self.beta is None:  # ReLU: the tracker's fused products (fast/mlp_spectra.py)
+        if self.beta is None:  # ReLU: the fused products of fast/mlp_spectra.py, into buffers
             if self._work is None:
                 shape = (len(self.X), one["W1"].shape[2])  # (N, H) buffers, reused
                 self._work = {"h1": np.empty(shape), "mask": np.empty(shape)}
             state = fast_spectra.net_state(one, self.X, work=self._work)
-            logits, signs = state["logits"][None], state["mask"] > 0  # (1, N, K), (N, H)
-        else:
-            logits, cache = mlp_forward(self.X, one, self.beta)
-            signs = hidden_slope(cache[1])[0] > 0.5  # (N, H)  z1 > 0
+        else:  # softplus: the same products with its slope and curvature
+            state = fast_spectra.net_state(one, self.X, beta=self.beta)
+        logits = state["logits"][None]  # (1, N, K)
+        signs = state["mask"] > 0.5  # (N, H)  z1 > 0 (the mask is 1[z1 > 0], or sigmoid(beta z1))
         theta = flatten(one)[0]  # (P,)
         hot = self._last is None or self.lr * self._last >= 2.0 * HOT_FRACTION
         if hot or step % COLD_EVERY == 0:
-            if self.beta is None:
-                matvec = fast_spectra.hessian_matvec(state, self.y, self._gamma(step), self.loss)
-            else:  # softplus: the reference R-operator (models.mlp_hvp_operator)
-                args = (one, self.X, self.y, self._gamma(step), self.loss, self.beta)
-                matvec = spectra.hessian_matvec(*args)
+            matvec = fast_spectra.hessian_matvec(state, self.y, self._gamma(step), self.loss)
             s["lam"][step], s["products"][step] = self._top(matvec, one, step, len(theta))
         if self._prev:
             p_one, p_theta, p_logits, p_signs = self._prev[-1]

@@ -6,7 +6,8 @@ Every function here copies a reference and is tied to it by a test (tests/test_s
     this module                    the reference it copies
     net_state                      models.mlp_forward (the forward pass into reused buffers)
     hessian_matvec                 models.mlp_hvp (the R-operator), with the network's own
-                                   term C v summed once per state (models.mlp_network_term)
+                                   term C v summed once per state (models.mlp_network_term);
+                                   ReLU, or softplus with its activation-curvature term
     ntk_matvec                     spectra.ntk (J J^T u, through _vjp_hidden and _jvp_hidden:
                                    models.mlp_backward and models.mlp_jvp)
     ntk_traced_matvec              spectra.ntk_traced, in the closed form below
@@ -30,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from dynloss import apply_logit_hessian, logit_curvature, loss_backward, loss_forward
-from models import mlp_forward
+from models import hidden_curvature, hidden_slope, mlp_forward
 
 
 def single_net(params):
@@ -45,7 +46,7 @@ def single_net(params):
     return W1a, W2, b2
 
 
-def net_state(params, X, work=None):
+def net_state(params, X, work=None, beta=None):
     """Forward pass of one MLP, kept for Jacobians, HVPs and NTKs.
 
     X : (N, D) inputs
@@ -53,12 +54,22 @@ def net_state(params, X, work=None):
         buffers "h1" and "mask": the same pass written into them as xa W1a (the tracker's hot
         path, where fresh (N, H) arrays at every call cost as much as the products, in page
         faults); tests/test_spectra.py ties the two to 1e-12.
-    Returns a dict: xa (N, D+1) inputs with a ones column, mask (N, H) float 1[z1 > 0],
-    h1 (N, H), logits (N, K), W1a (D+1, H), W2 (H, K), b2 (K,).
+    beta : None (ReLU), or softplus hidden units with this beta: then "mask" holds the slope
+        sigma'(z1) and "sigma2" the curvature sigma''(z1) (models.hidden_slope and
+        hidden_curvature), and ``work`` is not used.
+    Returns a dict: xa (N, D+1) inputs with a ones column, mask (N, H) float 1[z1 > 0] (the
+    slope sigma'(z1)), sigma2 (N, H) or None, h1 (N, H), logits (N, K), W1a (D+1, H), W2 (H, K),
+    b2 (K,).
     """
     W1a, W2, b2 = single_net(params)
     X = np.asarray(X, dtype=np.float64)
     xa = np.concatenate([X, np.ones((len(X), 1))], axis=1)  # (N, D+1)
+    if beta is not None:  # softplus: the reference forward pass, its slope and curvature
+        one = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+        logits, (_, c2, (h1, _)) = mlp_forward(X, one, beta)
+        mask, sigma2 = hidden_slope(c2)[0], hidden_curvature(c2)[0]  # (N, H), (N, H)
+        return {"xa": xa, "mask": mask, "sigma2": sigma2, "h1": h1[0], "logits": logits[0],
+                "W1a": W1a, "W2": W2, "b2": b2}  # fmt: skip
     if work is None:
         one = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
         logits, (_, h1, _) = mlp_forward(X, one)  # (1, N, K); the ReLU cache is h1 (1, N, H)
@@ -70,7 +81,8 @@ def net_state(params, X, work=None):
         np.greater(z1, 0.0, out=mask, casting="unsafe")  # (N, H)  1[z1 > 0] as floats
         h1 = np.multiply(z1, mask, out=z1)  # (N, H)  h1 = m * z1, in place
         logits = h1 @ W2 + b2  # (N, K)
-    return {"xa": xa, "mask": mask, "h1": h1, "logits": logits, "W1a": W1a, "W2": W2, "b2": b2}
+    return {"xa": xa, "mask": mask, "sigma2": None, "h1": h1, "logits": logits, "W1a": W1a,
+            "W2": W2, "b2": b2}  # fmt: skip
 
 
 def loss_terms(s, y, gamma, loss="ce"):
@@ -131,11 +143,13 @@ def _vjp_hidden(s, U):
     return np.einsum("jdk,jk->dj", (mask.T @ XU).reshape(H, D1, K), W2)  # (D+1, H)
 
 
-def _hvp_state(s, curvature, C, v):
+def _hvp_state(s, curvature, C, v, dh_sigma2=None):
     """Hv at a stored forward state: v (P,) -> (P,).
 
     The R-operator of the module docstring with its two g-terms, (R h1)^T g and g V2^T, summed
-    over the samples once and for all into C (D+1, H, K): they are the cross terms C v.
+    over the samples once and for all into C (D+1, H, K): they are the cross terms C v. For
+    softplus, dh_sigma2 = dh1 * sigma''(z1) (N, H) adds the activation-curvature term
+    xa^T (sigma'' R{z1} dh1) (models.mlp_hvp_operator).
     """
     h1, W2 = s["h1"], s["W2"]
     H, K = W2.shape
@@ -145,16 +159,22 @@ def _hvp_state(s, curvature, C, v):
     RdW2 = h1.T @ Rg + np.einsum("djl,dj->jl", C, V1a)  # (H, K)  h1^T R g + (R h1)^T g
     Rdb2 = Rg.sum(axis=0)  # (K,)
     RdW1a = _vjp_hidden(s, Rg) + np.einsum("djl,jl->dj", C, V2)  # (D+1, H)  xa^T R dz1
+    if dh_sigma2 is not None:  # softplus: + xa^T (sigma''(z1) R{z1} dh1), R{z1} = xa V1a
+        RdW1a += s["xa"].T @ (dh_sigma2 * (s["xa"] @ V1a))
     return np.concatenate([RdW1a.ravel(), RdW2.ravel(), Rdb2])
 
 
 def hessian_matvec(s, y, gamma, loss="ce"):
-    """The exact HVP v (P,) -> H v (P,) at a forward state ``s`` of :func:`net_state`."""
+    """The exact HVP v (P,) -> H v (P,) at a forward state ``s`` of :func:`net_state` (ReLU or
+    softplus)."""
     g, _, _, lcache = loss_terms(s, y, gamma, loss)
     curvature = logit_curvature(lcache)  # w (1, N), softmax (1, N, K): computed once
     C = cross_terms(s["xa"], s["mask"], g)  # (D+1, H, K)
+    dh_sigma2 = None if s.get("sigma2") is None else (g @ s["W2"].T) * s["sigma2"]  # (N, H)
     P = n_params(s)
-    return lambda v: _hvp_state(s, curvature, C, np.asarray(v, dtype=np.float64).reshape(P))
+    return lambda v: _hvp_state(
+        s, curvature, C, np.asarray(v, dtype=np.float64).reshape(P), dh_sigma2
+    )
 
 
 def ntk_matvec(s):

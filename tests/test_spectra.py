@@ -152,6 +152,10 @@ def test_hvp_on_identity_columns_reproduces_the_hessian(loss):
     # the tracker's fused HVP (fast/mlp_spectra.py) against the R-operator of models.mlp_hvp
     fused = fs.hessian_matvec(fs.net_state(params, X), y, GAMMA_A10, loss)
     assert rel_err(fused(v), spectra.hvp(params, X, y, GAMMA_A10, v, loss)) < EXACT_RTOL
+    for beta in (4.0, 20.0):  # softplus: the fused copy with the activation-curvature term
+        fused = fs.hessian_matvec(fs.net_state(params, X, beta=beta), y, GAMMA_A10, loss)
+        reference = spectra.hvp(params, X, y, GAMMA_A10, v, loss, beta=beta)
+        assert rel_err(fused(v), reference) < EXACT_RTOL
 
 
 def test_single_network_only():
