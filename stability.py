@@ -284,5 +284,7 @@ def growth_fit(amp, lam, lr, t0, t1, step0=0, smooth=GROWTH_SMOOTH):
 
 def slow_passage_excess(rho, seed_amplitude, seen_amplitude):
     """eta lambda - 2 at which a mode born at eta lambda = 2 with amplitude a0 has grown to a1
-    while eta lambda rises at rate rho per step: sqrt(2 rho ln(a1 / a0)) (module docstring)."""
-    return np.sqrt(2.0 * rho * np.log(seen_amplitude / seed_amplitude))
+    while eta lambda rises at rate rho per step: sqrt(2 rho ln(a1 / a0)) (module docstring); NaN
+    where the ramp falls (rho < 0) or the mode did not grow (a1 < a0)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.sqrt(2.0 * rho * np.log(seen_amplitude / seed_amplitude))
