@@ -26,9 +26,10 @@ Where an instability begins (beyond the paper)
 ----------------------------------------------
 Along the top eigenvector, gradient descent multiplies a deviation by 1 - eta lambda per step:
 once eta lambda > 2 the period-two mode grows by |1 - eta lambda| = eta lambda - 1 per step (a
-flip bifurcation), and before that it decays. :func:`linear_onsets` finds, for each instability
-the Fig. 4 rule detects, the step where eta lambda_max crossed 2 (the linear-stability onset) and
-the lag to the rule; :func:`period_two_amplitude` measures the mode from any series (for
+flip bifurcation), and before that it decays. :func:`cascade_entries` picks the instabilities
+that begin a cascade, and :func:`upward_crossing` the steps where eta lambda_max passed a level
+on the way there (2: the linear-stability onset); :func:`period_two_amplitude` measures the
+mode from any series (for
 x(t) = c (-1)^t, x(t+1) - 2 x(t) + x(t-1) = -4 c (-1)^t, while a smooth part contributes only its
 second derivative); :func:`growth_fit` compares the mode's growth per step with log|1 - eta
 lambda|, the multiplier of the linear map. If the mode is born at 2/eta from an amplitude a0 and
@@ -221,23 +222,21 @@ def branch_midpoint(lam):
     return np.concatenate([[np.nan], 0.5 * (lam[1:] + lam[:-1])])
 
 
-def linear_onsets(lam, lr, rule_starts, step0=0):
-    """For each instability start s of the Fig. 4 rule, the linear-stability onset: the first
-    step of the run of consecutive steps ending at s in which eta * (branch midpoint) > 2.
+def cascade_entries(starts, ends, quiet):
+    """The instabilities that begin a cascade: those starting more than ``quiet`` steps after
+    the previous one ended (inside a cascade the rule's runs break and restart all the time).
+    starts, ends : (E,) steps of :func:`hessian_threshold`. Returns indices into starts (C,)."""
+    starts, ends = np.asarray(starts), np.asarray(ends)
+    gap = starts[1:] - ends[:-1]  # (E-1,)
+    return np.concatenate([[0], 1 + np.flatnonzero(gap > quiet)]) if len(starts) else starts[:0]
 
-    lam : (S,) lambda_max at steps step0, step0 + 1, ...;  rule_starts : (E,) steps
-    Returns onsets (E,) steps, -1 where eta * midpoint <= 2 at s (the rule fired below the
-    linear threshold).
-    """
-    above = lr * branch_midpoint(lam) > 2.0  # (S,)
-    onsets = []
-    for s in np.asarray(rule_starts) - step0:
-        if not above[s]:
-            onsets.append(-1)
-            continue
-        below = np.flatnonzero(~above[: s + 1])
-        onsets.append(step0 + (below[-1] + 1 if len(below) else 0))
-    return np.array(onsets, dtype=np.int64)
+
+def upward_crossing(x, level, lo, hi, last=True):
+    """The last (or first) step t in [lo, hi) where x passes ``level`` upwards, x(t-1) < level
+    <= x(t) (NaN never crosses); -1 if none. x : (S,) a per-step series."""
+    t = np.arange(max(lo, 1), min(hi, len(x)))
+    hits = t[(x[t - 1] < level) & (x[t] >= level)]
+    return int(hits[-1] if last else hits[0]) if len(hits) else -1
 
 
 def period_two_amplitude(x):

@@ -192,12 +192,18 @@ class OnsetTracker:
 # ---------------------------------------------------------------------------------------------
 
 EPISODE_FIELDS = (
-    "rule_step", "onset_step", "growth_step", "lag_steps", "excess", "growth_lambda", "ramp",
-    "seed_amp", "seen_amp", "predicted_excess", "growth_slope", "growth_intercept", "flips",
-    "flipback_share", "cos", "lam_alternation", "onset_lam_dense", "onset_lam_gn",
-    "onset_lam_wntk", "onset_lam_ntk", "rule_lam_dense", "rule_lam_gn", "rule_lam_wntk",
-    "rule_lam_ntk",
+    "entry_step", "entry_lambda", "entry_excess", "entered_below", "onset_step", "lag_steps",
+    "ramp", "level_step", "amp_level", "amp_onset", "amp_entry", "growth_measured",
+    "growth_linear", "growth_slope", "growth_intercept", "predicted_excess", "flips_level",
+    "flipback_level", "cos_level", "flips_onset", "flipback_onset", "cos_onset",
+    "lam_alternation", "onset_lam_dense", "onset_lam_gn", "onset_lam_wntk", "onset_lam_ntk",
+    "entry_lam_dense", "entry_lam_gn", "entry_lam_wntk", "entry_lam_ntk",
 )  # fmt: skip
+QUIET_FRACTION = 0.2  # an instability begins a cascade after this many periods without one
+MIN_QUIET = 100  # ... and at least this many steps
+LEVEL = 1.5  # eta lambda_max where the mode is read on its way up, below the onset at 2
+AROUND = 25  # steps on each side over which the chattering is averaged at a level
+ALTERNATION_WINDOW = 100  # steps before the onset over which |lambda(t) - lambda(t-1)| is averaged
 
 
 def _event_values(events, step, kind):
@@ -206,57 +212,82 @@ def _event_values(events, step, kind):
     return events[hit][0, 2:] if hit.any() else np.full(len(EVENT_FIELDS), np.nan)
 
 
-def growth_step(amp, rule, onset_floor, smooth=stability.GROWTH_SMOOTH):
-    """The step from which the smoothed per-step growth of the period-two amplitude stays
-    positive up to the rule's start: the onset measured from the mode itself, not from lambda.
-    amp : (S,);  rule : the rule's start;  onset_floor : the earliest step considered."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        a = np.log(amp[onset_floor : rule + 2])
-    r = np.convolve(np.diff(a), np.ones(smooth) / smooth, mode="same")  # growth from step t
-    not_growing = np.flatnonzero(~(r[: rule - onset_floor + 1] > 0))
-    return onset_floor + (not_growing[-1] + 1 if len(not_growing) else 0)
+def _around(x, t, half=AROUND):
+    """The mean of x over t - half .. t + half (NaN for t < 0)."""
+    return np.nanmean(x[max(0, t - half) : t + half + 1]) if t >= 0 else np.nan
 
 
-def analyze_unit(u, lr):
-    """One row per instability (the stride-1 rule's episodes) of a stored onset run ``u`` and the
-    run's thresholds: (rows {field: (E,)}, {"threshold": stride-25 rule, "threshold_1": stride 1,
-    "episodes_below": rules that fired with eta * midpoint <= 2})."""
+def _share(u, t):
+    """The share of the sign flips around step t that flip back at the next step."""
+    return _around(u["flipbacks"], t) / _around(u["flips"], t) if t >= 0 else np.nan
+
+
+def analyze_unit(u, lr, T):
+    """One row per cascade of a stored onset run ``u`` (period T, learning rate lr): where it
+    starts by the Fig. 4 rule (every step), where eta lambda_max crossed LEVEL and 2 on the way,
+    how the period-two mode grew between the two against the linear map's decay, the chattering
+    there, and the dense spectra at the onset and the entry. Returns (rows {field: (C,)}, the
+    run's numbers: "threshold" (the rule at stride 25, as Figs. 4-5), "threshold_1" (every
+    step), "threshold_entries" (the mean midpoint at the stride-25 starts that begin cascades),
+    "entries", "entries_below" (cascades the rule entered with eta * midpoint <= 2))."""
     lam, amp, steps = u["lam"], u["amp_logits"], np.arange(len(u["lam"]))
-    thr1, starts, _ = stability.hessian_threshold(steps, lam)  # NaN (not measured) breaks a run
+    quiet = max(MIN_QUIET, QUIET_FRACTION * T)
+    thr1, starts, ends = stability.hessian_threshold(steps, lam)  # NaN (not measured) breaks runs
     every = np.isfinite(lam) & (steps % RULE_STRIDE == 0)
-    thr25 = stability.hessian_threshold(steps[every], lam[every])[0]
-    onsets = stability.linear_onsets(lam, lr, starts)
+    thr25, s25, e25 = stability.hessian_threshold(steps[every], lam[every])
     mid = stability.branch_midpoint(lam)
+    mid25 = stability.branch_midpoint(lam[every])  # the stride-25 series' own midpoints
+    first25 = s25[stability.cascade_entries(s25, e25, quiet)]
+    at25 = np.searchsorted(steps[every], first25)  # their places in the stride-25 series
+    thr_entries = np.nanmean(mid25[at25]) if len(at25) else np.nan
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_amp = np.log(amp)
+        linear = np.log(np.abs(1.0 - lr * mid))  # log|1 - eta lambda|: the linear map's growth
     rows = {f: [] for f in EPISODE_FIELDS}
-    for s, c in zip(starts, onsets, strict=True):
-        if c < 0:
-            continue
-        lo = max(2, c - GROWTH_PRE)
-        g = growth_step(amp, s, lo)
-        rho = stability.ramp_rate(lam, lr, c)
-        b, icpt, _, _ = stability.growth_fit(amp, lam, lr, lo, s)
-        win = slice(max(1, c - CHATTER_WINDOW), c)
-        flips = np.nansum(u["flips"][win])
+    picks = stability.cascade_entries(starts, ends, quiet)
+    for k in picks:
+        s = int(starts[k])
+        lo = int(ends[k - 1]) + 1 if k > 0 else 1  # since the previous cascade
+        eta_mid = lr * mid
+        t_level = stability.upward_crossing(eta_mid, LEVEL, lo, s + 1)
+        t_onset = stability.upward_crossing(eta_mid, 2.0, lo, s + 1)
+        if t_onset < 0:  # the rule fired first: the onset follows
+            t_onset = stability.upward_crossing(eta_mid, 2.0, s, s + int(quiet), last=False)
+        span = slice(t_level, t_onset) if 0 <= t_level < t_onset else slice(0, 0)
+        a_level, a_onset = _around(amp, t_level, 2), _around(amp, t_onset, 2)
+        rho = stability.ramp_rate(lam, lr, t_onset) if t_onset >= 0 else np.nan
+        fit = stability.growth_fit(amp, lam, lr, t_level, s) if 0 <= t_level < s else (np.nan,) * 4
+        window = slice(max(1, t_onset - ALTERNATION_WINDOW), max(1, t_onset))
         values = {
-            "rule_step": s, "onset_step": c, "growth_step": g, "lag_steps": s - c,
-            "excess": mid[s] - 2.0 / lr, "growth_lambda": mid[g], "ramp": rho,
-            "seed_amp": amp[c], "seen_amp": amp[s],
-            "predicted_excess": stability.slow_passage_excess(rho, amp[c], amp[s]) / lr,
-            "growth_slope": b, "growth_intercept": icpt, "flips": np.nanmean(u["flips"][win]),
-            "flipback_share": np.nansum(u["flipbacks"][win]) / flips if flips else np.nan,
-            "cos": np.nanmean(u["cos"][win]),
-            "lam_alternation": np.nanmean(np.abs(np.diff(lam[win.start - 1 : c]))),
+            "entry_step": s, "entry_lambda": mid[s], "entry_excess": mid[s] - 2.0 / lr,
+            "entered_below": float(lr * mid[s] <= 2.0), "onset_step": t_onset,
+            "lag_steps": s - t_onset if t_onset >= 0 else np.nan, "ramp": rho,
+            "level_step": t_level, "amp_level": a_level, "amp_onset": a_onset,
+            "amp_entry": amp[s], "growth_measured": (
+                (log_amp[span.stop] - log_amp[span.start]) / (span.stop - span.start)
+                if span.stop > span.start else np.nan),
+            "growth_linear": np.nanmean(linear[span]) if span.stop > span.start else np.nan,
+            "growth_slope": fit[0], "growth_intercept": fit[1],
+            "predicted_excess": (stability.slow_passage_excess(rho, a_onset, amp[s]) / lr
+                                 if s > t_onset >= 0 else np.nan),
+            "flips_level": _around(u["flips"], t_level), "flipback_level": _share(u, t_level),
+            "cos_level": _around(u["cos"], t_level), "flips_onset": _around(u["flips"], t_onset),
+            "flipback_onset": _share(u, t_onset), "cos_onset": _around(u["cos"], t_onset),
+            "lam_alternation": (np.nanmean(np.abs(np.diff(lam[window.start - 1 : window.stop])))
+                                if t_onset > 1 else np.nan),
         }  # fmt: skip
-        for kind, at in (("onset", c), ("rule", s)):
+        for kind, at, name in (("onset", t_onset, "onset"), ("rule", s, "entry")):
             for f, v in zip(EVENT_FIELDS, _event_values(u["events"], at, kind), strict=True):
-                values[f"{kind}_{f}"] = v
+                values[f"{name}_{f}"] = v
         for f in EPISODE_FIELDS:
             rows[f].append(values[f])
     rows = {f: np.array(v, dtype=np.float64) for f, v in rows.items()}
     return rows, {
         "threshold": thr25,
         "threshold_1": thr1,
-        "episodes_below": int((onsets < 0).sum()),
+        "threshold_entries": thr_entries,
+        "entries": len(picks),
+        "entries_below": int(rows["entered_below"].sum()) if len(picks) else 0,
     }
 
 
@@ -382,12 +413,36 @@ def onset_expect(cfg):
 # Merge: statistics over seeds per condition, fits across conditions
 # ---------------------------------------------------------------------------------------------
 
-SUMMARY_FIELDS = ("threshold", "threshold_1", "excess", "lag_steps", "ramp", "growth_lambda",
-                  "predicted_excess", "seed_amp", "seen_amp", "growth_slope",
-                  "growth_intercept", "flips", "flipback_share", "cos", "lam_alternation",
-                  "onset_lam_dense", "onset_lam_gn", "onset_lam_wntk", "onset_lam_ntk",
-                  "rule_lam_dense", "rule_lam_gn", "rule_lam_wntk")  # fmt: skip
-LOG10_FIELDS = ("seed_amp", "seen_amp")  # averaged as log10 (orders of magnitude apart)
+RUN_FIELDS = ("threshold", "threshold_1", "threshold_entries")  # one number per run
+SUMMARY_FIELDS = RUN_FIELDS + (
+    "entry_lambda",
+    "entry_excess",
+    "entered_below",
+    "lag_steps",
+    "ramp",
+    "amp_level",
+    "amp_onset",
+    "amp_entry",
+    "growth_measured",
+    "growth_linear",
+    "growth_slope",
+    "growth_intercept",
+    "predicted_excess",
+    "flips_level",
+    "flipback_level",
+    "cos_level",
+    "flips_onset",
+    "flipback_onset",
+    "cos_onset",
+    "lam_alternation",
+    "onset_lam_dense",
+    "onset_lam_gn",
+    "onset_lam_wntk",
+    "onset_lam_ntk",
+    "entry_lam_dense",
+    "entry_lam_gn",
+)  # fmt: skip  (per run: the mean over its cascades)
+LOG10_FIELDS = ("amp_level", "amp_onset", "amp_entry")  # averaged as log10 (decades apart)
 
 
 def merge_onset(out):
@@ -413,18 +468,16 @@ def merge_onset(out):
     for name, i, seed in units:
         u = done[name]
         j = seeds.index(seed)
-        rows, run = analyze_unit(u, conds[i]["lr"])
-        per_seed["threshold"][i, j], per_seed["threshold_1"][i, j] = (
-            run["threshold"],
-            run["threshold_1"],
-        )
-        below[i, j], replaced[i, j] = run["episodes_below"], int(u["replaced"])
-        for f in SUMMARY_FIELDS[2:]:
-            v = rows[f]
-            with np.errstate(divide="ignore"), warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # no episodes: NaN
+        with np.errstate(divide="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # means of nothing: NaN, not measured
+            rows, run = analyze_unit(u, conds[i]["lr"], conds[i]["T"])
+            for f in SUMMARY_FIELDS[len(RUN_FIELDS) :]:
+                v = rows[f]
                 per_seed[f][i, j] = np.nanmean(np.log10(v) if f in LOG10_FIELDS else v)
-        n = len(rows["rule_step"])
+        for f in RUN_FIELDS:
+            per_seed[f][i, j] = run[f]
+        below[i, j], replaced[i, j] = run["entries_below"], int(u["replaced"])
+        n = len(rows["entry_step"])
         episodes["condition"] += [i] * n
         episodes["seed"] += [seed] * n
         for f in EPISODE_FIELDS:
@@ -434,7 +487,7 @@ def merge_onset(out):
         mean, lo, hi, _ = statistics.mean_interval(v)
         arrays.update({f: mean, f"{f}_lo": lo, f"{f}_hi": hi})
     arrays.update({f"episode_{f}": np.array(v, dtype=np.float64) for f, v in episodes.items()})
-    arrays.update(episodes_below=below, replaced=replaced, seeds=np.array(seeds))
+    arrays.update(entries_below=below, replaced=replaced, seeds=np.array(seeds))
     for key in ("T0", "lr", "T", "noise", "steps"):
         arrays[key] = np.array([c[key] for c in conds], dtype=np.float64)
     arrays["beta"] = np.array([np.nan if c["beta"] is None else c["beta"] for c in conds])
@@ -446,8 +499,8 @@ def merge_onset(out):
         row = {"condition": condition_name(c)}
         for f in SUMMARY_FIELDS:
             row[f] = [_num(arrays[f][i]), _num(arrays[f"{f}_lo"][i]), _num(arrays[f"{f}_hi"][i])]
-        row["episodes"] = int((arrays["episode_condition"] == i).sum())
-        row["episodes_below_2_over_eta"] = int(below[i].sum())
+        row["cascades"] = int((arrays["episode_condition"] == i).sum())
+        row["cascades_entered_below_2_over_eta"] = int(below[i].sum())
         row["warm_lanczos_replaced"] = int(replaced[i].sum())
         report["per_condition"].append(row)
     write_json(os.path.join(out, "onset.json"), json.loads(json.dumps(report, default=_num)))
@@ -472,36 +525,50 @@ def families(conds, vary):
     return groups
 
 
+def _power_law(x, y, rng):
+    """y = k x^alpha by least squares in logs over the columns (seeds) of x, y (C, S), with a
+    bootstrap interval of alpha over the seeds. Returns alpha, lo, hi, k, points (NaNs if fewer
+    than MIN_FIT_POINTS positive pairs)."""
+    q = (50 * (1 - statistics.CONFIDENCE), 50 * (1 + statistics.CONFIDENCE))
+    ok = (x > 0) & (y > 0)
+    if ok.sum() < stability.MIN_FIT_POINTS:
+        return (np.nan,) * 4 + (int(ok.sum()),)
+    lx, ly = np.log(np.where(ok, x, 1.0)), np.log(np.where(ok, y, 1.0))
+    alpha, icpt = np.polyfit(lx[ok], ly[ok], 1)
+    draws = []
+    for _ in range(statistics.BOOTSTRAP_SAMPLES):
+        cols = rng.integers(0, x.shape[1], x.shape[1])
+        k = ok[:, cols]
+        if len(np.unique(lx[:, cols][k])) > 1:
+            draws.append(np.polyfit(lx[:, cols][k], ly[:, cols][k], 1)[0])
+    lo, hi = np.percentile(draws, q) if draws else (np.nan, np.nan)
+    return alpha, lo, hi, np.exp(icpt), int(ok.sum())
+
+
 def _fits(arrays, conds, per_seed):
-    """Within each family of conditions that differ in T0 only: the excess against the ramp rate,
-    excess = k rho^alpha over the episodes (bootstrap over seeds); within each family that
-    differs in the learning rate only (at least MIN_FIT_POINTS of them): threshold ~ eta^x for
-    the paper's rule and for the growth onset (bootstrap over seeds). Returns [dict per fit]."""
+    """Within each family of conditions that differ in T0 only (the ramp): the paper's
+    threshold's excess over 2/eta against the ramp rate of eta lambda_max at the onsets, per run,
+    excess = k rho^alpha (the slow passage predicts alpha = 1/2), with a bootstrap interval over
+    seeds; within each family that differs in the learning rate only (at least MIN_FIT_POINTS):
+    the exponent x of threshold ~ eta^x for the paper's threshold, the rule restricted to the
+    cascades' first starts and the midpoint at the cascades' entries (bootstrap over seeds).
+    Returns [dict per fit]."""
     fits = []
     rng = np.random.default_rng(statistics.BOOTSTRAP_SEED)
     q = (50 * (1 - statistics.CONFIDENCE), 50 * (1 + statistics.CONFIDENCE))
-    cond, seed = arrays["episode_condition"], arrays["episode_seed"]
-    ramp, excess = arrays["episode_ramp"], arrays["episode_excess"]
     for label, members in families(conds, "T0").items():
-        ok = np.isin(cond, members) & (ramp > 0) & (excess > 0)
-        if len(members) < 2 or ok.sum() < stability.MIN_FIT_POINTS:
+        if len(members) < 2:
             continue
-        x, y, s = np.log(ramp[ok]), np.log(excess[ok]), seed[ok]
-        alpha, icpt = np.polyfit(x, y, 1)
-        draws = []
-        for _ in range(statistics.BOOTSTRAP_SAMPLES):
-            picked = rng.choice(np.unique(s), len(np.unique(s)))
-            k = np.concatenate([np.flatnonzero(s == v) for v in picked])
-            if len(np.unique(x[k])) > 1:
-                draws.append(np.polyfit(x[k], y[k], 1)[0])
-        lo, hi = np.percentile(draws, q)
-        fits.append(dict(family=label, fit="excess = k ramp^alpha", alpha=alpha, alpha_lo=lo,
-                         alpha_hi=hi, k=np.exp(icpt), episodes=int(ok.sum())))  # fmt: skip
+        gd = np.array([2.0 / conds[i]["lr"] for i in members])[:, None]
+        excess = per_seed["threshold"][members] - gd  # (C, S)
+        alpha, lo, hi, k, n = _power_law(per_seed["ramp"][members], excess, rng)
+        fits.append(dict(family=label, fit="threshold - 2/lr = k ramp^alpha", alpha=alpha,
+                         alpha_lo=lo, alpha_hi=hi, k=k, runs=n))  # fmt: skip
     for label, members in families(conds, "lr").items():
         lrs = np.array([conds[i]["lr"] for i in members])
         if len(members) < stability.MIN_FIT_POINTS:
             continue
-        for f in ("threshold", "growth_lambda"):
+        for f in ("threshold", "threshold_entries", "entry_lambda"):
             (x, err, _), draws = statistics.bootstrap_exponent(lrs, per_seed[f][members].T, rng)
             lo, hi = np.nanpercentile(draws, q) if np.isfinite(draws).any() else (np.nan,) * 2
             fits.append(dict(family=label, fit=f"{f} ~ lr^x", x=x, x_stderr=err, x_lo=lo, x_hi=hi))
@@ -509,26 +576,30 @@ def _fits(arrays, conds, per_seed):
 
 
 def print_onset(arrays, conds, fits):
-    """One line per condition: thresholds, the excess and its slow-passage prediction, the lag,
-    the seed amplitude, the growth fit, the chattering, the NTK side; then the fits."""
+    """One line per condition: the thresholds, the cascades' entries, the onset, the period-two
+    mode's growth against the linear map's, the chattering, the NTK side; then the fits."""
     c95 = f"{statistics.CONFIDENCE:.0%}"
 
     def show(f, i, fmt=".3f"):
         ci = statistics.interval(arrays[f + "_lo"][i], arrays[f + "_hi"][i], fmt)
         return f"{arrays[f][i]:{fmt}} {ci}"
 
-    print(f"means over seeds [{c95} t intervals]; excess = midpoint lambda at the rule - 2/lr")
+    print(f"means over seeds [{c95} t intervals] of each run's mean over its cascades")
     for i, c in enumerate(conds):
         print(
             f"{condition_name(c)}: threshold (stride {RULE_STRIDE}) {show('threshold', i)}, "
-            f"stride 1 {show('threshold_1', i)}; excess {show('excess', i)} (slow passage "
-            f"predicts {show('predicted_excess', i)}); lag {show('lag_steps', i, '.0f')} steps; "
-            f"growth onset at lambda {show('growth_lambda', i)}; log10 seed amplitude "
-            f"{show('seed_amp', i, '.2f')}; growth slope {show('growth_slope', i, '.2f')}, "
-            f"intercept {show('growth_intercept', i, '.3f')}; flips/step {show('flips', i, '.1f')}"
-            f", flip-back share {show('flipback_share', i, '.2f')}, cos {show('cos', i, '.2f')}; "
-            f"at onset lambda_H {show('onset_lam_dense', i)}, GN {show('onset_lam_gn', i)}, "
-            f"loss-weighted NTK {show('onset_lam_wntk', i)}"
+            f"stride 1 {show('threshold_1', i)}, first starts only "
+            f"{show('threshold_entries', i)}; the rule enters a cascade at lambda "
+            f"{show('entry_lambda', i)} (share below 2/lr {show('entered_below', i, '.2f')}); "
+            f"period-two growth per step from eta lambda {LEVEL:g} to 2: "
+            f"{show('growth_measured', i, '.4f')}, the linear map's {show('growth_linear', i)}; "
+            f"log10 amplitude at {LEVEL:g}, 2, entry: {show('amp_level', i, '.2f')}, "
+            f"{show('amp_onset', i, '.2f')}, {show('amp_entry', i, '.2f')}; at {LEVEL:g}: "
+            f"flips/step {show('flips_level', i, '.0f')}, flip-back share "
+            f"{show('flipback_level', i, '.2f')}, cos {show('cos_level', i, '.2f')}; at 2: cos "
+            f"{show('cos_onset', i, '.2f')}; at the onset lambda_H {show('onset_lam_dense', i)}, "
+            f"Gauss-Newton {show('onset_lam_gn', i)}, loss-weighted NTK "
+            f"{show('onset_lam_wntk', i)}, plain NTK {show('onset_lam_ntk', i, '.0f')}"
         )
     for fit in fits:
         values = ", ".join(f"{k} {v:.4g}" for k, v in fit.items() if isinstance(v, float))

@@ -349,21 +349,26 @@ def _onset_label(arrays, i):
 
 
 def plot_onset(arrays, cfg, path):
-    """Where the instabilities begin: (a) against the period T at lr 1, the paper's threshold,
-    the midpoint lambda where the rule starts and where the period-two mode starts growing, and
-    2/eta; (b) the same at T0 = 5000, lr 1 for every arithmetic and noise; (c) against the
-    learning rate (log-log); (d) every instability's excess over 2/eta against the slow-passage
-    prediction sqrt(2 rho ln(a1/a0)) / eta."""
+    """Where the instabilities begin: (a) against the period T at lr 1, the paper's threshold
+    (the rule at stride 25), the rule at every step, the rule's first starts of cascades only,
+    and 2/eta; (b) the same at T0 = 5000, lr 1 for every arithmetic, noise and activation;
+    (c) against the learning rate at T0 = 5000 (log-log); (d) every cascade's measured growth
+    per step of the period-two mode between eta lambda = 1.5 and 2 against the linear map's
+    log|1 - eta lambda|."""
     fig, ax = plt.subplots(1, 4, figsize=(20, 4.3))
     kinds = sorted({_onset_label(arrays, i) for i in range(len(arrays["lr"]))})
     marks = dict(zip(kinds, "os^vDP<>", strict=False))
-    lr1 = np.isclose(arrays["lr"], 1.0)
-    fields = (("threshold", "paper's rule (stride 25)"), ("growth_lambda", "mode starts growing"))
+    lr1, t5000 = np.isclose(arrays["lr"], 1.0), np.isclose(arrays["T0"], 5000.0)
+    fields = (
+        ("threshold", "paper's rule (stride 25)"),
+        ("threshold_1", "rule at every step"),
+        ("threshold_entries", "first starts of cascades"),
+    )
     for kind in kinds:
         same = np.array([_onset_label(arrays, i) == kind for i in range(len(arrays["lr"]))])
         for j, (field, what) in enumerate(fields):
-            for a, sel, key in ((ax[0], same & lr1, "T"), (ax[2], same, "lr")):
-                if sel.sum() < 2:
+            for a, sel, key in ((ax[0], same & lr1, "T"), (ax[2], same & t5000, "lr")):
+                if sel.sum() < 2 or (a is ax[2] and field == "threshold_1"):
                     continue
                 x, m, lo, hi = _family_points(arrays, sel, key, field)
                 a.errorbar(x, m, yerr=[m - lo, hi - m], fmt=marks[kind] + "-", color=f"C{j}",
@@ -372,10 +377,9 @@ def plot_onset(arrays, cfg, path):
     ax[0].axhline(2.0, ls=":", color="C7", label=r"$2/\eta$")
     ax[0].set_xscale("log")
     ax[0].set_xlabel("period T (steps), lr 1")
-    ax[0].set_ylabel(r"Hessian $\lambda_{max}$")
-    ax[0].set_title("(a) slower ramps: the threshold against T")
-    base = lr1 & np.isclose(arrays["T0"], 5000.0)
-    idx = np.flatnonzero(base)
+    ax[0].set_ylabel(r"Hessian $\lambda_{max}$ (branch midpoint)")
+    ax[0].set_title("(a) the thresholds against T")
+    idx = np.flatnonzero(lr1 & t5000)
     for j, (field, what) in enumerate(fields):
         m, lo, hi = (arrays[field + s][idx] for s in ("", "_lo", "_hi"))
         ax[1].errorbar(np.arange(len(idx)) + 0.1 * j, m, yerr=[m - lo, hi - m], fmt="o",
@@ -383,23 +387,26 @@ def plot_onset(arrays, cfg, path):
     ax[1].axhline(2.0, ls=":", color="C7", label=r"$2/\eta$")
     ax[1].set_xticks(np.arange(len(idx)), [_onset_label(arrays, i) for i in idx], rotation=20,
                      fontsize=7, ha="right")  # fmt: skip
-    ax[1].set_title("(b) the noise floor: T = 5000, lr 1")
+    ax[1].set_xlim(-0.5, max(len(idx), 2) - 0.5)
+    ax[1].set_title("(b) arithmetic, noise, activation: T = 5000, lr 1")
     grid = np.geomspace(max(arrays["lr"].min(), 1e-3), arrays["lr"].max(), 50)
     ax[2].plot(grid, gd_threshold(grid), ":", color="C7", label=r"$2/\eta$")
     ax[2].set_xscale("log")
     ax[2].set_yscale("log")
-    ax[2].set_xlabel(r"learning rate $\eta$ (T = T0/$\eta$)")
-    ax[2].set_title("(c) the threshold against the learning rate")
-    pred, meas = arrays["episode_predicted_excess"], arrays["episode_excess"]
+    ax[2].set_xlabel(r"learning rate $\eta$ (T = 5000/$\eta$)")
+    ax[2].set_title("(c) the thresholds against the learning rate")
+    linear, measured = arrays["episode_growth_linear"], arrays["episode_growth_measured"]
     cond = arrays["episode_condition"].astype(int)
     for kind in kinds:
         sel = np.array([_onset_label(arrays, i) == kind for i in cond], dtype=bool)
-        ax[3].plot(pred[sel], meas[sel], marks[kind], ms=2, alpha=0.4, label=kind)
-    hi = np.nanmax(np.r_[pred[np.isfinite(pred)], meas[np.isfinite(meas)], 1e-3])
-    ax[3].plot([0, hi], [0, hi], "k:", lw=0.8, label="measured = predicted")
-    ax[3].set_xlabel(r"slow-passage prediction $\sqrt{2\rho\,\ln(a_1/a_0)}/\eta$")
-    ax[3].set_ylabel(r"measured excess $\lambda - 2/\eta$ at the rule's start")
-    ax[3].set_title("(d) every instability")
+        ax[3].plot(linear[sel], measured[sel], marks[kind], ms=2, alpha=0.5, label=kind)
+    ok = np.isfinite(linear)
+    lo = np.nanmin(np.r_[linear[ok], -1.0])
+    ax[3].plot([lo, 0], [lo, 0], "k:", lw=0.8, label="the linear map: measured = predicted")
+    ax[3].axhline(0.0, color="C7", lw=0.6)
+    ax[3].set_xlabel(r"linear map: mean $\ln|1 - \eta\lambda|$ per step, $\eta\lambda$ 1.5 to 2")
+    ax[3].set_ylabel("measured growth per step of ln(period-two amplitude)")
+    ax[3].set_title("(d) the period-two mode, every cascade")
     for a in ax:
         a.legend(fontsize=6)
     fig.suptitle(

@@ -117,16 +117,54 @@ def test_float32_noise_and_softplus_runs_and_the_fast_trainer_refuses_them():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_linear_onsets_and_the_branch_midpoint():
-    lam = np.r_[np.linspace(1.5, 1.9, 50), np.full(30, 2.1), [1.9], np.full(20, 2.2)]
+def test_branch_midpoint_upward_crossing_and_cascade_entries():
+    lam = np.r_[np.linspace(1.5, 1.8, 50), np.full(30, 2.3), [1.5], np.full(20, 2.2)]
     mid = stability.branch_midpoint(lam)
     assert np.isnan(mid[0]) and mid[1] == (lam[0] + lam[1]) / 2
-    starts = np.array([75, 95, 10])  # two inside runs above 2, one below
-    onsets = stability.linear_onsets(lam, 1.0, starts)
-    first_above = np.flatnonzero(mid > 2.0)  # (1.9 + 2.1) / 2 is not above: the next one is
-    assert onsets[0] == first_above[0] == 51
-    assert onsets[1] == 81 and onsets[2] == -1  # after the dip; none below the threshold
-    np.testing.assert_array_equal(stability.linear_onsets(lam / 2, 2.0, starts), onsets)
+    # (1.8 + 2.3) / 2 reaches 2 at step 50; the dip to 1.5 makes a second crossing at 82
+    assert stability.upward_crossing(mid, 2.0, 0, len(mid), last=False) == 50
+    assert stability.upward_crossing(mid, 2.0, 0, len(mid)) == 82
+    assert stability.upward_crossing(mid, 2.0, 0, 50) == -1  # none before
+    assert stability.upward_crossing(mid, 3.0, 0, len(mid)) == -1  # never reached
+    starts, ends = np.array([10, 30, 40, 500, 520]), np.array([20, 35, 60, 510, 600])
+    np.testing.assert_array_equal(stability.cascade_entries(starts, ends, 100), [0, 3])
+    np.testing.assert_array_equal(stability.cascade_entries(starts, ends, 5), [0, 1, 3, 4])
+    assert len(stability.cascade_entries(starts[:0], ends[:0], 5)) == 0
+
+
+def synthetic_unit(S=4000, period=2000, rise=(400, 1000)):
+    """An onset unit whose lambda ramps up in each period and alternates by 0.3 from eta lambda
+    = 1.8 on (the rule enters below 2 / eta), with a period-two mode that grows from there."""
+    t = np.arange(S)
+    phase = t % period
+    lam = 1.0 + 1.5 * np.clip((phase - rise[0]) / (rise[1] - rise[0]), 0, 1)  # 1 -> 2.5
+    bounce = lam >= 1.8
+    lam = lam + np.where(bounce, 0.15 * (-1.0) ** t, 0.0)
+    amp = 1e-3 * np.exp(0.01 * np.clip(phase - rise[0], 0, None))
+    unit = {f: np.full(S, 10.0) for f in onset.SERIES}
+    unit.update(lam=lam, amp_logits=amp, flipbacks=np.full(S, 5.0), cos=np.full(S, -0.5))
+    unit["events"] = np.zeros((0, 2 + len(onset.EVENT_FIELDS)))
+    return unit
+
+
+def test_analyze_unit_finds_each_cascade_where_the_rule_enters_it():
+    u = synthetic_unit()
+    rows, run = onset.analyze_unit(u, 1.0, 2000.0)
+    assert run["entries"] == 2 == run["entries_below"]  # one cascade per period, entered below 2
+    mid = stability.branch_midpoint(u["lam"])
+    for k, base in enumerate((0, 2000)):
+        entry = int(rows["entry_step"][k])
+        assert 1.8 <= mid[entry] + 0.0 < 2.0 and entry - base == np.argmax(u["lam"][base:] >= 1.8)
+        onset_step = int(rows["onset_step"][k])
+        assert mid[onset_step - 1] < 2.0 <= mid[onset_step] and onset_step > entry
+        assert rows["lag_steps"][k] == entry - onset_step < 0
+    # the mode grows by 0.01 per step; eta lambda from 1.5 to 2 the linear map decays
+    np.testing.assert_allclose(rows["growth_measured"], 0.01, rtol=1e-9)
+    assert (rows["growth_linear"] < 0).all()
+    np.testing.assert_allclose(rows["flipback_level"], 0.5)
+    assert np.isnan(rows["onset_lam_dense"]).all()  # no dense spectra stored: NaN, not 0
+    assert 1.8 <= run["threshold_entries"] < 2.0  # the stride-25 rule's first starts ...
+    assert run["threshold"] > 2.0  # ... while its ends, at the top of the ramp, sit higher
 
 
 def test_period_two_amplitude_reads_the_alternating_part():
