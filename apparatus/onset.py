@@ -4,17 +4,18 @@ mode at every step of a run, the units of an onset sweep, and their analysis.
 An onset run is spiral.train_reference logging every step, with an :class:`OnsetTracker` per
 network as its callback. The tracker measures lambda_max of the exact Hessian by Lanczos
 warm-started from the previous eigenvector, converged to a relative residual ONSET_TOL (and
-checked against the dense eigensolver every VERIFY_EVERY steps): at every step once eta
-lambda_max >= 2 HOT_FRACTION, every COLD_EVERY steps below. At every step it records the hidden
-pre-activations that change sign (and those that change back at the next step), the cosine of
-consecutive updates, the update's projection on the top eigenvector, and the period-two
-amplitude of the logits (stability.period_two_amplitude). Where eta lambda crosses 2 and where
-the Fig. 4 rule starts an instability, it computes the dense spectra: the Hessian, its
-Gauss-Newton part, the loss-weighted NTK and the plain NTK (spectra.py).
+checked against the dense eigensolver every VERIFY_EVERY steps): at every step where eta
+lambda_max at the step before was >= 2 HOT_FRACTION, and every COLD_EVERY steps. At every step
+it records the hidden pre-activations that change sign (and those that change back at the next
+step), the cosine of consecutive updates, the update's projection on the top eigenvector, and
+the period-two amplitude of the logits (stability.period_two_amplitude). Where eta lambda
+crosses 2 and where the Fig. 4 rule starts an instability, it computes the dense spectra: the
+Hessian, its Gauss-Newton part, the loss-weighted NTK and the plain NTK (spectra.py).
 
-:func:`analyze_unit` turns a run's series into one row per instability (stability.py's onset
-analysis); :func:`merge_onset` gathers a sweep's units, the statistics over seeds and the fits
-across conditions; docs/onset.md describes the experiment and its fields.
+:func:`analyze_unit` turns a run's series into one row per cascade of instabilities
+(stability.py's onset analysis); :func:`merge_onset` gathers a sweep's units, the statistics
+over seeds and the fits across conditions; docs/onset.md describes the experiment and its
+fields.
 """
 
 from __future__ import annotations
@@ -206,10 +207,12 @@ AROUND = 25  # steps on each side over which the chattering is averaged at a lev
 ALTERNATION_WINDOW = 100  # steps before the onset over which |lambda(t) - lambda(t-1)| is averaged
 
 
-def _event_values(events, step, kind):
-    """The dense spectra recorded at ``step`` for an event of ``kind`` (NaNs if none)."""
-    hit = (events[:, 0] == step) & (events[:, 1] == EVENT_KINDS.index(kind))
-    return events[hit][0, 2:] if hit.any() else np.full(len(EVENT_FIELDS), np.nan)
+def _event_values(events, step, kind, within=0):
+    """The dense spectra recorded for an event of ``kind`` nearest to ``step``, at most
+    ``within`` steps away (NaNs if none)."""
+    off = np.abs(events[:, 0] - step)
+    hit = (off <= within) & (events[:, 1] == EVENT_KINDS.index(kind))
+    return events[hit][np.argmin(off[hit]), 2:] if hit.any() else np.full(len(EVENT_FIELDS), np.nan)
 
 
 def _around(x, t, half=AROUND):
@@ -223,28 +226,36 @@ def _share(u, t):
 
 
 def analyze_unit(u, lr, T):
-    """One row per cascade of a stored onset run ``u`` (period T, learning rate lr): where it
-    starts by the Fig. 4 rule (every step), where eta lambda_max crossed LEVEL and 2 on the way,
-    how the period-two mode grew between the two against the linear map's decay, the chattering
-    there, and the dense spectra at the onset and the entry. Returns (rows {field: (C,)}, the
-    run's numbers: "threshold" (the rule at stride 25, as Figs. 4-5), "threshold_1" (every
-    step), "threshold_entries" (the mean midpoint at the stride-25 starts that begin cascades),
-    "entries", "entries_below" (cascades the rule entered with eta * midpoint <= 2))."""
+    """One row per cascade of a stored onset run ``u`` (period T, learning rate lr): where the
+    Fig. 4 rule on every COLD_EVERY-th step enters it, where eta lambda_max crossed LEVEL and 2
+    on the way, how the period-two mode grew between the two against the linear map's decay,
+    the chattering there, and the dense spectra at the onset and the entry. Returns (rows
+    {field: (C,)}, the run's numbers: "threshold" (the rule at stride 25, as Figs. 4-5),
+    "threshold_5" (at stride 5), "threshold_entries" (the stride-25 rule's midpoint at the
+    starts that begin cascades only), "entries", "entries_below" (cascades entered with
+    eta * midpoint <= 2)).
+
+    Every COLD_EVERY-th step is measured, the others only while eta lambda_max at the previous
+    step is above 2 HOT_FRACTION: inside a cascade, whose lower branch can fall below that, the
+    per-step series has gaps. So the rule reads the complete stride-5 and stride-25 series (odd
+    strides: both see the alternation), and the per-step series is used for the crossings
+    before an entry, where both branches are measured."""
     lam, amp, steps = u["lam"], u["amp_logits"], np.arange(len(u["lam"]))
     quiet = max(MIN_QUIET, QUIET_FRACTION * T)
-    thr1, starts, ends = stability.hessian_threshold(steps, lam)  # NaN (not measured) breaks runs
-    every = np.isfinite(lam) & (steps % RULE_STRIDE == 0)
-    thr25, s25, e25 = stability.hessian_threshold(steps[every], lam[every])
     mid = stability.branch_midpoint(lam)
-    mid25 = stability.branch_midpoint(lam[every])  # the stride-25 series' own midpoints
-    first25 = s25[stability.cascade_entries(s25, e25, quiet)]
-    at25 = np.searchsorted(steps[every], first25)  # their places in the stride-25 series
-    thr_entries = np.nanmean(mid25[at25]) if len(at25) else np.nan
+    strided = {}
+    for stride in (COLD_EVERY, RULE_STRIDE):
+        at = steps[np.isfinite(lam) & (steps % stride == 0)]  # (S/stride,) measured steps
+        thr, starts, ends = stability.hessian_threshold(at, lam[at])
+        first = stability.cascade_entries(starts, ends, quiet)  # into starts
+        mids = stability.branch_midpoint(lam[at])[np.searchsorted(at, starts)]  # (E,) lambda bar
+        strided[stride] = thr, starts, ends, first, mids
+    thr25, _, _, first25, mids25 = strided[RULE_STRIDE]
+    thr5, starts, ends, picks, mids5 = strided[COLD_EVERY]
     with np.errstate(divide="ignore", invalid="ignore"):
         log_amp = np.log(amp)
         linear = np.log(np.abs(1.0 - lr * mid))  # log|1 - eta lambda|: the linear map's growth
     rows = {f: [] for f in EPISODE_FIELDS}
-    picks = stability.cascade_entries(starts, ends, quiet)
     for k in picks:
         s = int(starts[k])
         lo = int(ends[k - 1]) + 1 if k > 0 else 1  # since the previous cascade
@@ -259,8 +270,8 @@ def analyze_unit(u, lr, T):
         fit = stability.growth_fit(amp, lam, lr, t_level, s) if 0 <= t_level < s else (np.nan,) * 4
         window = slice(max(1, t_onset - ALTERNATION_WINDOW), max(1, t_onset))
         values = {
-            "entry_step": s, "entry_lambda": mid[s], "entry_excess": mid[s] - 2.0 / lr,
-            "entered_below": float(lr * mid[s] <= 2.0), "onset_step": t_onset,
+            "entry_step": s, "entry_lambda": mids5[k], "entry_excess": mids5[k] - 2.0 / lr,
+            "entered_below": float(lr * mids5[k] <= 2.0), "onset_step": t_onset,
             "lag_steps": s - t_onset if t_onset >= 0 else np.nan, "ramp": rho,
             "level_step": t_level, "amp_level": a_level, "amp_onset": a_onset,
             "amp_entry": amp[s], "growth_measured": (
@@ -276,16 +287,20 @@ def analyze_unit(u, lr, T):
             "lam_alternation": (np.nanmean(np.abs(np.diff(lam[window.start - 1 : window.stop])))
                                 if t_onset > 1 else np.nan),
         }  # fmt: skip
-        for kind, at, name in (("onset", t_onset, "onset"), ("rule", s, "entry")):
-            for f, v in zip(EVENT_FIELDS, _event_values(u["events"], at, kind), strict=True):
+        for kind, at, name, within in (
+            ("onset", t_onset, "onset", 0),
+            ("rule", s, "entry", 2 * COLD_EVERY),
+        ):
+            dense = _event_values(u["events"], at, kind, within)  # the tracker's rule: every step
+            for f, v in zip(EVENT_FIELDS, dense, strict=True):
                 values[f"{name}_{f}"] = v
         for f in EPISODE_FIELDS:
             rows[f].append(values[f])
     rows = {f: np.array(v, dtype=np.float64) for f, v in rows.items()}
     return rows, {
         "threshold": thr25,
-        "threshold_1": thr1,
-        "threshold_entries": thr_entries,
+        "threshold_5": thr5,
+        "threshold_entries": np.mean(mids25[first25]) if len(first25) else np.nan,
         "entries": len(picks),
         "entries_below": int(rows["entered_below"].sum()) if len(picks) else 0,
     }
@@ -413,7 +428,7 @@ def onset_expect(cfg):
 # Merge: statistics over seeds per condition, fits across conditions
 # ---------------------------------------------------------------------------------------------
 
-RUN_FIELDS = ("threshold", "threshold_1", "threshold_entries")  # one number per run
+RUN_FIELDS = ("threshold", "threshold_5", "threshold_entries")  # one number per run
 SUMMARY_FIELDS = RUN_FIELDS + (
     "entry_lambda",
     "entry_excess",
@@ -443,6 +458,8 @@ SUMMARY_FIELDS = RUN_FIELDS + (
     "entry_lam_gn",
 )  # fmt: skip  (per run: the mean over its cascades)
 LOG10_FIELDS = ("amp_level", "amp_onset", "amp_entry")  # averaged as log10 (decades apart)
+ZOOM_CONDITION = dict(T0=5000.0, lr=1.0, dtype="float64", noise=0.0, beta=None)  # onset_zoom.png
+ZOOM_CASCADE = 1  # ... shows this cascade of the first seed (0: the start of training)
 
 
 def merge_onset(out):
@@ -506,9 +523,30 @@ def merge_onset(out):
     write_json(os.path.join(out, "onset.json"), json.loads(json.dumps(report, default=_num)))
     png = os.path.join(out, "onset.png")
     plots.plot_onset(arrays, cfg, png)
+    _zoom(out, conds, seeds[0], done)
     print_onset(arrays, conds, fits)
-    print(f"wrote {out}/onset.npz, onset.json and the figure {png}")
+    print(f"wrote {out}/onset.npz, onset.json and the figures {png}, onset_zoom.png")
     return arrays
+
+
+def _zoom(out, conds, seed, done):
+    """onset_zoom.png: cascade ZOOM_CASCADE of ``seed`` in ZOOM_CONDITION (or the first
+    condition), step by step."""
+    i = next((k for k, c in enumerate(conds) if ZOOM_CONDITION.items() <= c.items()), 0)
+    c = conds[i]
+    u = done[f"{condition_name(c)}_s{seed:05d}"]
+    with np.errstate(divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rows, _ = analyze_unit(u, c["lr"], c["T"])
+    if not len(rows["entry_step"]):
+        return
+    k = min(ZOOM_CASCADE, len(rows["entry_step"]) - 1)
+    entry, t_onset = int(rows["entry_step"][k]), int(rows["onset_step"][k])
+    title = (
+        f"{condition_name(c)}, seed {seed}: cascade {k} (the rule enters at step {entry}, "
+        f"midpoint {rows['entry_lambda'][k]:.3f}; eta * midpoint reaches 2 at {t_onset})"
+    )
+    plots.plot_onset_zoom(u, c["lr"], entry, t_onset, os.path.join(out, "onset_zoom.png"), title)
 
 
 def _num(v):
@@ -588,7 +626,7 @@ def print_onset(arrays, conds, fits):
     for i, c in enumerate(conds):
         print(
             f"{condition_name(c)}: threshold (stride {RULE_STRIDE}) {show('threshold', i)}, "
-            f"stride 1 {show('threshold_1', i)}, first starts only "
+            f"stride 5 {show('threshold_5', i)}, first starts only "
             f"{show('threshold_entries', i)}; the rule enters a cascade at lambda "
             f"{show('entry_lambda', i)} (share below 2/lr {show('entered_below', i, '.2f')}); "
             f"period-two growth per step from eta lambda {LEVEL:g} to 2: "

@@ -6,6 +6,8 @@ plot_threshold       Fig. 5: the Hessian threshold against the learning rate; st
 plot_phase           Figs. 1 and 3: mean training and validation accuracy over (T, A)
 plot_cifar_run       one Myrtle5 run of the Fig. 1 protocol against epoch
 plot_density         the Hessian's spectral density (stochastic Lanczos quadrature) at chosen steps
+plot_onset           where the instabilities begin: thresholds against T, noise, activation, eta
+plot_onset_zoom      one cascade's entry step by step: lambda_max, the period-two mode, the kinks
 """
 
 from __future__ import annotations
@@ -350,7 +352,7 @@ def _onset_label(arrays, i):
 
 def plot_onset(arrays, cfg, path):
     """Where the instabilities begin: (a) against the period T at lr 1, the paper's threshold
-    (the rule at stride 25), the rule at every step, the rule's first starts of cascades only,
+    (the rule at stride 25), the rule at stride 5, the rule's first starts of cascades only,
     and 2/eta; (b) the same at T0 = 5000, lr 1 for every arithmetic, noise and activation;
     (c) against the learning rate at T0 = 5000 (log-log); (d) every cascade's measured growth
     per step of the period-two mode between eta lambda = 1.5 and 2 against the linear map's
@@ -361,14 +363,14 @@ def plot_onset(arrays, cfg, path):
     lr1, t5000 = np.isclose(arrays["lr"], 1.0), np.isclose(arrays["T0"], 5000.0)
     fields = (
         ("threshold", "paper's rule (stride 25)"),
-        ("threshold_1", "rule at every step"),
+        ("threshold_5", "rule at stride 5"),
         ("threshold_entries", "first starts of cascades"),
     )
     for kind in kinds:
         same = np.array([_onset_label(arrays, i) == kind for i in range(len(arrays["lr"]))])
         for j, (field, what) in enumerate(fields):
             for a, sel, key in ((ax[0], same & lr1, "T"), (ax[2], same & t5000, "lr")):
-                if sel.sum() < 2 or (a is ax[2] and field == "threshold_1"):
+                if sel.sum() < 2 or (a is ax[2] and field == "threshold_5"):
                     continue
                 x, m, lo, hi = _family_points(arrays, sel, key, field)
                 a.errorbar(x, m, yerr=[m - lo, hi - m], fmt=marks[kind] + "-", color=f"C{j}",
@@ -415,4 +417,38 @@ def plot_onset(arrays, cfg, path):
         f"{CONFIDENCE:.0%} intervals over seeds",
         fontsize=10,
     )
+    _save(fig, path)
+
+
+def plot_onset_zoom(unit, lr, entry, onset, path, title, before=600, after=150):
+    """One cascade's entry, step by step, from ``before`` steps before the rule's entry to
+    ``after`` steps after the later of it and the onset: (top) lambda_max at every step and the
+    branch midpoint, the samples the stride-25 rule sees, 2/eta; (middle) the period-two
+    amplitude of the logits (log) and the hidden units that change sign per step; (bottom) the
+    cosine of consecutive updates. unit: a stored onset unit (its per-step series); entry,
+    onset: steps (onset -1 if none)."""
+    lam = unit["lam"]
+    t = np.arange(max(1, entry - before), min(len(lam), max(entry, onset) + after))
+    mid = 0.5 * (lam[t] + lam[t - 1])
+    ok = np.isfinite(lam[t])  # below eta lambda = 1.2 measured every 5th step only
+    fig, ax = plt.subplots(3, 1, figsize=(9, 7), sharex=True)
+    ax[0].plot(t[ok], lam[t][ok], lw=0.5, color="C0", label=r"$\lambda_{max}$ (every step)")
+    ax[0].plot(t, mid, lw=1.0, color="C1", label=r"branch midpoint $\bar\lambda$")
+    every = t[t % 25 == 0]
+    ax[0].plot(every, lam[every], "k.", ms=4, label="the stride-25 samples")
+    ax[0].axhline(2.0 / lr, ls=":", color="C7", label=r"$2/\eta$")
+    ax[1].semilogy(t, unit["amp_logits"][t], lw=0.8, color="C3", label="period-two amplitude")
+    twin = ax[1].twinx()
+    twin.plot(t, unit["flips"][t], lw=0.5, color="C2", alpha=0.6)
+    twin.set_ylabel("hidden units changing sign per step", color="C2", fontsize=8)
+    ax[2].plot(t, unit["cos"][t], lw=0.6, color="C4")
+    ax[2].set_ylabel("cos of consecutive updates")
+    ax[2].set_xlabel("step")
+    for a in ax:
+        a.axvline(entry, color="C2", lw=1, label="the rule enters the cascade")
+        if onset >= 0:
+            a.axvline(onset, color="C3", ls="--", lw=1, label=r"$\eta\bar\lambda$ reaches 2")
+    ax[0].legend(fontsize=7, loc="upper left")
+    ax[1].legend(fontsize=7, loc="upper left")
+    ax[0].set_title(title, fontsize=9)
     _save(fig, path)

@@ -153,8 +153,9 @@ def test_analyze_unit_finds_each_cascade_where_the_rule_enters_it():
     assert run["entries"] == 2 == run["entries_below"]  # one cascade per period, entered below 2
     mid = stability.branch_midpoint(u["lam"])
     for k, base in enumerate((0, 2000)):
-        entry = int(rows["entry_step"][k])
-        assert 1.8 <= mid[entry] + 0.0 < 2.0 and entry - base == np.argmax(u["lam"][base:] >= 1.8)
+        entry = int(rows["entry_step"][k])  # the stride-5 rule's: within two samples
+        assert 1.8 <= rows["entry_lambda"][k] < 2.0 and entry % onset.COLD_EVERY == 0
+        assert 0 <= entry - base - np.argmax(u["lam"][base:] >= 1.8) <= 2 * onset.COLD_EVERY
         onset_step = int(rows["onset_step"][k])
         assert mid[onset_step - 1] < 2.0 <= mid[onset_step] and onset_step > entry
         assert rows["lag_steps"][k] == entry - onset_step < 0
@@ -163,6 +164,12 @@ def test_analyze_unit_finds_each_cascade_where_the_rule_enters_it():
     assert (rows["growth_linear"] < 0).all()
     np.testing.assert_allclose(rows["flipback_level"], 0.5)
     assert np.isnan(rows["onset_lam_dense"]).all()  # no dense spectra stored: NaN, not 0
+    gappy = dict(u, lam=u["lam"].copy())  # a lower branch below 2 HOT_FRACTION: measured only
+    inside = np.arange(1100, 1900)  # every COLD_EVERY-th step for 800 steps inside the cascade
+    gappy["lam"][inside[inside % onset.COLD_EVERY != 0]] = np.nan
+    gappy_rows, gappy_run = onset.analyze_unit(gappy, 1.0, 2000.0)
+    assert gappy_run == run  # no cascade made up of the gap
+    np.testing.assert_array_equal(gappy_rows["entry_step"], rows["entry_step"])
     assert 1.8 <= run["threshold_entries"] < 2.0  # the stride-25 rule's first starts ...
     assert run["threshold"] > 2.0  # ... while its ends, at the top of the ramp, sit higher
 
