@@ -225,6 +225,12 @@ def _share(u, t):
     return _around(u["flipbacks"], t) / _around(u["flips"], t) if t >= 0 else np.nan
 
 
+def _first_mean(reading):
+    """The mean midpoint at the starts that begin cascades, of a reading of analyze_unit."""
+    _, _, _, first, mids = reading
+    return np.mean(mids[first]) if len(first) else np.nan
+
+
 def analyze_unit(u, lr, T):
     """One row per cascade of a stored onset run ``u`` (period T, learning rate lr): where the
     Fig. 4 rule on every COLD_EVERY-th step enters it, where eta lambda_max crossed LEVEL and 2
@@ -232,8 +238,9 @@ def analyze_unit(u, lr, T):
     the chattering there, and the dense spectra at the onset and the entry. Returns (rows
     {field: (C,)}, the run's numbers: "threshold" (the rule at stride 25, as Figs. 4-5),
     "threshold_5" (at stride 5), "threshold_entries" (the stride-25 rule's midpoint at the
-    starts that begin cascades only), "entries", "entries_below" (cascades entered with
-    eta * midpoint <= 2)).
+    starts that begin cascades only), "threshold_scaled" and "threshold_scaled_entries" (the
+    same with the jump measured in eta lambda, eta |jump| >= 0.1: scale-free in eta), "entries",
+    "entries_below" (cascades entered with eta * midpoint <= 2)).
 
     Every COLD_EVERY-th step is measured, the others only while eta lambda_max at the previous
     step is above 2 HOT_FRACTION: inside a cascade, whose lower branch can fall below that, the
@@ -243,15 +250,18 @@ def analyze_unit(u, lr, T):
     lam, amp, steps = u["lam"], u["amp_logits"], np.arange(len(u["lam"]))
     quiet = max(MIN_QUIET, QUIET_FRACTION * T)
     mid = stability.branch_midpoint(lam)
-    strided = {}
-    for stride in (COLD_EVERY, RULE_STRIDE):
+    readings = {}  # the rule on a complete series: (threshold, starts, ends, firsts, midpoints)
+    for key, stride, jump in (
+        ("5", COLD_EVERY, stability.HESS_JUMP),
+        ("25", RULE_STRIDE, stability.HESS_JUMP),
+        ("scaled", RULE_STRIDE, stability.HESS_JUMP / lr),  # eta |jump| >= 0.1: scale-free
+    ):
         at = steps[np.isfinite(lam) & (steps % stride == 0)]  # (S/stride,) measured steps
-        thr, starts, ends = stability.hessian_threshold(at, lam[at])
+        thr, starts, ends = stability.hessian_threshold(at, lam[at], jump=jump)
         first = stability.cascade_entries(starts, ends, quiet)  # into starts
         mids = stability.branch_midpoint(lam[at])[np.searchsorted(at, starts)]  # (E,) lambda bar
-        strided[stride] = thr, starts, ends, first, mids
-    thr25, _, _, first25, mids25 = strided[RULE_STRIDE]
-    thr5, starts, ends, picks, mids5 = strided[COLD_EVERY]
+        readings[key] = thr, starts, ends, first, mids
+    thr5, starts, ends, picks, mids5 = readings["5"]
     with np.errstate(divide="ignore", invalid="ignore"):
         log_amp = np.log(amp)
         linear = np.log(np.abs(1.0 - lr * mid))  # log|1 - eta lambda|: the linear map's growth
@@ -298,9 +308,11 @@ def analyze_unit(u, lr, T):
             rows[f].append(values[f])
     rows = {f: np.array(v, dtype=np.float64) for f, v in rows.items()}
     return rows, {
-        "threshold": thr25,
+        "threshold": readings["25"][0],
         "threshold_5": thr5,
-        "threshold_entries": np.mean(mids25[first25]) if len(first25) else np.nan,
+        "threshold_entries": _first_mean(readings["25"]),
+        "threshold_scaled": readings["scaled"][0],
+        "threshold_scaled_entries": _first_mean(readings["scaled"]),
         "entries": len(picks),
         "entries_below": int(rows["entered_below"].sum()) if len(picks) else 0,
     }
@@ -428,7 +440,13 @@ def onset_expect(cfg):
 # Merge: statistics over seeds per condition, fits across conditions
 # ---------------------------------------------------------------------------------------------
 
-RUN_FIELDS = ("threshold", "threshold_5", "threshold_entries")  # one number per run
+RUN_FIELDS = (
+    "threshold",
+    "threshold_5",
+    "threshold_entries",
+    "threshold_scaled",
+    "threshold_scaled_entries",
+)  # one number per run
 SUMMARY_FIELDS = RUN_FIELDS + (
     "entry_lambda",
     "entry_excess",
@@ -606,7 +624,7 @@ def _fits(arrays, conds, per_seed):
         lrs = np.array([conds[i]["lr"] for i in members])
         if len(members) < stability.MIN_FIT_POINTS:
             continue
-        for f in ("threshold", "threshold_entries", "entry_lambda"):
+        for f in ("threshold", "threshold_scaled", "threshold_entries", "entry_lambda"):
             (x, err, _), draws = statistics.bootstrap_exponent(lrs, per_seed[f][members].T, rng)
             lo, hi = np.nanpercentile(draws, q) if np.isfinite(draws).any() else (np.nan,) * 2
             fits.append(dict(family=label, fit=f"{f} ~ lr^x", x=x, x_stderr=err, x_lo=lo, x_hi=hi))
@@ -627,7 +645,8 @@ def print_onset(arrays, conds, fits):
         print(
             f"{condition_name(c)}: threshold (stride {RULE_STRIDE}) {show('threshold', i)}, "
             f"stride 5 {show('threshold_5', i)}, first starts only "
-            f"{show('threshold_entries', i)}; the rule enters a cascade at lambda "
+            f"{show('threshold_entries', i)}, scale-free rule {show('threshold_scaled', i)} (first "
+            f"starts {show('threshold_scaled_entries', i)}); the rule enters a cascade at lambda "
             f"{show('entry_lambda', i)} (share below 2/lr {show('entered_below', i, '.2f')}); "
             f"period-two growth per step from eta lambda {LEVEL:g} to 2: "
             f"{show('growth_measured', i, '.4f')}, the linear map's {show('growth_linear', i)}; "

@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import NullLocator  # noqa: E402
 
 from apparatus.statistics import CONFIDENCE  # noqa: E402
 from apparatus.tracker import SPECTRA_FIELDS, zoom_window  # noqa: E402
@@ -350,53 +351,65 @@ def _onset_label(arrays, i):
     return f"{act}, {arrays['dtype'][i]}{noise}"
 
 
+def _log_ticks(ax, values):
+    """A log x axis with a labelled tick at each of ``values`` and no others."""
+    ax.set_xscale("log")
+    ticks = np.unique(values)
+    ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
 def plot_onset(arrays, cfg, path):
     """Where the instabilities begin: (a) against the period T at lr 1, the paper's threshold
     (the rule at stride 25), the rule at stride 5, the rule's first starts of cascades only,
     and 2/eta; (b) the same at T0 = 5000, lr 1 for every arithmetic, noise and activation;
-    (c) against the learning rate at T0 = 5000 (log-log); (d) every cascade's measured growth
+    (c) eta times the thresholds (and the scale-free rule's, eta |jump| >= 0.1) against the
+    learning rate at T0 = 5000; (d) every cascade's measured growth
     per step of the period-two mode between eta lambda = 1.5 and 2 against the linear map's
     log|1 - eta lambda|."""
     fig, ax = plt.subplots(1, 4, figsize=(20, 4.3))
     kinds = sorted({_onset_label(arrays, i) for i in range(len(arrays["lr"]))})
     marks = dict(zip(kinds, "os^vDP<>", strict=False))
     lr1, t5000 = np.isclose(arrays["lr"], 1.0), np.isclose(arrays["T0"], 5000.0)
-    fields = (
-        ("threshold", "paper's rule (stride 25)"),
-        ("threshold_5", "rule at stride 5"),
-        ("threshold_entries", "first starts of cascades"),
-    )
+    names = {
+        "threshold": "paper's rule (stride 25)",
+        "threshold_5": "rule at stride 5",
+        "threshold_entries": "first starts of cascades",
+        "threshold_scaled": r"rule with $\eta$|jump| $\geq$ 0.1",
+    }
+    fields = ("threshold", "threshold_5", "threshold_entries")  # panels (a), (b)
     for kind in kinds:
         same = np.array([_onset_label(arrays, i) == kind for i in range(len(arrays["lr"]))])
-        for j, (field, what) in enumerate(fields):
+        style = dict(fmt=marks[kind] + "-", ms=4, lw=0.8, capsize=2,
+                     alpha=1 if "ReLU, float64" == kind else 0.5)  # fmt: skip
+        for j, field in enumerate(names):
             for a, sel, key in ((ax[0], same & lr1, "T"), (ax[2], same & t5000, "lr")):
-                if sel.sum() < 2 or (a is ax[2] and field == "threshold_5"):
+                if sel.sum() < 2 or field == ("threshold_5" if a is ax[2] else "threshold_scaled"):
                     continue
                 x, m, lo, hi = _family_points(arrays, sel, key, field)
-                a.errorbar(x, m, yerr=[m - lo, hi - m], fmt=marks[kind] + "-", color=f"C{j}",
-                           ms=4, lw=0.8, capsize=2, alpha=1 if "ReLU, float64" == kind else 0.5,
-                           label=f"{what}: {kind}")  # fmt: skip
+                k = x if a is ax[2] else 1.0  # (c) shows eta lambda: 2/eta is flat at 2
+                a.errorbar(x, k * m, yerr=[k * (m - lo), k * (hi - m)], color=f"C{j}",
+                           label=f"{names[field]}: {kind}", **style)  # fmt: skip
     ax[0].axhline(2.0, ls=":", color="C7", label=r"$2/\eta$")
-    ax[0].set_xscale("log")
+    _log_ticks(ax[0], arrays["T"][lr1])
     ax[0].set_xlabel("period T (steps), lr 1")
     ax[0].set_ylabel(r"Hessian $\lambda_{max}$ (branch midpoint)")
     ax[0].set_title("(a) the thresholds against T")
     idx = np.flatnonzero(lr1 & t5000)
-    for j, (field, what) in enumerate(fields):
+    for j, field in enumerate(fields):
         m, lo, hi = (arrays[field + s][idx] for s in ("", "_lo", "_hi"))
         ax[1].errorbar(np.arange(len(idx)) + 0.1 * j, m, yerr=[m - lo, hi - m], fmt="o",
-                       color=f"C{j}", capsize=3, label=what)  # fmt: skip
+                       color=f"C{j}", capsize=3, label=names[field])  # fmt: skip
     ax[1].axhline(2.0, ls=":", color="C7", label=r"$2/\eta$")
     ax[1].set_xticks(np.arange(len(idx)), [_onset_label(arrays, i) for i in idx], rotation=20,
                      fontsize=7, ha="right")  # fmt: skip
     ax[1].set_xlim(-0.5, max(len(idx), 2) - 0.5)
     ax[1].set_title("(b) arithmetic, noise, activation: T = 5000, lr 1")
-    grid = np.geomspace(max(arrays["lr"].min(), 1e-3), arrays["lr"].max(), 50)
-    ax[2].plot(grid, gd_threshold(grid), ":", color="C7", label=r"$2/\eta$")
-    ax[2].set_xscale("log")
-    ax[2].set_yscale("log")
+    ax[2].axhline(2.0, ls=":", color="C7", label=r"$2/\eta$")
+    _log_ticks(ax[2], arrays["lr"][t5000])
     ax[2].set_xlabel(r"learning rate $\eta$ (T = 5000/$\eta$)")
-    ax[2].set_title("(c) the thresholds against the learning rate")
+    ax[2].set_ylabel(r"$\eta\,\lambda_{max}$: a threshold $\propto \eta^{-1}$ is flat")
+    ax[2].set_title(r"(c) the thresholds times $\eta$ against $\eta$")
     linear, measured = arrays["episode_growth_linear"], arrays["episode_growth_measured"]
     cond = arrays["episode_condition"].astype(int)
     for kind in kinds:
