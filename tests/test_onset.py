@@ -170,6 +170,11 @@ def test_analyze_unit_finds_each_cascade_where_the_rule_enters_it():
     gappy_rows, gappy_run = onset.analyze_unit(gappy, 1.0, 2000.0)
     assert gappy_run == run  # no cascade made up of the gap
     np.testing.assert_array_equal(gappy_rows["entry_step"], rows["entry_step"])
+    assert run["threshold_scaled"] == run["threshold"]  # the same rule at eta = 1 ...
+    halved = dict(u, lam=u["lam"] / 2)  # ... and scale-free: lambda / 2 at eta = 2
+    _, run2 = onset.analyze_unit(halved, 2.0, 2000.0)
+    assert run2["threshold_scaled"] == pytest.approx(run["threshold_scaled"] / 2, rel=1e-12)
+    assert run2["entries"] == run["entries"]
     assert 1.8 <= run["threshold_entries"] < 2.0  # the stride-25 rule's first starts ...
     assert run["threshold"] > 2.0  # ... while its ends, at the top of the ramp, sit higher
 
