@@ -225,22 +225,22 @@ def _share(u, t):
     return _around(u["flipbacks"], t) / _around(u["flips"], t) if t >= 0 else np.nan
 
 
-def _first_mean(reading):
-    """The mean midpoint at the starts that begin cascades, of a reading of analyze_unit."""
-    _, _, _, first, mids = reading
-    return np.mean(mids[first]) if len(first) else np.nan
+def _mean(x):
+    """The mean of x, NaN (without a warning) if x is empty."""
+    return np.mean(x) if len(x) else np.nan
 
 
 def analyze_unit(u, lr, T):
     """One row per cascade of a stored onset run ``u`` (period T, learning rate lr): where the
     Fig. 4 rule on every COLD_EVERY-th step enters it, where eta lambda_max crossed LEVEL and 2
-    on the way, how the period-two mode grew between the two against the linear map's decay,
-    the chattering there, and the dense spectra at the onset and the entry. Returns (rows
-    {field: (C,)}, the run's numbers: "threshold" (the rule at stride 25, as Figs. 4-5),
-    "threshold_5" (at stride 5), "threshold_entries" (the stride-25 rule's midpoint at the
-    starts that begin cascades only), "threshold_scaled" and "threshold_scaled_entries" (the
-    same with the jump measured in eta lambda, eta |jump| >= 0.1: scale-free in eta), "entries",
-    "entries_below" (cascades entered with eta * midpoint <= 2)).
+    on the way, how the period-two mode grew between the two against the linear map's decay, the
+    chattering there, and the dense spectra at the onset and the entry. Returns (rows {field:
+    (C,)}, the run's numbers: "threshold" (the rule at stride 25, as Figs. 4-5), "threshold_5"
+    (at stride 5), "threshold_entries", "threshold_restarts", "threshold_ends" (the stride-25
+    rule's mean midpoint at the starts that begin cascades, at the other starts, at the ends:
+    the threshold is the mean over all three), "threshold_scaled" and "threshold_scaled_entries"
+    (the same with the jump measured in eta lambda, eta |jump| >= 0.1: scale-free in eta),
+    "entries", "entries_below" (cascades entered with eta * midpoint <= 2)).
 
     Every COLD_EVERY-th step is measured, the others only while eta lambda_max at the previous
     step is above 2 HOT_FRACTION: inside a cascade, whose lower branch can fall below that, the
@@ -262,6 +262,8 @@ def analyze_unit(u, lr, T):
         mids = stability.branch_midpoint(lam[at])[np.searchsorted(at, starts)]  # (E,) lambda bar
         readings[key] = thr, starts, ends, first, mids
     thr5, starts, ends, picks, mids5 = readings["5"]
+    _, _, e25, first25, mids25 = readings["25"]
+    at25 = steps[np.isfinite(lam) & (steps % RULE_STRIDE == 0)]
     with np.errstate(divide="ignore", invalid="ignore"):
         log_amp = np.log(amp)
         linear = np.log(np.abs(1.0 - lr * mid))  # log|1 - eta lambda|: the linear map's growth
@@ -310,9 +312,11 @@ def analyze_unit(u, lr, T):
     return rows, {
         "threshold": readings["25"][0],
         "threshold_5": thr5,
-        "threshold_entries": _first_mean(readings["25"]),
+        "threshold_entries": _mean(mids25[first25]),
+        "threshold_restarts": _mean(np.delete(mids25, first25)),
+        "threshold_ends": _mean(stability.branch_midpoint(lam[at25])[np.searchsorted(at25, e25)]),
         "threshold_scaled": readings["scaled"][0],
-        "threshold_scaled_entries": _first_mean(readings["scaled"]),
+        "threshold_scaled_entries": _mean(readings["scaled"][4][readings["scaled"][3]]),
         "entries": len(picks),
         "entries_below": int(rows["entered_below"].sum()) if len(picks) else 0,
     }
@@ -444,6 +448,8 @@ RUN_FIELDS = (
     "threshold",
     "threshold_5",
     "threshold_entries",
+    "threshold_restarts",
+    "threshold_ends",
     "threshold_scaled",
     "threshold_scaled_entries",
 )  # one number per run
@@ -645,7 +651,8 @@ def print_onset(arrays, conds, fits):
         print(
             f"{condition_name(c)}: threshold (stride {RULE_STRIDE}) {show('threshold', i)}, "
             f"stride 5 {show('threshold_5', i)}, first starts only "
-            f"{show('threshold_entries', i)}, scale-free rule {show('threshold_scaled', i)} (first "
+            f"{show('threshold_entries', i)}, other starts {show('threshold_restarts', i)}, ends "
+            f"{show('threshold_ends', i)}, scale-free rule {show('threshold_scaled', i)} (first "
             f"starts {show('threshold_scaled_entries', i)}); the rule enters a cascade at lambda "
             f"{show('entry_lambda', i)} (share below 2/lr {show('entered_below', i, '.2f')}); "
             f"period-two growth per step from eta lambda {LEVEL:g} to 2: "
