@@ -240,7 +240,8 @@ def analyze_unit(u, lr, T):
     rule's mean midpoint at the starts that begin cascades, at the other starts, at the ends:
     the threshold is the mean over all three), "threshold_scaled" and "threshold_scaled_entries"
     (the same with the jump measured in eta lambda, eta |jump| >= 0.1: scale-free in eta),
-    "entries", "entries_below" (cascades entered with eta * midpoint <= 2)).
+    "lam_max" (the largest lambda_max measured), "entries", "entries_below" (cascades entered
+    with eta * midpoint <= 2)).
 
     Every COLD_EVERY-th step is measured, the others only while eta lambda_max at the previous
     step is above 2 HOT_FRACTION: inside a cascade, whose lower branch can fall below that, the
@@ -317,6 +318,7 @@ def analyze_unit(u, lr, T):
         "threshold_ends": _mean(stability.branch_midpoint(lam[at25])[np.searchsorted(at25, e25)]),
         "threshold_scaled": readings["scaled"][0],
         "threshold_scaled_entries": _mean(readings["scaled"][4][readings["scaled"][3]]),
+        "lam_max": np.nanmax(lam),  # how far lambda_max climbs inside the cascades
         "entries": len(picks),
         "entries_below": int(rows["entered_below"].sum()) if len(picks) else 0,
     }
@@ -452,6 +454,7 @@ RUN_FIELDS = (
     "threshold_ends",
     "threshold_scaled",
     "threshold_scaled_entries",
+    "lam_max",
 )  # one number per run
 SUMMARY_FIELDS = RUN_FIELDS + (
     "entry_lambda",
@@ -653,7 +656,8 @@ def print_onset(arrays, conds, fits):
             f"stride 5 {show('threshold_5', i)}, first starts only "
             f"{show('threshold_entries', i)}, other starts {show('threshold_restarts', i)}, ends "
             f"{show('threshold_ends', i)}, scale-free rule {show('threshold_scaled', i)} (first "
-            f"starts {show('threshold_scaled_entries', i)}); the rule enters a cascade at lambda "
+            f"starts {show('threshold_scaled_entries', i)}), largest lambda_max "
+            f"{show('lam_max', i, '.1f')}; the rule enters a cascade at lambda "
             f"{show('entry_lambda', i)} (share below 2/lr {show('entered_below', i, '.2f')}); "
             f"period-two growth per step from eta lambda {LEVEL:g} to 2: "
             f"{show('growth_measured', i, '.4f')}, the linear map's {show('growth_linear', i)}; "

@@ -178,6 +178,7 @@ def test_analyze_unit_finds_each_cascade_where_the_rule_enters_it():
     assert 1.8 <= run["threshold_entries"] < 2.0  # the stride-25 rule's first starts ...
     assert run["threshold"] > 2.0  # ... while its ends, at the top of the ramp, sit higher
     assert run["threshold_entries"] < run["threshold"] < run["threshold_ends"]
+    assert run["lam_max"] == np.nanmax(u["lam"]) > run["threshold_ends"]  # the top of the ramp
 
 
 def test_period_two_amplitude_reads_the_alternating_part():
