@@ -611,29 +611,36 @@ def _power_law(x, y, rng):
 
 
 def _fits(arrays, conds, per_seed):
-    """Within each family of conditions that differ in T0 only (the ramp): the paper's
-    threshold's excess over 2/eta against the ramp rate of eta lambda_max at the onsets, per run,
-    excess = k rho^alpha (the slow passage predicts alpha = 1/2), with a bootstrap interval over
-    seeds; within each family that differs in the learning rate only (at least MIN_FIT_POINTS):
-    the exponent x of threshold ~ eta^x for the paper's threshold, the rule restricted to the
-    cascades' first starts and the midpoint at the cascades' entries (bootstrap over seeds).
+    """Within each family of conditions that differ in T0 only (the ramp): the excess over 2/eta
+    of the paper's threshold, and of the midpoint where the rule enters the cascades, against
+    the ramp rate of eta lambda_max at the onsets, per run, excess = k rho^alpha (the slow
+    passage predicts alpha = 1/2; runs with an excess <= 0 are left out and counted), with a
+    bootstrap interval over seeds; within each family that differs in the learning rate only
+    (at least MIN_FIT_POINTS): the exponent x of threshold ~ eta^x for the paper's threshold,
+    the scale-free rule, the rule restricted to the cascades' first starts and the midpoint at
+    the cascades' entries (bootstrap over seeds). Each fit draws from its own generator, so its
+    interval does not depend on which other conditions the folder holds.
     Returns [dict per fit]."""
     fits = []
-    rng = np.random.default_rng(statistics.BOOTSTRAP_SEED)
     q = (50 * (1 - statistics.CONFIDENCE), 50 * (1 + statistics.CONFIDENCE))
     for label, members in families(conds, "T0").items():
         if len(members) < 2:
             continue
         gd = np.array([2.0 / conds[i]["lr"] for i in members])[:, None]
-        excess = per_seed["threshold"][members] - gd  # (C, S)
-        alpha, lo, hi, k, n = _power_law(per_seed["ramp"][members], excess, rng)
-        fits.append(dict(family=label, fit="threshold - 2/lr = k ramp^alpha", alpha=alpha,
-                         alpha_lo=lo, alpha_hi=hi, k=k, runs=n))  # fmt: skip
+        for f, excess in (
+            ("threshold - 2/lr", per_seed["threshold"][members] - gd),  # (C, S)
+            ("entry_excess", per_seed["entry_excess"][members]),
+        ):
+            rng = np.random.default_rng(statistics.BOOTSTRAP_SEED)
+            alpha, lo, hi, k, n = _power_law(per_seed["ramp"][members], excess, rng)
+            fits.append(dict(family=label, fit=f"{f} = k ramp^alpha", alpha=alpha,
+                             alpha_lo=lo, alpha_hi=hi, k=k, runs=n))  # fmt: skip
     for label, members in families(conds, "lr").items():
         lrs = np.array([conds[i]["lr"] for i in members])
         if len(members) < stability.MIN_FIT_POINTS:
             continue
         for f in ("threshold", "threshold_scaled", "threshold_entries", "entry_lambda"):
+            rng = np.random.default_rng(statistics.BOOTSTRAP_SEED)
             (x, err, _), draws = statistics.bootstrap_exponent(lrs, per_seed[f][members].T, rng)
             lo, hi = np.nanpercentile(draws, q) if np.isfinite(draws).any() else (np.nan,) * 2
             fits.append(dict(family=label, fit=f"{f} ~ lr^x", x=x, x_stderr=err, x_lo=lo, x_hi=hi))

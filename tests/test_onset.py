@@ -217,6 +217,51 @@ def test_a_slow_passage_grows_as_the_linear_map_predicts():
 # ---------------------------------------------------------------------------------------------
 
 
+def test_fits_recover_known_laws_each_from_its_own_draws():
+    """Per-seed numbers built from known laws: the excess over 2/eta = 0.3 ramp^0.5 across T0,
+    the threshold = 2.6 eta^-0.9 across eta, with seed scatter; the fits find the exponents,
+    and a family's interval is the same with or without another."""
+    rng = np.random.default_rng(5)
+    S = 10
+    base = dict(dtype="float64", noise=0.0, beta=None)
+    t_family = [dict(base, T0=t, lr=1.0) for t in (1250.0, 2500.0, 5000.0, 10000.0)]
+    lr_family = [dict(base, T0=5000.0, lr=r) for r in (0.5, 2.0, 4.0)]
+    other = [dict(c, dtype="float32") for c in t_family]  # a family fitted before it
+    ramp = np.outer(1.0 / np.array([1250.0, 2500.0, 5000.0, 10000.0]), np.ones(S))
+    ramp = ramp * np.exp(rng.normal(0, 0.05, ramp.shape))  # (4, S)
+    excess = 0.3 * ramp**0.5 * np.exp(rng.normal(0, 0.05, ramp.shape))
+    lrs = np.array([1.0, 0.5, 2.0, 4.0])  # the T family's T0 = 5000 is the lr family's eta = 1
+    law = 2.6 * lrs[:, None] ** -0.9 * np.exp(rng.normal(0, 0.05, (4, S)))  # (4, S)
+
+    def per_seed(conds):
+        out = {f: np.full((len(conds), S), np.nan) for f in onset.SUMMARY_FIELDS}
+        for i, c in enumerate(conds):
+            j = [1250.0, 2500.0, 5000.0, 10000.0].index(c["T0"]) if c["lr"] == 1.0 else None
+            if j is not None:
+                out["ramp"][i], out["threshold"][i] = ramp[j], 2.0 + excess[j]
+                out["entry_excess"][i] = excess[j] / 2
+            if c["T0"] == 5000.0:
+                k = list(lrs).index(c["lr"])
+                for f in ("threshold_scaled", "threshold_entries", "entry_lambda"):
+                    out[f][i] = law[k]
+                if c["lr"] != 1.0:
+                    out["threshold"][i] = law[k]
+        return out
+
+    every = other + t_family + lr_family
+    fits = {(f["family"], f["fit"]): f for f in onset._fits({}, every, per_seed(every))}
+    t_label, lr_label = "T0*_lr1.0_float64_noise0.0_relu", "T05000.0_lr*_float64_noise0.0_relu"
+    slow = fits[(t_label, "threshold - 2/lr = k ramp^alpha")]
+    assert slow["alpha"] == pytest.approx(0.5, abs=0.05) and slow["runs"] == 4 * S
+    assert slow["alpha_lo"] < slow["alpha"] < slow["alpha_hi"] < 1.0
+    assert fits[(t_label, "entry_excess = k ramp^alpha")]["k"] == pytest.approx(0.15, rel=0.1)
+    for f in ("threshold_scaled", "threshold_entries", "entry_lambda"):
+        x = fits[(lr_label, f"{f} ~ lr^x")]
+        assert x["x"] == pytest.approx(-0.9, abs=0.05) and x["x_lo"] < x["x"] < x["x_hi"] < -0.8
+    alone = {(f["family"], f["fit"]): f for f in onset._fits({}, t_family, per_seed(t_family))}
+    assert alone[(t_label, "threshold - 2/lr = k ramp^alpha")] == slow  # its own draws
+
+
 def test_onset_command_writes_units_resumes_and_merges(tmp_path, capsys):
     out = tmp_path / "onset"
     argv = ["onset", "--T0", "400", "--seed", "0-1", "--periods", "3", "--width", "30"]
