@@ -1,8 +1,9 @@
 """Where the instabilities begin: the onset analysis of stability.py on synthetic series, the
 softplus network's derivatives, the reference loop's float32, perturbed and softplus runs, and
-the onset command end to end."""
+the onset command end to end; the README's onset tables against the committed results."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -284,3 +285,66 @@ def test_onset_command_writes_units_resumes_and_merges(tmp_path, capsys):
     report = json.loads((out / "onset.json").read_text())
     assert len(report["per_condition"]) == 2 and (out / "onset.png").exists()
     assert json.loads((out / "sweep.json").read_text())["conditions"][1]["lr"] == 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's onset tables are the committed results, row by row
+# ---------------------------------------------------------------------------------------------
+
+ONSET_RESULTS = Path(__file__).resolve().parents[1] / "results" / "onset" / "onset.json"
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def condition_label(c):
+    """'η=1, T=5000, ReLU' (then softplus β, float32, ε where they differ from the default)."""
+    act = "ReLU" if c["beta"] is None else f"softplus β={c['beta']:g}"
+    extra = ([] if c["dtype"] == "float64" else [c["dtype"]]) + (
+        [f"ε={c['noise']:g}"] if c["noise"] else []
+    )
+    return ", ".join([f"η={c['lr']:g}", f"T={c['T']:g}", act, *extra])
+
+
+def with_interval(v, fmt="{:.2f}", scale=1.0):
+    """'2.07 [2.01, 2.12]' from onset.json's [mean, lo, hi] (lo None: one value, no interval;
+    mean None: nothing measured, '—')."""
+    mean, lo, hi = v
+    if mean is None:
+        return "—"
+    if lo is None:
+        return fmt.format(scale * mean)
+    return f"{fmt} [{fmt}, {fmt}]".format(scale * mean, scale * lo, scale * hi)
+
+
+def readme_onset_rows(report):
+    """The README's two onset tables: per condition, eta times the thresholds and the entries,
+    the mode's growth and the chattering; eta times lambda_max of each operator at the onset."""
+    n_train = sp.N_PER_CLASS * sp.K_SPIRAL
+    rows = []
+    for c, p in zip(report["conditions"], report["per_condition"], strict=True):
+        eta = c["lr"]
+        cells = [
+            *(with_interval(p[f], scale=eta) for f in ("threshold", "threshold_entries")),
+            *(with_interval(p[f], scale=eta) for f in ("threshold_restarts", "threshold_ends")),
+            with_interval(p["entry_lambda"], scale=eta),
+            f"{p['cascades_entered_below_2_over_eta']}/{p['cascades']}",
+            with_interval(p["growth_measured"], "{:+.3f}"),
+            f"{p['flips_level'][0]:.0f}, {p['flipback_level'][0]:.2f}, {p['cos_level'][0]:+.2f}",
+            f"{p['lam_max'][0] * eta:.1f}",
+        ]
+        rows.append("| " + " | ".join([condition_label(c), *cells]) + " |")
+    for c, p in zip(report["conditions"], report["per_condition"], strict=True):
+        eta = c["lr"]
+        cells = [f"{eta * p[f'onset_lam_{k}'][0]:.3f}" for k in ("dense", "gn", "wntk")]
+        ntk = p["onset_lam_ntk"]
+        cells += [with_interval(ntk, "{:,.0f}"), f"{2 * n_train / eta:,.0f}"]
+        rows.append("| " + " | ".join([condition_label(c), *cells]) + " |")
+    return rows
+
+
+def test_the_readme_onset_tables_are_the_committed_results():
+    report = json.loads(ONSET_RESULTS.read_text(encoding="utf-8"))
+    rows = readme_onset_rows(report)
+    readme = README.read_text(encoding="utf-8")
+    missing = [r for r in rows if r not in readme]
+    assert not missing, f"README rows that are not results/onset/onset.json's: {missing[:2]}"
+    assert len(rows) == 2 * len(report["conditions"]) > 0
