@@ -5,9 +5,9 @@
 set -u
 OUT=${OUT:-runs/onset}
 COMMON="--seed 0-9 --periods 4 --out $OUT"
-python run_spiral.py onset --T0 1250,2500,5000,10000,20000 --lrs 1 $COMMON   # (a) the ramp
-python run_spiral.py onset --T0 5000 --lrs 0.5,2,4 $COMMON                     # (c) learning rates
-python run_spiral.py onset --T0 5000 --dtypes float32 $COMMON                  # (b) float32
-python run_spiral.py onset --T0 5000 --noise 1e-12,1e-8 $COMMON                # (b) perturbed
-python run_spiral.py onset --T0 2500,5000 --betas 5,20 $COMMON                 # (d) softplus
-python run_spiral.py onset --T0 5000 --lrs 2,4 --betas 5,20 $COMMON            # (d) softplus, lrs
+python run_spiral.py onset --T0 1250,2500,5000,10000,20000 --lrs 1 $COMMON   # the ramp: T
+python run_spiral.py onset --T0 5000 --lrs 0.5,2,4 $COMMON                     # the learning rates
+python run_spiral.py onset --T0 5000 --dtypes float32 $COMMON                  # float32
+python run_spiral.py onset --T0 5000 --noise 1e-12,1e-8 $COMMON                # perturbed at every step
+python run_spiral.py onset --T0 2500,5000 --betas 5,20 $COMMON                 # softplus: T
+python run_spiral.py onset --T0 5000 --lrs 2,4 --betas 5,20 $COMMON            # softplus: learning rates
