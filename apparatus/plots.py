@@ -414,12 +414,15 @@ def plot_onset(arrays, cfg, path):
     cond = arrays["episode_condition"].astype(int)
     for kind in kinds:
         sel = np.array([_onset_label(arrays, i) == kind for i in cond], dtype=bool)
-        ax[3].plot(linear[sel], measured[sel], marks[kind], ms=2, alpha=0.5, label=kind)
+        smooth = "softplus" in kind  # few points: drawn larger, on top of the ReLU cloud
+        ax[3].plot(linear[sel], measured[sel], marks[kind], ms=3 if smooth else 2, alpha=0.6,
+                   label=kind, zorder=3 if smooth else 2)  # fmt: skip
     ok = np.isfinite(linear)
     lo = np.nanmin(np.r_[linear[ok], -1.0])
     ax[3].plot([lo, 0], [lo, 0], "k:", lw=0.8, label="the linear map: measured = predicted")
     ax[3].axhline(0.0, color="C7", lw=0.6)
-    ax[3].set_xlabel(r"linear map: mean $\ln|1 - \eta\lambda|$ per step, $\eta\lambda$ 1.5 to 2")
+    ax[3].set_xlabel(r"linear map: mean of $\ln|1 - \eta\bar\lambda|$ per step from"
+                     r" $\eta\bar\lambda$ = 1.5 to 2")  # fmt: skip
     ax[3].set_ylabel("measured growth per step of ln(period-two amplitude)")
     ax[3].set_title("(d) the period-two mode, every cascade")
     for a in ax:
