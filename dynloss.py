@@ -169,7 +169,7 @@ def loss_backward(cache):
     if loss == "ce":
         dz = xp.exp(a)  # (M, N, K)  softmax(z)
         dz[:, xp.arange(N), y] -= 1.0  # softmax(z) - onehot(y)
-        return dz * (gamma_y[..., None] / N)  # dF/dz = Gamma_y (softmax(z) - onehot(y)) / N
+        return dz * (gamma_y[..., None] / N)  # eq. (1): dF/dz = Gamma_y (softmax - onehot(y)) / N
     return a * (gamma_y[..., None] / N)  # eq. (8): dF/dz = Gamma_y (z - onehot(y)) / N
 
 

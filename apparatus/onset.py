@@ -52,8 +52,6 @@ RULE_STRIDE = 25  # the Fig. 4-5 threshold's tracking stride (the published meas
 HOT_FRACTION = 0.6  # lambda_max at every step once eta lambda_max >= this times 2 ...
 COLD_EVERY = 5  # ... and every this many steps below (a divisor of RULE_STRIDE, VERIFY_EVERY)
 GAMMA_BLOCK = 4096  # Gamma(t) is evaluated for this many steps at once
-CHATTER_WINDOW = 200  # steps before an onset over which the kink chattering is averaged
-GROWTH_PRE = 300  # steps before an onset included in the growth fit (the decaying side)
 SERIES = ("lam", "products", "flips", "flipbacks", "cos", "proj", "amp_logits")
 EVENT_KINDS = ("onset", "rule")  # eta * midpoint crosses 2; the rule's bouncing pair starts
 EVENT_FIELDS = ("lam_dense", "lam_gn", "lam_wntk", "lam_ntk")
@@ -267,12 +265,12 @@ def analyze_unit(u, lr, T):
     at25 = steps[np.isfinite(lam) & (steps % RULE_STRIDE == 0)]
     with np.errstate(divide="ignore", invalid="ignore"):
         log_amp = np.log(amp)
-        linear = np.log(np.abs(1.0 - lr * mid))  # log|1 - eta lambda|: the linear map's growth
+        linear = np.log(np.abs(1.0 - lr * mid))  # eqs. (6)-(7): log|1 - eta lambda| per step
     rows = {f: [] for f in EPISODE_FIELDS}
+    eta_mid, gd = lr * mid, stability.gd_threshold(lr)  # (S,) eta lambda-bar; 2/eta
     for k in picks:
         s = int(starts[k])
         lo = int(ends[k - 1]) + 1 if k > 0 else 1  # since the previous cascade
-        eta_mid = lr * mid
         t_level = stability.upward_crossing(eta_mid, LEVEL, lo, s + 1)
         t_onset = stability.upward_crossing(eta_mid, 2.0, lo, s + 1)
         if t_onset < 0:  # the rule fired first: the onset follows
@@ -283,7 +281,7 @@ def analyze_unit(u, lr, T):
         fit = stability.growth_fit(amp, lam, lr, t_level, s) if 0 <= t_level < s else (np.nan,) * 4
         window = slice(max(1, t_onset - ALTERNATION_WINDOW), max(1, t_onset))
         values = {
-            "entry_step": s, "entry_lambda": mids5[k], "entry_excess": mids5[k] - 2.0 / lr,
+            "entry_step": s, "entry_lambda": mids5[k], "entry_excess": mids5[k] - gd,
             "entered_below": float(lr * mids5[k] <= 2.0), "onset_step": t_onset,
             "lag_steps": s - t_onset if t_onset >= 0 else np.nan, "ramp": rho,
             "level_step": t_level, "amp_level": a_level, "amp_onset": a_onset,
@@ -536,7 +534,7 @@ def merge_onset(out):
         arrays[key] = np.array([c[key] for c in conds], dtype=np.float64)
     arrays["beta"] = np.array([np.nan if c["beta"] is None else c["beta"] for c in conds])
     arrays["dtype"] = np.array([c["dtype"] for c in conds])
-    fits = _fits(arrays, conds, per_seed)
+    fits = _fits(conds, per_seed)
     atomic_savez(os.path.join(out, "onset.npz"), **arrays)
     report = {"conditions": conds, "fits": fits, "per_condition": []}
     for i, c in enumerate(conds):
@@ -610,7 +608,7 @@ def _power_law(x, y, rng):
     return alpha, lo, hi, np.exp(icpt), int(ok.sum())
 
 
-def _fits(arrays, conds, per_seed):
+def _fits(conds, per_seed):
     """Within each family of conditions that differ in T0 only (the ramp): the excess over 2/eta
     of the paper's threshold, and of the midpoint where the rule enters the cascades, against
     the ramp rate of eta lambda_max at the onsets, per run, excess = k rho^alpha (the slow
@@ -626,7 +624,7 @@ def _fits(arrays, conds, per_seed):
     for label, members in families(conds, "T0").items():
         if len(members) < 2:
             continue
-        gd = np.array([2.0 / conds[i]["lr"] for i in members])[:, None]
+        gd = stability.gd_threshold(np.array([conds[i]["lr"] for i in members]))[:, None]
         for f, excess in (
             ("threshold - 2/lr", per_seed["threshold"][members] - gd),  # (C, S)
             ("entry_excess", per_seed["entry_excess"][members]),

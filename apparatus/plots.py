@@ -452,7 +452,7 @@ def plot_onset_zoom(unit, lr, entry, onset, path, title, before=600, after=150):
     ax[0].plot(t, mid, lw=1.0, color="C1", label=r"branch midpoint $\bar\lambda$")
     every = t[t % 25 == 0]
     ax[0].plot(every, lam[every], "k.", ms=4, label="the stride-25 samples")
-    ax[0].axhline(2.0 / lr, ls=":", color="C7", label=r"$2/\eta$")
+    ax[0].axhline(gd_threshold(lr), ls=":", color="C7", label=r"$2/\eta$")
     ax[1].semilogy(t, unit["amp_logits"][t], lw=0.8, color="C3", label="period-two amplitude")
     twin = ax[1].twinx()
     twin.plot(t, unit["flips"][t], lw=0.5, color="C2", alpha=0.6)

@@ -136,7 +136,7 @@ class SpectraTracker:
         one = {name: np.asarray(a)[self.net : self.net + 1] for name, a in params_host.items()}
         K = one["W2"].shape[2]
         gamma = self.gamma_at(step, K)  # (K,)
-        N, P = len(self.X), sum(a[0].size for a in one.values())
+        N, P = len(self.X), spectra.n_params(one)
         if self.reference:  # spectra.py's operators on models.py's derivatives
             logits = mlp_forward(self.X, one)[0]
             hess = lambda: spectra.hessian_matvec(one, self.X, self.y, gamma, self.loss)
@@ -333,7 +333,7 @@ def densities_along(
             matvec = spectra.hessian_matvec(one, X, y, gamma, spec.loss)
         else:
             matvec = hessian_matvec(net_state(one, X), y, gamma, spec.loss)
-        P = sum(a[0].size for a in one.values())
+        P = spectra.n_params(one)
         rng = np.random.default_rng([DENSITY_SEED, step])
         grid, density, nodes, weights = spectral_density(matvec, P, rng, m=steps, n_probes=probes)
         trace, stderr = hutchinson_trace(matvec, P, rng)

@@ -10,7 +10,8 @@ Every function here copies a reference and is tied to it by a test (tests/test_s
                                    ReLU, or softplus with its activation-curvature term
     ntk_matvec                     spectra.ntk (J J^T u, through _vjp_hidden and _jvp_hidden:
                                    models.mlp_backward and models.mlp_jvp)
-    ntk_traced_matvec              spectra.ntk_traced, in the closed form below
+    ntk_traced_matvec              spectra.ntk_traced_matvec (spectra.ntk_traced u), in the
+                                   closed form below
 
 Symbols: N samples, D inputs, H hidden units, K classes, P parameters of one network. ``params``
 is a models.py dict with M = 1; vectors are flat float64 (P,) in the order of models.flatten.
@@ -114,10 +115,8 @@ def _split(v, D1, H, K):
 
 
 def n_params(s):
-    """P of one network, from its forward state ``s`` (:func:`net_state`) or its params dict."""
-    if "W1a" in s:
-        return s["W1a"].size + s["W2"].size + s["b2"].size
-    return sum(a[0].size for a in s.values())
+    """P of one network, from its forward state ``s`` (:func:`net_state`)."""
+    return s["W1a"].size + s["W2"].size + s["b2"].size
 
 
 def _jvp_hidden(s, V1a):
@@ -167,8 +166,8 @@ def _hvp_state(s, curvature, C, v, dh_sigma2=None):
 def hessian_matvec(s, y, gamma, loss="ce"):
     """The exact HVP v (P,) -> H v (P,) at a forward state ``s`` of :func:`net_state` (ReLU or
     softplus)."""
-    g, _, _, lcache = loss_terms(s, y, gamma, loss)
-    curvature = logit_curvature(lcache)  # w (1, N), softmax (1, N, K): computed once
+    g, w, p, _ = loss_terms(s, y, gamma, loss)
+    curvature = (w[None], None if p is None else p[None])  # w (1, N), softmax (1, N, K)
     C = cross_terms(s["xa"], s["mask"], g)  # (D+1, H, K)
     dh_sigma2 = None if s.get("sigma2") is None else (g @ s["W2"].T) * s["sigma2"]  # (N, H)
     P = n_params(s)

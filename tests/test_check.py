@@ -233,11 +233,11 @@ def test_device_gpu_without_cupy_is_refused_in_one_line(capsys):
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and "--device gpu" in err
 
 
-def test_gpu_rows_cover_every_fast_entry_and_pass_on_numpy():
-    """On NumPy arrays fast/layers.py's table is the reference, so the GPU rows run here and
-    pass; they name every entry that differs from models.LAYERS."""
+def test_gpu_rows_cover_every_fast_entry():
+    """The GPU rows name every entry of fast/layers.py's table that differs from models.LAYERS
+    (on NumPy arrays that table falls back to the reference, so only the coverage is tested
+    here; the kernels themselves: tests/test_igemm.py)."""
     rows = checks.gpu_rows(checks.myrtle5_problem(width=2), np)
-    assert all(r.status == checks.PASS for r in rows)
     fast = {k for k, f in vars(checks.GPU_LAYERS).items() if f is not getattr(models.LAYERS, k)}
     assert {r.what.removeprefix("GPU_LAYERS.") for r in rows} >= fast
 

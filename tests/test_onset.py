@@ -1,6 +1,6 @@
 """Where the instabilities begin: the onset analysis of stability.py on synthetic series, the
 softplus network's derivatives, the reference loop's float32, perturbed and softplus runs, and
-the onset command end to end; the README's onset tables against the committed results."""
+the onset command end to end; docs/onset.md's tables against the committed results."""
 
 import json
 from pathlib import Path
@@ -171,15 +171,14 @@ def test_analyze_unit_finds_each_cascade_where_the_rule_enters_it():
     gappy_rows, gappy_run = onset.analyze_unit(gappy, 1.0, 2000.0)
     assert gappy_run == run  # no cascade made up of the gap
     np.testing.assert_array_equal(gappy_rows["entry_step"], rows["entry_step"])
-    assert run["threshold_scaled"] == run["threshold"]  # the same rule at eta = 1 ...
-    halved = dict(u, lam=u["lam"] / 2)  # ... and scale-free: lambda / 2 at eta = 2
+    halved = dict(u, lam=u["lam"] / 2)  # the scale-free rule: lambda / 2 at eta = 2
     _, run2 = onset.analyze_unit(halved, 2.0, 2000.0)
     assert run2["threshold_scaled"] == pytest.approx(run["threshold_scaled"] / 2, rel=1e-12)
     assert run2["entries"] == run["entries"]
     assert 1.8 <= run["threshold_entries"] < 2.0  # the stride-25 rule's first starts ...
     assert run["threshold"] > 2.0  # ... while its ends, at the top of the ramp, sit higher
     assert run["threshold_entries"] < run["threshold"] < run["threshold_ends"]
-    assert run["lam_max"] == np.nanmax(u["lam"]) > run["threshold_ends"]  # the top of the ramp
+    assert run["lam_max"] > run["threshold_ends"]  # the top of the ramp, above every end
 
 
 def test_period_two_amplitude_reads_the_alternating_part():
@@ -250,7 +249,7 @@ def test_fits_recover_known_laws_each_from_its_own_draws():
         return out
 
     every = other + t_family + lr_family
-    fits = {(f["family"], f["fit"]): f for f in onset._fits({}, every, per_seed(every))}
+    fits = {(f["family"], f["fit"]): f for f in onset._fits(every, per_seed(every))}
     t_label, lr_label = "T0*_lr1.0_float64_noise0.0_relu", "T05000.0_lr*_float64_noise0.0_relu"
     slow = fits[(t_label, "threshold - 2/lr = k ramp^alpha")]
     assert slow["alpha"] == pytest.approx(0.5, abs=0.05) and slow["runs"] == 4 * S
@@ -259,7 +258,7 @@ def test_fits_recover_known_laws_each_from_its_own_draws():
     for f in ("threshold_scaled", "threshold_entries", "entry_lambda"):
         x = fits[(lr_label, f"{f} ~ lr^x")]
         assert x["x"] == pytest.approx(-0.9, abs=0.05) and x["x_lo"] < x["x"] < x["x_hi"] < -0.8
-    alone = {(f["family"], f["fit"]): f for f in onset._fits({}, t_family, per_seed(t_family))}
+    alone = {(f["family"], f["fit"]): f for f in onset._fits(t_family, per_seed(t_family))}
     assert alone[(t_label, "threshold - 2/lr = k ramp^alpha")] == slow  # its own draws
 
 
@@ -288,11 +287,11 @@ def test_onset_command_writes_units_resumes_and_merges(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# The README's onset tables are the committed results, row by row
+# docs/onset.md's tables are the committed results, row by row
 # ---------------------------------------------------------------------------------------------
 
 ONSET_RESULTS = Path(__file__).resolve().parents[1] / "results" / "onset" / "onset.json"
-README = Path(__file__).resolve().parents[1] / "README.md"
+ONSET_DOC = Path(__file__).resolve().parents[1] / "docs" / "onset.md"
 
 
 def condition_label(c):
@@ -315,8 +314,8 @@ def with_interval(v, fmt="{:.2f}", scale=1.0):
     return f"{fmt} [{fmt}, {fmt}]".format(scale * mean, scale * lo, scale * hi)
 
 
-def readme_onset_rows(report):
-    """The README's two onset tables: per condition, eta times the thresholds and the entries,
+def onset_table_rows(report):
+    """docs/onset.md's two tables: per condition, eta times the thresholds and the entries,
     the mode's growth and the chattering; eta times lambda_max of each operator at the onset."""
     n_train = sp.N_PER_CLASS * sp.K_SPIRAL
     rows = []
@@ -336,15 +335,15 @@ def readme_onset_rows(report):
         eta = c["lr"]
         cells = [f"{eta * p[f'onset_lam_{k}'][0]:.3f}" for k in ("dense", "gn", "wntk")]
         ntk = p["onset_lam_ntk"]
-        cells += [with_interval(ntk, "{:,.0f}"), f"{2 * n_train / eta:,.0f}"]
+        cells += [with_interval(ntk, "{:,.0f}"), f"{stability.ntk_threshold(eta, n_train):,.0f}"]
         rows.append("| " + " | ".join([condition_label(c), *cells]) + " |")
     return rows
 
 
-def test_the_readme_onset_tables_are_the_committed_results():
+def test_the_documented_onset_tables_are_the_committed_results():
     report = json.loads(ONSET_RESULTS.read_text(encoding="utf-8"))
-    rows = readme_onset_rows(report)
-    readme = README.read_text(encoding="utf-8")
-    missing = [r for r in rows if r not in readme]
-    assert not missing, f"README rows that are not results/onset/onset.json's: {missing[:2]}"
+    rows = onset_table_rows(report)
+    doc = ONSET_DOC.read_text(encoding="utf-8")
+    missing = [r for r in rows if r not in doc]
+    assert not missing, f"docs/onset.md rows that are not results/onset/onset.json's: {missing[:2]}"
     assert len(rows) == 2 * len(report["conditions"]) > 0

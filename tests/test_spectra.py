@@ -241,6 +241,8 @@ def test_ntk_is_jacobian_gram_psd_and_traced_is_block_average():
     s = fs.net_state(params, X)
     assert rel_err(fs.ntk_matvec(s)(u), theta_ntk @ u) < EXACT_RTOL
     assert rel_err(fs.ntk_traced_matvec(s)(u[:N]), traced @ u[:N]) < EXACT_RTOL
+    # ... and the reference product that `tracker --reference` uses in its place
+    assert rel_err(spectra.ntk_traced_matvec(params, X)(u[:N]), traced @ u[:N]) < EXACT_RTOL
     lam, vec = spectra.ntk_top_eig(params, X, tol=1e-10)
     np.testing.assert_allclose(lam, eig[-1], rtol=EIG_RTOL)
     lam_warm, _ = spectra.ntk_top_eig(params, X, v0=vec, tol=1e-10)
