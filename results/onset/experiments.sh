@@ -1,5 +1,5 @@
 #!/bin/bash
-# The onset experiments of README.md's "Beyond the paper" section, in seven parts; each resumes,
+# The onset experiments of docs/onset.md's "What it found", in seven parts; each resumes,
 # and each merges every complete condition in OUT into onset.npz, onset.json and the figures.
 # Run from the repository root: bash results/onset/experiments.sh (OUT=folder to write elsewhere).
 set -u
