@@ -87,31 +87,52 @@ def bifurcation_episodes(F, step=None, min_flips=BIF_MIN_FLIPS, min_jump=BIF_MIN
     return step[first[keep] + 2], step[last[keep] + 2]
 
 
-def hessian_threshold(step, lmax, jump=HESS_JUMP, min_length=HESS_MIN_RUN):
-    """The curvature threshold of the Fig. 4 caption, from a tracked Hessian lambda_max.
+def instabilities(lmax, jump=HESS_JUMP, min_length=HESS_MIN_RUN):
+    """The instabilities of a tracked lambda_max (S,) by the Fig. 4 caption's rule.
 
-    Times where |lambda_max(t) - lambda_max(t-1)| >= jump (consecutive tracked values; the
-    caption's "~ 0.1") next to a jump of the opposite sign (bouncing between two branches, not
-    a fast but smooth change such as the first steps from the initialisation) form runs; a run
-    of at least ``min_length`` such times is an instability, its first time the start (green
-    line) and its last the end (red line). The threshold is the average of lambda_max at all
-    starts and ends, each taken as the midpoint (lambda(t) + lambda(t-1))/2 of the two
-    branches the system alternates between. Track at an odd stride (the authors' notebook: 25
-    steps) or every step, or the bouncing is invisible. step : (S,) tracked steps; lmax : (S,)
-    (NaN where not measured: a jump next to a NaN does not count).
-
-    Returns threshold (nan when no instability), starts (E,), ends (E,) steps.
+    Jumps d(i) = lambda_max(i+1) - lambda_max(i) between consecutive samples (NaN where either is
+    not measured) with |d| >= ``jump`` next to a jump of the opposite sign (bouncing between two
+    branches, not a fast but smooth change) form runs; a run of at least ``min_length`` of them
+    is an instability. Returns first (E,), last (E,) (indices into d: the instability starts at
+    sample first + 1 and ends at sample last + 1), open_start (E,), open_end (E,) (bool): the run
+    touches the series' first or last jump, or a jump that could not be measured (NaN): it may
+    have begun before, or go on after, what was seen, so that side is cut, not observed.
     """
-    step, lmax = np.asarray(step), np.asarray(lmax, dtype=np.float64)
-    d = np.diff(lmax)  # (S-1,) at step[1:]
-    big = np.abs(d) >= jump
+    lmax = np.asarray(lmax, dtype=np.float64)
+    d = np.diff(lmax)  # (S-1,) jump i between samples i and i+1
+    measured = np.isfinite(d)
+    big = measured & (np.abs(d) >= jump)
     flip = big[1:] & big[:-1] & (np.sign(d[1:]) != np.sign(d[:-1]))  # (S-2,) between d's
     bouncing = big & (np.r_[False, flip] | np.r_[flip, False])  # a jump next to a reversed one
     first, last = _runs(bouncing)
     keep = last - first + 1 >= min_length
     first, last = first[keep], last[keep]
+    open_start = (first == 0) | ~measured[np.maximum(first - 1, 0)]
+    open_end = (last == len(d) - 1) | ~measured[np.minimum(last + 1, len(d) - 1)]
+    return first, last, open_start, open_end
+
+
+def hessian_threshold(step, lmax, jump=HESS_JUMP, min_length=HESS_MIN_RUN):
+    """The curvature threshold of the Fig. 4 caption, from a tracked Hessian lambda_max.
+
+    The instabilities are :func:`instabilities`' (jumps of at least ``jump``, the caption's
+    "~ 0.1", in alternation, ``min_length`` in a row); each one's first sample is its start
+    (green line) and its last its end (red line). The threshold is the average of lambda_max at
+    all starts and ends, each taken as the midpoint (lambda(t) + lambda(t-1))/2 of the two
+    branches the system alternates between. A side of an instability that the series does not
+    show (it is still bouncing at the last sample, or next to an unmeasured one) gives no mark:
+    a run cut by the end of the series has its start counted and no end, since where the cut
+    falls says nothing about where the instability ends. Track at an odd stride (the authors'
+    notebook: 25 steps) or every step, or the bouncing is invisible.
+    step : (S,) tracked steps; lmax : (S,) (NaN where not measured).
+
+    Returns threshold (nan when no mark), starts (E,), ends (E,) steps (the end of a cut
+    instability is its last sample seen).
+    """
+    step, lmax = np.asarray(step), np.asarray(lmax, dtype=np.float64)
+    first, last, open_start, open_end = instabilities(lmax, jump, min_length)
     mid = 0.5 * (lmax[1:] + lmax[:-1])  # (S-1,)
-    marks = np.concatenate([first, last])
+    marks = np.concatenate([first[~open_start], last[~open_end]])
     threshold = mid[marks].mean() if len(marks) else np.nan
     return threshold, step[first + 1], step[last + 1]
 
@@ -157,7 +178,7 @@ def analyze(arrays, lr, N, T, stop_step):
     else:  # F was not logged at every step: period-two bouncing cannot be seen
         bif_start = bif_end = np.zeros(0, dtype=np.int64)
     ok = np.isfinite(arrays["hess_lmax"])
-    thr, thr_start, thr_end = hessian_threshold(arrays["hess_step"][ok], arrays["hess_lmax"][ok])
+    thr, thr_start, thr_end = hessian_threshold(arrays["hess_step"], arrays["hess_lmax"])
     settled = np.nan
     if np.isfinite(thr):
         osc = ok & (arrays["hess_step"] < stop_step)
@@ -184,9 +205,9 @@ MIN_FIT_POINTS = 3  # a log-log fit needs at least this many finite thresholds
 
 def unit_threshold(unit):
     """The Hessian threshold (float, nan without instability) of one stored run, recomputed from
-    its series ``hess_step`` (R,) and ``hess_lmax`` (R,) (nan after a divergence: left out)."""
-    ok = np.isfinite(unit["hess_lmax"])
-    return hessian_threshold(unit["hess_step"][ok], unit["hess_lmax"][ok])[0]
+    its series ``hess_step`` (R,) and ``hess_lmax`` (R,) (NaN after a divergence: an instability
+    running then is cut there)."""
+    return hessian_threshold(unit["hess_step"], unit["hess_lmax"])[0]
 
 
 def fit_exponent(lrs, thresholds):

@@ -66,6 +66,33 @@ def test_hessian_threshold_on_synthetic_lambda_max():
     assert np.isnan(stability.hessian_threshold(t, 200.0 - 0.2 * np.arange(600))[0])
 
 
+def test_an_instability_cut_by_the_end_of_the_series_gives_no_end_mark():
+    t = np.arange(300) * 25
+    base = 1.0 + 0.004 * np.arange(300)
+    bounce = np.zeros(300)
+    bounce[100:152] = 0.3 * (-1.0) ** np.arange(100, 152)  # a whole instability
+    bounce[250:] = 0.3 * (-1.0) ** np.arange(250, 300)  # still bouncing at the last sample
+    lam = base + bounce
+    threshold, starts, ends = stability.hessian_threshold(t, lam)
+    np.testing.assert_array_equal(starts, t[[100, 250]])
+    np.testing.assert_array_equal(ends, t[[152, 299]])  # the cut one: its last sample seen
+    mid = lambda i: 0.5 * (lam[i] + lam[i - 1])
+    np.testing.assert_allclose(threshold, np.mean([mid(100), mid(152), mid(250)]), rtol=1e-12)
+    first, last, open_start, open_end = stability.instabilities(lam)
+    np.testing.assert_array_equal(open_end, [False, True])
+    np.testing.assert_array_equal(open_start, [False, False])
+    # a sample not measured cuts the same way, on both sides of the gap
+    gap = lam.copy()
+    gap[130] = np.nan
+    threshold, starts, ends = stability.hessian_threshold(t, gap)
+    np.testing.assert_array_equal(starts, t[[100, 132, 250]])  # jumps 129, 130 unmeasured
+    np.testing.assert_allclose(threshold, np.mean([mid(100), mid(152), mid(250)]), rtol=1e-12)
+    # a series bouncing from its first sample has no start mark either
+    first, last, open_start, open_end = stability.instabilities(lam[250:])
+    np.testing.assert_array_equal(open_start, [True])
+    assert np.isnan(stability.hessian_threshold(t[250:], lam[250:])[0])
+
+
 def test_stability_helpers():
     assert stability.gd_threshold(0.5) == 4.0
     assert stability.ntk_threshold(1.0, 300) == 600.0
