@@ -34,7 +34,7 @@ import time
 import numpy as np
 
 import stability
-from apparatus import onset, plots, spiral_sweeps, statistics, sweeps, tracker
+from apparatus import onset, onset_analysis, plots, rule, spiral_sweeps, statistics, sweeps, tracker
 from apparatus.checks import add_spiral_check_command
 from apparatus.cli import (
     AMPLITUDE,
@@ -78,6 +78,7 @@ from spiral import (
     VAL_SETS,
     TrainSpec,
     spiral_data,
+    spiral_params,
     stop_steps,
 )
 
@@ -344,7 +345,7 @@ def cmd_dynamics(args):
             raise InputError("--quick sets --T and --steps: give one or the other")
         args.T, args.steps = QUICK["T"], QUICK["steps"]
     seeds = check_train(args)
-    P = (D_SPIRAL + 1 + K_SPIRAL) * args.width + K_SPIRAL  # parameters of one network
+    P = spiral_params(args.width)
     if args.top_k >= P:
         raise InputError(f"--top-k {args.top_k}: a width-{args.width} network has {P} parameters")
     problem = tracker.stride_problem(args.hess_every, args.ntk_every, args.log_every)
@@ -534,6 +535,7 @@ def cmd_onset(args):
     T0s = parse_list(args.T0, "--T0", low=1)
     lrs = parse_list(args.lrs, "--lrs", low=0, low_open=True)
     noises = parse_list(args.noise, "--noise", low=0)
+    forces = parse_list(args.force, "--force", low=0)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not dtypes or not set(dtypes) <= {"float64", "float32"}:
         raise InputError(f"--dtypes: float64 and/or float32, got {args.dtypes!r}")
@@ -542,7 +544,7 @@ def cmd_onset(args):
     seeds = parse_seeds(args.seed, "--seed")
     if min(T0s) / max(lrs) < 1:
         raise InputError("need T0/lr >= 1 step for every T0 and lr")
-    new = onset.grid(T0s, lrs, dtypes, noises, betas)
+    new = onset.grid(T0s, lrs, dtypes, noises, betas, forces)
     old = sweeps.load_config(args.out).get("conditions", []) if os.path.exists(
         os.path.join(args.out, "sweep.json")
     ) else []  # fmt: skip
@@ -565,7 +567,13 @@ def cmd_onset(args):
     t0 = time.time()
     onset.run_onset(args.out, cfg, [u for u in units if u[0] in todo], not args.quiet)
     print(f"trained and measured in {time.time() - t0:.0f} s")
-    onset.merge_onset(args.out)
+    onset_analysis.merge_onset(args.out)
+
+
+def cmd_rule(args):
+    """``rule``: the Fig. 4 runs and the Fig. 5 sweep read with other jumps and strides, their
+    marks by kind (apparatus/rule.py)."""
+    rule.audit(args.every_step, args.fig5, args.out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -714,6 +722,9 @@ def build_parser():
     p.add_argument("--dtypes", default="float64", help="float64 and/or float32")
     p.add_argument("--noise", default="0", help="norms of a perturbation after every step")
     p.add_argument("--betas", default="relu", help="relu and/or softplus betas, e.g. relu,10")
+    p.add_argument(
+        "--force", default="0", help="sizes of a period-two forcing along the top eigenvector"
+    )
     p.add_argument("--A", type=AMPLITUDE, default=DYNAMICS_DEFAULTS["A"], help="amplitude")
     p.add_argument("--periods", type=COUNT, default=ONSET_PERIODS, help="periods per run")
     p.add_argument("--width", type=COUNT, default=100, help="hidden units H")
@@ -725,6 +736,14 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true", help="write into another run's --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_onset)
+
+    p = sub.add_parser("rule", help="the Fig. 4 rule as a detector: jump, stride, marks by kind")
+    p.add_argument(
+        "--every-step", default="runs/fig4-every-step", help="dynamics --hess-every 1 folder"
+    )
+    p.add_argument("--fig5", default="runs/fig5", help="the threshold (Fig. 5) sweep folder")
+    p.add_argument("--out", default="runs/rule", help="where rule.npz, .json, .png go")
+    p.set_defaults(func=cmd_rule)
 
     add_merge_command(sub, cmd_merge, "Fig. 3")
     add_spiral_check_command(sub)  # every hand-written derivative against differences

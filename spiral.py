@@ -92,6 +92,11 @@ def make_spiral_val(
     return _arms(radii, noise, lambda n: rng.normal(0.0, 1.0, n))
 
 
+def spiral_params(width):
+    """P, the parameters of one spiral network of ``width`` hidden units: W1, b1, W2, b2."""
+    return (D_SPIRAL + 1 + K_SPIRAL) * width + K_SPIRAL
+
+
 def spiral_data(val="uniform"):
     """The spiral with the validation set ``val``: X_train (N, 2), y_train (N,), X_val (Nv, 2),
     y_val (Nv,)."""
@@ -199,13 +204,15 @@ def perturb(params, size, rngs):
 # ---------------------------------------------------------------------------------------------
 
 
-def train_reference(params, data, spec, on_log=None, progress=None):
+def train_reference(params, data, spec, on_log=None, progress=None, after_update=None):
     """Full-batch gradient descent on the dynamical loss for M networks, one step at a time.
 
     params : W1 (M, D, H), b1 (M, H), W2 (M, H, K), b2 (M, K) (not modified);
     data : (X (N, D), y (N,), X_val (Nv, D), y_val (Nv,));  spec : :class:`TrainSpec`
     on_log : optional callback(step, params) at every logged step (a copy of the parameters);
-    progress : optional callable(n) counting network-steps.
+    progress : optional callable(n) counting network-steps;
+    after_update : optional callback(t, params) after update t, which may change the parameters
+    in place (the onset experiment's forcing, apparatus/onset.py).
     Row s of the log is the state before update steps[s]: F (eq. 1), F(t) - F(t-1), the static
     cross-entropy, the accuracies; the last row (t = steps) is the final state. A network whose
     loss diverges (dynloss.diverged) is marked at that step; training stops once all have.
@@ -246,6 +253,8 @@ def train_reference(params, data, spec, on_log=None, progress=None):
                 params[k] -= spec.lr * grads[k]  # gradient descent: theta <- theta - eta dF/dtheta
             if spec.noise:
                 perturb(params, spec.noise, rngs)
+            if after_update is not None:
+                after_update(t, params)
             F_prev = F
             if progress is not None:
                 progress(M)

@@ -22,21 +22,8 @@ The bounds they are compared with (eqs. 6-7 and 13-14 of the paper):
   1 - (eta/N) lambda per step (:func:`ntk_multiplier`), so it flips and grows once
   lambda > 2N/eta (:func:`ntk_threshold`).
 
-Where an instability begins (beyond the paper)
-----------------------------------------------
-Along the top eigenvector, gradient descent multiplies a deviation by 1 - eta lambda per step:
-once eta lambda > 2 the period-two mode grows by |1 - eta lambda| = eta lambda - 1 per step (a
-flip bifurcation), and before that it decays. :func:`cascade_entries` picks the instabilities
-that begin a cascade, and :func:`upward_crossing` the steps where eta lambda_max passed a level
-on the way there (2: the linear-stability onset); :func:`period_two_amplitude` measures the
-mode from any series (for
-x(t) = c (-1)^t, x(t+1) - 2 x(t) + x(t-1) = -4 c (-1)^t, while a smooth part contributes only its
-second derivative); :func:`growth_fit` compares the mode's growth per step with log|1 - eta
-lambda|, the multiplier of the linear map. If the mode is born at 2/eta from an amplitude a0 and
-must reach a1 to be seen, and eta lambda rises at rate rho per step, then after dt steps it has
-grown by sum ln(eta lambda - 1) ~ sum (eta lambda - 2) ~ rho dt^2 / 2 e-foldings (ln(1 + x) ~ x
-near eta lambda = 2), so the rule fires at eta lambda - 2 ~ sqrt(2 rho ln(a1/a0)) above the onset
-(slow passage): :func:`slow_passage_excess`.
+Where an instability begins, beyond the paper's threshold, is the onset experiment's question:
+beyond/onset.py.
 """
 
 from __future__ import annotations
@@ -214,7 +201,8 @@ def fit_exponent(lrs, thresholds):
     """Least squares of log threshold on log eta: (slope, its standard error, intercept).
 
     lrs : (L,);  thresholds : (R, L), R rows (widths or seeds) sharing the learning rates.
-    NaN thresholds are left out; fewer than MIN_FIT_POINTS finite points give NaNs.
+    NaN thresholds are left out; fewer than MIN_FIT_POINTS finite points, or all at one learning
+    rate, give NaNs.
     """
     from scipy.stats import linregress
 
@@ -222,89 +210,7 @@ def fit_exponent(lrs, thresholds):
     with np.errstate(divide="ignore", invalid="ignore"):
         y = np.log(thresholds).ravel()
     ok = np.isfinite(y)
-    if ok.sum() < MIN_FIT_POINTS:
+    if ok.sum() < MIN_FIT_POINTS or np.ptp(x[ok]) == 0:  # too few points, or a single eta
         return (np.nan, np.nan, np.nan)
     r = linregress(x[ok], y[ok])
     return (r.slope, r.stderr, r.intercept)
-
-
-# ---------------------------------------------------------------------------------------------
-# Where an instability begins: the linear-stability onset and the period-two mode
-# ---------------------------------------------------------------------------------------------
-
-GROWTH_SMOOTH = 5  # steps averaged in the growth rate of the period-two amplitude (odd)
-RAMP_WINDOW = 50  # steps on each side of an onset in the fit of eta lambda's rate of change
-
-
-def branch_midpoint(lam):
-    """(lam(t) + lam(t-1)) / 2 of a per-step series (S,): the middle of the two branches a
-    period-two bounce alternates between (the value the Fig. 4 rule averages); NaN at t = 0."""
-    lam = np.asarray(lam, dtype=np.float64)
-    return np.concatenate([[np.nan], 0.5 * (lam[1:] + lam[:-1])])
-
-
-def cascade_entries(starts, ends, quiet):
-    """The instabilities that begin a cascade: those starting more than ``quiet`` steps after
-    the previous one ended (inside a cascade the rule's runs break and restart all the time).
-    starts, ends : (E,) steps of :func:`hessian_threshold`. Returns indices into starts (C,)."""
-    starts, ends = np.asarray(starts), np.asarray(ends)
-    gap = starts[1:] - ends[:-1]  # (E-1,)
-    return np.concatenate([[0], 1 + np.flatnonzero(gap > quiet)]) if len(starts) else starts[:0]
-
-
-def upward_crossing(x, level, lo, hi, last=True):
-    """The last (or first) step t in [lo, hi) where x passes ``level`` upwards, x(t-1) < level
-    <= x(t) (NaN never crosses); -1 if none. x : (S,) a per-step series."""
-    t = np.arange(max(lo, 1), min(hi, len(x)))
-    hits = t[(x[t - 1] < level) & (x[t] >= level)]
-    return int(hits[-1] if last else hits[0]) if len(hits) else -1
-
-
-def period_two_amplitude(x):
-    """|x(t+1) - 2 x(t) + x(t-1)| / 4 (its norm over any trailing axes) of a per-step series
-    x (S, ...): the amplitude of the alternating part c (-1)^t (the smooth part contributes its
-    second derivative). Returns (S,), NaN at the two ends."""
-    x = np.asarray(x, dtype=np.float64)
-    d2 = (x[2:] - 2.0 * x[1:-1] + x[:-2]) / 4.0  # (S-2, ...)
-    a = np.sqrt((d2.reshape(len(d2), -1) ** 2).sum(axis=1))
-    return np.concatenate([[np.nan], a, [np.nan]])
-
-
-def ramp_rate(lam, lr, at, step0=0, window=RAMP_WINDOW):
-    """d(eta lambda)/dt around step ``at``: the least-squares slope of eta * midpoint over the
-    steps at - window .. at + window (those in the series). Returns a float (per step)."""
-    mid = lr * branch_midpoint(lam)
-    lo, hi = max(1, at - step0 - window), min(len(mid), at - step0 + window + 1)
-    t, v = np.arange(lo, hi), mid[lo:hi]
-    ok = np.isfinite(v)
-    return float(np.polyfit(t[ok], v[ok], 1)[0]) if ok.sum() > 2 else np.nan
-
-
-def growth_fit(amp, lam, lr, t0, t1, step0=0, smooth=GROWTH_SMOOTH):
-    """The per-step growth of the period-two amplitude against the linear map's multiplier.
-
-    Over the steps t0 .. t1: r(t) = log a(t+1) - log a(t), averaged over ``smooth`` steps, and
-    mu(t) = log|1 - eta * midpoint(t)|; the least squares r = c + b mu. The flip bifurcation's
-    linear normal form predicts b = 1, c = 0. amp, lam : (S,) per-step series.
-    Returns (b, c, standard error of b, number of points); NaNs with fewer than 3 points.
-    """
-    with np.errstate(divide="ignore", invalid="ignore"):
-        a = np.log(np.asarray(amp, dtype=np.float64)[t0 - step0 : t1 - step0 + 2])
-        r = np.convolve(np.diff(a), np.ones(smooth) / smooth, mode="same")  # (n,) from step t
-        mid = branch_midpoint(lam)[t0 - step0 : t0 - step0 + len(r)]
-        mu = np.log(np.abs(1.0 - lr * mid))  # (n,)
-    ok = np.isfinite(r) & np.isfinite(mu)
-    if ok.sum() < 3:
-        return (np.nan, np.nan, np.nan, int(ok.sum()))
-    from scipy.stats import linregress
-
-    fit = linregress(mu[ok], r[ok])
-    return (fit.slope, fit.intercept, fit.stderr, int(ok.sum()))
-
-
-def slow_passage_excess(rho, seed_amplitude, seen_amplitude):
-    """eta lambda - 2 at which a mode born at eta lambda = 2 with amplitude a0 has grown to a1
-    while eta lambda rises at rate rho per step: sqrt(2 rho ln(a1 / a0)) (module docstring); NaN
-    where the ramp falls (rho < 0) or the mode did not grow (a1 < a0)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.sqrt(2.0 * rho * np.log(seen_amplitude / seed_amplitude))

@@ -6,8 +6,9 @@ plot_threshold       Fig. 5: the Hessian threshold against the learning rate; st
 plot_phase           Figs. 1 and 3: mean training and validation accuracy over (T, A)
 plot_cifar_run       one Myrtle5 run of the Fig. 1 protocol against epoch
 plot_density         the Hessian's spectral density (stochastic Lanczos quadrature) at chosen steps
-plot_onset           where the instabilities begin: thresholds against T, noise, activation, eta
-plot_onset_zoom      one cascade's entry step by step: lambda_max, the period-two mode, the kinks
+plot_onset           where the instabilities begin: entry-exit, the kinks, the forcing, eta, T
+plot_rule            the Fig. 4 rule as a detector: its threshold against the jump and the stride
+plot_onset_zoom      cascades entered step by step: lambda_max, the period-two mode, the kinks
 """
 
 from __future__ import annotations
@@ -344,11 +345,12 @@ def _family_points(arrays, select, x_key, field):
 
 
 def _onset_label(arrays, i):
-    """A short name of condition i's kind: relu / softplus beta, dtype, noise."""
+    """A short name of condition i's kind: relu / softplus beta, dtype, noise, forcing."""
     beta = arrays["beta"][i]
     act = "ReLU" if not np.isfinite(beta) else f"softplus beta {beta:g}"
     noise = f", noise {arrays['noise'][i]:g}" if arrays["noise"][i] else ""
-    return f"{act}, {arrays['dtype'][i]}{noise}"
+    force = f", forced {arrays['force'][i]:g}" if arrays["force"][i] else ""
+    return f"{act}, {arrays['dtype'][i]}{noise}{force}"
 
 
 def _log_ticks(ax, values):
@@ -359,74 +361,128 @@ def _log_ticks(ax, values):
     ax.xaxis.set_minor_locator(NullLocator())
 
 
-def plot_onset(arrays, cfg, path):
-    """Where the instabilities begin: (a) against the period T at lr 1, the paper's threshold
-    (the rule at stride 25), the rule at stride 5, the rule's first starts of cascades only,
-    and 2/eta; (b) the same at T0 = 5000, lr 1 for every arithmetic, noise and activation;
-    (c) eta times the thresholds (and the scale-free rule's, eta |jump| >= 0.1) against the
-    learning rate at T0 = 5000; (d) every cascade's measured growth
-    per step of the period-two mode between eta lambda = 1.5 and 2 against the linear map's
-    log|1 - eta lambda|."""
-    fig, ax = plt.subplots(1, 4, figsize=(20, 4.3))
-    kinds = sorted({_onset_label(arrays, i) for i in range(len(arrays["lr"]))})
-    marks = dict(zip(kinds, "os^vDP<>", strict=False))
-    lr1, t5000 = np.isclose(arrays["lr"], 1.0), np.isclose(arrays["T0"], 5000.0)
+def _errorbar(ax, x, arrays, idx, field, scale=1.0, **style):
+    """Means with their intervals of ``field`` at the conditions idx, drawn at x."""
+    m, lo, hi = (scale * arrays[field + s][idx] for s in ("", "_lo", "_hi"))
+    ax.errorbar(x, m, yerr=[m - np.where(np.isfinite(lo), lo, m), np.where(np.isfinite(hi), hi, m)
+                            - m], capsize=2, **style)  # fmt: skip
+
+
+def plot_onset(arrays, cfg, path, n_params):
+    """Where the instabilities begin, at T0 = 5000 unless a panel varies it: (a) the e-folds of the
+    linear map from eta lambda-bar = 2 to the step where the mode reaches MODE_SEEN, against the
+    perturbation's size along one direction, eps / sqrt(P), with the entry-exit law's slope -1;
+    (b) where the rule enters the cascades, where the mode is seen, and the onset 2, for the
+    softplus beta series, ReLU and the forced smooth networks; (c) the forcing
+    c (2 - eta lambda-bar) that holds the mode below the edge against the hidden units changing
+    sign per step, with the forced networks' known forcing; (d) eta times the thresholds against
+    eta; (e) the thresholds and the entries against T; (f) the mode's growth per step against the
+    linear map's, every cascade where it grows from below 1e-8. n_params: P of one network."""
+    fig, ax = plt.subplots(2, 3, figsize=(18, 9.5))
+    ax = ax.ravel()
+    C = len(arrays["lr"])
+    at = lambda **kw: np.array([all(np.isclose(arrays[k][i], v) if not isinstance(v, str)
+                                    else arrays[k][i] == v for k, v in kw.items())
+                                for i in range(C)])  # fmt: skip
+    base = at(T0=5000.0, lr=1.0) & (arrays["force"] == 0)
+    relu = ~np.isfinite(arrays["beta"])
+    # (a) the entry-exit relation across seed levels
+    for j, (name, act) in enumerate((("ReLU", relu), ("softplus beta 20", arrays["beta"] == 20))):
+        noisy = np.flatnonzero(base & act & (arrays["noise"] > 0) & at(dtype="float64"))
+        if len(noisy):
+            x = np.log10(arrays["noise"][noisy] / np.sqrt(n_params))
+            _errorbar(ax[0], x, arrays, noisy, "efolds_seen", fmt="o-", color=f"C{j}", label=name)
+            mid = np.nanmean(arrays["efolds_seen"][noisy])
+            line = mid - np.log(10) * (x - np.nanmean(x))
+            ax[0].plot(x, line, ":", color=f"C{j}", lw=1, label=f"{name}: slope -1 (the law)")
+        for k, dtype in enumerate(("float64", "float32")):
+            i = np.flatnonzero(base & act & (arrays["noise"] == 0) & at(dtype=dtype))
+            if len(i) and np.isfinite(arrays["efolds_seen"][i[0]]):
+                ax[0].axhline(arrays["efolds_seen"][i[0]], color=f"C{j}", ls=("--", "-.")[k],
+                              lw=0.8, label=f"{name}, {dtype}, no perturbation")  # fmt: skip
+    ax[0].set_xlabel(r"log10 $\epsilon/\sqrt{P}$ (the perturbation per step along one direction)")
+    ax[0].set_ylabel(r"e-folds $\sum \ln|1-\eta\bar\lambda|$ from the onset to c = 1e-4")
+    ax[0].set_title("(a) entry-exit: how long the mode takes to be seen")
+    # (b) entries and sightings along the beta series, ReLU at the right, forced networks apart
+    series = np.flatnonzero(base & at(dtype="float64") & (arrays["noise"] == 0))
+    order = sorted(series, key=lambda i: np.inf if relu[i] else arrays["beta"][i])
+    xs = np.arange(len(order))
+    for f, style in (
+        ("entry_lambda", dict(fmt="o", color="C0", label="the rule enters")),
+        ("seen_lambda", dict(fmt="s", color="C3", label="the mode reaches 1e-4")),
+    ):
+        _errorbar(ax[1], xs, arrays, order, f, **style)  # fmt: skip
+    forced = np.flatnonzero(at(T0=5000.0, lr=1.0) & (arrays["force"] > 0))
+    xf = len(order) + np.arange(len(forced))
+    for f, mark in (("entry_lambda", "o"), ("seen_lambda", "s")):
+        _errorbar(ax[1], xf, arrays, forced, f, fmt=mark, color="C2")
+    names = [("ReLU" if relu[i] else f"beta {arrays['beta'][i]:g}") for i in order]
+    names += [f"beta {arrays['beta'][i]:g}\nforced {arrays['force'][i]:g}" for i in forced]
+    ax[1].set_xticks(np.r_[xs, xf], names, fontsize=7, rotation=30)
+    ax[1].axhline(2.0, ls=":", color="C7", label=r"$2/\eta$")
+    ax[1].set_ylabel(r"$\eta\bar\lambda$")
+    ax[1].set_title("(b) softplus towards ReLU, and forced smooth networks (green)")
+    # (c) the forcing against the chattering
+    for i in list(order) + list(forced):
+        mark = "o" if not arrays["force"][i] else "^"
+        _errorbar(ax[2], [arrays["flips_level"][i]], arrays, [i], "forcing_high", fmt=mark,
+                  label=_onset_label(arrays, i))  # fmt: skip
+        if arrays["force"][i]:
+            ax[2].axhline(np.log10(arrays["force"][i]), color="C7", lw=0.6, ls=":")
+    ax[2].set_xscale("symlog", linthresh=1.0)
+    ax[2].set_xlabel(r"hidden units changing sign per step at $\eta\bar\lambda$ = 1.5")
+    ax[2].set_ylabel(r"log10 forcing c (2 - $\eta\bar\lambda$), $\eta\bar\lambda$ 1.5-1.9")
+    ax[2].set_title("(c) the forcing the mode needs, and the kinks (dotted: forced sizes)")
+    # (d) the exponent, (e) the ramp
     names = {
         "threshold": "paper's rule (stride 25)",
-        "threshold_5": "rule at stride 5",
+        "threshold_scaled": r"$\eta$|jump| >= 0.1",
         "threshold_entries": "first starts of cascades",
-        "threshold_scaled": r"rule with $\eta$|jump| $\geq$ 0.1",
+        "entry_lambda": "rule's entry",
     }
-    fields = ("threshold", "threshold_5", "threshold_entries")  # panels (a), (b)
-    for kind in kinds:
-        same = np.array([_onset_label(arrays, i) == kind for i in range(len(arrays["lr"]))])
-        style = dict(fmt=marks[kind] + "-", ms=4, lw=0.8, capsize=2,
-                     alpha=1 if "ReLU, float64" == kind else 0.5)  # fmt: skip
-        for j, field in enumerate(names):
-            for a, sel, key in ((ax[0], same & lr1, "T"), (ax[2], same & t5000, "lr")):
-                if sel.sum() < 2 or field == ("threshold_5" if a is ax[2] else "threshold_scaled"):
-                    continue
-                x, m, lo, hi = _family_points(arrays, sel, key, field)
-                k = x if a is ax[2] else 1.0  # (c) shows eta lambda: 2/eta is flat at 2
-                a.errorbar(x, k * m, yerr=[k * (m - lo), k * (hi - m)], color=f"C{j}",
-                           label=f"{names[field]}: {kind}", **style)  # fmt: skip
-    ax[0].axhline(2.0, ls=":", color="C7", label=r"$2/\eta$")
-    _log_ticks(ax[0], arrays["T"][lr1])
-    ax[0].set_xlabel("period T (steps), lr 1")
-    ax[0].set_ylabel(r"Hessian $\lambda_{max}$ (branch midpoint)")
-    ax[0].set_title("(a) the thresholds against T")
-    idx = np.flatnonzero(lr1 & t5000)
-    for j, field in enumerate(fields):
-        m, lo, hi = (arrays[field + s][idx] for s in ("", "_lo", "_hi"))
-        ax[1].errorbar(np.arange(len(idx)) + 0.1 * j, m, yerr=[m - lo, hi - m], fmt="o",
-                       color=f"C{j}", capsize=3, label=names[field])  # fmt: skip
-    ax[1].axhline(2.0, ls=":", color="C7", label=r"$2/\eta$")
-    ax[1].set_xticks(np.arange(len(idx)), [_onset_label(arrays, i) for i in idx], rotation=20,
-                     fontsize=7, ha="right")  # fmt: skip
-    ax[1].set_xlim(-0.5, max(len(idx), 2) - 0.5)
-    ax[1].set_title("(b) arithmetic, noise, activation: T = 5000, lr 1")
-    ax[2].axhline(2.0, ls=":", color="C7", label=r"$2/\eta$")
-    _log_ticks(ax[2], arrays["lr"][t5000])
-    ax[2].set_xlabel(r"learning rate $\eta$ (T = 5000/$\eta$)")
-    ax[2].set_ylabel(r"$\eta\,\lambda_{max}$: a threshold $\propto \eta^{-1}$ is flat")
-    ax[2].set_title(r"(c) the thresholds times $\eta$ against $\eta$")
+    for act, mark in ((relu, "o"), (arrays["beta"] == 20, "s")):
+        fam = np.flatnonzero(act & at(T0=5000.0, dtype="float64") & (arrays["noise"] == 0)
+                             & (arrays["force"] == 0))  # fmt: skip
+        fam = fam[np.argsort(arrays["lr"][fam])]
+        ram = np.flatnonzero(act & at(lr=1.0, dtype="float64") & (arrays["noise"] == 0)
+                             & (arrays["force"] == 0))  # fmt: skip
+        ram = ram[np.argsort(arrays["T"][ram])]
+        kind = "ReLU" if mark == "o" else "softplus 20"
+        for j, f in enumerate(names):
+            if len(fam) > 1:
+                _errorbar(ax[3], arrays["lr"][fam], arrays, fam, f, scale=arrays["lr"][fam],
+                          fmt=mark + "-", color=f"C{j}", ms=4, lw=0.8,
+                          label=f"{names[f]}: {kind}")  # fmt: skip
+            if len(ram) > 1 and f != "threshold_scaled":
+                _errorbar(ax[4], arrays["T"][ram], arrays, ram, f, fmt=mark + "-", color=f"C{j}",
+                          ms=4, lw=0.8, label=f"{names[f]}: {kind}")  # fmt: skip
+    for a, key in ((ax[3], "lr"), (ax[4], "T")):
+        a.axhline(2.0, ls=":", color="C7", label=r"$2/\eta$")
+        if len(arrays[key]):
+            _log_ticks(a, arrays[key])
+    ax[3].set_xlabel(r"learning rate $\eta$ (T = 5000/$\eta$)")
+    ax[3].set_ylabel(r"$\eta\,\lambda$: a threshold $\propto \eta^{-1}$ is flat")
+    ax[3].set_title(r"(d) the thresholds times $\eta$ against $\eta$")
+    ax[4].set_xlabel("period T (steps), lr 1")
+    ax[4].set_ylabel(r"Hessian $\lambda_{max}$ (branch midpoint)")
+    ax[4].set_title("(e) the thresholds against the period T")
+    # (f) the mode's growth above the onset against the linear map's, every cascade
     linear, measured = arrays["episode_growth_linear"], arrays["episode_growth_measured"]
     cond = arrays["episode_condition"].astype(int)
-    for kind in kinds:
+    for kind in sorted({_onset_label(arrays, i) for i in np.unique(cond)}):
         sel = np.array([_onset_label(arrays, i) == kind for i in cond], dtype=bool)
-        smooth = "softplus" in kind  # few points: drawn larger, on top of the ReLU cloud
-        ax[3].plot(linear[sel], measured[sel], marks[kind], ms=3 if smooth else 2, alpha=0.6,
-                   label=kind, zorder=3 if smooth else 2)  # fmt: skip
-    ok = np.isfinite(linear)
-    lo = np.nanmin(np.r_[linear[ok], -1.0])
-    ax[3].plot([lo, 0], [lo, 0], "k:", lw=0.8, label="the linear map: measured = predicted")
-    ax[3].axhline(0.0, color="C7", lw=0.6)
-    ax[3].set_xlabel(r"linear map: mean of $\ln|1 - \eta\bar\lambda|$ per step from"
-                     r" $\eta\bar\lambda$ = 1.5 to 2")  # fmt: skip
-    ax[3].set_ylabel("measured growth per step of ln(period-two amplitude)")
-    ax[3].set_title("(d) the period-two mode, every cascade")
+        if np.isfinite(measured[sel]).any():
+            ax[5].plot(linear[sel], measured[sel], "o", ms=3, alpha=0.6, label=kind)
+    ok = np.isfinite(linear) & np.isfinite(measured)
+    if ok.any():
+        lim = [min(0.0, linear[ok].min()), max(linear[ok].max(), measured[ok].max())]
+        ax[5].plot(lim, lim, "k:", lw=0.8, label="measured = the linear map's")
+    ax[5].set_xlabel(r"the linear map: mean $\ln|1 - \eta\bar\lambda|$ per step")
+    ax[5].set_ylabel("measured growth of ln c per step, c from 1e-8 to 1e-4")
+    ax[5].set_title("(f) the mode above the onset, every cascade")
     for a in ax:
-        a.legend(fontsize=6)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=6)
     fig.suptitle(
         f"Onset of the instabilities: width {cfg['width']}, A = {cfg['A']:g}, "
         f"{cfg['periods']} periods, {len(arrays['seeds'])} seeds per point; means and "
@@ -436,35 +492,83 @@ def plot_onset(arrays, cfg, path):
     _save(fig, path)
 
 
-def plot_onset_zoom(unit, lr, entry, onset, path, title, before=600, after=150):
-    """One cascade's entry, step by step, from ``before`` steps before the rule's entry to
-    ``after`` steps after the later of it and the onset: (top) lambda_max at every step and the
-    branch midpoint, the samples the stride-25 rule sees, 2/eta; (middle) the period-two
-    amplitude of the logits (log) and the hidden units that change sign per step; (bottom) the
-    cosine of consecutive updates. unit: a stored onset unit (its per-step series); entry,
-    onset: steps (onset -1 if none)."""
-    lam = unit["lam"]
-    t = np.arange(max(1, entry - before), min(len(lam), max(entry, onset) + after))
-    mid = 0.5 * (lam[t] + lam[t - 1])
-    ok = np.isfinite(lam[t])  # below eta lambda = 1.2 measured every 5th step only
-    fig, ax = plt.subplots(3, 1, figsize=(9, 7), sharex=True)
-    ax[0].plot(t[ok], lam[t][ok], lw=0.5, color="C0", label=r"$\lambda_{max}$ (every step)")
-    ax[0].plot(t, mid, lw=1.0, color="C1", label=r"branch midpoint $\bar\lambda$")
-    every = t[t % 25 == 0]
-    ax[0].plot(every, lam[every], "k.", ms=4, label="the stride-25 samples")
+def plot_onset_zoom(panels, path, before=600, after=150):
+    """Cascades entered step by step, one column each, from ``before`` steps before the rule's
+    entry to ``after`` steps after the later of it and the onset: (top) lambda_max at every step
+    and the branch midpoint, the samples the stride-25 rule sees, 2/eta; (bottom) the period-two
+    mode's amplitude c along the top eigenvector (log) and the hidden units changing sign per
+    step. panels: [(a stored onset unit, lr, entry step, onset step (-1 if none), title)]."""
+    fig, ax = plt.subplots(2, len(panels), figsize=(6.5 * len(panels), 6), squeeze=False)
+    for col, (unit, lr, entry, onset, title) in enumerate(panels):
+        lam = unit["lam"]
+        t = np.arange(max(1, entry - before), min(len(lam), max(entry, onset) + after))
+        mid = 0.5 * (lam[t] + lam[t - 1])
+        ok = np.isfinite(lam[t])  # below eta lambda = 1.2 measured every 5th step only
+        top, bottom = ax[0, col], ax[1, col]
+        top.plot(t[ok], lam[t][ok], lw=0.5, color="C0", label=r"$\lambda_{max}$ (every step)")
+        top.plot(t, mid, lw=1.0, color="C1", label=r"branch midpoint $\bar\lambda$")
+        every = t[t % 25 == 0]
+        top.plot(every, lam[every], "k.", ms=4, label="the stride-25 samples")
+        top.axhline(gd_threshold(lr), ls=":", color="C7", label=r"$2/\eta$")
+        bottom.semilogy(t, unit["mode"][t], lw=0.8, color="C3", label="mode amplitude c")
+        twin = bottom.twinx()
+        twin.plot(t, unit["flips"][t], lw=0.5, color="C2", alpha=0.6)
+        twin.set_ylabel("hidden units changing sign per step", color="C2", fontsize=8)
+        bottom.set_xlabel("step")
+        for a in (top, bottom):
+            a.axvline(entry, color="C2", lw=1, label="the rule enters the cascade")
+            if onset >= 0:
+                a.axvline(onset, color="C3", ls="--", lw=1, label=r"$\eta\bar\lambda$ reaches 2")
+        top.legend(fontsize=7, loc="upper left")
+        bottom.legend(fontsize=7, loc="upper left")
+        top.set_title(title, fontsize=9)
+    _save(fig, path)
+
+
+def plot_rule(arrays, lr, path):
+    """The Fig. 4 rule read as a detector: (a) the threshold of the Fig. 4 runs against the jump,
+    one curve per stride; (b) the mean midpoint at each kind of mark (entries, restarts, inner
+    ends, exits) per stride, with the marks per run; (c) the Fig. 5 exponent against the jump,
+    fixed (|jump| >= j) and scale-free (eta |jump| >= j), per width."""
+    fig, ax = plt.subplots(1, 3, figsize=(17, 4.6))
+    jumps, strides = arrays["jumps"], arrays["strides"]
+    for b, stride in enumerate(strides):
+        m, lo, hi = (arrays[f"threshold_{s}"][:, b] for s in ("mean", "lo", "hi"))
+        ax[0].errorbar(jumps * (1 + 0.03 * b), m, yerr=[m - lo, hi - m], fmt="o-", capsize=3,
+                       label=f"stride {stride}")  # fmt: skip
     ax[0].axhline(gd_threshold(lr), ls=":", color="C7", label=r"$2/\eta$")
-    ax[1].semilogy(t, unit["amp_logits"][t], lw=0.8, color="C3", label="period-two amplitude")
-    twin = ax[1].twinx()
-    twin.plot(t, unit["flips"][t], lw=0.5, color="C2", alpha=0.6)
-    twin.set_ylabel("hidden units changing sign per step", color="C2", fontsize=8)
-    ax[2].plot(t, unit["cos"][t], lw=0.6, color="C4")
-    ax[2].set_ylabel("cos of consecutive updates")
-    ax[2].set_xlabel("step")
+    _log_ticks(ax[0], jumps)
+    ax[0].set_xlabel(r"the rule's jump j: $|\lambda(t) - \lambda(t - stride)| \geq j$")
+    ax[0].set_ylabel(r"threshold (mean branch midpoint at the marks)")
+    ax[0].set_title(f"(a) the Fig. 4 runs (lr {lr:g}): threshold against jump and stride")
+    kinds = ("entries", "restarts", "inner_ends", "exits")
+    for b, stride in enumerate(strides):
+        x = np.arange(len(kinds)) + 0.2 * (b - 1)
+        m = np.array([arrays[f"marks_{k}_mean"][b] for k in kinds])
+        lo = np.array([arrays[f"marks_{k}_lo"][b] for k in kinds])
+        hi = np.array([arrays[f"marks_{k}_hi"][b] for k in kinds])
+        ax[1].errorbar(x, m, yerr=[m - lo, hi - m], fmt="o", capsize=3, label=f"stride {stride}")
+        for xi, k in zip(x, kinds, strict=True):
+            ax[1].annotate(f"{arrays[f'count_{k}'][b].mean():.0f}", (xi, hi[kinds.index(k)]),
+                           fontsize=6, ha="center", va="bottom")  # fmt: skip
+    ax[1].axhline(gd_threshold(lr), ls=":", color="C7")
+    ax[1].set_xticks(np.arange(len(kinds)), ["cascade entries", "restarts", "inner ends", "exits"])
+    ax[1].set_ylabel(r"mean branch midpoint (numbers: marks per run)")
+    ax[1].set_title("(b) the marks by kind, jump 0.1")
+    for w, width in enumerate(arrays["widths"]):
+        for scaled in (0, 1):
+            x = arrays["fig5_exponent"][w, :, scaled]
+            ax[2].errorbar(jumps * (1 + 0.03 * (2 * w + scaled)), x[:, 0],
+                           yerr=[x[:, 0] - x[:, 1], x[:, 2] - x[:, 0]], capsize=3,
+                           fmt=("o-", "s--")[scaled], color=f"C{w}",
+                           label=f"width {width}, " + (r"$\eta$|jump| $\geq$ j" if scaled
+                                                       else r"|jump| $\geq$ j"))  # fmt: skip
+    ax[2].axhline(-1.0, ls=":", color="C7", label=r"$2/\eta$: -1")
+    ax[2].axhline(-0.9, ls="--", color="C7", lw=0.6, label="the paper: -0.9")
+    _log_ticks(ax[2], jumps)
+    ax[2].set_xlabel("the rule's jump j")
+    ax[2].set_ylabel(r"exponent x of threshold $\propto \eta^x$ (Fig. 5 runs)")
+    ax[2].set_title("(c) the Fig. 5 exponent against the jump")
     for a in ax:
-        a.axvline(entry, color="C2", lw=1, label="the rule enters the cascade")
-        if onset >= 0:
-            a.axvline(onset, color="C3", ls="--", lw=1, label=r"$\eta\bar\lambda$ reaches 2")
-    ax[0].legend(fontsize=7, loc="upper left")
-    ax[1].legend(fontsize=7, loc="upper left")
-    ax[0].set_title(title, fontsize=9)
+        a.legend(fontsize=7)
     _save(fig, path)

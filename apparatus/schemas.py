@@ -168,6 +168,7 @@ CONDITION = {  # one condition of an onset sweep (apparatus/onset.py)
     "dtype": text(("float64", "float32")),
     "noise": number(0),
     "beta": nullable(RATE),
+    "force?": number(0),
 }
 SWEEPS = {  # sweep.json, by kind
     "spiral-phase": {
