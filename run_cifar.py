@@ -24,6 +24,11 @@ holds a run with other settings is refused.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a signal during the imports below: one line, not a traceback
+    from apparatus.signals import guard_startup
+
+    guard_startup("run_cifar.py")
+
 import os
 import shlex
 import shutil

@@ -26,6 +26,11 @@ statistics, figures).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a signal during the imports below: one line, not a traceback
+    from apparatus.signals import guard_startup
+
+    guard_startup("run_spiral.py")
+
 import os
 import shlex
 import sys

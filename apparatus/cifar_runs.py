@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import time
 from types import SimpleNamespace
 
@@ -26,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 import cifar
-from apparatus import digits, synthetic
+from apparatus import digits, signals, synthetic
 from apparatus.cli import InputError, check_number
 from apparatus.storage import atomic_savez, identity
 from dynloss import diverged as loss_diverged
@@ -416,6 +417,20 @@ def _log_row(state, settings, data, dev, spe, hess_every, layers):
         state.hist["hess_top"][e] = lam
 
 
+def _minibatch_progress(bar):
+    """The progress callback of an epoch's minibatches: it advances ``bar`` and stops at once on
+    Ctrl-C (SIGINT: the run resumes from its last checkpoint); SIGTERM lets the epoch end, so
+    that the run is checkpointed there (:func:`train_run`)."""
+
+    def step(n):
+        if bar is not None:
+            bar.update(n)
+        if signals.requested() == signal.SIGINT:
+            signals.check()
+
+    return step
+
+
 def _train_epoch(state, settings, dev, layers, bar):
     """protocol.train_epoch on the run's state; records the epoch's mean minibatch loss and
     accuracy and the first loss of the run. Returns False when the loss has diverged."""
@@ -431,7 +446,7 @@ def _train_epoch(state, settings, dev, layers, bar):
             t0,
             settings,
             layers,
-            None if bar is None else bar.update,
+            _minibatch_progress(bar),
         )
     if state.step == 0:
         state.loss0 = float(F_first)  # the scale of divergence (dynloss.diverged)
@@ -482,8 +497,13 @@ def train_run(
             state.diverged_epoch = state.epoch
         _log_row(state, settings, data, dev, spe, hess_every, layers)
         bar.set_postfix(test_acc=f"{state.hist['test_acc'][state.epoch]:.3f}", refresh=False)
-        if state.epoch % checkpoint_every == 0 or state.epoch == E or not finite:
+        stop = signals.requested()
+        if state.epoch % checkpoint_every == 0 or state.epoch == E or not finite or stop:
             save_checkpoint(ckpt, state, settings)
+        if stop:
+            bar.close()
+            raise signals.Interrupted(stop, f"the run in flight is checkpointed at epoch "
+                                      f"{state.epoch} of {E} in {ckpt}")  # fmt: skip
     bar.close()
     info = {
         "steps_per_epoch": spe,

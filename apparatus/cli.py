@@ -18,13 +18,15 @@ import os
 import signal
 import sys
 
+from apparatus import signals
+from apparatus.signals import SIGNAL_EXIT
+
 MAX_SEEDS = 100_000  # a seed list longer than this is a typo, not a sweep
 MAX_LIST = 10_000  # values in a grid list (--A, --T, --lrs, --widths)
 MEMORY_FRACTION = 0.8  # a command may plan to use at most this share of the machine's memory
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 NAME_MAX = 255  # bytes in one file or folder name (Linux file systems)
 PATH_MAX = 4096  # bytes in a whole path (Linux)
-SIGNAL_EXIT = 128  # a command ended by signal n exits with 128 + n (130: SIGINT, 143: SIGTERM)
 
 
 class InputError(ValueError):
@@ -252,19 +254,6 @@ def _release_held():
         os.close(_HELD.pop())  # closing a descriptor releases its flock
 
 
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM arrived: raised in the main thread by :func:`_raise_interrupted`, so that
-    every ``finally`` runs (temporary files are removed, worker processes stopped)."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signum)
-
-
 def progress_note():
     """Where the newest live progress bar stands, e.g. " at 1,234 of 30,000 net-steps", or ""."""
     try:
@@ -281,36 +270,41 @@ def progress_note():
 def run_main(parser, argv, script, default_argv=None, errors=(InputError,)):
     """Parse ``argv`` (``default_argv`` when it is empty), run the chosen command's ``func``;
     the ``errors`` it raises become one-line refusals (exit 2), a failed write (a full disk) one
-    line saying what is safe (exit 1), SIGINT (Ctrl-C) and SIGTERM (a SLURM time limit) one line
-    saying where the work stopped and that a rerun resumes it (exit 130 / 143). Returns the
-    command's exit code: 0, or the int its ``func`` returns; 2 (with the help) without one."""
+    line saying what is safe (exit 1), running out of memory one line (exit 1), SIGINT (Ctrl-C)
+    and SIGTERM (a SLURM time limit) one line saying where the work stopped, what was stored and
+    that a rerun resumes it (exit 130 / 143; apparatus/signals.py). Returns the command's exit
+    code: 0, or the int its ``func`` returns; 2 (with the help) without one."""
     args = parser.parse_args(argv if argv or default_argv is None else default_argv)
     if args.command is None:
         parser.print_help()
         return 2
-    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = signals.install()
+    safe = "results stored before are intact (every file is written whole, then renamed)"
     try:
         code = args.func(args)
+        if signals.requested():  # it came while the last of the work was done: all is stored
+            raise signals.Interrupted(signals.requested(), "the command had finished its work")
     except errors as err:
         fail(script, str(err))
-    except Interrupted as stop:
+    except signals.Interrupted as stop:
         name = signal.Signals(stop.signum).name
+        kept = f"; {stop.stored}" if stop.stored else ""
         fail(
             script,
-            f"interrupted by {name}{progress_note()}: what was finished is stored (units, "
-            "checkpoints); rerun the same command to resume",
+            f"interrupted by {name}{progress_note()}: the finished units and runs are stored"
+            f"{kept}; rerun the same command to resume",
             SIGNAL_EXIT + stop.signum,
         )
+    except MemoryError:
+        fail(script, f"out of memory: {safe}; try a smaller setting or a larger machine", 1)
     except OSError as err:
         where = f" ({err.filename})" if err.filename else ""
-        safe = "results stored before are intact (every file is written whole, then renamed)"
         if err.errno in NO_SPACE:
             fail(script, f"no space left on the device{where}: {safe}; free space and rerun", 1)
         fail(script, f"{err.strerror or err}{where}: {safe}", 1)
     finally:
         _release_held()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        signals.restore(previous)
     return code if isinstance(code, int) else 0
 
 

@@ -12,6 +12,7 @@ for every T.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -19,10 +20,10 @@ import numpy as np
 from tqdm import tqdm
 
 import stability
-from apparatus import plots, statistics, sweeps, tracker
-from apparatus.storage import atomic_savez, exact_name
+from apparatus import plots, signals, statistics, sweeps, tracker
+from apparatus.storage import atomic_savez, exact_name, identity, unit_identity
 from dynloss import accuracy, cross_entropy
-from fast.spiral_trainer import train_many
+from fast.spiral_trainer import PAUSE_STATE, Paused, train_many
 from fast.workers import WORKERS, run_jobs
 from models import MLP_PARAM_NAMES, init_mlp, mlp_forward
 from spiral import (
@@ -37,15 +38,18 @@ from spiral import (
 )
 
 
-def train(params, data, spec, reference=False, xp=np, progress=True, desc="training"):
+def train(params, data, spec, reference=False, xp=np, progress=True, desc="training",
+          pause=False, resume=None):  # fmt: skip
     """Train M networks with spiral.train_reference (``reference``, on the CPU) or the fast
-    trainer's train_many, with a progress bar: the same arguments and result."""
+    trainer's train_many, with a progress bar: the same arguments and result. pause, resume:
+    train_many's (the fast trainer only: the reference loop stops at a signal)."""
     if not reference:
-        return train_many(params, data, spec, xp=xp, progress=progress, desc=desc)
+        return train_many(params, data, spec, xp=xp, progress=progress, desc=desc, pause=pause,
+                          resume=resume)  # fmt: skip
     M = params["W1"].shape[0]
     bar = tqdm(total=M * spec.steps, desc=desc + " (reference)", unit="net-step",
                unit_scale=True, disable=not progress, mininterval=0.5)  # fmt: skip
-    res = train_reference(params, data, spec, progress=bar.update)
+    res = train_reference(params, data, spec, progress=signals.checking(bar.update))
     bar.close()
     return res
 
@@ -111,10 +115,11 @@ def same_runs(cfg, unit):
     return (cell, tuple(us))
 
 
-def train_units(units, cfg, xp, progress, reference=False):
+def train_units(units, cfg, xp, progress, reference=False, pause=False, resume=None):
     """Train the networks of several units together; yield (name, arrays) per finished unit.
 
-    Units that are the same runs (:func:`same_runs`) are trained once."""
+    Units that are the same runs (:func:`same_runs`) are trained once. pause, resume: the fast
+    trainer's (:func:`train`): at a signal, fast_trainer.Paused carries the batch in flight."""
     firsts = {}
     for u in units:
         firsts.setdefault(same_runs(cfg, u), u)
@@ -128,7 +133,7 @@ def train_units(units, cfg, xp, progress, reference=False):
     params = init_mlp(seeds, D=D_SPIRAL, H=cfg["width"], K=K_SPIRAL, init=cfg["init"])
     desc = f"{len(todo)} cells x seeds"
     data = spiral_data(cfg.get("val", "uniform"))
-    res = train(params, data, spec, reference, xp, progress, desc)
+    res = train(params, data, spec, reference, xp, progress, desc, pause, resume)
     final = {
         "train_acc": res["train_acc"][-1],
         "val_acc": res["val_acc"][-1],
@@ -151,7 +156,11 @@ def run_phase(out, cfg, units, xp, batch, progress=True, reference=False):
     """Train the given units of a prepared sweep folder in batches of about ``batch`` networks,
     storing each as it finishes. Units that are the same runs as another (:func:`same_runs`)
     are trained once and copied: from a stored unit, or from the one trained here.
-    reference : train with spiral.train_reference instead of the fast trainer."""
+    reference : train with spiral.train_reference instead of the fast trainer.
+
+    A signal (a SLURM time limit, scancel, Ctrl-C) pauses the fast trainer's batch in flight at
+    its next chunk and stores it in OUT/work/ (:func:`save_batch`); the same command continues
+    it (bit for bit) instead of starting the batch again."""
     every = phase_units(len(cfg["T"]), len(cfg["A"]), cfg["seeds"], cfg["seed_block"])
     expect = unit_expect(cfg)
     stored = {}  # same-runs key -> the name of a stored unit with those runs
@@ -171,11 +180,88 @@ def run_phase(out, cfg, units, xp, batch, progress=True, reference=False):
     t0 = time.time()
     for b in range(0, len(trained), per_batch):
         batch_units = trained[b : b + per_batch]
-        for name, arrays in train_units(batch_units, cfg, xp, progress, reference):
-            sweeps.save_unit(out, name, arrays)
+        names = [u[0] for u in batch_units]
+        resume = None if reference else load_batch(out, names)
+        try:
+            for name, arrays in train_units(batch_units, cfg, xp, progress, reference,
+                                            pause=not reference, resume=resume):  # fmt: skip
+                sweeps.save_unit(out, name, arrays)
+        except Paused as stop:
+            where = save_batch(out, names, stop.parts)
+            steps = [int(p["paused"]) for p in stop.parts if p is not None and "paused" in p]
+            at = f" at step {min(steps):,} of {cfg['steps']:,}" if steps else ""
+            raise signals.Interrupted(stop.signum, f"the batch in flight ({len(names)} units"
+                                      f"{at}) is checkpointed in {where}") from None  # fmt: skip
+        drop_batch(out, names)
         copies = _copy_ready(out, copies, expect)
     _copy_ready(out, copies, expect)
     return time.time() - t0
+
+
+BATCH_FIELDS = ("paused", *PAUSE_STATE)  # a paused block's fields in a batch checkpoint
+
+
+def batch_path(out, names):
+    """Where the checkpoint of the batch of units ``names`` is kept: OUT/work/batch-<identity>."""
+    return os.path.join(out, "work", f"batch-{identity(names)}.npz")
+
+
+def save_batch(out, names, parts):
+    """Store a paused batch: per block of the fast trainer its paused state, or its finished
+    result, or nothing (not started), with the identity of the sweep and of the batch; written
+    whole, then renamed. Returns its path."""
+    arrays = {sweeps.IDENTITY_FIELD: np.array(unit_identity(sweeps.load_config(out), names[0])),
+              "names": np.array(names), "blocks": np.int64(len(parts))}  # fmt: skip
+    for b, part in enumerate(parts):
+        if part is None:
+            continue
+        kind = "paused" if "paused" in part else "done"
+        flat = {k: v for k, v in part.items() if k != "params"}
+        flat.update({f"params_{k}": v for k, v in part.get("params", {}).items()})
+        arrays.update({f"b{b}_{kind}_{k}": np.asarray(v) for k, v in flat.items()})
+    path = batch_path(out, names)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_savez(path, **arrays)
+    return path
+
+
+def load_batch(out, names):
+    """The parts of a stored batch checkpoint of exactly these units in this sweep, or None
+    (none stored, another sweep's, or unreadable: the batch starts again)."""
+    path = batch_path(out, names)
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception:  # truncated or damaged: train the batch again
+        return None
+    ident = unit_identity(sweeps.load_config(out), names[0])
+    if str(arrays.get(sweeps.IDENTITY_FIELD)) != ident or arrays["names"].tolist() != names:
+        return None
+    parts = []
+    for b in range(int(arrays["blocks"])):
+        part = {}
+        for key, v in arrays.items():
+            prefix = f"b{b}_"
+            if key.startswith(prefix):
+                kind, field = key[len(prefix) :].split("_", 1)
+                part[field] = v
+        if not part:
+            parts.append(None)
+        elif "paused" in part:
+            parts.append(part)
+        else:
+            params = {k[len("params_") :]: v for k, v in part.items() if k.startswith("params_")}
+            rest = {k: v for k, v in part.items() if not k.startswith("params_")}
+            parts.append({**rest, "params": params, "logged": int(rest["logged"])})
+    return parts
+
+
+def drop_batch(out, names):
+    """Remove the batch's checkpoint once its units are stored."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(batch_path(out, names))
 
 
 def _copy_ready(out, copies, expect):

@@ -21,6 +21,7 @@ import os
 
 import numpy as np
 
+from apparatus import signals
 from apparatus.cli import InputError
 from apparatus.storage import (
     atomic_savez,
@@ -125,7 +126,9 @@ def check_unit(arrays, expect):
 def read_unit(out, name, expect=None, config=None):
     """(arrays, None) for a stored unit that reads, belongs to this sweep (its identity, from
     ``config``: the sweep.json, read when None) and validates, else (None, reason). The
-    returned arrays hold the results only (no identity field)."""
+    returned arrays hold the results only (no identity field). A safe point to stop at a
+    signal (apparatus/signals.py)."""
+    signals.check()
     path = unit_path(out, name)
     if not os.path.lexists(path):
         return None, "missing"

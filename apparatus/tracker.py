@@ -20,6 +20,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 import spectra
+from apparatus import signals
 from dynloss import class_weights
 from fast.mlp_spectra import (
     hessian_matvec,
@@ -281,7 +282,7 @@ def zoom_replay(params0, data, spec, window, k=1, every=1, ntk=True, reference=F
     replay = replace(spec, steps=t1, log_every=1, val_every=t1 + 1)  # spectra only
     inside = lambda step, params: tracker(step, params) if t0 <= step <= t1 else None
     with threadpool_limits(limits=1):
-        train(params0, data, replay, reference, xp, on_log=inside)
+        train(params0, data, replay, reference, xp, on_log=inside, progress=signals.checking())
     return {"zoom_" + key: v for key, v in tracker.arrays().items()}
 
 
@@ -344,7 +345,7 @@ def densities_along(
     every = max(every, 1)
     replay = replace(spec, log_every=every)
     with threadpool_limits(limits=1):
-        res = train(params0, data, replay, reference, xp, on_log=on_log)
+        res = train(params0, data, replay, reference, xp, on_log, signals.checking())
     done = [t for t in at if t in rows]  # a diverged run stops logging
     names = ("grid", "density", "nodes", "weights", "trace", "trace_stderr", "slq_trace", "lmax")
     out = {"at": np.array(done, dtype=np.int64)}

@@ -62,6 +62,7 @@ from dataclasses import replace
 import numpy as np
 from tqdm import tqdm
 
+from apparatus import signals
 from dynloss import accuracy, class_weights, cross_entropy, to_host
 from dynloss import diverged as loss_diverged
 from fast.workers import WORKERS, run_jobs
@@ -232,7 +233,11 @@ def _diverged(Fs, t_first, diverged, F0, xp):
     return xp.where((diverged < 0) & bad.any(axis=0), first, diverged)
 
 
-def train_block(params, data, spec, xp=np, on_log=None, progress=None):
+PAUSE_STATE = ("W1aT", "W2T", "b2", "hist", "diverged", "F_before", "F0")  # a paused block's arrays
+
+
+def train_block(params, data, spec, xp=np, on_log=None, progress=None, should_pause=None,
+                state=None):  # fmt: skip
     """Full-batch gradient descent on the dynamical loss for a block of M networks.
 
     Parameters
@@ -243,6 +248,12 @@ def train_block(params, data, spec, xp=np, on_log=None, progress=None):
     xp : numpy or cupy
     on_log : optional callback(step, params_host) at every logged step (for spectra)
     progress : optional callable(n_network_steps) advancing a progress bar
+    should_pause : optional callable() -> bool, asked between chunks of GAMMA_CHUNK steps (after
+        the first chunk of this call); when it says True, the block stops there and returns
+        ``{"paused": the step it stopped before, **its state}``: the packed parameters and the
+        logs so far (PAUSE_STATE), host arrays
+    state : such a paused dict: the block continues from it, and the result equals an
+        uninterrupted run's bit for bit (the same steps in the same chunks)
 
     Returns
     -------
@@ -278,6 +289,12 @@ def train_block(params, data, spec, xp=np, on_log=None, progress=None):
     diverged = xp.full(M, -1, dtype=xp.int64)  # kept on the device: no host sync per step
     F_before = xp.full(M, xp.nan)  # the loss of the step before the current chunk
     F0 = None  # the loss at step 0, set by the first chunk
+    start = 0  # the first step of this call
+    if state is not None:  # continue a paused block
+        P = {k: xp.array(state[k]) for k in ("W1aT", "W2T", "b2")}  # copies: trained in place
+        hist, diverged = xp.array(state["hist"]), xp.array(state["diverged"])
+        F_before, F0 = xp.array(state["F_before"]), xp.array(state["F0"])
+        start = int(state["paused"])
     per_row = M * (K + 1) * len(X) * 8  # bytes of one logged row's logits and losses
     R = max(1, min(S, LOG_BUFFER_BYTES // per_row))  # logged rows buffered between two passes
     bufs = {
@@ -286,9 +303,12 @@ def train_block(params, data, spec, xp=np, on_log=None, progress=None):
     }
     pending = []  # logged rows of the chunk whose training columns are not written yet
     tick = min(spec.log_every, PROGRESS_TICK)  # progress-bar interval
-    row = 0
+    row = int(np.searchsorted(steps_logged, start))  # the next row to log
     with np.errstate(all="ignore"):
-        for t0 in range(0, spec.steps + 1, GAMMA_CHUNK):
+        for t0 in range(start, spec.steps + 1, GAMMA_CHUNK):
+            if t0 > start and should_pause is not None and should_pause():
+                kept = {"hist": hist, "diverged": diverged, "F_before": F_before, "F0": F0}
+                return {"paused": t0, **{k: np.array(v) for k, v in to_host({**P, **kept}).items()}}
             ts = np.arange(t0, min(t0 + GAMMA_CHUNK, spec.steps + 1))
             gammas = xp.asarray(class_weights(ts, spec.A, spec.T, K, spec.stop_step))  # (2)-(5)
             ws = gammas[:, :, y_d] / len(X)  # (chunk, M, N)  Gamma_{y_j}(t) / N of eq. (1)
@@ -331,9 +351,16 @@ def block_size(M, H, xp=np):
     return M if xp is not np else max(1, min(M, CPU_BLOCK_UNITS // H))
 
 
+def _block_job(params, data, spec, state, xp=np, progress=None, should_pause=None):
+    """One block of :func:`train_many` as a worker job: train_block, from ``state`` if given."""
+    return train_block(params, data, spec, xp, progress=progress, should_pause=should_pause,
+                       state=state)  # fmt: skip
+
+
 def train_many(
-    params, data, spec, xp=np, block=None, workers=WORKERS, progress=True, desc="training"
-):
+    params, data, spec, xp=np, block=None, workers=WORKERS, progress=True, desc="training",
+    pause=False, resume=None,
+):  # fmt: skip
     """Train M networks as independent blocks: in ``workers`` processes on the CPU, one block on
     a GPU.
 
@@ -342,11 +369,21 @@ def train_many(
 
     params : W1 (M, D, H), ... NumPy arrays;  spec : spiral.TrainSpec with (M,) arrays
     block : networks per block (default: all on a GPU, a cache-sized block on the CPU)
+    pause : at a signal (apparatus/signals.py) the blocks pause at their next chunk and
+        :class:`Paused` is raised with every block's part (its result if it had finished, its
+        paused state, or None if it had not started)
+    resume : such a list of parts (one per block, same blocks): finished blocks are not trained
+        again, paused ones continue
     Returns the dict of :func:`train_block` for all M networks.
     """
     M, _, H = params["W1"].shape
     if block is None:
         block = block_size(M, H, xp)
+    slices = [slice(s, min(s + block, M)) for s in range(0, M, block)]
+    resume = resume if resume is not None else [None] * len(slices)
+    if len(resume) != len(slices):
+        raise ValueError(f"resume holds {len(resume)} blocks, the batch has {len(slices)}")
+    parts = [r if r is not None and "paused" not in r else None for r in resume]  # finished
     bar = tqdm(
         total=M * spec.steps,
         desc=desc,
@@ -356,13 +393,20 @@ def train_many(
         mininterval=0.5,
         smoothing=0.1,
     )
-    jobs = []
-    for s in range(0, M, block):
-        sl = slice(s, min(s + block, M))
+    jobs, todo = [], []
+    for b, sl in enumerate(slices):
+        if parts[b] is not None:
+            bar.update((sl.stop - sl.start) * spec.steps)
+            continue
         sub_spec = replace(spec, A=spec.A[sl], T=spec.T[sl], stop_step=spec.stop_step[sl])
-        jobs.append(({k: v[sl] for k, v in params.items()}, data, sub_spec))
-    parts = run_jobs(train_block, jobs, xp, workers, bar)
+        jobs.append(({k: v[sl] for k, v in params.items()}, data, sub_spec, resume[b]))
+        todo.append(b)
+    results = run_jobs(_block_job, jobs, xp, workers, bar, pause=pause)
     bar.close()
+    for b, result in zip(todo, results, strict=True):
+        parts[b] = result
+    if any(p is None or "paused" in p for p in parts):
+        raise Paused(signals.requested(), parts)
     out = {"step": parts[0]["step"], "gamma": np.concatenate([p["gamma"] for p in parts], axis=1)}
     out["params"] = {k: np.concatenate([p["params"][k] for p in parts]) for k in MLP_PARAM_NAMES}
     for f in LOG_FIELDS:
@@ -370,3 +414,12 @@ def train_many(
     out["diverged_step"] = np.concatenate([p["diverged_step"] for p in parts])
     out["logged"] = max(p["logged"] for p in parts)
     return out
+
+
+class Paused(signals.Interrupted):
+    """A signal paused :func:`train_many`: ``parts`` holds, per block, its result, its paused
+    state, or None (not started); pass them back as ``resume`` to continue."""
+
+    def __init__(self, signum, parts):
+        super().__init__(signum)
+        self.parts = parts

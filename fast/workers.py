@@ -8,17 +8,22 @@ on a GPU the jobs run one after another in this process.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-PROGRESS_POLL = 0.5  # seconds between progress-bar updates while workers train
+from apparatus import signals
+
+PROGRESS_POLL = 0.5  # seconds between progress-bar updates (and looks at the stop flag)
+PAUSE_GRACE = 60  # seconds paused workers have to hand back their state after a signal
 WORKERS = min(2, os.cpu_count() or 1)  # CPU worker processes: one per core, at most two
 
 _WORKER = {}  # in a worker process: the shared progress counter and the parent's pid
@@ -27,10 +32,10 @@ _WORKER = {}  # in a worker process: the shared progress counter and the parent'
 def _worker_init(counter, parent):
     """Initialiser of a CPU worker process: one BLAS thread, the shared progress counter. A
     worker leaves Ctrl-C (SIGINT, which the terminal sends to the whole process group) to its
-    parent, which stops it, and ends at once and quietly on SIGTERM."""
+    parent; SIGTERM (from the parent, or from SLURM to every process of a job) sets its stop
+    flag, which a pausable job reads between chunks (apparatus/signals.py)."""
     threadpool_limits(limits=1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signals.in_worker()
     _WORKER.update(counter=counter, parent=parent)
 
 
@@ -43,8 +48,10 @@ def _worker_progress(n):
 
 
 def _worker_run(task):
-    """Run one job in a worker process: task = (function, its positional arguments)."""
-    fn, job = task
+    """Run one job in a worker process: task = (function, its positional arguments, pausable)."""
+    fn, job, pause = task
+    if pause:
+        return fn(*job, progress=_worker_progress, should_pause=signals.requested)
     return fn(*job, progress=_worker_progress)
 
 
@@ -61,7 +68,28 @@ def _can_fork():
     return sys.platform.startswith("linux")
 
 
-def run_jobs(fn, jobs, xp=np, workers=WORKERS, bar=None, done=None):
+def _pause(pool, futures, done, first):
+    """At a signal: ask the pool's workers to pause (SIGTERM), cancel the jobs not started, and
+    pass what the running ones return (a result, or a paused state) to done(index, result)
+    within PAUSE_GRACE seconds. futures[k] is job first + k. Returns the results (None where a
+    job was cancelled or did not answer in time)."""
+    for process in list(getattr(pool, "_processes", {}).values()):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + PAUSE_GRACE
+    results = []
+    for k, future in enumerate(futures):
+        result = None
+        if not future.cancel():  # running or finished: wait for its answer
+            with contextlib.suppress(TimeoutError, BrokenProcessPool, signals.Interrupted):
+                result = future.result(timeout=max(0.0, deadline - time.monotonic()))
+        if result is not None:
+            done(first + k, result)
+        results.append(result)
+    return results
+
+
+def run_jobs(fn, jobs, xp=np, workers=WORKERS, bar=None, done=None, pause=False):
     """[fn(*job, xp=xp, progress=...) for job in jobs], in ``workers`` processes on the CPU.
 
     fn : a module-level function (workers find it by name) taking ``progress``, a callable that
@@ -70,7 +98,13 @@ def run_jobs(fn, jobs, xp=np, workers=WORKERS, bar=None, done=None):
     results as they come). On the CPU the jobs go to worker processes (fork, one BLAS thread
     each): threads were held back by the GIL, since a step is many short NumPy calls. Where fork
     is unavailable, threads are used; on a GPU, one job after another in this process. A worker
-    that dies (out of memory, a signal) raises ChildProcessError instead of a hang."""
+    that dies (out of memory, a signal) raises ChildProcessError instead of a hang.
+
+    Signals (apparatus/signals.py): without ``pause``, a SIGTERM or SIGINT stops the workers at
+    once (their jobs' results are lost; the finished ones went to ``done``) and raises
+    Interrupted. With ``pause``, fn also takes ``should_pause`` and returns a paused state when
+    it says True: at a signal the workers are asked to pause, and the results come back with
+    the paused states (None for jobs that had not started); the caller stores them."""
     count = bar.update if bar is not None else (lambda n: None)
     done = done or (lambda i, result: None)
     results = []
@@ -83,9 +117,16 @@ def run_jobs(fn, jobs, xp=np, workers=WORKERS, bar=None, done=None):
             min(workers, len(jobs)), ctx, _worker_init, (counter, os.getpid())
         )
         try:
-            futures = [pool.submit(_worker_run, (fn, job)) for job in jobs]
+            futures = [pool.submit(_worker_run, (fn, job, pause)) for job in jobs]
             for future in futures:
                 while True:
+                    if signals.requested():
+                        if not pause:
+                            signals.check()
+                        k = len(results)
+                        results += _pause(pool, futures[k:], done, k)
+                        _stop(pool)
+                        return results
                     try:
                         results.append(future.result(timeout=PROGRESS_POLL))
                         break
@@ -109,8 +150,15 @@ def run_jobs(fn, jobs, xp=np, workers=WORKERS, bar=None, done=None):
             for result in pool.map(lambda job: fn(*job, progress=count), jobs):
                 results.append(result)
                 done(len(results) - 1, result)
+                signals.check()
         return results
     for job in jobs:
-        results.append(fn(*job, xp=xp, progress=count))
+        if pause:
+            if signals.requested():
+                results.append(None)  # not started
+                continue
+            results.append(fn(*job, xp=xp, progress=count, should_pause=signals.requested))
+        else:
+            results.append(fn(*job, xp=xp, progress=signals.checking(count)))
         done(len(results) - 1, results[-1])
     return results

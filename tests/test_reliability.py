@@ -260,7 +260,11 @@ SIGNAL_RUNS = {  # commands of a few seconds, and the file that shows they are u
     "cifar-train": ("run_cifar.py", ["train", *TINY_CIFAR[:-3], "--epochs", "150",
                                      "--checkpoint-every", "1", "--A", "3", "--T", "4"],
                     "checkpoint.npz"),
+    "phase-batch": ("run_spiral.py", ["phase", "--width", "50", "--A", "1,20", "--T", "100",
+                                      "--seeds", "4", "--seed-block", "2", "--steps", "60000"],
+                    "sweep.json"),  # stopped mid-batch: the batch in flight is checkpointed
 }  # fmt: skip
+SIGNAL_DELAY = {"phase-batch": 3.0}  # seconds after the marker before the signal (default 0.3)
 SIGNAL_WAIT = 60  # seconds to wait for a run to get under way
 
 
@@ -280,7 +284,7 @@ def test_a_signal_ends_the_run_in_one_line_and_a_rerun_resumes_it_bit_for_bit(tm
     deadline = time.time() + SIGNAL_WAIT
     while not (out / marker).exists() and time.time() < deadline:  # under way, some work stored
         time.sleep(0.05)
-    time.sleep(0.3)
+    time.sleep(SIGNAL_DELAY.get(run, 0.3))
     assert proc.poll() is None, "the run ended before the signal: make it longer"
     t0 = time.time()
     proc.send_signal(sig)
@@ -292,11 +296,16 @@ def test_a_signal_ends_the_run_in_one_line_and_a_rerun_resumes_it_bit_for_bit(tm
     assert "rerun the same command to resume" in lines[0] and "Traceback" not in err
     leftovers = [p for p in out.rglob(".tmp-*")]
     assert not leftovers, leftovers
+    if run == "phase-batch":  # the networks at the step they reached, not the batch's start
+        assert "the batch in flight (4 units at step" in lines[0], lines[0]
+        assert len(list((out / "work").glob("batch-*.npz"))) == 1
     again = start(script, argv, out)
     assert again.wait(timeout=300) == 0, again.stderr.read()
     whole = start(script, argv, tmp_path / "whole")
     assert whole.wait(timeout=300) == 0, whole.stderr.read()
-    name = "phase.npz" if run == "phase" else "run.npz"
+    name = "phase.npz" if run.startswith("phase") else "run.npz"
+    if run == "phase-batch":
+        assert not list((out / "work").glob("batch-*.npz"))  # done: the checkpoint is gone
     resumed, uninterrupted = load(out / name), load(tmp_path / "whole" / name)
     assert sorted(resumed) == sorted(uninterrupted)
     for k in resumed:
