@@ -259,7 +259,8 @@ def unit_settings(cfg, A, T, seed):
 def cmd_phase(args):
     """``phase``: the (T, A) grid x seeds, one run per unit; resumable, shardable; Fig. 1."""
     cfg, xp, data, (i, n) = check_phase(args)
-    cfg = sweeps.prepare(args.out, cfg, ("seeds",), args.overwrite, work=args.shard)
+    cfg = sweeps.prepare(args.out, cfg, ("seeds",), args.overwrite, work=f"{i}/{n}")
+    sweeps.note_shards(args.out, n)
     write_json(os.path.join(args.out, "versions.json"), versions())
     units = phase_units(len(cfg["T"]), len(cfg["A"]), cfg["seeds"])
     mine = sweeps.shard(units, i, n)

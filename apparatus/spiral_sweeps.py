@@ -13,6 +13,7 @@ for every T.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import time
 
@@ -168,18 +169,27 @@ def run_phase(out, cfg, units, xp, batch, progress=True, reference=False):
         key = same_runs(cfg, v)
         if key not in stored and sweeps.read_unit(out, v[0], expect(v[0]))[0] is not None:
             stored[key] = v[0]
+    by_name = {u[0]: u for u in units}
+    paused = [names for names in stored_batches(out) if set(names) <= set(by_name)]
+    batches = [[by_name[n] for n in names] for names in paused]  # continued as they were
+    for names in paused:
+        for n in names:
+            stored.setdefault(same_runs(cfg, by_name[n]), n)
+    resumed = {n for names in paused for n in names}
     trained, copies = [], []  # copies: (unit name, name of the unit it repeats)
     for u in units:
         key = same_runs(cfg, u)
+        if u[0] in resumed:
+            continue
         if key in stored:
             copies.append((u[0], stored[key]))
         else:
             stored[key] = u[0]
             trained.append(u)
     per_batch = max(1, batch // cfg["seed_block"])
+    batches += [trained[b : b + per_batch] for b in range(0, len(trained), per_batch)]
     t0 = time.time()
-    for b in range(0, len(trained), per_batch):
-        batch_units = trained[b : b + per_batch]
+    for batch_units in batches:
         names = [u[0] for u in batch_units]
         resume = None if reference else load_batch(out, names)
         try:
@@ -256,6 +266,23 @@ def load_batch(out, names):
             rest = {k: v for k, v in part.items() if not k.startswith("params_")}
             parts.append({**rest, "params": params, "logged": int(rest["logged"])})
     return parts
+
+
+def stored_batches(out):
+    """The unit names of every readable batch checkpoint of this sweep in OUT/work/ (a batch
+    paused there is continued with exactly its units, whatever other shards stored since)."""
+    found = []
+    ident = None
+    for path in sorted(glob.glob(os.path.join(out, "work", "batch-*.npz"))):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                names, stamp = z["names"].tolist(), str(z[sweeps.IDENTITY_FIELD])
+        except Exception:  # damaged: its batch is trained again
+            continue
+        ident = ident or (lambda n: unit_identity(sweeps.load_config(out), n))
+        if names and stamp == ident(names[0]) and path == batch_path(out, names):
+            found.append(names)
+    return found
 
 
 def drop_batch(out, names):

@@ -183,9 +183,37 @@ def load_units(out, names, expect=None):
     if missing:
         raise InputError(
             f"{len(missing)} of {len(names)} units are not done yet in {out} "
-            f"(e.g. {', '.join(missing[:3])}): run the remaining shards first"
+            f"(e.g. {', '.join(missing[:3])}){_missing_shards(out, names, missing)}"
         )
     return result
+
+
+SHARDS_FILE = "shards.json"  # the number of shards the sweep's sharded commands split it into
+
+
+def note_shards(out, n):
+    """Record that the sweep in ``out`` is split into n shards (for the merge's message)."""
+    if n > 1:
+        write_json(os.path.join(out, SHARDS_FILE), {"shards": n})
+
+
+def _missing_shards(out, names, missing):
+    """Which shards the missing units belong to, and how to redo them, when the sweep was
+    sharded (:func:`note_shards`; names in the sweep's order, as :func:`shard` splits them)."""
+    path = os.path.join(out, SHARDS_FILE)
+    try:
+        n = int(read_json(path)["shards"]) if os.path.exists(path) else 0
+    except (InputError, KeyError, TypeError, ValueError):
+        n = 0
+    if n < 2:
+        return ": run the remaining shards first"
+    where = {n_: i for i, n_ in enumerate(names)}
+    shards = sorted({where[m] % n for m in missing})
+    listed = ",".join(str(k) for k in shards)
+    return (
+        f": shard(s) {listed} of {n} have not finished; rerun them (--shard i/{n}; on "
+        f"SLURM: sbatch --array={listed} with SHARDS={n})"
+    )
 
 
 def assemble(done, placements, n_T, n_A, n_seeds):
