@@ -29,6 +29,7 @@ if __name__ == "__main__":  # a signal during the imports below: one line, not a
 
     guard_startup("run_cifar.py")
 
+import glob
 import os
 import shlex
 import shutil
@@ -38,7 +39,7 @@ import time
 import numpy as np
 
 import cifar
-from apparatus import digits, plots, statistics, sweeps
+from apparatus import memory, plots, statistics, sweeps
 from apparatus.checks import add_cifar_check_command
 from apparatus.cifar_runs import (
     CHECKPOINT_NAME,
@@ -58,9 +59,13 @@ from apparatus.cli import (
     COUNT,
     COUNT0,
     FRACTION,
+    MAX_AMPLITUDE,
+    MAX_PERIOD,
+    MAX_SEED,
     NONNEG,
     PERIOD,
     RATE,
+    SEED,
     SEEDS,
     InputError,
     Parser,
@@ -68,6 +73,7 @@ from apparatus.cli import (
     check_memory,
     check_out_dir,
     checked_backend,
+    command,
     parse_list,
     run_main,
 )
@@ -96,9 +102,6 @@ from protocol import (
 )
 
 SCRIPT = "run_cifar.py"
-CIFAR_IMAGES, CIFAR_SIDE = 60000, 32  # CIFAR-10: 50,000 + 10,000 images of 32 x 32 x 3
-HISTORY_COLUMNS = 32  # about this many float64 values per epoch in a run's history
-ACTIVATION_COPIES = 24  # Myrtle5 keeps about this many feature maps of a batch (forward, cache)
 PHASE_A = "1,5,10,20,30,50,70,100"
 PHASE_T = "10,25,50,100,250,500,1000"
 PHASE_SEEDS = 30  # Fig. 1 caption
@@ -109,26 +112,6 @@ HESS_BATCH = 512  # training images of the optional Hessian eigenvalue
 # ---------------------------------------------------------------------------------------------
 # train
 # ---------------------------------------------------------------------------------------------
-
-
-def cifar_memory(settings):
-    """Bytes a run of the protocol needs, roughly: its images in uint8 and as floats, the
-    history, and the activations of a training and an evaluation batch."""
-    if settings["data"] == "synthetic":
-        n, side, C = (
-            settings["synthetic_train"] + settings["synthetic_test"],
-            settings["image_size"],
-            3,
-        )
-    elif settings["data"] == "digits":
-        n, side, C = digits.N_IMAGES, digits.SIDE, 1
-    else:
-        n, side, C = CIFAR_IMAGES, CIFAR_SIDE, 3
-    itemsize = 8 if settings["dtype"] == "float64" else 4
-    images = n * side * side * C * (1 + 2 * itemsize)  # the raw bytes, the normalised copy
-    batch = max(settings["batch"], settings["eval_batch"])
-    activations = ACTIVATION_COPIES * batch * side * side * settings["channels"] * itemsize
-    return images + activations + 8 * (settings["epochs"] + 1) * HISTORY_COLUMNS
 
 
 def check_checkpoint(path, settings, data, overwrite):
@@ -152,24 +135,27 @@ def check_checkpoint(path, settings, data, overwrite):
 
 
 def check_train(args):
-    """Validate ``train`` before any work: returns (settings, xp, data)."""
+    """Validate ``train`` before any work: the plan with the settings, the backend, the data
+    (loaded once the memory of the run is known to fit) and the run's memory."""
     check_out_dir(args.out)
     settings = resolve_settings(args)
     check_run(args.A, args.T, args.seed)
     settings.update(A=args.A, T=args.T, seed=args.seed, hess_every=args.hess_every)
     settings["hess_batch"] = args.hess_batch if args.hess_every else None
-    check_memory(cifar_memory(settings), "this run")
+    need = memory.cifar_run(settings)
+    check_memory(need, "this run")  # before the data are loaded
     xp = checked_backend(args.device)
     data = load_data(settings, args.data, args.hess_batch if args.hess_every else 0)
     settings["data_fingerprint"] = data["fingerprint"]
     check_claim(args.out, "cifar-train", settings, overwrite=args.overwrite)
     check_checkpoint(os.path.join(args.out, CHECKPOINT_NAME), settings, data, args.overwrite)
-    return settings, xp, data
+    return {"settings": settings, "xp": xp, "data": data, "memory": need, "what": "this run"}
 
 
-def cmd_train(args):
+@command(check_train)
+def cmd_train(args, plan):
     """``train``: one run of the Fig. 1 protocol; writes run.npz, config.json, run.png."""
-    settings, xp, data = check_train(args)
+    settings, xp, data = plan["settings"], plan["xp"], plan["data"]
     config = {
         "kind": "cifar-train",
         "settings": settings,
@@ -233,20 +219,25 @@ def phase_units(n_T, n_A, seeds):
 
 
 def check_phase(args):
-    """Validate ``phase``: returns (sweep config, xp, data, shard)."""
+    """Validate ``phase``: the plan with the sweep's config, the backend, the data, the shard
+    and the memory of one run."""
     check_out_dir(args.out)
     settings = resolve_settings(args)
-    A_list = parse_list(args.A, "--A", low=1)
-    T_list = parse_list(args.T, "--T", low=1)
+    A_list = parse_list(args.A, "--A", low=1, high=MAX_AMPLITUDE)
+    T_list = parse_list(args.T, "--T", low=1, high=MAX_PERIOD)
+    if args.seed0 + args.seeds - 1 > MAX_SEED:
+        raise InputError(f"--seed0 {args.seed0} --seeds {args.seeds}: seeds end above 2**63 - 1")
     shard = sweeps.parse_shard(args.shard)
-    check_memory(cifar_memory(settings), "a run of this sweep")
+    need = memory.cifar_run(settings)
+    check_memory(need, "a run of this sweep")  # before the data are loaded
     xp = checked_backend(args.device)
     data = load_data(settings, args.data)
     cfg = {"kind": "cifar-phase", **settings, "A": A_list, "T": T_list}
     cfg["seeds"] = list(range(args.seed0, args.seed0 + args.seeds))
     cfg["data_fingerprint"] = data["fingerprint"]
     check_claim(args.out, "cifar-phase", cfg, args.overwrite, grow=("seeds",))
-    return cfg, xp, data, shard
+    return {"cfg": cfg, "xp": xp, "data": data, "shard": shard, "memory": need,
+            "what": "a run of this sweep"}  # fmt: skip
 
 
 def unit_settings(cfg, A, T, seed):
@@ -256,9 +247,10 @@ def unit_settings(cfg, A, T, seed):
     return s
 
 
-def cmd_phase(args):
+@command(check_phase)
+def cmd_phase(args, plan):
     """``phase``: the (T, A) grid x seeds, one run per unit; resumable, shardable; Fig. 1."""
-    cfg, xp, data, (i, n) = check_phase(args)
+    cfg, xp, data, (i, n) = plan["cfg"], plan["xp"], plan["data"], plan["shard"]
     cfg = sweeps.prepare(args.out, cfg, ("seeds",), args.overwrite, work=f"{i}/{n}")
     sweeps.note_shards(args.out, n)
     write_json(os.path.join(args.out, "versions.json"), versions())
@@ -368,7 +360,15 @@ def merge_phase(out):
     return summary
 
 
-def cmd_merge(args):
+def check_merge(args):
+    """``merge``: a CIFAR sweep folder, its units read."""
+    sweeps.load_config(args.out, kind="cifar-phase")
+    units = glob.glob(os.path.join(args.out, "units", "*.npz"))
+    return {"memory": memory.files(units), "what": f"the units of {args.out}"}
+
+
+@command(check_merge)
+def cmd_merge(args, plan):
     """``merge``: combine the shards of a sweep into phase.npz and its figure."""
     merge_phase(args.out)
 
@@ -470,7 +470,7 @@ def build_parser():
     add_common_options(p, "runs/cifar-train")
     p.add_argument("--A", type=AMPLITUDE, default=FIG1_A, help="amplitude (1: static loss)")
     p.add_argument("--T", type=PERIOD, default=FIG1_T, help="period in minibatch steps")
-    p.add_argument("--seed", type=COUNT0, default=0, help="initialisation and shuffling seed")
+    p.add_argument("--seed", type=SEED, default=0, help="initialisation and shuffling seed")
     p.add_argument(
         "--hess-every",
         type=COUNT0,
@@ -487,7 +487,7 @@ def build_parser():
     p.add_argument(
         "--seeds", type=SEEDS, default=PHASE_SEEDS, help="seeds per point (the paper: 30)"
     )
-    p.add_argument("--seed0", type=COUNT0, default=0, help="first seed")
+    p.add_argument("--seed0", type=SEED, default=0, help="first seed")
     p.add_argument("--shard", default="0/1", help="i/n: run the i-th of n slices of the work")
     p.set_defaults(func=cmd_phase, train_eval_every=0)
 

@@ -31,6 +31,7 @@ if __name__ == "__main__":  # a signal during the imports below: one line, not a
 
     guard_startup("run_spiral.py")
 
+import glob
 import os
 import shlex
 import sys
@@ -39,24 +40,44 @@ import time
 import numpy as np
 
 import stability
-from apparatus import onset, onset_analysis, plots, rule, spiral_sweeps, statistics, sweeps, tracker
+from apparatus import (
+    memory,
+    onset,
+    onset_analysis,
+    plots,
+    rule,
+    spiral_sweeps,
+    statistics,
+    sweeps,
+    tracker,
+)
 from apparatus.checks import add_spiral_check_command
 from apparatus.cli import (
     AMPLITUDE,
     COUNT,
     COUNT0,
+    MAX_AMPLITUDE,
+    MAX_PERIOD,
+    MAX_PERTURBATION,
+    MAX_RATE,
+    MAX_SEED,
+    MAX_STEPS,
+    MIN_RATE,
     PERIOD,
     RATE,
+    SEED,
     SEEDS,
     InputError,
     Parser,
     add_merge_command,
     backend,
-    check_memory,
     check_number,
     check_out_dir,
     checked_backend,
+    command,
     number,
+    parse_choices,
+    parse_items,
     parse_list,
     parse_seeds,
     run_main,
@@ -71,15 +92,11 @@ from apparatus.storage import (
     write_json,
 )
 from dynloss import LOSSES
-from fast.spiral_trainer import block_size
-from fast.workers import WORKERS
 from models import INITS, init_mlp
 from spectra import SLQ_PROBES, SLQ_STEPS
 from spiral import (
     D_SPIRAL,
     K_SPIRAL,
-    LOG_FIELDS,
-    N_PER_CLASS,
     VAL_SETS,
     TrainSpec,
     spiral_data,
@@ -107,7 +124,6 @@ DYNAMICS_DEFAULTS = {  # Fig. 4 caption
 }
 QUICK = {"T": 1000.0, "steps": 14000}  # dynamics --quick: the same A, periods 5x shorter
 SPECTRA_EVERY = 25  # steps between spectra: odd, so both branches of a period-two bounce show
-LOG_ROW_COPIES = 4  # copies of a logged row a run holds at once (trainer, assembly, run.npz)
 PHASE_A = "1,2,5,10,20,30,50,70,100"
 PHASE_T = "50,100,200,300,500,1000,2000,3000"
 PHASE_STEPS = 35000  # Fig. 3 caption
@@ -142,27 +158,24 @@ def check_oscillates(args, A_max, T_max):
         )
 
 
-def run_memory(M, H, rows, xp=np):
-    """Bytes a training of M networks of width H logging ``rows`` rows needs, roughly: the
-    trainer's masks per block, in each worker, and the logged history with its copies."""
-    N, K = N_PER_CLASS * K_SPIRAL, K_SPIRAL
-    block = block_size(M, H, xp)
-    workers = 1 if xp is not np else min(WORKERS, -(-M // block))
-    trainer = workers * 8 * block * (2 * H * N + LOG_ROW_COPIES * rows * (K + len(LOG_FIELDS)))
-    return trainer + 8 * LOG_ROW_COPIES * rows * M * (K + len(LOG_FIELDS)) + 8 * 4 * M * H * K
-
-
-def check_train(args, identity_of=None):
-    """Validate ``train`` (and ``dynamics``, ``density``) options; return the list of seeds.
-    identity_of : the (kind, settings) of the run, for which --out must be free (check_claim)."""
+def check_train(args, kind="spiral-train"):
+    """Validate ``train`` (and what ``dynamics`` and ``density`` share with it): the plan with
+    the seeds, the run's identity (for which --out must be free: check_claim) and the memory of
+    its training."""
     check_common(args)
     seeds = parse_seeds(args.seed, "--seed")
     check_oscillates(args, args.A, args.T)
     rows = args.steps // args.log_every + 2
-    check_memory(run_memory(len(seeds), args.width, rows, backend(args.device)), "this run")
-    if identity_of is not None:
-        check_claim(args.out, *identity_of, overwrite=getattr(args, "overwrite", False))
-    return seeds
+    identity_of = train_settings(args, seeds, kind)
+    gpu = args.device == "gpu"
+    need = memory.spiral_training(len(seeds), args.width, rows, args.reference, gpu)
+    return {"seeds": seeds, "identity_of": identity_of, "rows": rows, "memory": need,
+            "what": "this run"}  # fmt: skip
+
+
+def claim_run(args, plan):
+    """Refuse an --out that holds another run (before any work; plan: check_train's)."""
+    check_claim(args.out, *plan["identity_of"], overwrite=getattr(args, "overwrite", False))
 
 
 def train_spec(args, M):
@@ -214,11 +227,17 @@ def start_run(args, seeds, spec, t0, identity_of, outputs):
     begin_run(args.out, *identity_of, config, getattr(args, "overwrite", False), outputs)
 
 
-def cmd_train(args):
+def check_train_command(args):
+    """``train``'s check: check_train, and --out free for this run."""
+    plan = check_train(args)
+    claim_run(args, plan)
+    return plan
+
+
+@command(check_train_command)
+def cmd_train(args, plan):
     """``train``: one setting, one or a few seeds; writes run.npz, config.json, run.png."""
-    seeds = parse_seeds(args.seed, "--seed")
-    identity_of = train_settings(args, seeds)
-    check_train(args, identity_of)
+    seeds, identity_of = plan["seeds"], plan["identity_of"]
     t0 = time.time()
     data = spiral_data(args.val)
     params0 = init_mlp(seeds, D=D_SPIRAL, H=args.width, K=K_SPIRAL, init=args.init)
@@ -256,16 +275,21 @@ def cmd_train(args):
 
 
 def check_phase(args):
-    """Validate ``phase`` options before any work; return (A list, T list, seeds, shard)."""
+    """Validate ``phase`` options before any work: the plan with the A and T lists, the seeds,
+    the shard (i, n), the networks per batch and the memory of one batch."""
     check_common(args)
-    A_list = parse_list(args.A, "--A", low=1)
-    T_list = parse_list(args.T, "--T", low=1)
+    A_list = parse_list(args.A, "--A", low=1, high=MAX_AMPLITUDE)
+    T_list = parse_list(args.T, "--T", low=1, high=MAX_PERIOD)
     check_oscillates(args, max(A_list), max(T_list))
+    if args.seed0 + args.seeds - 1 > MAX_SEED:
+        raise InputError(f"--seed0 {args.seed0} --seeds {args.seeds}: seeds end above 2**63 - 1")
     seeds = list(range(args.seed0, args.seed0 + args.seeds))
-    xp = backend(args.device)
-    batch = args.batch if args.batch is not None else default_batch(args.width, xp)
-    check_memory(run_memory(batch, args.width, 2, xp), "a batch of this sweep")
-    return A_list, T_list, seeds, sweeps.parse_shard(args.shard)
+    gpu = args.device == "gpu"
+    batch = args.batch if args.batch is not None else default_batch(args.width, gpu)
+    networks = min(batch, len(seeds) * len(A_list) * len(T_list))
+    need = memory.spiral_training(networks, args.width, 2, args.reference, gpu)
+    return {"A": A_list, "T": T_list, "seeds": seeds, "shard": sweeps.parse_shard(args.shard),
+            "batch": batch, "memory": need, "what": "a batch of this sweep"}  # fmt: skip
 
 
 def phase_config(args, A_list, T_list, seeds):
@@ -286,17 +310,18 @@ def phase_config(args, A_list, T_list, seeds):
     }
 
 
-def default_batch(width, xp):
+def default_batch(width, gpu):
     """Networks per phase batch: CPU_BATCH on the CPU, GPU_BATCH by width on a GPU."""
-    if xp is np:
+    if not gpu:
         return CPU_BATCH
     narrow, wide = sorted(GPU_BATCH)
     return GPU_BATCH[narrow] if width <= narrow else GPU_BATCH[wide]
 
 
-def cmd_phase(args):
+@command(check_phase)
+def cmd_phase(args, plan):
     """``phase``: a (T, A) grid x seeds for one width; resumable, shardable; Fig. 3."""
-    A_list, T_list, seeds, (i, n) = check_phase(args)
+    A_list, T_list, seeds, (i, n) = plan["A"], plan["T"], plan["seeds"], plan["shard"]
     cfg = phase_config(args, A_list, T_list, seeds)
     xp = backend(args.device)
     cfg = sweeps.prepare(args.out, cfg, ("seeds",), args.overwrite, work=f"{i}/{n}")
@@ -306,7 +331,7 @@ def cmd_phase(args):
     expect = spiral_sweeps.unit_expect(cfg)
     mine = sweeps.shard(units, i, n)
     todo = set(sweeps.pending(args.out, [u[0] for u in mine], expect))
-    batch = args.batch if args.batch is not None else default_batch(args.width, xp)
+    batch = plan["batch"]
     print(
         f"shard {i}/{n}: {len(todo)} of {len(mine)} units to run ({len(units)} in the sweep), "
         f"{max(1, batch // args.seed_block)} unit(s) per batch"
@@ -321,12 +346,22 @@ def cmd_phase(args):
         print(f"when every shard is done: python {SCRIPT} merge --out {shlex.quote(args.out)}")
 
 
-def cmd_merge(args):
+def check_merge(args):
+    """``merge`` and ``reeval``: a sweep folder whose units are read (and, for reeval, their
+    networks run on the validation set)."""
+    sweeps.load_config(args.out, kind="spiral-phase")
+    units = glob.glob(os.path.join(args.out, "units", "*.npz"))
+    return {"memory": memory.files(units), "what": f"the units of {args.out}"}
+
+
+@command(check_merge)
+def cmd_merge(args, plan):
     """``merge``: combine the shards of a sweep into phase.npz and its figure."""
     spiral_sweeps.merge_phase(args.out)
 
 
-def cmd_reeval(args):
+@command(check_merge)
+def cmd_reeval(args, plan):
     """``reeval``: a finished sweep's networks on another validation set, without training."""
     spiral_sweeps.merge_phase(args.out, val=args.val)
 
@@ -343,20 +378,30 @@ def dynamics_config(args, seeds):
     return {"kind": "spiral-dynamics", **{k: getattr(args, k) for k in keys}, "seeds": seeds}
 
 
-def cmd_dynamics(args):
-    """``dynamics``: runs with the Hessian and NTK spectra along them (Fig. 4), one unit per
-    seed; the figure follows the first seed, the summary gives every seed's threshold."""
+def check_dynamics(args):
+    """``dynamics``: check_train's plan, the top-k and the strides, the tracker's memory."""
     if args.quick:
         if (args.T, args.steps) != (DYNAMICS_DEFAULTS["T"], DYNAMICS_DEFAULTS["steps"]):
             raise InputError("--quick sets --T and --steps: give one or the other")
         args.T, args.steps = QUICK["T"], QUICK["steps"]
-    seeds = check_train(args)
+    plan = check_train(args, "spiral-dynamics")
     P = spiral_params(args.width)
     if args.top_k >= P:
         raise InputError(f"--top-k {args.top_k}: a width-{args.width} network has {P} parameters")
     problem = tracker.stride_problem(args.hess_every, args.ntk_every, args.log_every)
     if problem:
         raise InputError(problem)
+    spectra_rows = args.steps // args.hess_every + 2
+    plan["memory"] = memory.tracked(len(plan["seeds"]), args.width, args.steps, args.log_every,
+                                    spectra_rows, args.top_k, args.ntk_every > 0)  # fmt: skip
+    return plan
+
+
+@command(check_dynamics)
+def cmd_dynamics(args, plan):
+    """``dynamics``: runs with the Hessian and NTK spectra along them (Fig. 4), one unit per
+    seed; the figure follows the first seed, the summary gives every seed's threshold."""
+    seeds = plan["seeds"]
     t0 = time.time()
     cfg = dynamics_config(args, seeds)
     cfg = sweeps.prepare(args.out, cfg, ("seeds",), args.overwrite, work="dynamics")
@@ -449,19 +494,32 @@ def print_dynamics(summary, arrays, info):
         )
 
 
-def cmd_threshold(args):
-    """``threshold``: Fig. 5, the Hessian threshold against the learning rate, over seeds."""
+def check_threshold(args):
+    """``threshold``: the widths, learning rates and seeds; the memory of the longest run."""
     check_common(args)
     widths = parse_list(args.widths, "--widths", int, low=1)
-    lrs = parse_list(args.lrs, "--lrs", low=0, low_open=True)
+    lrs = parse_list(args.lrs, "--lrs", low=MIN_RATE, high=MAX_RATE)
     seeds = parse_seeds(args.seed, "--seed")
     if not (args.T0 / max(lrs) >= 1 and args.steps0 > args.T0):
         raise InputError(
             f"need T0/eta >= 1 for every eta and steps0 > T0 (an oscillating part); got T0 "
             f"{args.T0:g}, steps0 {args.steps0}, largest eta {max(lrs):g}"
         )
-    rows = args.steps0 / min(lrs) / args.hess_every + 2
-    check_memory(run_memory(len(seeds), max(widths), rows), "the longest run")
+    steps = int(round(args.steps0 / min(lrs)))
+    if steps > MAX_STEPS:
+        raise InputError(
+            f"steps0/eta: {steps:,} steps at eta {min(lrs):g}, more than {MAX_STEPS:,}"
+        )
+    need = memory.tracked(len(seeds), max(widths), steps, args.hess_every,
+                          steps // args.hess_every + 2, ntk=False)  # fmt: skip
+    return {"widths": widths, "lrs": lrs, "seeds": seeds, "memory": need,
+            "what": "the longest run"}  # fmt: skip
+
+
+@command(check_threshold)
+def cmd_threshold(args, plan):
+    """``threshold``: Fig. 5, the Hessian threshold against the learning rate, over seeds."""
+    widths, lrs, seeds = plan["widths"], plan["lrs"], plan["seeds"]
     cfg = {
         "kind": "spiral-threshold",
         "widths": widths,
@@ -490,15 +548,24 @@ def cmd_threshold(args):
     spiral_sweeps.merge_threshold(args.out)
 
 
-def cmd_density(args):
-    """``density``: the Hessian's eigenvalue density (SLQ) and trace at chosen steps of a run."""
-    seeds = parse_seeds(args.seed, "--seed")
-    if len(seeds) != 1:
+def check_density(args):
+    """``density``: one seed, the steps, the memory of SLQ's Lanczos bases."""
+    plan = check_train(args, "spiral-density")
+    if len(plan["seeds"]) != 1:
         raise InputError("density follows one network: give one --seed")
     at = parse_list(args.at, "--at", int, low=0, high=args.steps)
-    identity_of = train_settings(args, seeds, "spiral-density")
-    identity_of[1].update(at=at, probes=args.probes, lanczos_steps=args.lanczos_steps)
-    check_train(args, identity_of)
+    plan["identity_of"][1].update(at=at, probes=args.probes, lanczos_steps=args.lanczos_steps)
+    claim_run(args, plan)
+    plan["at"] = at
+    plan["memory"] = memory.density(args.width, args.steps, args.log_every, args.probes,
+                                    args.lanczos_steps, at)  # fmt: skip
+    return plan
+
+
+@command(check_density)
+def cmd_density(args, plan):
+    """``density``: the Hessian's eigenvalue density (SLQ) and trace at chosen steps of a run."""
+    seeds, at, identity_of = plan["seeds"], plan["at"], plan["identity_of"]
     t0 = time.time()
     data = spiral_data(args.val)
     params0 = init_mlp(seeds, D=D_SPIRAL, H=args.width, K=K_SPIRAL, init=args.init)
@@ -533,27 +600,42 @@ def cmd_density(args):
 # ---------------------------------------------------------------------------------------------
 
 
-def cmd_onset(args):
-    """``onset``: runs with lambda_max and the period-two mode at every step, for a grid of
-    periods, learning rates, arithmetics, perturbations and activations; resumable; the folder
-    collects the conditions of several commands, and each run merges every complete one."""
+def parse_beta(item, name):
+    """'relu' -> None (the paper's ReLU), a number -> the softplus beta (within RATE's bounds)."""
+    return None if item == "relu" else check_number(item, name, low=MIN_RATE, high=MAX_RATE)
+
+
+def check_onset(args):
+    """``onset``: the grid of conditions (every list parsed, no item repeated once normal), the
+    seeds, the longest run's steps, and the memory of its jobs."""
     check_common(args)
-    T0s = parse_list(args.T0, "--T0", low=1)
-    lrs = parse_list(args.lrs, "--lrs", low=0, low_open=True)
-    noises = parse_list(args.noise, "--noise", low=0)
-    forces = parse_list(args.force, "--force", low=0)
-    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    if not dtypes or not set(dtypes) <= {"float64", "float32"}:
-        raise InputError(f"--dtypes: float64 and/or float32, got {args.dtypes!r}")
-    betas = [None if b.strip() == "relu" else b for b in args.betas.split(",") if b.strip()]
-    betas = [b if b is None else check_number(b, "--betas", low=0, low_open=True) for b in betas]
+    T0s = parse_list(args.T0, "--T0", low=1, high=MAX_PERIOD)
+    lrs = parse_list(args.lrs, "--lrs", low=MIN_RATE, high=MAX_RATE)
+    noises = parse_list(args.noise, "--noise", low=0, high=MAX_PERTURBATION)
+    forces = parse_list(args.force, "--force", low=0, high=MAX_PERTURBATION)
+    dtypes = parse_choices(args.dtypes, "--dtypes", ("float64", "float32"))
+    betas = parse_items(args.betas, "--betas", parse_beta)
     seeds = parse_seeds(args.seed, "--seed")
     if min(T0s) / max(lrs) < 1:
         raise InputError("need T0/lr >= 1 step for every T0 and lr")
-    new = onset.grid(T0s, lrs, dtypes, noises, betas, forces)
-    old = sweeps.load_config(args.out).get("conditions", []) if os.path.exists(
-        os.path.join(args.out, "sweep.json")
-    ) else []  # fmt: skip
+    steps = int(round(args.periods * max(T0s) / min(lrs)))
+    if steps > MAX_STEPS:
+        raise InputError(f"--periods {args.periods} of T0/lr: {steps:,} steps, more than "
+                         f"{MAX_STEPS:,}")  # fmt: skip
+    conditions = onset.grid(T0s, lrs, dtypes, noises, betas, forces)
+    M_job = -(-len(seeds) // memory.workers_at_once(len(seeds)))  # networks of one job
+    need = memory.onset(M_job, args.width, steps, len(conditions) * len(seeds), len(onset.SERIES))
+    return {"seeds": seeds, "conditions": conditions, "memory": need,
+            "what": f"the onset runs ({steps:,} steps)"}  # fmt: skip
+
+
+@command(check_onset)
+def cmd_onset(args, plan):
+    """``onset``: runs with lambda_max and the period-two mode at every step, for a grid of
+    periods, learning rates, arithmetics, perturbations and activations; resumable; the folder
+    collects the conditions of several commands (added under the folder's lock), and each run
+    merges every complete one."""
+    new = plan["conditions"]
     cfg = {
         "kind": "spiral-onset",
         "width": args.width,
@@ -561,10 +643,10 @@ def cmd_onset(args):
         "periods": args.periods,
         "init": args.init,
         "loss": args.loss,
-        "seeds": seeds,
-        "conditions": old + [c for c in new if c not in old],
+        "seeds": plan["seeds"],
+        "conditions": new,
     }
-    cfg = sweeps.prepare(args.out, cfg, ("seeds", "conditions"), args.overwrite, work=new)
+    cfg = sweeps.prepare(args.out, cfg, ("seeds",), args.overwrite, work=new, union=("conditions",))
     write_json(os.path.join(args.out, "versions.json"), versions())
     mine = {onset.condition_name(c) for c in new}
     units = [u for u in onset.onset_units(cfg) if u[0].rsplit("_s", 1)[0] in mine]
@@ -576,7 +658,18 @@ def cmd_onset(args):
     onset_analysis.merge_onset(args.out)
 
 
-def cmd_rule(args):
+def check_rule(args):
+    """``rule``: the two folders it reads (their units' arrays), the output folder."""
+    check_out_dir(args.out)
+    paths = []
+    for folder in (args.every_step, args.fig5):
+        sweeps.load_config(folder)
+        paths += glob.glob(os.path.join(folder, "units", "*.npz"))
+    return {"memory": memory.files(paths, copies=rule.SERIES_COPIES), "what": "the runs read"}
+
+
+@command(check_rule)
+def cmd_rule(args, plan):
     """``rule``: the Fig. 4 runs and the Fig. 5 sweep read with other jumps and strides, their
     marks by kind (apparatus/rule.py)."""
     rule.audit(args.every_step, args.fig5, args.out)
@@ -705,7 +798,7 @@ def build_parser():
     p.add_argument("--A", default=PHASE_A, help="amplitudes, e.g. 1,5,10")
     p.add_argument("--T", default=PHASE_T, help="periods in steps, e.g. 100,300")
     p.add_argument("--seeds", type=SEEDS, default=PHASE_SEEDS, help="seeds per cell (paper: 50)")
-    p.add_argument("--seed0", type=COUNT0, default=0, help="first seed")
+    p.add_argument("--seed0", type=SEED, default=0, help="first seed")
     p.add_argument("--seed-block", type=COUNT, default=PHASE_SEEDS, help="seeds per unit of work")
     p.add_argument("--steps", type=COUNT, default=PHASE_STEPS, help="gradient-descent steps")
     p.add_argument("--lr", type=RATE, default=1.0, help="learning rate eta")

@@ -42,14 +42,15 @@ from threadpoolctl import threadpool_limits
 import dynloss
 import models
 import spectra
-from apparatus.cli import COUNT, COUNT0, InputError, check_memory, checked_backend
+from apparatus import memory
+from apparatus.cli import COUNT, SEED, InputError, check_memory, checked_backend, command
 from apparatus.sweeps import check_unit
 from dynloss import LOSSES, class_weights, loss_backward, loss_forward
 from fast import gpu
 from fast import mlp_spectra as fast_spectra
 from fast.layers import GPU_LAYERS
 from models import INITS, MLP_PARAM_NAMES, MYRTLE5_PARAM_NAMES, flatten, mlp_forward, unflatten
-from spiral import D_SPIRAL, K_SPIRAL, make_spiral_train
+from spiral import D_SPIRAL, K_SPIRAL, make_spiral_train, spiral_params
 
 DTYPES = ("float64", "float32")
 FD_STEP = 1e-6  # h ~ eps^(1/3) |theta| in float64: truncation h^2 ~ 1e-12, rounding eps/h ~ 1e-10
@@ -75,8 +76,6 @@ MYRTLE5_SIDE = 8  # image side: the smallest Myrtle5 takes (pools down to 1x1)
 MYRTLE5_WIDTH = 3  # c at initialisation (a run's own c with --at)
 MYRTLE5_IN, MYRTLE5_K = 3, 10  # CIFAR-10's colour channels and classes
 NESTEROV_LR, NESTEROV_STEPS = 0.02, 3  # the Fig. 1 peak learning rate; steps of the Nesterov row
-DENSE_COPIES = 8  # (P, P) float64 matrices alive at once in the spectra rows (the Hessian, its
-# parts, J^T Hz J, the eigensolver's work): 2.2 GB measured at width 1000 (P = 6003)
 BLAS_THREADS = 1  # small matrices: a second OpenBLAS thread only waits, and on a busy 2-core
 # machine its hand-offs made the dense eigensolver 100 times slower (3 s instead of 0.03 s)
 PASS, FAIL, KINK = "PASS", "FAIL", "KINK"
@@ -267,12 +266,52 @@ def read_run(folder, names):
     return arrays
 
 
-def refuse_bad(path, problem, params):
-    """InputError for a run.npz whose arrays do not fit (``problem``) or are not finite."""
+def refuse_bad(path, problem, arrays):
+    """InputError for a run.npz whose arrays do not fit (``problem``), are not real numbers
+    (complex, object, text) or are not finite: a bad file is refused, never read as a wrong
+    derivative. arrays : {name: array} of the parameters and the data that the check uses."""
     if problem:
         raise InputError(f"--at {path}: {problem} (docs/formats.md)")
-    if not all(np.isfinite(a).all() for a in params.values()):
-        raise InputError(f"--at {path}: its parameters are not finite (a diverged run)")
+    for name, a in arrays.items():
+        if a.dtype.kind not in "fiu":
+            raise InputError(f"--at {path}: {name} holds {a.dtype} values, not real numbers")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            what = "parameters" if name in MLP_PARAM_NAMES + MYRTLE5_PARAM_NAMES else "data"
+            raise InputError(f"--at {path}: {name} is not finite (its {what}; a diverged run?)")
+
+
+def run_settings(folder):
+    """The settings a ``train`` folder's config.json records (its loss and its schedule), or {}
+    when it has none that read (the check then uses its own defaults and says so)."""
+    from apparatus.storage import read_json
+
+    path = os.path.join(folder, "config.json")
+    try:
+        settings = read_json(path).get("settings", {}) if os.path.exists(path) else {}
+    except (InputError, AttributeError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+def run_schedule(settings, default, steps_per_unit=1):
+    """The check's Schedule for a run's settings: its A, T and stop step, and t = 1.3 T (a
+    tilted step, as the defaults'); ``default`` where the settings lack them.
+    steps_per_unit : minibatch steps per epoch for a CIFAR run (its stop is an epoch)."""
+    try:
+        A, T = float(settings["A"]), float(settings["T"])
+    except (KeyError, TypeError, ValueError):
+        return default
+    if "stop_epoch" in settings:  # a CIFAR run: Gamma = 1 from this epoch
+        stop = int(round(float(settings["stop_epoch"]) * steps_per_unit))
+    elif "steps" in settings:  # a spiral train run: the last period static unless --no-stop
+        steps = int(settings["steps"])
+        stop = steps + 1 if settings.get("no_stop") else max(0, steps - int(T))
+    else:
+        return default
+    t = int(1.3 * T)
+    if not (1 <= A and 1 <= T and 0 <= t < stop):
+        return default
+    return Schedule(A=A, T=T, stop=stop, t=t)
 
 
 def spiral_run(folder):
@@ -288,39 +327,52 @@ def spiral_run(folder):
     shapes = {"W1": (D, H), "b1": (H,), "W2": (H, K), "b2": (K,), "X_train": (len(X), D)}
     path = os.path.join(folder, "run.npz")
     problem = check_unit({**first, "X_train": X}, shapes)
+    if not problem and min(D, H, K, len(X)) < 1:
+        problem = f"a network of width {H} with {D} inputs and {K} classes on {len(X)} points"
     if not problem and not (y.shape == (len(X),) and y.dtype.kind in "iu" and len(y)):
         problem = "y_train is not one integer label per training point"
     elif not problem and not (y.min() >= 0 and y.max() < K):
         problem = f"y_train holds labels outside 0..{K - 1}"
-    refuse_bad(path, problem, first)
+    refuse_bad(path, problem, {**first, "X_train": X})
     where = f"{path}, final parameters" + (" (first seed)" if seeds else "")
     return {k: v[None] for k, v in first.items()}, X, y, where
 
 
-def spiral_problem(width=100, loss="ce", init="standard", seed=0, dtype="float64", at=None):
+def spiral_problem(width=100, loss=None, init="standard", seed=0, dtype="float64", at=None):
     """The spiral check: the MLP at initialisation on the training spiral, or at the final
-    parameters of a ``run_spiral.py train`` folder ``at`` on its training data."""
+    parameters of a ``run_spiral.py train`` folder ``at`` on its training data, with that run's
+    loss and Gamma(t) schedule (its config.json) unless ``loss`` is given."""
+    s = SPIRAL_SCHEDULE
     if at is None:
+        need = memory.dense_check(spiral_params(width))
+        check_memory(need, f"check with P = {spiral_params(width)} parameters (dense Hessians)")
         X, y = make_spiral_train()
         params = models.init_mlp([seed], D_SPIRAL, width, K_SPIRAL, init=init)
         where = f"initialisation ({init} init, seed {seed})"
     else:
         params, X, y, where = spiral_run(at)
+        settings = run_settings(at)
+        s = run_schedule(settings, s)
+        loss = loss or settings.get("loss")
+    loss = loss if loss in LOSSES else "ce"
     P = sum(v[0].size for v in params.values())
-    check_memory(DENSE_COPIES * 8 * P**2, f"check with P = {P} parameters (dense Hessians)")
-    s = SPIRAL_SCHEDULE
+    check_memory(memory.dense_check(P), f"check with P = {P} parameters (dense Hessians)")
     gamma = class_weights(s.t, s.A, s.T, params["W2"].shape[2], s.stop)  # (K,)
     params = {k: np.asarray(v, dtype=dtype) for k, v in params.items()}
     X = np.asarray(X, dtype=dtype)
     return Problem("MLP", params, X, np.asarray(y), gamma, loss, dtype, s, where, seed)
 
 
-def myrtle5_problem(width=MYRTLE5_WIDTH, loss="ce", seed=0, dtype="float64", at=None):
+def myrtle5_problem(width=MYRTLE5_WIDTH, loss=None, seed=0, dtype="float64", at=None):
     """The Myrtle5 check: MYRTLE5_IMAGES random images of MYRTLE5_SIDE^2 pixels and random
     labels, at initialisation (c = ``width``) or at the final parameters W1..b5 of a
-    ``run_cifar.py train`` folder ``at`` (its c, channels and classes)."""
+    ``run_cifar.py train`` folder ``at`` (its c, channels and classes; its loss and Gamma(t)
+    schedule unless ``loss`` is given)."""
     rng = np.random.default_rng(seed)
+    s = MYRTLE5_SCHEDULE
     if at is None:
+        need = memory.myrtle5_check(width, MYRTLE5_IN, MYRTLE5_K)
+        check_memory(need, f"check at width c = {width}")
         params = models.init_myrtle5(rng, c=width, in_channels=MYRTLE5_IN, n_classes=MYRTLE5_K)
         where = f"initialisation (seed {seed})"
     else:
@@ -330,12 +382,19 @@ def myrtle5_problem(width=MYRTLE5_WIDTH, loss="ce", seed=0, dtype="float64", at=
         c, C_in = (W1.shape[3], W1.shape[2]) if W1.ndim == 4 else (0, 0)
         K = W5.shape[1] if W5.ndim == 2 else 0
         path = os.path.join(at, "run.npz")
-        refuse_bad(path, check_unit(params, models.myrtle5_shapes(c, C_in, K)), params)
+        problem = check_unit(params, models.myrtle5_shapes(c, C_in, K))
+        if not problem and min(c, C_in, K) < 1:
+            problem = f"a Myrtle5 of width {c} with {C_in} channels and {K} classes"
+        refuse_bad(path, problem, params)
+        settings = run_settings(at)
+        spe = arrays.get("steps_per_epoch")
+        s = run_schedule(settings, s, int(spe) if spe is not None and spe.shape == () else 1)
+        loss = loss or settings.get("loss")
         where = f"{path}, final parameters"
+    loss = loss if loss in LOSSES else "ce"
     C_in, K = params["W1"].shape[2], params["W5"].shape[1]
     X = rng.normal(size=(MYRTLE5_IMAGES, MYRTLE5_SIDE, MYRTLE5_SIDE, C_in)).astype(dtype)
     y = rng.integers(0, K, size=MYRTLE5_IMAGES)
-    s = MYRTLE5_SCHEDULE
     gamma = class_weights(s.t, s.A, s.T, K, s.stop)  # (K,)
     params = {k: np.asarray(v, dtype=dtype) for k, v in params.items()}
     return Problem("Myrtle5", params, X, y, gamma, loss, dtype, s, where, seed)
@@ -893,25 +952,47 @@ def report(prob, rows, seconds):
     return exit_code(rows)
 
 
-def cmd_spiral_check(args):
-    """``run_spiral.py check``: print the spiral table; return 0 (no FAIL) or 1."""
+def check_spiral_check(args):
+    """``run_spiral.py check``: the problem (the network, its data, loss and schedule; a run
+    read with --at is validated), and the memory of its dense matrices."""
     start = time.perf_counter()
     prob = spiral_problem(args.width, args.loss, args.init, args.seed, args.dtype, args.at)
-    return report(prob, spiral_rows(prob), time.perf_counter() - start)
+    P = sum(v[0].size for v in prob.params.values())
+    return {"problem": prob, "start": start, "memory": memory.dense_check(P),
+            "what": f"check with P = {P} parameters (dense Hessians)"}  # fmt: skip
 
 
-def cmd_cifar_check(args):
-    """``run_cifar.py check``: print the Myrtle5 table; return 0 (no FAIL) or 1."""
+@command(check_spiral_check)
+def cmd_spiral_check(args, plan):
+    """``run_spiral.py check``: print the spiral table; return 0 (no FAIL) or 1."""
+    prob = plan["problem"]
+    return report(prob, spiral_rows(prob), time.perf_counter() - plan["start"])
+
+
+def check_cifar_check(args):
+    """``run_cifar.py check``: the backend, the problem (a run read with --at is validated),
+    the memory of its weights."""
     xp = checked_backend(args.device)  # --device gpu without CuPy or a GPU: one line, exit 2
     start = time.perf_counter()
     prob = myrtle5_problem(args.width, args.loss, args.seed, args.dtype, args.at)
-    return report(prob, myrtle5_rows(prob, xp), time.perf_counter() - start)
+    W1, W5 = prob.params["W1"], prob.params["W5"]
+    need = memory.myrtle5_check(W1.shape[3], W1.shape[2], W5.shape[1])
+    return {"problem": prob, "xp": xp, "start": start, "memory": need,
+            "what": "the Myrtle5 check"}  # fmt: skip
+
+
+@command(check_cifar_check)
+def cmd_cifar_check(args, plan):
+    """``run_cifar.py check``: print the Myrtle5 table; return 0 (no FAIL) or 1."""
+    prob = plan["problem"]
+    return report(prob, myrtle5_rows(prob, plan["xp"]), time.perf_counter() - plan["start"])
 
 
 def add_options(p):
     """--loss, --seed, --dtype and --at, shared by both check commands."""
-    p.add_argument("--loss", default="ce", choices=LOSSES, help="base loss of the network rows")
-    p.add_argument("--seed", type=COUNT0, default=0, help="init seed; also the random directions")
+    p.add_argument("--loss", default=None, choices=LOSSES,
+                   help="base loss of the network rows (default ce; --at: the run's)")  # fmt: skip
+    p.add_argument("--seed", type=SEED, default=0, help="init seed; also the random directions")
     p.add_argument("--dtype", default="float64", choices=DTYPES,
                    help="dtype of the derivatives (the differences are float64)")  # fmt: skip
     p.add_argument("--at", metavar="RUN_FOLDER", help="check at RUN_FOLDER/run.npz's final "

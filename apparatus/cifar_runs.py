@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import cifar
 from apparatus import digits, signals, synthetic
-from apparatus.cli import InputError, check_number
+from apparatus.cli import MAX_AMPLITUDE, MAX_PERIOD, MAX_SEED, InputError, check_number
 from apparatus.storage import atomic_savez, identity
 from dynloss import diverged as loss_diverged
 from dynloss import to_device, to_host
@@ -189,10 +189,10 @@ def resolve_settings(args):
 
 
 def check_run(A, T, seed):
-    """Validate one run's amplitude (finite, >= 1), period (finite, >= 1 step) and seed."""
-    check_number(A, "--A", low=1)
-    check_number(T, "--T", low=1)
-    check_number(seed, "--seed", int, low=0)
+    """Validate one run's amplitude, period and seed, within the settings files' bounds."""
+    check_number(A, "--A", low=1, high=MAX_AMPLITUDE)
+    check_number(T, "--T", low=1, high=MAX_PERIOD)
+    check_number(seed, "--seed", int, low=0, high=MAX_SEED)
 
 
 # ---------------------------------------------------------------------------------------------

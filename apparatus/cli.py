@@ -22,6 +22,13 @@ from apparatus import signals
 from apparatus.signals import SIGNAL_EXIT
 
 MAX_SEEDS = 100_000  # a seed list longer than this is a typo, not a sweep
+MAX_SEED = 2**63 - 1  # NumPy's seeds are non-negative 64-bit integers (the settings files' bound)
+MAX_AMPLITUDE = 1e9  # A: far beyond any experiment, and Gamma's arithmetic stays finite
+MAX_PERIOD = 1e12  # T (steps): Gamma's t mod T stays exact in float64
+MAX_RATE = 1e6  # a learning rate or a softplus beta
+MIN_RATE = 1e-12  # ... and the smallest one (T0/eta and steps0/eta stay countable)
+MAX_STEPS = 10**9  # steps of one run: a longer one is a typo (its logs alone would not fit)
+MAX_PERTURBATION = 1e3  # the norm of a perturbation or a forcing per step
 MAX_LIST = 10_000  # values in a grid list (--A, --T, --lrs, --widths)
 MEMORY_FRACTION = 0.8  # a command may plan to use at most this share of the machine's memory
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -100,19 +107,21 @@ def number(kind=float, low=None, high=None, low_open=False, high_open=False):
     return convert
 
 
-AMPLITUDE = number(float, low=1)  # A >= 1, finite (A = 1: the static loss)
-PERIOD = number(float, low=1)  # T >= 1 step, finite
+AMPLITUDE = number(float, low=1, high=MAX_AMPLITUDE)  # 1 <= A (A = 1: the static loss)
+PERIOD = number(float, low=1, high=MAX_PERIOD)  # T >= 1 step
 COUNT = number(int, low=1)  # a positive integer
 COUNT0 = number(int, low=0)  # a non-negative integer
 SEEDS = number(int, low=1, high=MAX_SEEDS)  # a number of seeds
-RATE = number(float, low=0, low_open=True)  # a positive finite rate
+SEED = number(int, low=0, high=MAX_SEED)  # one seed
+RATE = number(float, low=MIN_RATE, high=MAX_RATE)  # a learning rate
 NONNEG = number(float, low=0)  # a finite number >= 0
 FRACTION = number(float, low=0, high=1, high_open=True)  # in [0, 1), a momentum
 
 
-def parse_list(text, name, kind=float, low=None, high=None, low_open=False):
-    """'1,5,10' -> [1.0, 5.0, 10.0] (sorted, unique): every value finite and within the bounds;
-    refuses empty lists, empty items ('1,,5'), unreadable or repeated values."""
+def parse_items(text, name, convert):
+    """'a,b,c' -> [convert(a), convert(b), convert(c)] in order: refuses an empty list, empty
+    items ('1,,5'), more than MAX_LIST items, and items that are the same after ``convert``
+    (its normal form: 10 and 10.0, float64 twice). convert(item, name) raises InputError."""
     items = str(text).split(",")
     if not str(text).strip():
         raise InputError(f"{name}: the list is empty")
@@ -120,10 +129,28 @@ def parse_list(text, name, kind=float, low=None, high=None, low_open=False):
         raise InputError(f"{name}: an empty item in {text!r}")
     if len(items) > MAX_LIST:
         raise InputError(f"{name}: {len(items)} values, more than {MAX_LIST}")
-    values = [check_number(v, name, kind, low, high, low_open) for v in items]
-    if len(set(values)) != len(values):
+    values = [convert(v.strip(), name) for v in items]
+    if len({repr(v) for v in values}) != len(values):
         raise InputError(f"{name}: repeated values in {text!r}")
-    return sorted(values)
+    return values
+
+
+def parse_list(text, name, kind=float, low=None, high=None, low_open=False):
+    """'1,5,10' -> [1.0, 5.0, 10.0] (sorted, unique): every value finite and within the bounds;
+    refuses empty lists, empty items ('1,,5'), unreadable or repeated values."""
+    number = lambda v, n: check_number(v, n, kind, low, high, low_open)
+    return sorted(parse_items(text, name, number))
+
+
+def parse_choices(text, name, choices):
+    """'a,b' -> ['a', 'b']: each one of ``choices``, none repeated (parse_items)."""
+
+    def choice(v, n):
+        if v not in choices:
+            raise InputError(f"{n}: {v!r} is not one of {', '.join(choices)}")
+        return v
+
+    return parse_items(text, name, choice)
 
 
 def parse_seeds(text, name):
@@ -152,8 +179,8 @@ def parse_seeds(text, name):
             raise unreadable from None
     if not seeds:
         raise InputError(f"{name}: give at least one seed")
-    if min(seeds) < 0:
-        raise InputError(f"{name}: seeds must be >= 0, got {min(seeds)}")
+    if min(seeds) < 0 or max(seeds) > MAX_SEED:
+        raise InputError(f"{name}: seeds must be from 0 to 2**63 - 1, got {text!r}")
     if len(set(seeds)) != len(seeds):
         raise InputError(f"{name}: repeated seeds in {text!r}")
     return seeds
@@ -267,9 +294,25 @@ def progress_note():
     return note
 
 
+def command(check):
+    """Declare a command's function together with its check: ``check(args)`` validates every
+    input of the command (numbers, lists, folders, stored settings) and returns the plan, a dict
+    with the validated values, ``memory`` (the bytes the command will allocate,
+    apparatus/memory.py) and ``what`` (what needs it); :func:`run_main` refuses a plan above
+    MEMORY_FRACTION of the machine, and only then calls ``func(args, plan)``. A command without
+    a check does not run (tests/test_refusals.py walks every subcommand)."""
+
+    def declare(func):
+        func.check = check
+        return func
+
+    return declare
+
+
 def run_main(parser, argv, script, default_argv=None, errors=(InputError,)):
     """Parse ``argv`` (``default_argv`` when it is empty), run the chosen command's ``func``;
-    the ``errors`` it raises become one-line refusals (exit 2), a failed write (a full disk) one
+    the command's check runs first (:func:`command`); the ``errors`` the check or the command
+    raise become one-line refusals (exit 2), a failed write (a full disk) one
     line saying what is safe (exit 1), running out of memory one line (exit 1), SIGINT (Ctrl-C)
     and SIGTERM (a SLURM time limit) one line saying where the work stopped, what was stored and
     that a rerun resumes it (exit 130 / 143; apparatus/signals.py). Returns the command's exit
@@ -281,7 +324,12 @@ def run_main(parser, argv, script, default_argv=None, errors=(InputError,)):
     previous = signals.install()
     safe = "results stored before are intact (every file is written whole, then renamed)"
     try:
-        code = args.func(args)
+        check = getattr(args.func, "check", None)
+        if check is None:
+            raise RuntimeError(f"command {args.command!r} has no check (apparatus/cli.command)")
+        plan = check(args)
+        check_memory(plan["memory"], plan["what"])
+        code = args.func(args, plan)
         if signals.requested():  # it came while the last of the work was done: all is stored
             raise signals.Interrupted(signals.requested(), "the command had finished its work")
     except errors as err:

@@ -36,6 +36,8 @@ MIN_QUIET = 100  # ... and at least this many steps
 JUMPS = (0.05, 0.1, 0.2, 0.4)  # the rule's jump, around the caption's "~ 0.1"
 STRIDES = (1, 5, 25)  # every step, and the odd strides that still see a period-two bounce
 MARK_KINDS = ("entries", "restarts", "inner_ends", "exits")
+SERIES_COPIES = 40  # bytes in memory per byte of the units read: the Fig. 5 series as per-step
+# arrays (NaN between the stride-25 samples: 25 times), and their copies
 
 
 def rule_readings(lam, T, stride, jump):

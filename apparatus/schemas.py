@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import math
 
-from apparatus.cli import InputError
-
-MAX_SEED = 2**63 - 1  # NumPy's seeds are non-negative 64-bit integers
+from apparatus.cli import MAX_AMPLITUDE, MAX_PERIOD, MAX_RATE, MAX_SEED, MIN_RATE, InputError
 
 
 def _is_int(v):
@@ -124,8 +122,9 @@ def validate(obj, schema, where):
 
 SEEDS = list_of(integer(0, MAX_SEED), unique=True)
 COUNT, COUNT0 = integer(1), integer(0)
-RATE = number(0, low_open=True)
-AMPLITUDE = number(1)
+RATE = number(MIN_RATE, high=MAX_RATE)  # the command line's bounds (apparatus/cli.py)
+AMPLITUDE = number(1, high=MAX_AMPLITUDE)
+PERIOD = number(1, high=MAX_PERIOD)
 INITS, LOSSES = ("standard", "glorot"), ("ce", "mse")
 VAL_SETS = ("uniform", "inner", "outer", "reseed")
 SPIRAL_COMMON = {"init": text(INITS), "loss": text(LOSSES), "seeds": SEEDS}
@@ -133,7 +132,7 @@ SPIRAL_RUN = {  # the settings of a spiral run: train (and dynamics)
     **SPIRAL_COMMON,
     "width": COUNT,
     "A": AMPLITUDE,
-    "T": number(1),
+    "T": PERIOD,
     "steps": COUNT,
     "lr": RATE,
     "log_every": COUNT,
@@ -163,7 +162,7 @@ PROTOCOL = {  # the Fig. 1 protocol's settings (apparatus/cifar_runs.resolve_set
     "data_fingerprint?": text(),
 }
 CONDITION = {  # one condition of an onset sweep (apparatus/onset.py)
-    "T0": number(1),
+    "T0": PERIOD,
     "lr": RATE,
     "dtype": text(("float64", "float32")),
     "noise": number(0),
@@ -175,7 +174,7 @@ SWEEPS = {  # sweep.json, by kind
         **SPIRAL_COMMON,
         "width": COUNT,
         "A": list_of(AMPLITUDE, unique=True),
-        "T": list_of(number(1), unique=True),
+        "T": list_of(PERIOD, unique=True),
         "seed_block": COUNT,
         "steps": COUNT,
         "lr": RATE,
@@ -193,7 +192,7 @@ SWEEPS = {  # sweep.json, by kind
         "widths": list_of(COUNT, unique=True),
         "lrs": list_of(RATE, unique=True),
         "A": AMPLITUDE,
-        "T0": number(1),
+        "T0": PERIOD,
         "steps0": COUNT,
         "static_steps": COUNT,
         "hess_every": COUNT,
@@ -209,7 +208,7 @@ SWEEPS = {  # sweep.json, by kind
     "cifar-phase": {
         **PROTOCOL,
         "A": list_of(AMPLITUDE, unique=True),
-        "T": list_of(number(1), unique=True),
+        "T": list_of(PERIOD, unique=True),
         "seeds": SEEDS,
     },
 }
@@ -224,7 +223,7 @@ RUNS = {  # the "settings" of a run's config.json, by kind
     "cifar-train": {
         **PROTOCOL,
         "A": AMPLITUDE,
-        "T": number(1),
+        "T": PERIOD,
         "seed": integer(0, MAX_SEED),
         "hess_every": COUNT0,
         "hess_batch": nullable(COUNT),

@@ -111,21 +111,35 @@ def folder_owner(out):
     return None
 
 
+LEFTOVERS = (LOCK_NAME, ".tmp-")  # what this tool leaves in a folder it was killed writing
+
+
 def foreign_entries(out):
     """The entries of an existing folder that no run of this tool wrote (everything, when it
-    holds no identity file), lock files aside. Returns a sorted list of names."""
+    holds no identity file), this tool's own leftovers (locks, temporary files) aside. Returns a
+    sorted list of names."""
     if not os.path.isdir(out) or any(os.path.lexists(os.path.join(out, n)) for n in IDENTITY_FILES):
         return []
-    return sorted(n for n in os.listdir(out) if not n.startswith(LOCK_NAME))
+    return sorted(n for n in os.listdir(out) if not n.startswith(LEFTOVERS))
 
 
-def check_claim(out, kind, settings, overwrite=False, grow=()):
+def leftovers_only(out):
+    """Whether ``out`` holds nothing but this tool's leftovers (what a command killed during its
+    very first write leaves): a folder that is taken over without --overwrite."""
+    if not os.path.isdir(out) or any(os.path.lexists(os.path.join(out, n)) for n in IDENTITY_FILES):
+        return False
+    names = os.listdir(out)
+    return bool(names) and all(n.startswith(LEFTOVERS) for n in names)
+
+
+def check_claim(out, kind, settings, overwrite=False, grow=(), union=()):
     """Whether a run or sweep of ``kind`` with ``settings`` may write into ``out``; raise
     InputError when it may not. Creates nothing.
 
     A folder belongs to one run: it may be new or empty, or hold this very run (the same
     settings: resumed or redone), or, for a sweep, the same sweep with shorter ``grow`` lists
-    (more seeds). Anything else (another run, another kind, files this tool did not write, an
+    (more seeds), or lists in ``union`` that add to the stored ones (the onset sweep's
+    conditions). Anything else (another run, another kind, files this tool did not write, an
     identity file that does not validate) needs ``overwrite``; a folder of another kind is
     refused even then. Returns the stored settings (None for a new folder)."""
     if not os.path.isdir(out):
@@ -149,7 +163,9 @@ def check_claim(out, kind, settings, overwrite=False, grow=()):
     old, new = owner["settings"], json.loads(json.dumps(settings))
     diff = differing(old, new)
     extends = all(
-        k in grow and isinstance(old.get(k), list) and new[k][: len(old[k])] == old[k] for k in diff
+        isinstance(old.get(k), list)
+        and (k in union or (k in grow and new[k][: len(old[k])] == old[k]))
+        for k in diff
     )
     if diff and not extends and not overwrite:
         what = "a different sweep" if "kind" in old else f"another {kind} run"

@@ -29,6 +29,7 @@ from apparatus.storage import (
     command_lock,
     differing,
     folder_lock,
+    leftovers_only,
     read_json,
     unit_identity,
     write_json,
@@ -53,7 +54,7 @@ def shard(units, i, n):
     return units[i::n]
 
 
-def prepare(out, config, grow=(), overwrite=False, work=None):
+def prepare(out, config, grow=(), overwrite=False, work=None, union=()):
     """Claim ``out`` for a sweep: create OUT/units and write OUT/sweep.json, under the folder's
     lock; refuse (InputError, nothing written) a folder that holds another sweep or run, or
     files this tool did not write, unless ``overwrite`` (then units of the other sweep no longer
@@ -66,21 +67,28 @@ def prepare(out, config, grow=(), overwrite=False, work=None):
     sweep, and sweep.json records the longer lists.
     work : what distinguishes this command's share of the work (the shard): a second process
     doing the same share is refused (storage.command_lock).
+    union : keys of lists this command adds to (the onset sweep's conditions): the stored list
+    and this one's new items, read and written under the folder's lock, so that two commands
+    adding conditions at once both land.
     """
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--out {out!r} is a file, not a folder")
     kind = config["kind"]
-    check_claim(out, kind, config, overwrite, grow)
+    check_claim(out, kind, config, overwrite, grow, union)
+    if leftovers_only(out):
+        print(f"{out} holds only this tool's leftovers (locks, temporary files): taking it over")
     os.makedirs(out, exist_ok=True)
     if work is not None:
         command_lock(out, {"sweep": unit_identity(config, ""), "work": work})
     with folder_lock(out):
-        old = check_claim(out, kind, config, overwrite, grow)  # again: another process may
-        merged = dict(config)  # have claimed or grown it meanwhile
-        same_sweep = old is not None and set(differing(old, config)) <= set(grow)
+        old = check_claim(out, kind, config, overwrite, grow, union)  # again: another process
+        merged = dict(config)  # may have claimed or grown it meanwhile
+        same_sweep = old is not None and set(differing(old, config)) <= set(grow) | set(union)
         for k in grow if same_sweep else ():  # a longer list the sweep already has is kept
             if len(old[k]) > len(config[k]) and old[k][: len(config[k])] == config[k]:
                 merged[k] = old[k]
+        for k in union if old is not None and not overwrite else ():
+            merged[k] = old[k] + [item for item in config[k] if item not in old[k]]
         write_json(os.path.join(out, "sweep.json"), merged)
     os.makedirs(os.path.join(out, "units"), exist_ok=True)
     return merged

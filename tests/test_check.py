@@ -61,7 +61,7 @@ def status(table, start):
 def test_default_spiral_check_passes_and_lists_every_row(capsys):
     p = parser(checks.add_spiral_check_command)
     args = p.parse_args(["check"])
-    assert (args.width, args.loss, args.dtype, args.at) == (100, "ce", "float64", None)
+    assert (args.width, args.loss, args.dtype, args.at) == (100, None, "float64", None)  # ce
     code, table, out = run_check(checks.add_spiral_check_command, [], capsys)
     assert code == 0 and "h = 1e-06" in out and "every derivative agrees" in out
     for name in SPIRAL_ROWS:

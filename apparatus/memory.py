@@ -1,0 +1,148 @@
+"""What each command allocates, in bytes, before it allocates it: the memory half of the input
+checks (apparatus/cli.check_memory refuses a plan above MEMORY_FRACTION of the machine).
+
+Each estimate is the process's baseline (Python, NumPy, SciPy, Matplotlib imported: BASE) plus
+the arrays the command's code creates, term by term, with the number of copies that live at once
+read from the code (and measured: tests/test_memory.py runs every command at two sizes in a
+subprocess and holds each estimate within a factor MEMORY_TOLERANCE of the measured peak).
+Worker processes (apparatus/workers.py) each hold their own job's arrays: their terms are counted
+once per worker that runs at once.
+
+Symbols: M networks, H hidden units, N training points (N_SPIRAL), S logged rows, P parameters.
+"""
+
+from __future__ import annotations
+
+import os
+
+F64 = 8  # bytes of a float64
+BASE = 110 * 2**20  # the interpreter with NumPy, SciPy and Matplotlib imported (measured ~100 MiB)
+N_SPIRAL = 300  # training points of the spiral (and as many validation points)
+K_SPIRAL, D_SPIRAL = 3, 2
+LOG_FIELDS = 6  # spiral.LOG_FIELDS: loss, dloss, loss_static, train_acc, val_acc, val_loss
+LOG_BUFFER = 1 << 25  # fast/spiral_trainer.LOG_BUFFER_BYTES: logits kept between metric passes
+FAST_MASKS = 2.2  # (M, H, N) arrays of the fast trainer's block: the two masks, its temporaries
+REFERENCE_ACTIVATIONS = 5.5  # (M, N, H) arrays of models.mlp_loss_and_grads at once
+TRACKER_ACTIVATIONS = 6.0  # (N, H) arrays of one tracked network (its state and the products)
+LOG_COPIES = 4  # copies of the logged history at once (trainer, result, run arrays, the file)
+CPU_BLOCK_UNITS = 400  # fast/spiral_trainer.CPU_BLOCK_UNITS
+DENSE_COPIES = 8  # (P, P) float64 matrices alive at once in the spectra rows of a check (the
+# Hessian, its parts, J^T Hz J, the eigensolver's work): 2.2 GB measured at width 1000 (P = 6003)
+
+
+def workers_at_once(jobs, workers=None):
+    """Worker processes that run at once for ``jobs`` jobs on the CPU (apparatus/workers)."""
+    workers = workers or min(2, os.cpu_count() or 1)
+    return max(1, min(workers, jobs))
+
+
+def spiral_params(width):
+    """P of one spiral network: (D + 1 + K) H + K."""
+    return (D_SPIRAL + 1 + K_SPIRAL) * width + K_SPIRAL
+
+
+def history(M, rows):
+    """The logged history of M networks over ``rows`` rows, with its copies: (S, M) fields and
+    Gamma (S, M, K)."""
+    return LOG_COPIES * F64 * rows * M * (LOG_FIELDS + K_SPIRAL)
+
+
+def fast_block(M, H, rows):
+    """One block of the fast trainer: its masks and temporaries, its logged logits' buffer."""
+    masks = FAST_MASKS * F64 * M * H * 2 * N_SPIRAL
+    logits = min(LOG_BUFFER, F64 * rows * M * (K_SPIRAL + 1) * N_SPIRAL)
+    return masks + logits + history(M, rows) + 4 * F64 * M * spiral_params(H)
+
+
+def spiral_training(M, H, rows, reference=False, gpu=False):
+    """Training M networks of width H logging ``rows`` rows (train, a phase batch): on the
+    CPU blocks of about CPU_BLOCK_UNITS hidden units in worker processes; on a GPU one block
+    (its device memory, and the host's history); the reference loop in this process."""
+    if reference:
+        act = REFERENCE_ACTIVATIONS * F64 * M * H * 2 * N_SPIRAL
+        return BASE + act + history(M, rows) + 4 * F64 * M * spiral_params(H)
+    block = M if gpu else max(1, min(M, CPU_BLOCK_UNITS // H))
+    blocks = -(-M // block)
+    at_once = 1 if gpu else workers_at_once(blocks)
+    return BASE + at_once * fast_block(block, H, rows) + history(M, rows)
+
+
+def tracked(M, H, steps, log_every, spectra_rows, k=1, ntk=True, dense=False):
+    """Training with the spectra tracker (dynamics, threshold): each network in a job of its own
+    width, the tracker's Lanczos vectors and the per-network series."""
+    P = spiral_params(H)
+    per_net = TRACKER_ACTIVATIONS * F64 * N_SPIRAL * H + 24 * F64 * P * max(k, 1)
+    if ntk:
+        per_net += 24 * F64 * N_SPIRAL * K_SPIRAL
+    rows = steps // log_every + 2
+    jobs_mem = spiral_training(M, H, rows) - BASE
+    series = F64 * M * spectra_rows * (k + 3)
+    return BASE + jobs_mem + workers_at_once(M) * per_net + 3 * series
+
+
+def density(H, steps, log_every, probes, lanczos_steps, at):
+    """A density run: one network trained, SLQ's Lanczos basis (P, m) at each chosen step."""
+    P = spiral_params(H)
+    rows = steps // log_every + 2
+    slq = F64 * P * (min(lanczos_steps, P) + 6) + F64 * len(at) * probes * lanczos_steps * 3
+    return spiral_training(1, H, rows) + slq + TRACKER_ACTIVATIONS * F64 * N_SPIRAL * H
+
+
+def onset(M_job, H, steps, jobs, series):
+    """An onset sweep: in each worker, a job of M_job networks on the reference loop, each
+    with its tracker's per-step series and the dense spectra at events ((P, P) and (NK, NK))."""
+    P = spiral_params(H)
+    per_job = REFERENCE_ACTIVATIONS * F64 * M_job * H * 2 * N_SPIRAL
+    per_job += F64 * M_job * (steps + 1) * (series + LOG_FIELDS + K_SPIRAL)
+    per_job += DENSE_COPIES * F64 * P * P + 4 * F64 * (N_SPIRAL * K_SPIRAL) ** 2
+    return BASE + workers_at_once(jobs) * per_job + 2 * F64 * M_job * (steps + 1) * series
+
+
+def dense_check(P):
+    """A check command's dense matrices: the exact Hessian, its parts, the NTK, eigh's work."""
+    return BASE + DENSE_COPIES * F64 * P * P
+
+
+def files(paths, copies=3):
+    """Commands that read stored arrays (merge, reeval, rule): the arrays of ``paths`` as they
+    are loaded and assembled, ``copies`` at once."""
+    return BASE + copies * sum(os.path.getsize(p) for p in paths if os.path.exists(p))
+
+
+CIFAR_IMAGES, CIFAR_SIDE = 60000, 32  # CIFAR-10: 50,000 + 10,000 images of 32 x 32 x 3
+DIGITS_IMAGES, DIGITS_SIDE = 1797, 8  # scikit-learn's digits (padded to 8 x 8: apparatus/digits)
+HISTORY_COLUMNS = 32  # float64 values per epoch in a run's history
+ACTIVATION_COPIES = 24  # feature maps of a batch Myrtle5 keeps at once (forward, cache, backward)
+WEIGHT_COPIES = 8  # copies of the weights at once (params, velocity, gradients, the checkpoint's)
+
+
+def myrtle5_weights(c, in_channels, classes):
+    """Parameters of Myrtle5 (models.myrtle5_shapes): four 3 x 3 convolutions and a dense layer."""
+    return 9 * in_channels * c + 3 * 9 * c * c + c * classes + 4 * c + classes
+
+
+def cifar_data(settings):
+    """(images, side, channels) of the run's data set."""
+    if settings["data"] == "synthetic":
+        return settings["synthetic_train"] + settings["synthetic_test"], settings["image_size"], 3
+    if settings["data"] == "digits":
+        return DIGITS_IMAGES, DIGITS_SIDE, 1
+    return CIFAR_IMAGES, CIFAR_SIDE, 3
+
+
+def cifar_run(settings):
+    """A run of the Fig. 1 protocol: its images (raw bytes, the normalised copy), the feature
+    maps of a training and an evaluation batch, the weights with their copies, the history."""
+    n, side, C = cifar_data(settings)
+    itemsize = 8 if settings["dtype"] == "float64" else 4
+    images = n * side * side * C * (1 + 2 * itemsize)
+    batch = max(settings["batch"], settings["eval_batch"])
+    activations = ACTIVATION_COPIES * batch * side * side * settings["channels"] * itemsize
+    weights = WEIGHT_COPIES * 8 * myrtle5_weights(settings["channels"], C, 10)
+    return BASE + images + activations + weights + F64 * (settings["epochs"] + 1) * HISTORY_COLUMNS
+
+
+def myrtle5_check(c, in_channels, classes):
+    """run_cifar.py check: the weights in float64 with their copies (the parameters, gradients,
+    R-operator products and differences of every row), and a few images' feature maps."""
+    return BASE + 4 * WEIGHT_COPIES * F64 * myrtle5_weights(c, in_channels, classes)
