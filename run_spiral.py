@@ -91,6 +91,7 @@ from apparatus.storage import (
     versions,
     write_json,
 )
+from apparatus.workers import WORKERS
 from dynloss import LOSSES
 from models import INITS, init_mlp
 from spectra import SLQ_PROBES, SLQ_STEPS
@@ -392,7 +393,8 @@ def check_dynamics(args):
     if problem:
         raise InputError(problem)
     spectra_rows = args.steps // args.hess_every + 2
-    plan["memory"] = memory.tracked(len(plan["seeds"]), args.width, args.steps, args.log_every,
+    M, jobs = len(plan["seeds"]), min(len(plan["seeds"]), WORKERS)  # spiral_sweeps.tracked_units
+    plan["memory"] = memory.tracked(-(-M // jobs), jobs, args.width, args.steps, args.log_every,
                                     spectra_rows, args.top_k, args.ntk_every > 0)  # fmt: skip
     return plan
 
@@ -510,7 +512,8 @@ def check_threshold(args):
         raise InputError(
             f"steps0/eta: {steps:,} steps at eta {min(lrs):g}, more than {MAX_STEPS:,}"
         )
-    need = memory.tracked(len(seeds), max(widths), steps, args.hess_every,
+    jobs = len(widths) * (len(lrs) + 1)  # a job per width and eta, and the static runs
+    need = memory.tracked(len(seeds), jobs, max(widths), steps, args.hess_every,
                           steps // args.hess_every + 2, ntk=False)  # fmt: skip
     return {"widths": widths, "lrs": lrs, "seeds": seeds, "memory": need,
             "what": "the longest run"}  # fmt: skip

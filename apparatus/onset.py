@@ -30,10 +30,10 @@ from tqdm import tqdm
 import spectra
 import stability
 from apparatus import sweeps
+from apparatus.workers import WORKERS, run_jobs
 from beyond.onset import alternating_amplitude
 from dynloss import class_weights
 from fast import mlp_spectra as fast_spectra
-from fast.workers import WORKERS, run_jobs
 from models import flatten, init_mlp, unflatten
 from spiral import D_SPIRAL, K_SPIRAL, TrainSpec, spiral_data, train_reference
 

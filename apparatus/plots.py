@@ -13,6 +13,9 @@ plot_onset_zoom      cascades entered step by step: lambda_max, the period-two m
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no screen
@@ -39,10 +42,20 @@ SYMLOG_LINEAR = 1e-2  # eigenvalues within +- this are drawn on a linear scale (
 
 
 def _save(fig, path, dpi=FIGURE_DPI):
-    """Lay the figure out, write it to ``path`` (PNG) and free it."""
+    """Lay the figure out, write it whole to a temporary file beside ``path`` (PNG), rename it
+    into place (a stop mid-drawing leaves the previous figure, never half of one), free it."""
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def plot_spiral_run(arrays, path, title):

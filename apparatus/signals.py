@@ -10,7 +10,7 @@ between Myrtle5 minibatches, in the worker pool's polling loop (:func:`check` ra
 instead, which the caller stores so that a rerun continues it. ``run_main`` (apparatus/cli.py)
 turns Interrupted into one line and exit 128 + n.
 
-Worker processes (fast/workers.py) set the same flag on SIGTERM, which their parent forwards;
+Worker processes (apparatus/workers.py) set the same flag on SIGTERM, which their parent forwards;
 they ignore SIGINT, which the terminal sends to the whole process group and the parent handles.
 
 Before the heavy imports of a script, :func:`guard_startup` makes a signal end the process at

@@ -23,9 +23,9 @@ from tqdm import tqdm
 import stability
 from apparatus import plots, signals, statistics, sweeps, tracker
 from apparatus.storage import atomic_savez, exact_name, identity, unit_identity
+from apparatus.workers import WORKERS, run_jobs
 from dynloss import accuracy, cross_entropy
 from fast.spiral_trainer import PAUSE_STATE, Paused, train_many
-from fast.workers import WORKERS, run_jobs
 from models import MLP_PARAM_NAMES, init_mlp, mlp_forward
 from spiral import (
     D_SPIRAL,
@@ -319,6 +319,11 @@ def merge_phase(out, val=None):
     A_list, T_list, seeds = cfg["A"], cfg["T"], cfg["seeds"]
     units = phase_units(len(T_list), len(A_list), seeds, cfg["seed_block"])
     done = sweeps.load_units(out, [u[0] for u in units], unit_expect(cfg))
+    done, flagged = flag_nonfinite(done, cfg["steps"])
+    if flagged:
+        print(f"{len(flagged)} unit(s) hold networks whose parameters are not finite but were not "
+              f"marked diverged; counted as diverged at step {cfg['steps']}: "
+              f"{', '.join(flagged[:5])}")  # fmt: skip
     own = cfg.get("val", "uniform")
     if val is not None and val != own:
         done = reevaluate(done, val)
@@ -337,6 +342,27 @@ def merge_phase(out, val=None):
     statistics.print_table(summary)
     print(f"wrote {out}/{stem}.npz and the figure {png}")
     return summary
+
+
+def flag_nonfinite(done, steps):
+    """Networks whose stored parameters are not finite count as diverged (at ``steps`` where no
+    step was recorded) and their metrics as NaN: a NaN network classifies every point as one
+    class, and its chance accuracy is not a result. Returns (units, names of the flagged)."""
+    out, flagged = {}, []
+    for name, arrays in done.items():
+        bad = ~np.all([np.isfinite(arrays[k]).reshape(len(arrays[k]), -1).all(axis=1)
+                       for k in MLP_PARAM_NAMES], axis=0)  # fmt: skip  (n,)
+        unmarked = bad & (arrays["diverged_step"] < 0)
+        if not bad.any():
+            out[name] = arrays
+            continue
+        new = dict(arrays, diverged_step=np.where(unmarked, steps, arrays["diverged_step"]))
+        for f in sweeps.PHASE_FIELDS:
+            new[f] = np.where(bad, np.nan, arrays[f])
+        out[name] = new
+        if unmarked.any():
+            flagged.append(name)
+    return out, flagged
 
 
 def reevaluate(done, val):

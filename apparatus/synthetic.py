@@ -162,16 +162,22 @@ def write_archive(
     members[META_MEMBER] = pickle.dumps(meta, protocol=PICKLE_PROTOCOL)
     members["readme.html"] = b"<html><body>Synthetic CIFAR-10-format data.</body></html>\n"
 
-    with (
-        open(path, "wb") as raw,
-        gzip.GzipFile(filename=ARCHIVE_NAME[:-3], mode="wb", fileobj=raw, mtime=0) as gz,
-        tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar,
-    ):
-        directory = tarfile.TarInfo(FOLDER_NAME)
-        directory.type, directory.mode, directory.mtime = tarfile.DIRTYPE, 0o755, 0
-        tar.addfile(directory)
-        for member, blob in members.items():
-            _tar_add(tar, f"{FOLDER_NAME}/{member}", blob)
+    tmp = f"{path}.tmp-{os.getpid()}"  # written whole, then renamed into place
+    try:
+        with (
+            open(tmp, "wb") as raw,
+            gzip.GzipFile(filename=ARCHIVE_NAME[:-3], mode="wb", fileobj=raw, mtime=0) as gz,
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar,
+        ):
+            directory = tarfile.TarInfo(FOLDER_NAME)
+            directory.type, directory.mode, directory.mtime = tarfile.DIRTYPE, 0o755, 0
+            tar.addfile(directory)
+            for member, blob in members.items():
+                _tar_add(tar, f"{FOLDER_NAME}/{member}", blob)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return file_md5(path)
 
 

@@ -2,7 +2,7 @@
 
 Symbols: M networks trained side by side, N samples, D = 2 inputs, H hidden units, K = 3 classes,
 S logged steps. ``train_block`` trains a block of M networks in one process; ``train_many``
-splits a larger batch into blocks for worker processes (CPU, fast/workers.py) or trains it
+splits a larger batch into blocks for worker processes (CPU, apparatus/workers.py) or trains it
 whole (GPU). Both return what spiral.train_reference returns, and the commands write the same
 files from either (``--reference`` picks the reference).
 
@@ -63,9 +63,9 @@ import numpy as np
 from tqdm import tqdm
 
 from apparatus import signals
+from apparatus.workers import WORKERS, run_jobs
 from dynloss import accuracy, class_weights, cross_entropy, to_host
 from dynloss import diverged as loss_diverged
-from fast.workers import WORKERS, run_jobs
 from models import MLP_PARAM_NAMES
 from spiral import LOG_FIELDS, finish_run, log_steps
 

@@ -21,6 +21,7 @@ TINY_CIFAR = ["--data", "synthetic", "--synthetic-train", "100", "--synthetic-te
 TINY_CIFAR += ["--image-size", "8", "--channels", "2", "--batch", "20", "--epochs", "2", "--quiet"]
 SPIRAL_PHASE = ["--width", "6", "--A", "1,4", "--T", "10", "--seeds", "2", "--steps", "40"]
 SPIRAL_PHASE += ["--quiet"]
+ONSET = ["onset", "--T0", "20", "--periods", "2", "--width", "6", "--seed", "0", "--quiet"][1:]
 
 
 def unwritable_dir():
@@ -45,6 +46,23 @@ def prior(tmp_path_factory):
     cifar_phase = ["phase", *TINY_CIFAR, "--A", "1,3", "--T", "4", "--seeds", "1"]
     assert rc.main([*cifar_phase, "--out", str(root / "cifar-phase")]) == 0
     (root / "a-file").write_text("not a folder\n")
+    good = dict(np.load(root / "spiral-run" / "run.npz"))
+    for name, change in (
+        ("spiral-nan-data", lambda a: a.update(X_train=np.full_like(a["X_train"], np.nan))),
+        (
+            "spiral-zero-width",
+            lambda a: a.update(W1=a["W1"][:, :0], b1=a["b1"][:0], W2=a["W2"][:0]),
+        ),  # fmt: skip
+        ("spiral-complex", lambda a: a.update(W1=a["W1"] + 1j)),
+    ):
+        bad = dict(good)
+        change(bad)
+        (root / name).mkdir()
+        np.savez(root / name / "run.npz", **bad)
+    cifar = dict(np.load(root / "cifar-run" / "run.npz"))
+    cifar["W3"] = np.full_like(cifar["W3"], np.nan)
+    (root / "cifar-nan").mkdir()
+    np.savez(root / "cifar-nan" / "run.npz", **cifar)
     return root
 
 
@@ -180,7 +198,90 @@ BAD = [
     ("cifar", ["merge", "--out", "PRIOR/spiral-phase"]),
     ("cifar", ["merge", "--out", "OUT"]),
     ("cifar", ["bogus-command"]),
+    # onset: every list through the one parser (empty, repeated once normal, unreadable)
+    ("spiral", ["onset", *ONSET, "--betas", ","]),
+    ("spiral", ["onset", *ONSET, "--betas", "10,10.0"]),
+    ("spiral", ["onset", *ONSET, "--betas", "relu,relu"]),
+    ("spiral", ["onset", *ONSET, "--betas", "smooth"]),
+    ("spiral", ["onset", *ONSET, "--betas", "0"]),
+    ("spiral", ["onset", *ONSET, "--betas", "1e9"]),
+    ("spiral", ["onset", *ONSET, "--dtypes", "float64,float64"]),
+    ("spiral", ["onset", *ONSET, "--dtypes", "float16"]),
+    ("spiral", ["onset", *ONSET, "--dtypes", ","]),
+    ("spiral", ["onset", *ONSET, "--noise", "-1"]),
+    ("spiral", ["onset", *ONSET, "--noise", "nan"]),
+    ("spiral", ["onset", *ONSET, "--noise", "1e9"]),
+    ("spiral", ["onset", *ONSET, "--force", "-1e-4"]),
+    ("spiral", ["onset", *ONSET, "--force", "inf"]),
+    ("spiral", ["onset", *ONSET, "--force", "1e-4,0.0001"]),
+    ("spiral", ["onset", *ONSET, "--periods", "100000000"]),  # 3.6 TiB of series
+    ("spiral", ["onset", *ONSET, "--lrs", "1e-300"]),  # T0/lr steps beyond counting
+    ("spiral", ["onset", *ONSET, "--lrs", "0"]),
+    ("spiral", ["onset", *ONSET, "--lrs", "1,1.0"]),
+    ("spiral", ["onset", *ONSET, "--T0", "0"]),
+    ("spiral", ["onset", *ONSET, "--T0", "inf"]),
+    ("spiral", ["onset", *ONSET, "--T0", "1e13"]),
+    ("spiral", ["onset", *ONSET, "--width", "1000000"]),  # its dense Hessians: petabytes
+    ("spiral", ["onset", *ONSET, "--width", "0"]),
+    ("spiral", ["onset", *ONSET, "--seed", "9223372036854775808"]),
+    ("spiral", ["onset", *ONSET, "--seed", "0,1,1"]),
+    ("spiral", ["onset", *ONSET, "--A", "1e308"]),
+    ("spiral", ["onset", *ONSET, "--A", "0.5"]),
+    ("spiral", ["onset", *ONSET, "--out", "PRIOR/spiral-run"]),
+    # numbers the settings files would refuse later: refused now
+    ("spiral", ["train", *TINY_SPIRAL, "--seed", "9223372036854775808"]),
+    ("spiral", ["train", *TINY_SPIRAL, "--seed", "9223372036854775807-9223372036854775808"]),
+    ("spiral", ["train", *TINY_SPIRAL, "--A", "1e308"]),  # Gamma's arithmetic overflows
+    ("spiral", ["train", *TINY_SPIRAL, "--A", "1e10"]),
+    ("spiral", ["train", "--T", "1e13", "--no-stop"]),
+    ("spiral", ["train", *TINY_SPIRAL, "--lr", "1e-300"]),
+    ("spiral", ["train", *TINY_SPIRAL, "--lr", "1e7"]),
+    ("spiral", ["train", "--width", "10000000"]),  # its masks: 48 GB
+    ("spiral", ["train", *TINY_SPIRAL, "--reference", "--width", "10000000"]),
+    ("spiral", ["phase", *SPIRAL_PHASE, "--seed0", "9223372036854775807", "--out", "OUT"]),
+    ("spiral", ["phase", *SPIRAL_PHASE, "--seed0", "9223372036854775808", "--out", "OUT"]),
+    ("spiral", ["phase", *SPIRAL_PHASE, "--A", "1,1e308", "--out", "OUT"]),
+    ("spiral", ["phase", *SPIRAL_PHASE, "--lr", "1e-300", "--out", "OUT"]),
+    ("spiral", ["phase", *SPIRAL_PHASE, "--width", "10000000", "--batch", "64", "--out", "OUT"]),
+    ("spiral", ["dynamics", *TINY_SPIRAL, "--width", "10000000"]),
+    ("spiral", ["dynamics", *TINY_SPIRAL, "--seed", "9223372036854775808"]),
+    ("spiral", ["threshold", "--lrs", "1e-300,1"]),
+    ("spiral", ["threshold", "--lrs", "1,1.0"]),
+    ("spiral", ["threshold", "--seed", "9223372036854775808"]),
+    ("spiral", ["threshold", "--widths", "10000000"]),
+    ("spiral", ["density", *TINY_SPIRAL, "--width", "100000000"]),
+    ("cifar", ["train", *TINY_CIFAR, "--seed", "9223372036854775808"]),
+    ("cifar", ["train", *TINY_CIFAR, "--A", "1e308"]),
+    ("cifar", ["train", *TINY_CIFAR, "--T", "1e13"]),
+    ("cifar", ["train", *TINY_CIFAR, "--channels", "30000", "--batch", "1", "--eval-batch", "1"]),
+    (
+        "cifar",
+        ["phase", *TINY_CIFAR, "--seed0", "9223372036854775807", "--seeds", "2"] + ["--out", "OUT"],
+    ),  # fmt: skip
+    ("cifar", ["phase", *TINY_CIFAR, "--A", "1,1e308", "--out", "OUT"]),
+    # check: the size, the seed, and a run read with --at validated before any row
+    ("spiral", ["check", "--width", "1000000"]),
+    ("spiral", ["check", "--width", "0"]),
+    ("spiral", ["check", "--seed", "-1"]),
+    ("spiral", ["check", "--seed", "9223372036854775808"]),
+    ("spiral", ["check", "--at", "PRIOR/nothing-here"]),
+    ("spiral", ["check", "--at", "PRIOR/a-file"]),
+    ("spiral", ["check", "--at", "PRIOR/spiral-phase"]),  # a sweep, no run.npz
+    ("spiral", ["check", "--at", "PRIOR/spiral-nan-data"]),
+    ("spiral", ["check", "--at", "PRIOR/spiral-zero-width"]),
+    ("spiral", ["check", "--at", "PRIOR/spiral-complex"]),
+    ("spiral", ["check", "--at", "PRIOR/cifar-run"]),  # a Myrtle5 run
+    ("spiral", ["check", "--loss", "hinge"]),
+    ("cifar", ["check", "--width", "1000000"]),
+    ("cifar", ["check", "--width", "0"]),
+    ("cifar", ["check", "--at", "PRIOR/spiral-run"]),  # an MLP run
+    ("cifar", ["check", "--at", "PRIOR/cifar-nan"]),
+    ("cifar", ["check", "--device", "tpu"]),
+    # rule: the folders it reads
+    ("spiral", ["rule", "--every-step", "PRIOR/nothing-here", "--fig5", "PRIOR/spiral-phase"]),
+    ("spiral", ["rule", "--every-step", "PRIOR/spiral-run", "--fig5", "PRIOR/spiral-phase"]),
 ]
+NEW_ROWS = 75  # rows added with the one validation layer (onset, bounds, check --at, rule)
 
 
 def resolve(argv, prior, tmp_path):
@@ -193,13 +294,13 @@ def resolve(argv, prior, tmp_path):
                 pytest.skip("no folder here is closed to writing")
             a = a.replace("UNWRITABLE", bad)
         out.append(a.replace("PRIOR", str(prior)).replace("OUT", str(tmp_path / "fresh")))
-    if "--out" not in argv and argv[0] not in ("merge", "reeval", "bogus-command"):
+    if "--out" not in argv and argv[0] not in ("merge", "reeval", "bogus-command", "check"):
         out += ["--out", str(tmp_path / "fresh")]
     return out
 
 
 def test_the_table_has_at_least_sixty_lines():
-    assert len(BAD) >= 60
+    assert len(BAD) >= 119 + NEW_ROWS  # the table before the layer, and its new rows
 
 
 @pytest.mark.parametrize("script,argv", BAD, ids=[f"{s}-{'_'.join(a)[:60]}" for s, a in BAD])
