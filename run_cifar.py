@@ -39,7 +39,7 @@ import time
 import numpy as np
 
 import cifar
-from apparatus import memory, plots, statistics, sweeps
+from apparatus import memory, plots, signals, statistics, sweeps
 from apparatus.checks import add_cifar_check_command
 from apparatus.cifar_runs import (
     CHECKPOINT_NAME,
@@ -504,4 +504,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    signals.ignore_after_work()  # the work is done: a late signal must not kill the exit
+    sys.exit(code)

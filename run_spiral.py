@@ -46,6 +46,7 @@ from apparatus import (
     onset_analysis,
     plots,
     rule,
+    signals,
     spiral_sweeps,
     statistics,
     sweeps,
@@ -863,4 +864,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    signals.ignore_after_work()  # the work is done: a late signal must not kill the exit
+    sys.exit(code)

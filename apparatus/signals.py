@@ -14,14 +14,15 @@ Worker processes (apparatus/workers.py) set the same flag on SIGTERM, which thei
 they ignore SIGINT, which the terminal sends to the whole process group and the parent handles.
 
 Before the heavy imports of a script, :func:`guard_startup` makes a signal end the process at
-once with one line: there is nothing to store yet.
+once with one line: there is nothing to store yet; after the command, :func:`ignore_after_work`
+keeps the interpreter's exit quiet. Only during Python's own start-up (tens of milliseconds,
+before the interpreter reaches the script's first line) does a signal take its default action.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import sys
 
 SIGNAL_EXIT = 128  # a command ended by signal n exits with 128 + n (130: SIGINT, 143: SIGTERM)
 STOPPING = (signal.SIGINT, signal.SIGTERM)
@@ -100,5 +101,9 @@ def in_worker():
     signal.signal(signal.SIGTERM, note)
 
 
-if sys.platform == "win32":  # pragma: no cover - the project runs on Linux
-    raise ImportError("apparatus.signals needs POSIX signals")
+def ignore_after_work():
+    """Once the command has returned: ignore further stopping signals while the interpreter
+    exits (it would reset Python-level handlers to the default action there, and a signal in
+    that instant would kill the process without a word after the work was done)."""
+    for s in STOPPING:
+        signal.signal(s, signal.SIG_IGN)

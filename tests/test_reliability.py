@@ -359,3 +359,181 @@ def test_two_cifar_phases_at_once_share_the_work(tmp_path):
     if codes[1] != 0:
         assert rc.main(["merge", "--out", str(tmp_path / "c")]) == 0
     assert (tmp_path / "c" / "phase.npz").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The one validation layer: every subcommand of both scripts goes through its check
+# ---------------------------------------------------------------------------------------------
+
+
+def subcommands(parser):
+    """{name: the subparser} of every subcommand of an argparse parser."""
+    action = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return dict(action.choices)
+
+
+@pytest.mark.parametrize("script", ["spiral", "cifar"])
+def test_every_subcommand_passes_through_its_check(script):
+    parser = {"spiral": rs.build_parser, "cifar": rc.build_parser}[script]()
+    commands = subcommands(parser)
+    assert len(commands) >= (10 if script == "spiral" else 4)
+    for name, sub in commands.items():
+        func = sub.get_default("func")
+        assert callable(getattr(func, "check", None)), f"{script} {name} has no check"
+
+
+def test_a_command_without_a_check_does_not_run(tmp_path):
+    from apparatus.cli import Parser, run_main
+
+    ran = []
+    parser = Parser(prog="x")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("bare").set_defaults(func=lambda args, plan=None: ran.append(1))
+    with pytest.raises(RuntimeError, match="has no check"):
+        run_main(parser, ["bare"], "x")
+    assert not ran
+
+
+def test_a_plan_above_the_machine_and_a_memory_error_end_in_one_line(capsys):
+    from apparatus.cli import Parser, command, run_main
+
+    def huge(args):
+        return {"memory": 10**18, "what": "this plan"}
+
+    def fits(args):
+        return {"memory": 1, "what": "this plan"}
+
+    def out_of_memory(args, plan):
+        raise MemoryError
+
+    parser = Parser(prog="x")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("huge").set_defaults(func=command(huge)(lambda args, plan: 0))
+    sub.add_parser("oom").set_defaults(func=command(fits)(out_of_memory))
+    for argv, code, text in ((["huge"], 2, "this plan needs about"), (["oom"], 1, "out of memory")):
+        with pytest.raises(SystemExit) as e:
+            run_main(parser, argv, "x")
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == code and text in err and len(err.splitlines()) == 1, err
+
+
+# ---------------------------------------------------------------------------------------------
+# Locks on the normalised work, stored state read under the lock, the tool's own leftovers
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_same_shard_written_two_ways_is_one_piece_of_work(tmp_path):
+    """--shard 0/1 and --shard 00/01 name the same work: one runs, the other is refused."""
+    argv = [*CONCURRENT[:-1], "--steps", "30000", "--quiet", "--out", str(tmp_path / "s")]
+    run = lambda shard: subprocess.Popen(
+        [sys.executable, str(ROOT / "run_spiral.py"), *argv, "--shard", shard],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    first = run("0/1")
+    deadline = time.time() + SIGNAL_WAIT
+    while not list(tmp_path.glob("s/.lock-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    second = run("00/01")
+    assert second.wait(timeout=120) == 2, second.stderr.read()
+    assert "another process is running this same command" in second.stderr.read()
+    first.kill()
+    first.wait()
+
+
+def test_two_onset_commands_adding_conditions_at_once_both_land(tmp_path):
+    out = tmp_path / "o"
+    run = lambda lr: subprocess.Popen(
+        [sys.executable, str(ROOT / "run_spiral.py"), *ONSET, "--lrs", lr, "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    procs = [run("1"), run("2")]
+    assert [p.wait(timeout=600) for p in procs] == [0, 0], [p.stderr.read() for p in procs]
+    lrs = sorted(c["lr"] for c in json.loads((out / "sweep.json").read_text())["conditions"])
+    assert lrs == [1.0, 2.0]
+
+
+def test_a_folder_holding_only_this_tools_leftovers_is_taken_over(tmp_path, capsys):
+    out = tmp_path / "left"
+    out.mkdir()
+    (out / ".lock").write_text("")
+    (out / ".tmp-abc.json").write_text("{")  # a SIGKILL during the very first write
+    assert rs.main([*PHASE, "--out", str(out)]) == 0
+    assert "taking it over" in capsys.readouterr().out
+    assert (out / "phase.npz").exists()
+
+
+def test_networks_with_non_finite_parameters_are_counted_as_diverged(tmp_path, capsys):
+    out = tmp_path / "p"
+    assert rs.main([*PHASE, "--out", str(out)]) == 0
+    unit = sorted((out / "units").glob("*.npz"))[-1]
+    arrays = dict(np.load(unit))
+    arrays["W1"] = np.full_like(arrays["W1"], np.nan)  # NaN, not marked diverged
+    np.savez(unit, **arrays)
+    capsys.readouterr()
+    for argv in (["merge", "--out", str(out)], ["reeval", "--out", str(out), "--val", "inner"]):
+        assert rs.main(argv) == 0
+        said = capsys.readouterr().out
+        assert "not finite but were not marked diverged" in said and unit.stem in said
+    phase = load(out / "phase.npz")
+    assert (phase["diverged_step"] >= 0).sum() == len(arrays["W1"])
+    assert np.isnan(load(out / "phase-val-inner.npz")["val_acc"]).sum() == len(arrays["W1"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals at random instants: startup, worker pools, writes, figures; never a traceback
+# ---------------------------------------------------------------------------------------------
+
+SCAN_RUNS = {  # commands of a few seconds that pass through imports, workers, npz and figures
+    "train": ("run_spiral.py", ["train", "--width", "30", "--steps", "3000", "--T", "300"]),
+    "phase": (
+        "run_spiral.py",
+        [
+            "phase",
+            "--width",
+            "20",
+            "--A",
+            "1,3",
+            "--T",
+            "50",
+            "--seeds",
+            "4",
+            "--seed-block",
+            "1",
+            "--steps",
+            "2000",
+        ],
+    ),  # fmt: skip
+    "threshold": ("run_spiral.py", THRESHOLD[:-1]),
+    "cifar-train": (
+        "run_cifar.py",
+        ["train", *TINY_CIFAR[:-3], "--epochs", "4", "--A", "3", "--T", "4"],
+    ),  # fmt: skip
+}
+SCAN_INSTANTS = 6  # signal instants per command, uniform over its whole duration (seeded) ...
+SCAN_FROM = 0.25  # ... from this many seconds on: before the interpreter reaches the script's
+# first line (Python's own start-up, tens of milliseconds, longer on a busy machine), a signal
+# takes its default action (apparatus/signals.py)
+SCAN_SEED = 20261208
+
+
+@pytest.mark.parametrize("name", SCAN_RUNS)
+def test_a_signal_at_any_instant_ends_in_one_line_without_a_traceback(tmp_path, name):
+    script, argv = SCAN_RUNS[name]
+    cmd = lambda out: [sys.executable, str(ROOT / script), *argv, "--quiet", "--out", str(out)]
+    t0 = time.time()
+    whole = subprocess.run(cmd(tmp_path / "whole"), capture_output=True, text=True, cwd=ROOT)
+    duration = time.time() - t0
+    assert whole.returncode == 0, whole.stderr
+    rng = np.random.default_rng([SCAN_SEED, len(name)])
+    for k, at in enumerate(rng.uniform(SCAN_FROM, duration, SCAN_INSTANTS)):
+        sig = (signal.SIGTERM, signal.SIGINT)[k % 2]
+        proc = subprocess.Popen(cmd(tmp_path / f"cut-{k}"), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
+        time.sleep(at)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert "Traceback" not in err, f"{name}, {sig.name} at {at:.2f} s: {err}"
+        assert proc.returncode in (0, 128 + sig), f"{name} at {at:.2f} s: {err}"
+        if proc.returncode:
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and f"interrupted by {sig.name}" in lines[0], err
