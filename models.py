@@ -1,12 +1,12 @@
 """The networks of the paper by hand: the one-hidden-layer MLP (Figs. 2-5) and Myrtle5 (Fig. 1).
 
-This module is the reference: layers as pure forward/backward pairs, the two models, their exact
-Hessian-vector products (R-operator), the MLP's Jacobian and the Nesterov step, in plain
-NumPy (the same lines run on CuPy arrays: ``xp`` is picked from the arguments). It imports no
-GPU code. The fast paths live in ``fast/``: the batched spiral trainer (a fused copy of the MLP
-lines below) and the CUDA-backed Myrtle5 layers, which have the signatures of the layers here
-and are handed in as a table (:data:`LAYERS` is the reference table). The loss itself (eqs.
-1-5, its gradient and its curvature) is in dynloss.py.
+This module is the reference: layers as pure forward/backward pairs, the two models built from
+them line by line, their exact Hessian-vector products (R-operator), the MLP's Jacobian and the
+Nesterov step, in plain NumPy (the same lines run on CuPy arrays: ``xp`` is picked from the
+arguments). It imports no GPU code. The fast paths live in ``fast/``: the batched spiral trainer
+(a fused copy of the MLP lines below) and the fused Myrtle5 (fast/myrtle5.py, on NumPy or on our
+CUDA kernels), each tied to this reference by tests. The loss itself (eqs. 1-5, its gradient and
+its curvature) is in dynloss.py.
 
 Symbols
 -------
@@ -109,24 +109,22 @@ out[n,i,j,o] = sum_{a,b,c} xp[n,i+a,j+b,c] W[a,b,c,o], i.e. out = cols @ W.resha
   with the kernel flipped in both spatial axes and its channel axes swapped. That is the col2im
   of dcols = dout @ W^T, computed as im2col + one GEMM instead of nine strided scatter-adds.
 
-The layer table
----------------
-The Myrtle5 functions take ``layers``, a namespace of the layer functions they call; the default
-:data:`LAYERS` holds the functions of this module. fast/layers.py builds the same table with
-CUDA-backed layers of identical signatures (cs231n's ``fast_layers``), so the model below is
-also the model that runs on a GPU, and each fast layer is tested equal to its reference here.
+The fast copy
+-------------
+fast/myrtle5.py runs the same network through a table of layers, with fused ones where this
+module calls two (a convolution and its ReLU, a pool's and a ReLU's backward passes), on NumPy or
+on our CUDA kernels (cs231n's ``fast_layers``); :data:`MYRTLE5` packs this reference the way the
+Fig. 1 protocol takes a network, and tests tie the two together.
 
-A smooth activation (softplus, the control of a kink-free network)
--------------------------------------------------------------------
-sigma(z) = log(1 + exp(beta z)) / beta, sigma'(z) = s = sigmoid(beta z),
-sigma''(z) = beta s (1 - s); beta -> infinity gives ReLU. Everything above holds with m replaced
-by sigma'(z1), and since sigma'' is no longer zero, z is no longer linear in W1a at fixed W2:
-d2 z_nk / dW1a[d,j] dW1a[d',j] = W2_jk sigma''(z1_nj) xa_nd xa_nd'. The network term gains the
-activation-curvature blocks
+A smooth activation (beyond the paper: beyond/smooth.py's softplus)
+--------------------------------------------------------------------
+Everything above holds for any activation sigma with m replaced by sigma'(z1) (``act.slope``).
+Where sigma'' is not zero, z is no longer linear in W1a at fixed W2: d2 z_nk / dW1a[d,j]
+dW1a[d',j] = W2_jk sigma''(z1_nj) xa_nd xa_nd', and the network term gains the blocks
 
     H[W1a[d,j], W1a[d',j]] += B_jdd',   B_jdd' = sum_n dh1_nj sigma''(z1_nj) xa_nd xa_nd',
 
-with dh1 = g W2^T, and the R-operator the line R{dz1} = sigma'(z1) R{dh1} + sigma''(z1) R{z1} dh1.
+with dh1 = g W2^T; the R-operator gains R{dz1} += sigma''(z1) R{z1} dh1 (``act.curvature``).
 
 Derivation: exact Hessian-vector products (the R-operator, forward-over-reverse)
 -------------------------------------------------------------------------------
@@ -136,8 +134,8 @@ and obeys the product rule; R{W_l} = V_l, R{b_l} = v_bl (v unflattened), R{x} = 
 
 - affine, conv3x3 and dense are bilinear in (input a, weight W): R{z} = f(R{a}, W) + f(a, V) + v_b.
 - ReLU: h = 1[z > 0] z with the mask locally constant (away from the kinks, where F is not twice
-  differentiable), so R{h} = 1[z > 0] R{z}: the same product as relu_backward. (Softplus:
-  R{h} = sigma'(z) R{z}, and R{dz} gains sigma''(z) R{z} dh, above.)
+  differentiable), so R{h} = 1[z > 0] R{z}: the same product as relu_backward. (A smooth
+  activation: R{h} = sigma'(z) R{z}, and R{dz} gains sigma''(z) R{z} dh, above.)
 - pools are linear: R{pool(a)} = pool(R{a}).
 - loss: R{dF/dz} = (d^2F/dz^2) R{z}, dynloss.loss_rop (derived there).
 - backward lines: dW = a^T dz gives R{dW} = R{a}^T dz + a^T R{dz}; da = dz W^T (a flipped conv
@@ -151,6 +149,7 @@ the batch loss applied to v (no Gauss-Newton approximation), at about twice the 
 
 from __future__ import annotations
 
+from collections import namedtuple
 from types import SimpleNamespace
 
 import numpy as np
@@ -214,47 +213,17 @@ def relu_backward(dh, cache):
     return dh * (cache > 0)  # dF/dz = dF/dh * 1[z > 0]
 
 
-def softplus_forward(z, beta):
-    """h = log(1 + exp(beta z)) / beta, elementwise: a smooth ReLU (beta -> infinity: ReLU).
-
-    z : any shape;  beta : > 0.  Returns h and the cache (z, beta).
-    """
-    xp = get_array_module(z)
-    return xp.logaddexp(0.0, beta * z) / beta, (z, beta)
+def relu_slope(cache):
+    """ReLU's slope 1[z > 0] from its cache h (the shape of z): the mask of the MLP's Jacobian."""
+    return (cache > 0).astype(cache.dtype)
 
 
-def softplus_backward(dh, cache):
-    """dz = dh * sigma'(z) with sigma'(z) = sigmoid(beta z)."""
-    return dh * hidden_slope(cache)  # dF/dz = dF/dh * sigmoid(beta z)
-
-
-def hidden_slope(cache):
-    """sigma'(z) of the hidden activation from its cache: 1[z > 0] for ReLU (cache h),
-    sigmoid(beta z) for softplus (cache (z, beta)); the shape of z."""
-    if not isinstance(cache, tuple):
-        return (cache > 0).astype(cache.dtype)
-    z, beta = cache
-    xp = get_array_module(z)
-    return 0.5 * (1.0 + xp.tanh(0.5 * beta * z))  # sigmoid(beta z), without overflow
-
-
-def hidden_curvature(cache):
-    """sigma''(z): None for ReLU (zero away from the kink), beta s (1 - s) for softplus, with
-    s = sigmoid(beta z)."""
-    if not isinstance(cache, tuple):
-        return None
-    s = hidden_slope(cache)
-    return cache[1] * s * (1.0 - s)
-
-
-def hidden_forward(z, beta=None):
-    """The hidden activation: ReLU (beta None) or softplus with this beta. Returns (h, cache)."""
-    return relu_forward(z) if beta is None else softplus_forward(z, beta)
-
-
-def hidden_backward(dh, cache):
-    """The backward pass of :func:`hidden_forward`: dz = dh * sigma'(z)."""
-    return softplus_backward(dh, cache) if isinstance(cache, tuple) else relu_backward(dh, cache)
+Activation = namedtuple("Activation", "name forward backward slope curvature")
+Activation.__doc__ = """The hidden activation of the MLP, as four pure functions: forward(z) ->
+(h, cache), backward(dh, cache) -> dz = dh sigma'(z), slope(cache) -> sigma'(z), and
+curvature(cache) -> sigma''(z) (None: zero, as for ReLU away from its kink). The MLP functions
+take one as ``act`` (RELU by default: the paper's); beyond/smooth.py builds the softplus one."""
+RELU = Activation("relu", relu_forward, relu_backward, relu_slope, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,17 +256,17 @@ def init_mlp(seeds, D, H, K, init="standard", dtype=np.float64):
     return {k: np.stack(v).astype(dtype) for k, v in out.items()}
 
 
-def mlp_forward(X, params, beta=None):
+def mlp_forward(X, params, act=RELU):
     """Logits of M MLPs on shared inputs.
 
     X : (N, D);  params : W1 (M, D, H), b1 (M, H), W2 (M, H, K), b2 (M, K)
-    beta : None for ReLU hidden units (the paper's), or softplus with this beta
-    Returns logits (M, N, K) and the cache for :func:`mlp_backward`.
+    act : the hidden activation (:data:`RELU`, the paper's)
+    Returns logits (M, N, K) and the cache for :func:`mlp_backward` (it holds ``act``).
     """
     z1, c1 = affine_forward(X, params["W1"], params["b1"])  # (M, N, H)
-    h1, c2 = hidden_forward(z1, beta)  # (M, N, H)
+    h1, c2 = act.forward(z1)  # (M, N, H)
     logits, c3 = affine_forward(h1, params["W2"], params["b2"])  # (M, N, K)
-    return logits, (c1, c2, c3)
+    return logits, (c1, (act, c2), c3)
 
 
 def mlp_backward(dlogits, cache):
@@ -306,21 +275,21 @@ def mlp_backward(dlogits, cache):
     dlogits : (M, N, K) (dF/dz; any upstream u gives J^T u)
     Returns grads with the shapes of params.
     """
-    c1, c2, c3 = cache
+    c1, (act, c2), c3 = cache
     dh1, dW2, db2 = affine_backward(dlogits, c3)  # (M, N, H), (M, H, K), (M, K)
-    dz1 = hidden_backward(dh1, c2)  # (M, N, H)  dF/dz1 = dF/dh1 * sigma'(z1)
+    dz1 = act.backward(dh1, c2)  # (M, N, H)  dF/dz1 = dF/dh1 * sigma'(z1)
     _, dW1, db1 = affine_backward(dz1, c1)  # (M, D, H), (M, H)
     return {"W1": dW1, "b1": db1, "W2": dW2, "b2": db2}
 
 
-def mlp_loss_and_grads(params, X, y, gamma, loss="ce", beta=None):
+def mlp_loss_and_grads(params, X, y, gamma, loss="ce", act=RELU):
     """Dynamical loss F (eq. 1) of M MLPs and its gradient with respect to every parameter.
 
     X : (N, D);  y : (N,) ints;  gamma : (M, K) class weights at the current step;
-    beta : None (ReLU) or the softplus beta
+    act : the hidden activation (:data:`RELU`)
     Returns F (M,), grads (shapes of params), logits (M, N, K).
     """
-    logits, cache = mlp_forward(X, params, beta)
+    logits, cache = mlp_forward(X, params, act)
     F, lcache = loss_forward(logits, y, gamma, loss)  # (M,)  Eq. (1)
     grads = mlp_backward(loss_backward(lcache), cache)
     return F, grads, logits
@@ -328,9 +297,9 @@ def mlp_loss_and_grads(params, X, y, gamma, loss="ce", beta=None):
 
 def _mlp_rforward(params, cache, V):
     """The R forward pass: R{z1} and R{h1} (M, N, H), R{logits} (M, N, K) for the direction V."""
-    (X, _), c2, (h1, _) = cache
+    (X, _), (act, c2), (h1, _) = cache
     Rz1 = X @ V["W1"] + V["b1"][:, None, :]  # (M, N, H)  R{z1} = X V1 + v_b1  (R{X} = 0)
-    Rh1 = hidden_backward(Rz1, c2)  # R{h1} = sigma'(z1) R{z1}
+    Rh1 = act.backward(Rz1, c2)  # R{h1} = sigma'(z1) R{z1}
     Rlogits = Rh1 @ params["W2"] + h1 @ V["W2"] + V["b2"][:, None, :]  # R{h1} W2 + h1 V2 + v_b2
     return Rz1, Rh1, Rlogits
 
@@ -343,19 +312,19 @@ def mlp_jvp(params, cache, V):
     return _mlp_rforward(params, cache, V)[2]
 
 
-def mlp_hvp_operator(params, X, y, gamma, loss="ce", beta=None):
+def mlp_hvp_operator(params, X, y, gamma, loss="ce", act=RELU):
     """The exact Hessian of F as a function V -> HV by the R-operator (module docstring): the
     forward pass and the loss's pieces are computed once, each call costs about two gradients.
 
-    X : (N, D);  y : (N,);  gamma : (M, K);  beta : None (ReLU) or the softplus beta
+    X : (N, D);  y : (N,);  gamma : (M, K);  act : the hidden activation (:data:`RELU`)
     The function takes V, a dict with the shapes of params, and returns HV = R{dF/dtheta}.
     """
     xp = get_array_module(X)
-    logits, cache = mlp_forward(X, params, beta)
+    logits, cache = mlp_forward(X, params, act)
     _, lcache = loss_forward(logits, y, gamma, loss)
     g = loss_backward(lcache)  # (M, N, K)  dF/dz
-    c1, c2, c3 = cache
-    sigma2 = hidden_curvature(c2)  # sigma''(z1) (M, N, H), None for ReLU
+    c1, (_, c2), c3 = cache
+    sigma2 = act.curvature(c2) if act.curvature else None  # sigma''(z1) (M, N, H); ReLU: 0
     dh1 = g @ xp.swapaxes(params["W2"], -1, -2)  # (M, N, H)  dF/dh1
 
     def hvp(V):
@@ -364,26 +333,26 @@ def mlp_hvp_operator(params, X, y, gamma, loss="ce", beta=None):
         Rdh1, RdW2, Rdb2 = affine_backward(Rg, c3)  # R{g} W2^T, h1^T R{g}, sum R{g}
         RdW2 = RdW2 + xp.swapaxes(Rh1, -1, -2) @ g  # + R{h1}^T g
         Rdh1 = Rdh1 + g @ xp.swapaxes(V["W2"], -1, -2)  # + g V2^T
-        Rdz1 = hidden_backward(Rdh1, c2)  # R{dz1} = sigma'(z1) R{dh1} ...
+        Rdz1 = act.backward(Rdh1, c2)  # R{dz1} = sigma'(z1) R{dh1} ...
         if sigma2 is not None:
-            Rdz1 = Rdz1 + sigma2 * Rz1 * dh1  # ... + sigma''(z1) R{z1} dh1 (softplus)
+            Rdz1 = Rdz1 + sigma2 * Rz1 * dh1  # ... + sigma''(z1) R{z1} dh1 (a smooth act)
         _, RdW1, Rdb1 = affine_backward(Rdz1, c1)  # X^T R{dz1}, sum R{dz1}
         return {"W1": RdW1, "b1": Rdb1, "W2": RdW2, "b2": Rdb2}
 
     return hvp
 
 
-def mlp_hvp(params, X, y, gamma, V, loss="ce", beta=None):
+def mlp_hvp(params, X, y, gamma, V, loss="ce", act=RELU):
     """The exact Hessian of F applied to V (:func:`mlp_hvp_operator`): a dict shaped like V."""
-    return mlp_hvp_operator(params, X, y, gamma, loss, beta)(V)
+    return mlp_hvp_operator(params, X, y, gamma, loss, act)(V)
 
 
-def mlp_jacobian(params, X, beta=None):
+def mlp_jacobian(params, X, act=RELU):
     """The logit Jacobian J = dz/dtheta of M MLPs (module docstring), row n*K + k, columns in
     the order of :func:`flatten`: (M, N*K, P). Dense: N*K*P values per network."""
     xp = get_array_module(X)
-    _, (_, c2, (h1, _)) = mlp_forward(X, params, beta)
-    slope = hidden_slope(c2)  # (M, N, H)  sigma'(z1): the mask 1[z1 > 0] for ReLU
+    _, (_, (_, c2), (h1, _)) = mlp_forward(X, params, act)
+    slope = act.slope(c2)  # (M, N, H)  sigma'(z1): the mask 1[z1 > 0] for ReLU
     W2 = params["W2"]  # (M, H, K)
     M, N, H = h1.shape
     K = W2.shape[2]
@@ -396,14 +365,14 @@ def mlp_jacobian(params, X, beta=None):
     return xp.concatenate(parts, axis=3).reshape(M, N * K, -1)  # (M, N*K, P)
 
 
-def mlp_network_term(params, X, dlogits, beta=None):
+def mlp_network_term(params, X, dlogits, act=RELU):
     """The network's own part of the exact Hessian, sum_{n,k} g_nk d2 z_nk/dtheta2 (module
-    docstring): C_djl in the W1a-W2 blocks and their transpose, and for softplus the
+    docstring): C_djl in the W1a-W2 blocks and their transpose, and for a smooth activation the
     activation-curvature blocks B_j in W1a-W1a. dlogits : g = dF/dz (M, N, K).
     Returns (M, P, P), zero elsewhere."""
     xp = get_array_module(X)
-    _, (_, c2, _) = mlp_forward(X, params, beta)
-    slope = hidden_slope(c2)  # (M, N, H)
+    _, (_, (_, c2), _) = mlp_forward(X, params, act)
+    slope = act.slope(c2)  # (M, N, H)
     M, N, H = slope.shape
     D, K = X.shape[1], dlogits.shape[2]
     xa = xp.concatenate([X, xp.ones((N, 1))], axis=1)  # (N, D+1)  [x, 1]: W1a = [W1; b1]
@@ -415,7 +384,7 @@ def mlp_network_term(params, X, dlogits, beta=None):
     term = xp.zeros((M, P, P))
     term[:, rows, cols] = C.reshape(M, -1)
     term[:, cols, rows] = C.reshape(M, -1)
-    sigma2 = hidden_curvature(c2)  # sigma''(z1) (M, N, H), None for ReLU
+    sigma2 = act.curvature(c2) if act.curvature else None  # sigma''(z1) (M, N, H); ReLU: 0
     if sigma2 is not None:  # B_j[d, d'] = sum_n dh1_nj sigma''_nj xa_nd xa_nd'
         dh1 = dlogits @ xp.swapaxes(params["W2"], -1, -2)  # (M, N, H)
         B = xp.einsum("mnj,nd,ne->mjde", dh1 * sigma2, xa, xa)  # (M, H, D+1, D+1)
@@ -494,17 +463,6 @@ def conv3x3_forward(x, W, b):
     return out, (x, W, cols)
 
 
-def conv3x3_relu_forward(x, W, b):
-    """h = relu(conv3x3(x, W) + b): :func:`conv3x3_forward` then :func:`relu_forward`.
-
-    x : (N, Hx, Wx, C);  W : (3, 3, C, C_out);  b : (C_out,)
-    Returns h (N, Hx, Wx, C_out) and the caches (conv cache, relu cache = h).
-    """
-    z, conv_cache = conv3x3_forward(x, W, b)
-    h, relu_cache = relu_forward(z)
-    return h, (conv_cache, relu_cache)
-
-
 def conv3x3_backward(dout, cache, need_dx=True):
     """Gradients of :func:`conv3x3_forward` (derivation in the module docstring).
 
@@ -514,21 +472,10 @@ def conv3x3_backward(dout, cache, need_dx=True):
     """
     x, W, cols = cache
     dout2 = dout.reshape(-1, W.shape[3])  # (N*Hx*Wx, C_out)
-    db = column_sums(dout2)  # (C_out,)  dF/db = sum_{n,i,j} dout
+    db = dout2.sum(axis=0)  # (C_out,)  dF/db = sum_{n,i,j} dout
     dW = (cols.T @ dout2).reshape(W.shape)  # (3, 3, C, C_out)  dF/dW = cols^T dout
     dx = conv3x3_input_grad(dout, W) if need_dx else None  # (N, Hx, Wx, C)
     return dx, dW, db
-
-
-def relu_conv3x3_backward(dout, relu_cache, conv_cache):
-    """The backward pass of h -> conv3x3(h, W) + b where h = relu(z) is the layer below:
-    :func:`conv3x3_backward` then :func:`relu_backward` on its dx.
-
-    dout : (N, Hx, Wx, C_out);  relu_cache : h (N, Hx, Wx, C);  conv_cache : (h, W, cols)
-    Returns dz (N, Hx, Wx, C), dW (3, 3, C, C_out), db (C_out,).
-    """
-    dh, dW, db = conv3x3_backward(dout, conv_cache)
-    return relu_backward(dh, relu_cache), dW, db  # dF/dz = dF/dh * 1[z > 0]
 
 
 def conv3x3_input_grad(dout, W):
@@ -537,11 +484,6 @@ def conv3x3_input_grad(dout, W):
     xp = get_array_module(W)
     W_flip = xp.ascontiguousarray(W[::-1, ::-1].transpose(0, 1, 3, 2))  # (3, 3, C_out, C)
     return conv3x3_forward(dout, W_flip, None)[0]
-
-
-def column_sums(a):
-    """a (R, C) -> (C,), the sum over rows, as the product ones (R,) @ a (one GEMV)."""
-    return get_array_module(a).ones(a.shape[0], dtype=a.dtype) @ a  # (C,)
 
 
 def avgpool2_forward(x):
@@ -559,19 +501,6 @@ def avgpool2_backward(dout, cache):
     N, Hx, Wx, C = cache
     d6 = (0.25 * dout)[:, :, None, :, None, :]  # (N, Hx/2, 1, Wx/2, 1, C)  dF/dx = dout / 4
     return xp.broadcast_to(d6, (N, Hx // 2, 2, Wx // 2, 2, C)).reshape(cache)  # (N, Hx, Wx, C)
-
-
-def relu_avgpool2_backward(dout, pool_cache, relu_cache):
-    """dz of z -> relu -> avgpool2 in one broadcast product: the same numbers as
-    relu_backward(avgpool2_backward(dout, pool_cache), relu_cache), without writing the upsampled
-    gradient.
-
-    dout : (N, Hx/2, Wx/2, C);  relu_cache : h (N, Hx, Wx, C).  Returns dz (N, Hx, Wx, C).
-    """
-    N, Hx, Wx, C = pool_cache
-    mask = relu_cache.reshape(N, Hx // 2, 2, Wx // 2, 2, C) > 0  # (N, Hx/2, 2, Wx/2, 2, C)
-    dz = mask * (0.25 * dout)[:, :, None, :, None, :]  # dF/dz = 1[z > 0] dout / 4
-    return dz.reshape(pool_cache)  # (N, Hx, Wx, C)
 
 
 def global_avgpool_forward(x):
@@ -597,7 +526,7 @@ def dense_forward(x, W, b):
 def dense_backward(dout, cache):
     """dout (N, Dout) -> dx (N, Din), dW (Din, Dout), db (Dout,)."""
     x, W = cache
-    return dout @ W.T, x.T @ dout, column_sums(dout)  # dF/dx = dout W^T, x^T dout, sum_n dout
+    return dout @ W.T, x.T @ dout, dout.sum(axis=0)  # dF/dx = dout W^T, x^T dout, sum_n dout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,51 +575,55 @@ def _check_image(x):
         )
 
 
-def myrtle5_forward(x, params, layers=None):
-    """Logits of one Myrtle5 network.
+def myrtle5_forward(x, params):
+    """Logits of one Myrtle5 network (module docstring), layer by layer.
 
     x : (N, Hx, Wx, C_in), Hx and Wx multiples of 8;  params : see :func:`init_myrtle5`
-    layers : the layer table (module docstring); None: this module's :data:`LAYERS`
     Returns logits (N, K) and the cache for :func:`myrtle5_backward` (a dict of layer caches).
     """
     _check_image(x)
-    P, L = params, layers or LAYERS
-    h1, (conv1, relu1) = L.conv3x3_relu_forward(x, P["W1"], P["b1"])  # (N, Hx, Wx, c)
-    h2, (conv2, relu2) = L.conv3x3_relu_forward(h1, P["W2"], P["b2"])  # (N, Hx, Wx, c)
-    p2, pool2 = L.avgpool2_forward(h2)  # (N, Hx/2, Wx/2, c)
-    h3, (conv3, relu3) = L.conv3x3_relu_forward(p2, P["W3"], P["b3"])
-    p3, pool3 = L.avgpool2_forward(h3)  # (N, Hx/4, Wx/4, c)
-    h4, (conv4, relu4) = L.conv3x3_relu_forward(p3, P["W4"], P["b4"])
-    q, pool4 = L.global_avgpool_forward(h4)  # (N, c)  pooled features
-    logits, dense5 = L.dense_forward(q, P["W5"], P["b5"])  # (N, K)
+    P = params
+    z1, conv1 = conv3x3_forward(x, P["W1"], P["b1"])  # (N, Hx, Wx, c)
+    h1, relu1 = relu_forward(z1)
+    z2, conv2 = conv3x3_forward(h1, P["W2"], P["b2"])  # (N, Hx, Wx, c)
+    h2, relu2 = relu_forward(z2)
+    p2, pool2 = avgpool2_forward(h2)  # (N, Hx/2, Wx/2, c)
+    z3, conv3 = conv3x3_forward(p2, P["W3"], P["b3"])
+    h3, relu3 = relu_forward(z3)
+    p3, pool3 = avgpool2_forward(h3)  # (N, Hx/4, Wx/4, c)
+    z4, conv4 = conv3x3_forward(p3, P["W4"], P["b4"])
+    h4, relu4 = relu_forward(z4)
+    q, pool4 = global_avgpool_forward(h4)  # (N, c)  pooled features
+    logits, dense5 = dense_forward(q, P["W5"], P["b5"])  # (N, K)
     cache = dict(conv1=conv1, relu1=relu1, conv2=conv2, relu2=relu2, pool2=pool2, conv3=conv3)
     cache.update(relu3=relu3, pool3=pool3, conv4=conv4, relu4=relu4, pool4=pool4, dense5=dense5)
     return logits, cache
 
 
-def _myrtle5_backward(dlogits, cache, L):
+def _myrtle5_backward(dlogits, cache):
     """The backward pass, returning the grads and the pre-activation gradients dz1..dz4."""
     c = cache
-    dq, dW5, db5 = L.dense_backward(dlogits, c["dense5"])  # (N, c)
-    dh4 = L.global_avgpool_backward(dq, c["pool4"])  # (N, Hx/4, Wx/4, c)
-    dz4 = L.relu_backward(dh4, c["relu4"])
-    dp3, dW4, db4 = L.conv3x3_backward(dz4, c["conv4"])
-    dz3 = L.relu_avgpool2_backward(dp3, c["pool3"], c["relu3"])  # (N, Hx/2, Wx/2, c)
-    dp2, dW3, db3 = L.conv3x3_backward(dz3, c["conv3"])
-    dz2 = L.relu_avgpool2_backward(dp2, c["pool2"], c["relu2"])  # (N, Hx, Wx, c)
-    dz1, dW2, db2 = L.relu_conv3x3_backward(dz2, c["relu1"], c["conv2"])  # dz1 = dh1 1[h1 > 0]
-    _, dW1, db1 = L.conv3x3_backward(dz1, c["conv1"], need_dx=False)
+    dq, dW5, db5 = dense_backward(dlogits, c["dense5"])  # (N, c)
+    dh4 = global_avgpool_backward(dq, c["pool4"])  # (N, Hx/4, Wx/4, c)
+    dz4 = relu_backward(dh4, c["relu4"])
+    dp3, dW4, db4 = conv3x3_backward(dz4, c["conv4"])
+    dz3 = relu_backward(avgpool2_backward(dp3, c["pool3"]), c["relu3"])  # (N, Hx/2, Wx/2, c)
+    dp2, dW3, db3 = conv3x3_backward(dz3, c["conv3"])
+    dz2 = relu_backward(avgpool2_backward(dp2, c["pool2"]), c["relu2"])  # (N, Hx, Wx, c)
+    dh1, dW2, db2 = conv3x3_backward(dz2, c["conv2"])
+    dz1 = relu_backward(dh1, c["relu1"])
+    _, dW1, db1 = conv3x3_backward(dz1, c["conv1"], need_dx=False)
     grads = dict(W1=dW1, b1=db1, W2=dW2, b2=db2, W3=dW3, b3=db3, W4=dW4, b4=db4, W5=dW5, b5=db5)
     return grads, dict(dz1=dz1, dz2=dz2, dz3=dz3, dz4=dz4)
 
 
-def myrtle5_backward(dlogits, cache, layers=None):
+def myrtle5_backward(dlogits, cache):
     """Parameter gradients of :func:`myrtle5_forward`, the chain rule in reverse order.
 
-    dlogits : (N, K);  layers : the table the forward pass used (None: :data:`LAYERS`)
-    Returns grads, a dict with the shapes of params (order ``MYRTLE5_PARAM_NAMES``).
+    dlogits : (N, K).  Returns grads, a dict with the shapes of params (order
+    ``MYRTLE5_PARAM_NAMES``).
     """
-    grads, _ = _myrtle5_backward(dlogits, cache, layers or LAYERS)
+    grads, _ = _myrtle5_backward(dlogits, cache)
     return {k: grads[k] for k in MYRTLE5_PARAM_NAMES}
 
 
@@ -704,18 +637,16 @@ def loss_on_batch(logits, y, gamma, loss="ce"):
     return F[0], dlogits
 
 
-def myrtle5_loss_and_grads(params, x, y, gamma, loss="ce", layers=None):
+def myrtle5_loss_and_grads(params, x, y, gamma, loss="ce"):
     """Dynamical loss F (eq. 1, mean over the batch) of one Myrtle5 network and its gradient.
 
     x : (N, Hx, Wx, C_in);  y : (N,) ints;  gamma : (K,) class weights at the current step
-    layers : the layer table (None: :data:`LAYERS`)
     Returns F (a 0-d array on the backend of x: no device-to-host sync), grads (shapes of params),
     logits (N, K).
     """
-    L = layers or LAYERS
-    logits, cache = myrtle5_forward(x, params, L)
-    F, dlogits = L.loss_on_batch(logits, y, gamma, loss)
-    return F, myrtle5_backward(dlogits, cache, L), logits
+    logits, cache = myrtle5_forward(x, params)
+    F, dlogits = loss_on_batch(logits, y, gamma, loss)
+    return F, myrtle5_backward(dlogits, cache), logits
 
 
 def myrtle5_flatten(params):
@@ -735,76 +666,67 @@ def myrtle5_unflatten(theta, like):
 # ---------------------------------------------------------------------------------------------
 
 
-def _conv_rop_backward(dz, Rdz, cache, V, cache_R, L, need_dx=True):
+def _conv_rop_backward(dz, Rdz, cache, V, cache_R, need_dx=True):
     """R of conv3x3_backward: (R{dx} or None, R{dW}, R{db}) from dz = dF/dout and R{dz}.
 
     cache: the forward cache of the input a; cache_R: the cache of a convolution whose input was
     R{a}, or None where R{a} = 0 (the data); V: the direction's kernel (3, 3, C, C_out).
     """
-    Rdx, RdW, Rdb = L.conv3x3_backward(Rdz, cache, need_dx)  # R{dz} * W~, a^T R{dz}, sum R{dz}
+    Rdx, RdW, Rdb = conv3x3_backward(Rdz, cache, need_dx)  # R{dz} * W~, a^T R{dz}, sum R{dz}
     if cache_R is not None:
-        RdW = RdW + L.conv3x3_backward(dz, cache_R, need_dx=False)[1]  # + R{a}^T dz
+        RdW = RdW + conv3x3_backward(dz, cache_R, need_dx=False)[1]  # + R{a}^T dz
     if need_dx:
-        Rdx = Rdx + L.conv3x3_input_grad(dz, V)  # + dz * V~
+        Rdx = Rdx + conv3x3_input_grad(dz, V)  # + dz * V~
     return Rdx, RdW, Rdb
 
 
-def conv3x3_cached_forward(cache, V):
-    """conv3x3 (no bias) of the input a of a cached convolution with another kernel V
-    (3, 3, C, C_out), reusing the cached cols: (N, Hx, Wx, C_out)."""
-    a, _, cols = cache
-    return (cols @ V.reshape(-1, V.shape[3])).reshape(a.shape[:3] + (V.shape[3],))  # cols V
-
-
-def _myrtle5_rop(params, cache, curvature, dlogits, dz, V, L):
+def _myrtle5_rop(params, cache, curvature, dlogits, dz, V):
     """R{grads} for the direction V (a params-shaped dict): the Hessian applied to V."""
     P, c = params, cache
-    # R forward pass: R{z} = conv(R{a}, W) + conv(a, V) + v_b; R{h} = 1[z > 0] R{z}
     conv1, conv2, conv3, conv4 = c["conv1"], c["conv2"], c["conv3"], c["conv4"]
-    Rz1 = L.conv3x3_cached_forward(conv1, V["W1"]) + V["b1"]  # (N, Hx, Wx, c)  R{x} = 0
-    Rh1 = L.relu_backward(Rz1, c["relu1"])
-    Rz2, convR2 = L.conv3x3_forward(Rh1, P["W2"], V["b2"])
-    Rz2 += L.conv3x3_cached_forward(conv2, V["W2"])  # (N, Hx, Wx, c)
-    Rp2, _ = L.avgpool2_forward(L.relu_backward(Rz2, c["relu2"]))  # (N, Hx/2, Wx/2, c)
-    Rz3, convR3 = L.conv3x3_forward(Rp2, P["W3"], V["b3"])
-    Rz3 += L.conv3x3_cached_forward(conv3, V["W3"])
-    Rp3, _ = L.avgpool2_forward(L.relu_backward(Rz3, c["relu3"]))  # (N, Hx/4, Wx/4, c)
-    Rz4, convR4 = L.conv3x3_forward(Rp3, P["W4"], V["b4"])
-    Rz4 += L.conv3x3_cached_forward(conv4, V["W4"])
-    Rq, _ = L.global_avgpool_forward(L.relu_backward(Rz4, c["relu4"]))  # (N, c)
+    # R forward pass: R{z} = conv(R{a}, W) + conv(a, V) + v_b;  R{h} = 1[z > 0] R{z}
+    Rz1 = conv3x3_forward(conv1[0], V["W1"], V["b1"])[0]  # (N, Hx, Wx, c)  R{x} = 0
+    Rh1 = relu_backward(Rz1, c["relu1"])
+    Rz2, convR2 = conv3x3_forward(Rh1, P["W2"], V["b2"])
+    Rz2 += conv3x3_forward(conv2[0], V["W2"], None)[0]  # (N, Hx, Wx, c)
+    Rp2, _ = avgpool2_forward(relu_backward(Rz2, c["relu2"]))  # (N, Hx/2, Wx/2, c)
+    Rz3, convR3 = conv3x3_forward(Rp2, P["W3"], V["b3"])
+    Rz3 += conv3x3_forward(conv3[0], V["W3"], None)[0]
+    Rp3, _ = avgpool2_forward(relu_backward(Rz3, c["relu3"]))  # (N, Hx/4, Wx/4, c)
+    Rz4, convR4 = conv3x3_forward(Rp3, P["W4"], V["b4"])
+    Rz4 += conv3x3_forward(conv4[0], V["W4"], None)[0]
+    Rq, _ = global_avgpool_forward(relu_backward(Rz4, c["relu4"]))  # (N, c)
     q, W5 = c["dense5"]
     Rlogits = Rq @ W5 + q @ V["W5"] + V["b5"]  # (N, K)
     Rdlogits = apply_logit_hessian(curvature, Rlogits[None])[0]  # (N, K)  R{dF/dz}, dynloss
     # R backward pass: R{dW} = R{a}^T dz + a^T R{dz};  R{da} = R{dz} W^T + dz V^T
-    Rdq, RdW5, Rdb5 = L.dense_backward(Rdlogits, c["dense5"])
+    Rdq, RdW5, Rdb5 = dense_backward(Rdlogits, c["dense5"])
     RdW5 = RdW5 + Rq.T @ dlogits  # (c, K)
     Rdq = Rdq + dlogits @ V["W5"].T  # (N, c)
-    Rdz4 = L.relu_backward(L.global_avgpool_backward(Rdq, c["pool4"]), c["relu4"])
-    Rdp3, RdW4, Rdb4 = _conv_rop_backward(dz["dz4"], Rdz4, conv4, V["W4"], convR4, L)
-    Rdz3 = L.relu_avgpool2_backward(Rdp3, c["pool3"], c["relu3"])
-    Rdp2, RdW3, Rdb3 = _conv_rop_backward(dz["dz3"], Rdz3, conv3, V["W3"], convR3, L)
-    Rdz2 = L.relu_avgpool2_backward(Rdp2, c["pool2"], c["relu2"])
-    Rdh1, RdW2, Rdb2 = _conv_rop_backward(dz["dz2"], Rdz2, conv2, V["W2"], convR2, L)
-    Rdz1 = L.relu_backward(Rdh1, c["relu1"])
-    _, RdW1, Rdb1 = _conv_rop_backward(dz["dz1"], Rdz1, conv1, V["W1"], None, L, need_dx=False)
+    Rdz4 = relu_backward(global_avgpool_backward(Rdq, c["pool4"]), c["relu4"])
+    Rdp3, RdW4, Rdb4 = _conv_rop_backward(dz["dz4"], Rdz4, conv4, V["W4"], convR4)
+    Rdz3 = relu_backward(avgpool2_backward(Rdp3, c["pool3"]), c["relu3"])
+    Rdp2, RdW3, Rdb3 = _conv_rop_backward(dz["dz3"], Rdz3, conv3, V["W3"], convR3)
+    Rdz2 = relu_backward(avgpool2_backward(Rdp2, c["pool2"]), c["relu2"])
+    Rdh1, RdW2, Rdb2 = _conv_rop_backward(dz["dz2"], Rdz2, conv2, V["W2"], convR2)
+    Rdz1 = relu_backward(Rdh1, c["relu1"])
+    _, RdW1, Rdb1 = _conv_rop_backward(dz["dz1"], Rdz1, conv1, V["W1"], None, need_dx=False)
     return dict(
         W1=RdW1, b1=Rdb1, W2=RdW2, b2=Rdb2, W3=RdW3, b3=Rdb3, W4=RdW4, b4=Rdb4, W5=RdW5, b5=Rdb5
     )
 
 
-def myrtle5_hvp_operator(params, x, y, gamma, loss="ce", layers=None):
+def myrtle5_hvp_operator(params, x, y, gamma, loss="ce"):
     """The exact Hessian of the batch loss as a function v (P,) -> Hv (P,), for Lanczos.
 
     Runs the forward and backward pass once and keeps them; each call then costs about two
     gradient evaluations. v may be a NumPy array (it is moved to the backend of params); Hv is on
     that backend, in the dtype of params. x : (N, Hx, Wx, C_in); y : (N,); gamma : (K,).
-    layers : the layer table (None: :data:`LAYERS`).
     """
     xp = get_array_module(*params.values())
-    L = layers or LAYERS
-    logits, cache = myrtle5_forward(x, params, L)
-    _, dlogits = L.loss_on_batch(logits, y, gamma, loss)
-    _, dz = _myrtle5_backward(dlogits, cache, L)
+    logits, cache = myrtle5_forward(x, params)
+    _, dlogits = loss_on_batch(logits, y, gamma, loss)
+    _, dz = _myrtle5_backward(dlogits, cache)
     gamma_row = xp.asarray(gamma, dtype=logits.dtype)[None, :]  # (1, K)
     _, lcache = loss_forward(logits[None], xp.asarray(y), gamma_row, loss)
     curvature = logit_curvature(lcache)  # the logit Hessian's pieces, computed once
@@ -812,19 +734,19 @@ def myrtle5_hvp_operator(params, x, y, gamma, loss="ce", layers=None):
 
     def matvec(v):
         V = myrtle5_unflatten(xp.asarray(v, dtype=dtype).reshape(-1), params)
-        Hv = _myrtle5_rop(params, cache, curvature, dlogits, dz, V, L)
+        Hv = _myrtle5_rop(params, cache, curvature, dlogits, dz, V)
         return myrtle5_flatten(Hv)  # (P,)
 
     return matvec
 
 
-def myrtle5_hvp(params, x, y, gamma, v, loss="ce", layers=None):
+def myrtle5_hvp(params, x, y, gamma, v, loss="ce"):
     """Exact Hessian-vector product of the Myrtle5 loss on a batch, by the R-operator.
 
     x : (N, Hx, Wx, C_in);  y : (N,);  gamma : (K,);  v : (P,) in ``myrtle5_flatten`` order
     Returns Hv (P,) = (d^2 F / d theta^2) v (derivation in the module docstring).
     """
-    return myrtle5_hvp_operator(params, x, y, gamma, loss, layers)(v)
+    return myrtle5_hvp_operator(params, x, y, gamma, loss)(v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -853,22 +775,8 @@ def nesterov_step(params, grads, velocity, lr, momentum=NESTEROV_MOMENTUM):
         theta -= lr * (g + momentum * v)  # theta <- theta - lr (g + momentum v)
 
 
-# The reference layer table: every function the Myrtle5 code above calls through ``layers``.
-# fast/layers.py builds a table with the same names and signatures around our CUDA kernels.
-LAYERS = SimpleNamespace(
-    conv3x3_forward=conv3x3_forward,
-    conv3x3_relu_forward=conv3x3_relu_forward,
-    conv3x3_backward=conv3x3_backward,
-    relu_conv3x3_backward=relu_conv3x3_backward,
-    conv3x3_input_grad=conv3x3_input_grad,
-    conv3x3_cached_forward=conv3x3_cached_forward,
-    relu_backward=relu_backward,
-    avgpool2_forward=avgpool2_forward,
-    relu_avgpool2_backward=relu_avgpool2_backward,
-    global_avgpool_forward=global_avgpool_forward,
-    global_avgpool_backward=global_avgpool_backward,
-    dense_forward=dense_forward,
-    dense_backward=dense_backward,
-    loss_on_batch=loss_on_batch,
-    nesterov_step=nesterov_step,
+# The reference network as the Fig. 1 protocol takes it (protocol.train_epoch's ``net``);
+# fast/myrtle5.py packs its fused copy (NumPy, or our CUDA kernels) the same way.
+MYRTLE5 = SimpleNamespace(
+    forward=myrtle5_forward, loss_and_grads=myrtle5_loss_and_grads, nesterov_step=nesterov_step
 )

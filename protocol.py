@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 
 from dynloss import class_weights, get_array_module, loss_forward, per_sample_cross_entropy, to_host
-from models import LAYERS, NESTEROV_MOMENTUM, myrtle5_forward, myrtle5_loss_and_grads
+from models import MYRTLE5, NESTEROV_MOMENTUM
 
 # The Fig. 1 protocol (caption)
 EPOCHS = 700
@@ -103,17 +103,19 @@ def step_lrs(settings, spe, t0, t1):
 # ---------------------------------------------------------------------------------------------
 
 
-def train_epoch(params, velocity, x, y, rng, t0, settings, layers=None, progress=None):
+def train_epoch(params, velocity, x, y, rng, t0, settings, net=None, progress=None):
     """One epoch of the protocol: minibatch steps t0, t0 + 1, ... of Nesterov momentum on the
     dynamical loss, in place on ``params`` and ``velocity`` (dicts on the backend of x).
 
     x : (N, Hx, Wx, C) training images, y : (N,) labels, on the backend of params;
     rng : np.random.Generator of the minibatch order;  settings : the protocol's values;
-    layers : the layer table (None: models.LAYERS);  progress : optional callable(steps).
+    net : the network's implementation: forward, loss_and_grads, nesterov_step (None:
+    models.MYRTLE5, the reference; fast/myrtle5.py packs the fused copies);
+    progress : optional callable(steps).
     Returns loss_sum, correct (0-d arrays: the sum of the steps' F, the correct predictions) and
     the first step's F (the scale of divergence of a run).
     """
-    L = layers or LAYERS
+    net = net or MYRTLE5
     xp = get_array_module(x)
     B, K = settings["batch"], params["b5"].shape[0]
     spe = steps_per_epoch(x.shape[0], B)
@@ -125,9 +127,9 @@ def train_epoch(params, velocity, x, y, rng, t0, settings, layers=None, progress
     loss_sum = correct = xp.zeros((), dtype=np.float64)
     for i in range(spe):
         xb, yb = x[order[i]], y[order[i]]  # (B, Hx, Wx, C), (B,)
-        F, grads, logits = myrtle5_loss_and_grads(params, xb, yb, gammas[i], layers=L)  # Eq. (1)
+        F, grads, logits = net.loss_and_grads(params, xb, yb, gammas[i])  # Eq. (1)
         # float(): a weak Python scalar keeps float32 arithmetic in float32 (NEP 50)
-        L.nesterov_step(params, grads, velocity, float(lrs[i]), settings["momentum"])
+        net.nesterov_step(params, grads, velocity, float(lrs[i]), settings["momentum"])
         if i == 0:
             F_first = F  # the scale of divergence of a run
         loss_sum = loss_sum + F
@@ -137,18 +139,18 @@ def train_epoch(params, velocity, x, y, rng, t0, settings, layers=None, progress
     return loss_sum, correct, F_first
 
 
-def evaluate(params, x, y, gamma, batch, layers=None):
+def evaluate(params, x, y, gamma, batch, net=None):
     """Dynamical loss (eq. 1 with ``gamma``), static cross-entropy and accuracy on (x, y).
 
     x : (N, Hx, Wx, C) and y : (N,) on the backend of params; gamma : (K,); forward passes of
-    ``batch`` images. Returns three floats (one host sync).
+    ``batch`` images; net : as :func:`train_epoch`'s. Returns three floats (one host sync).
     """
     xp = get_array_module(x)
     gamma_row = xp.asarray(gamma, dtype=np.float64)[None]  # (1, K): M = 1 network
     dyn = static = correct = xp.zeros((), dtype=np.float64)
     for s in range(0, x.shape[0], batch):
         yb = y[s : s + batch]  # (n,)
-        logits, _ = myrtle5_forward(x[s : s + batch], params, layers)  # (n, K)
+        logits, _ = (net or MYRTLE5).forward(x[s : s + batch], params)  # (n, K)
         logits64 = logits.astype(np.float64)[None]  # (1, n, K)
         dyn = dyn + loss_forward(logits64, yb, gamma_row)[0][0] * len(yb)  # n F of eq. (1)
         static = static + per_sample_cross_entropy(logits64, yb).sum()  # sum_j CE_j

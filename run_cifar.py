@@ -88,7 +88,7 @@ from apparatus.storage import (
     versions,
     write_json,
 )
-from fast.layers import layers_for
+from fast.myrtle5 import net_for
 from protocol import (
     BATCH,
     CHANNELS,
@@ -175,7 +175,7 @@ def cmd_train(args, plan):
         args.checkpoint_every,
         hess_every=args.hess_every,
         progress=not args.quiet,
-        layers=layers_for(xp),
+        net=net_for(xp),
     )
     arrays = run_arrays(state, info)
     arrays["identity"] = np.array(identity(settings))
@@ -305,7 +305,7 @@ def train_unit(args, cfg, data, xp, units, name, ti, ai, seed):
         args.checkpoint_every,
         progress=not args.quiet,
         say=print,
-        layers=layers_for(xp),
+        net=net_for(xp),
     )
     arrays = {k: np.array([v], dtype=np.float64) for k, v in final_metrics(state).items()}
     arrays["diverged_epoch"] = np.array([state.diverged_epoch], dtype=np.int64)

@@ -49,6 +49,7 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 
 from dynloss import logit_curvature, loss_backward, loss_forward
 from models import (
+    RELU,
     flatten,
     mlp_backward,
     mlp_forward,
@@ -86,21 +87,21 @@ def _one(params):
     return {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
 
 
-def loss_state(params, X, y, gamma, loss="ce", beta=None):
+def loss_state(params, X, y, gamma, loss="ce", act=RELU):
     """The forward pass and the loss's pieces in the logits: (cache, g = dF/dz (1, N, K),
     curvature (w (1, N), s (1, N, K) or None), lcache). X (N, D), y (N,), gamma (K,) class
-    weights; beta : None (ReLU) or the softplus beta."""
-    logits, cache = mlp_forward(np.asarray(X, dtype=np.float64), params, beta)
+    weights; act : the hidden activation (models.RELU)."""
+    logits, cache = mlp_forward(np.asarray(X, dtype=np.float64), params, act)
     gamma = np.asarray(gamma, dtype=np.float64).reshape(1, -1)  # (1, K)
     _, lcache = loss_forward(logits, np.asarray(y), gamma, loss)
     return cache, loss_backward(lcache), logit_curvature(lcache), lcache
 
 
-def logits_jacobian(params, X, beta=None):
+def logits_jacobian(params, X, act=RELU):
     """J = d logits / d theta of one MLP, (N*K, P), row n*K + k (models.mlp_jacobian).
-    X : (N, D);  beta : None (ReLU) or the softplus beta."""
+    X : (N, D);  act : the hidden activation (models.RELU)."""
     one = _one(params)
-    return mlp_jacobian(one, np.asarray(X, dtype=np.float64), beta)[0]
+    return mlp_jacobian(one, np.asarray(X, dtype=np.float64), act)[0]
 
 
 def gn_factor(J, curvature):
@@ -123,30 +124,29 @@ def gauss_newton(J, curvature):
     return V.T @ V  # (P, P)
 
 
-def hessian(params, X, y, gamma, loss="ce", parts=False, beta=None):
+def hessian(params, X, y, gamma, loss="ce", parts=False, act=RELU):
     """The exact Hessian of F (eq. 1, weights gamma (K,)) with respect to theta: (P, P);
     X (N, D), y (N,).
 
     The Gauss-Newton part J^T Hz J plus the network's own term (module docstring); with
-    ``parts`` returns the two (P, P) terms instead of their sum. beta : None (ReLU) or the
-    softplus beta. Dense: P = 6003 at H = 1000 costs a (N*K) x P x P product (seconds) and
-    0.3 GB per matrix.
+    ``parts`` returns the two (P, P) terms instead of their sum; act : the hidden activation.
+    Dense: P = 6003 at H = 1000 costs a (N*K) x P x P product (seconds) and 0.3 GB per matrix.
     """
     one = _one(params)
     X = np.asarray(X, dtype=np.float64)
-    _, g, curvature, _ = loss_state(one, X, y, gamma, loss, beta)
-    gn = gauss_newton(mlp_jacobian(one, X, beta)[0], curvature)
-    network = mlp_network_term(one, X, g, beta)[0]
+    _, g, curvature, _ = loss_state(one, X, y, gamma, loss, act)
+    gn = gauss_newton(mlp_jacobian(one, X, act)[0], curvature)
+    network = mlp_network_term(one, X, g, act)[0]
     return (gn, network) if parts else gn + network
 
 
-def hessian_matvec(params, X, y, gamma, loss="ce", beta=None):
+def hessian_matvec(params, X, y, gamma, loss="ce", act=RELU):
     """The exact HVP v (P,) -> H v (P,), by the R-operator (models.mlp_hvp_operator: the
     forward pass once, about two gradients per product). X (N, D), y (N,), gamma (K,)."""
     one = _one(params)
     X, y = np.asarray(X, dtype=np.float64), np.asarray(y)
     gamma = np.asarray(gamma, dtype=np.float64).reshape(1, -1)  # (1, K)
-    hvp_of = mlp_hvp_operator(one, X, y, gamma, loss, beta)
+    hvp_of = mlp_hvp_operator(one, X, y, gamma, loss, act)
 
     def matvec(v):
         V = unflatten(np.asarray(v, dtype=np.float64).reshape(1, -1), one)
@@ -160,18 +160,18 @@ def n_params(params):
     return sum(a[0].size for a in params.values())
 
 
-def hessian_operator(params, X, y, gamma, loss="ce", beta=None):
+def hessian_operator(params, X, y, gamma, loss="ce", act=RELU):
     """The Hessian of F as a scipy LinearOperator (P, P), float64. X (N, D), y (N,),
     gamma (K,)."""
     P = n_params(params)
-    mv = hessian_matvec(params, X, y, gamma, loss, beta)
+    mv = hessian_matvec(params, X, y, gamma, loss, act)
     return LinearOperator((P, P), matvec=mv, rmatvec=mv, dtype=np.float64)
 
 
-def hvp(params, X, y, gamma, v, loss="ce", beta=None):
+def hvp(params, X, y, gamma, v, loss="ce", act=RELU):
     """Exact Hessian-vector product H v of F (eq. 1, weights gamma (K,)): v (P,) -> (P,).
     X (N, D), y (N,)."""
-    return hessian_matvec(params, X, y, gamma, loss, beta)(v)
+    return hessian_matvec(params, X, y, gamma, loss, act)(v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,16 +284,18 @@ def warm_top_eig(matvec, P, v0=None, tol=EIGSH_TOL, steps=WARM_STEPS, max_restar
         n += len(alpha)
         theta, S = ritz["theta"], ritz["S"]  # of the last step: the test runs at every step
         v = Q @ S[:, -1]  # top Ritz vector (P,)
-        invariant = len(alpha) < min(steps, P) or len(alpha) == P
-        if invariant or beta[-1] * abs(S[-1, -1]) <= tol * abs(theta[-1]):
+        # lanczos stopped before ``steps`` (the test above held, or the Krylov space became
+        # invariant) or it spanned the whole space: theta is the answer
+        stopped = len(alpha) < min(steps, P) or len(alpha) == P
+        if stopped or beta[-1] * abs(S[-1, -1]) <= tol * abs(theta[-1]):
             return theta[-1], v / np.linalg.norm(v), n
     raise RuntimeError(f"warm_top_eig: no convergence in {n} products (tol {tol})")
 
 
-def hessian_top_eigs(params, X, y, gamma, k=1, v0=None, loss="ce", tol=EIGSH_TOL):
+def hessian_top_eigs(params, X, y, gamma, k=1, v0=None, loss="ce", tol=EIGSH_TOL, act=RELU):
     """The k largest Hessian eigenpairs of F for one MLP: vals (k,) descending, vecs (P, k).
     X (N, D), y (N,), gamma (K,)."""
-    op = hessian_operator(params, X, y, gamma, loss)
+    op = hessian_operator(params, X, y, gamma, loss, act)
     return top_eigs(op.matvec, op.shape[0], k=k, v0=v0, tol=tol)
 
 
@@ -302,41 +304,41 @@ def hessian_top_eigs(params, X, y, gamma, k=1, v0=None, loss="ce", tol=EIGSH_TOL
 # ---------------------------------------------------------------------------------------------
 
 
-def ntk(params, X, beta=None):
+def ntk(params, X, act=RELU):
     """The full empirical NTK Theta = J J^T of eq. (11), (N*K, N*K), row/column n*K + k.
-    X : (N, D)."""
-    J = logits_jacobian(params, X, beta)  # (N*K, P)
+    X : (N, D);  act : the hidden activation."""
+    J = logits_jacobian(params, X, act)  # (N*K, P)
     return J @ J.T  # Eq. (11)
 
 
-def ntk_traced(params, X, beta=None):
+def ntk_traced(params, X, act=RELU):
     """The NTK averaged over the K logit blocks, (1/K) sum_k Theta[(n,k), (n',k)]: (N, N);
     X (N, D).
 
     This is the kernel the authors' notebook plotted (on its first 50 points).
     """
     K = params["W2"].shape[2]
-    full = ntk(params, X, beta)  # (N*K, N*K)
+    full = ntk(params, X, act)  # (N*K, N*K)
     N = full.shape[0] // K
     return np.einsum("akbk->ab", full.reshape(N, K, N, K)) / K  # eq. (11), traced over k
 
 
-def weighted_ntk(params, X, y, gamma, loss="ce", beta=None):
+def weighted_ntk(params, X, y, gamma, loss="ce", act=RELU):
     """The loss-weighted NTK V V^T (N*K, N*K), V = Hz^(1/2) J in the factored form of
     :func:`gn_factor`: Theta weighted by the logit curvature and Gamma. Its nonzero eigenvalues
     are those of the Gauss-Newton part V^T V (module docstring). X (N, D), y (N,), gamma (K,)."""
     one = _one(params)
-    _, _, curvature, _ = loss_state(one, X, y, gamma, loss, beta)
-    V = gn_factor(logits_jacobian(one, X, beta), curvature)  # (N*K, P)
+    _, _, curvature, _ = loss_state(one, X, y, gamma, loss, act)
+    V = gn_factor(logits_jacobian(one, X, act), curvature)  # (N*K, P)
     return V @ V.T
 
 
-def ntk_matvec(params, X):
+def ntk_matvec(params, X, act=RELU):
     """The full NTK product u (N*K,) -> J (J^T u) (N*K,), never formed: models.mlp_backward
-    (J^T u) then models.mlp_jvp (J v). X : (N, D)."""
+    (J^T u) then models.mlp_jvp (J v). X : (N, D);  act : the hidden activation."""
     one = _one(params)
     X = np.asarray(X, dtype=np.float64)
-    _, cache = mlp_forward(X, one)
+    _, cache = mlp_forward(X, one, act)
     shape = (1, len(X), one["W2"].shape[2])  # (1, N, K)
 
     def matvec(u):
@@ -346,13 +348,13 @@ def ntk_matvec(params, X):
     return matvec
 
 
-def ntk_traced_matvec(params, X):
+def ntk_traced_matvec(params, X, act=RELU):
     """The traced NTK product u (N,) -> Theta_traced u (N,), never formed: (1/K) sum_k
     J_k (J_k^T u) with J_k the rows of logit k (models.mlp_backward with u in column k, then
-    models.mlp_jvp). X : (N, D)."""
+    models.mlp_jvp). X : (N, D);  act : the hidden activation."""
     one = _one(params)
     X = np.asarray(X, dtype=np.float64)
-    _, cache = mlp_forward(X, one)
+    _, cache = mlp_forward(X, one, act)
     N, K = len(X), one["W2"].shape[2]
 
     def matvec(u):
@@ -366,17 +368,17 @@ def ntk_traced_matvec(params, X):
     return matvec
 
 
-def ntk_operator(params, X):
+def ntk_operator(params, X, act=RELU):
     """The full NTK J J^T as a LinearOperator (N*K, N*K), row n*K + k, never formed; X (N, D)."""
     n = len(X) * params["W2"].shape[2]
-    mv = ntk_matvec(params, X)
+    mv = ntk_matvec(params, X, act)
     return LinearOperator((n, n), matvec=mv, rmatvec=mv, dtype=np.float64)
 
 
-def ntk_top_eig(params, X, v0=None, tol=EIGSH_TOL):
+def ntk_top_eig(params, X, v0=None, tol=EIGSH_TOL, act=RELU):
     """lambda_max of the full NTK and its eigenvector (N*K,), by warm-startable Lanczos;
     X (N, D), v0 (N*K,) or None."""
-    op = ntk_operator(params, X)
+    op = ntk_operator(params, X, act)
     vals, vecs = top_eigs(op.matvec, op.shape[0], k=1, v0=v0, tol=tol)
     return vals[0], vecs[:, 0]
 

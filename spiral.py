@@ -18,7 +18,7 @@ import numpy as np
 
 from dynloss import accuracy, class_weights, cross_entropy
 from dynloss import diverged as loss_diverged
-from models import mlp_forward, mlp_loss_and_grads
+from models import RELU, mlp_forward, mlp_loss_and_grads
 
 K_SPIRAL = 3
 D_SPIRAL = 2  # the spiral's input dimension
@@ -115,7 +115,6 @@ def nearest_neighbour_accuracy(X_train, y_train, X, y):
 # ---------------------------------------------------------------------------------------------
 
 LOG_FIELDS = ("loss", "dloss", "loss_static", "train_acc", "val_acc", "val_loss")
-NOISE_STREAM = 7  # the first word of every perturbation stream's seed
 
 
 @dataclass
@@ -126,10 +125,6 @@ class TrainSpec:
     lr : learning rate eta; steps : number of updates; log_every : logging interval (steps);
     loss : "ce" or "mse"; val_every : the validation set is evaluated at the logged steps that
     are multiples of this (and at the last step); None: at every logged step.
-    Beyond the paper (train_reference only): beta, softplus hidden units with this beta (None:
-    ReLU); dtype, the arithmetic ("float64" or "float32"); noise, an isotropic perturbation of
-    this norm added to each network's parameters after every update, drawn from the stream
-    np.random.default_rng([NOISE_STREAM, noise_seed[m]]) of network m.
     """
 
     A: np.ndarray
@@ -140,14 +135,6 @@ class TrainSpec:
     log_every: int
     loss: str = "ce"
     val_every: int | None = None
-    beta: float | None = None
-    dtype: str = "float64"
-    noise: float = 0.0
-    noise_seed: np.ndarray | None = None
-
-    def is_default(self):
-        """Whether the run is the paper's: ReLU, float64, no perturbation."""
-        return self.beta is None and self.dtype == "float64" and self.noise == 0.0
 
 
 def log_steps(steps, log_every):
@@ -188,41 +175,32 @@ def finish_run(params, steps, gamma, log, diverged, rows):
     return out
 
 
-def perturb(params, size, rngs):
-    """Add to each network m's parameters (in place) a random vector of norm ``size``, isotropic
-    in the P parameters, drawn from rngs[m]."""
-    M = params["W1"].shape[0]
-    for m in range(M):
-        xi = {k: rngs[m].normal(size=v.shape[1:]) for k, v in params.items()}
-        norm = np.sqrt(sum((a**2).sum() for a in xi.values()))
-        for k in params:
-            params[k][m] += (size / norm) * xi[k]
-
-
 # ---------------------------------------------------------------------------------------------
 # The reference training loop
 # ---------------------------------------------------------------------------------------------
 
 
-def train_reference(params, data, spec, on_log=None, progress=None, after_update=None):
+def train_reference(
+    params, data, spec, on_log=None, progress=None, after_update=None, act=RELU, dtype="float64"
+):
     """Full-batch gradient descent on the dynamical loss for M networks, one step at a time.
 
     params : W1 (M, D, H), b1 (M, H), W2 (M, H, K), b2 (M, K) (not modified);
     data : (X (N, D), y (N,), X_val (Nv, D), y_val (Nv,));  spec : :class:`TrainSpec`
     on_log : optional callback(step, params) at every logged step (a copy of the parameters);
-    progress : optional callable(n) counting network-steps;
-    after_update : optional callback(t, params) after update t, which may change the parameters
-    in place (the onset experiment's forcing, apparatus/onset.py).
+    progress : optional callable(n) counting network-steps.
+    Beyond the paper (the onset experiment, apparatus/onset.py): after_update, a callback(t,
+    params) after update t that may change the parameters in place (its perturbations); act,
+    the hidden activation (models.RELU; beyond/smooth.py's softplus); dtype, the arithmetic
+    ("float32" for its control).
     Row s of the log is the state before update steps[s]: F (eq. 1), F(t) - F(t-1), the static
     cross-entropy, the accuracies; the last row (t = steps) is the final state. A network whose
     loss diverges (dynloss.diverged) is marked at that step; training stops once all have.
     Returns :func:`finish_run`'s dict.
     """
-    X, y, Xv, yv = (np.asarray(a, dtype=spec.dtype) if a.dtype.kind == "f" else a for a in data)
-    params = {k: np.array(v, dtype=spec.dtype) for k, v in params.items()}  # our own copies
+    X, y, Xv, yv = (np.asarray(a, dtype=dtype) if a.dtype.kind == "f" else a for a in data)
+    params = {k: np.array(v, dtype=dtype) for k, v in params.items()}  # our own copies
     M, K = params["W2"].shape[0], params["W2"].shape[2]
-    seeds = range(M) if spec.noise_seed is None else spec.noise_seed  # of the perturbations
-    rngs = [np.random.default_rng([NOISE_STREAM, int(s)]) for s in seeds]
     steps = log_steps(spec.steps, spec.log_every)  # (S,)
     log = {f: np.full((len(steps), M), np.nan) for f in LOG_FIELDS}  # (S, M) each
     val_every = spec.val_every or spec.log_every
@@ -231,8 +209,8 @@ def train_reference(params, data, spec, on_log=None, progress=None, after_update
     with np.errstate(all="ignore"):  # a diverging network overflows: it is marked, not fatal
         for t in range(spec.steps + 1):
             gamma = class_weights(t, spec.A, spec.T, K, spec.stop_step)  # (M, K)  Eqs. (2)-(5)
-            gamma = gamma.astype(spec.dtype)
-            F, grads, logits = mlp_loss_and_grads(params, X, y, gamma, spec.loss, spec.beta)  # (1)
+            gamma = gamma.astype(dtype)
+            F, grads, logits = mlp_loss_and_grads(params, X, y, gamma, spec.loss, act)  # Eq. (1)
             if t == 0:
                 F0 = F  # the scale of divergence (dynloss.diverged)
             diverged = np.where((diverged < 0) & loss_diverged(F, F0), t, diverged)
@@ -241,7 +219,7 @@ def train_reference(params, data, spec, on_log=None, progress=None, after_update
                 log["loss_static"][row] = cross_entropy(logits, y)  # Gamma = 1
                 log["train_acc"][row] = accuracy(logits, y)
                 if t % val_every == 0 or t == spec.steps:
-                    logits_val, _ = mlp_forward(Xv, params, spec.beta)  # (M, Nv, K)
+                    logits_val, _ = mlp_forward(Xv, params, act)  # (M, Nv, K)
                     log["val_loss"][row] = cross_entropy(logits_val, yv)
                     log["val_acc"][row] = accuracy(logits_val, yv)
                 if on_log is not None:
@@ -251,8 +229,6 @@ def train_reference(params, data, spec, on_log=None, progress=None, after_update
                 break
             for k in params:
                 params[k] -= spec.lr * grads[k]  # gradient descent: theta <- theta - eta dF/dtheta
-            if spec.noise:
-                perturb(params, spec.noise, rngs)
             if after_update is not None:
                 after_update(t, params)
             F_prev = F

@@ -45,9 +45,11 @@ import spectra
 from apparatus import memory
 from apparatus.cli import COUNT, SEED, InputError, check_memory, checked_backend, command
 from apparatus.sweeps import check_unit
+from beyond.smooth import softplus
 from dynloss import LOSSES, class_weights, loss_backward, loss_forward
 from fast import gpu
 from fast import mlp_spectra as fast_spectra
+from fast import myrtle5 as fused
 from fast.layers import GPU_LAYERS
 from models import INITS, MLP_PARAM_NAMES, MYRTLE5_PARAM_NAMES, flatten, mlp_forward, unflatten
 from spiral import D_SPIRAL, K_SPIRAL, make_spiral_train, spiral_params
@@ -470,12 +472,12 @@ def loss_rows(logits, y, gamma, prob):
 
 def relu_states(cache):
     """The ReLU states 1[z1 > 0] (N, H) of one network from a models.mlp_forward cache (its ReLU
-    cache is h1, positive exactly where z1 is); None for softplus (no kink)."""
-    hidden = cache[1]
-    return None if isinstance(hidden, tuple) else hidden[0] > 0
+    cache is h1, positive exactly where z1 is); None for a smooth activation (no kink)."""
+    act, hidden = cache[1]
+    return hidden[0] > 0 if act is models.RELU else None
 
 
-def mlp_on(prob, keep, beta=None):
+def mlp_on(prob, keep, act=models.RELU):
     """The check's MLP on the samples ``keep``: theta (P,) its parameters in float64, and
 
     loss, grad, logits : theta -> (value, ReLU states), in float64 (what is differenced);
@@ -489,37 +491,37 @@ def mlp_on(prob, keep, beta=None):
     at = lambda theta, template=like64: unflatten(theta[None], template)
 
     def loss(theta):
-        logits, cache = mlp_forward(X64, at(theta), beta)
+        logits, cache = mlp_forward(X64, at(theta), act)
         return loss_forward(logits, y, gamma64, prob.loss)[0][0], relu_states(cache)
 
     def grad(theta):
         params = at(theta)
-        grads = models.mlp_loss_and_grads(params, X64, y, gamma64, prob.loss, beta)[1]
-        states = None if beta is not None else relu_states(mlp_forward(X64, params)[1])
+        grads = models.mlp_loss_and_grads(params, X64, y, gamma64, prob.loss, act)[1]
+        states = relu_states(mlp_forward(X64, params, act)[1])
         return flatten(grads)[0], states
 
     def logits(theta):
-        z, cache = mlp_forward(X64, at(theta), beta)
+        z, cache = mlp_forward(X64, at(theta), act)
         return z.ravel(), relu_states(cache)
 
     def gradient():
-        return flatten(models.mlp_loss_and_grads(like, X, y, gamma, prob.loss, beta)[1])[0]
+        return flatten(models.mlp_loss_and_grads(like, X, y, gamma, prob.loss, act)[1])[0]
 
     def hvp(v):
         V = at(v.astype(prob.dtype), like)
-        return flatten(models.mlp_hvp(like, X, y, gamma, V, prob.loss, beta))[0]
+        return flatten(models.mlp_hvp(like, X, y, gamma, V, prob.loss, act))[0]
 
     return SimpleNamespace(theta=flatten(like64)[0], loss=loss, grad=grad, logits=logits,
                            gradient=gradient, hvp=hvp, params=like64, X=X64, y=y)  # fmt: skip
 
 
-def mlp_along(prob, stream, value, analytic, beta=None):
+def mlp_along(prob, stream, value, analytic, act=models.RELU):
     """build(keep) of an MLP row along DIRECTIONS random unit directions V: ``value`` names the
     function of :func:`mlp_on` that is differenced ("loss" or "grad"); analytic(f, V) gives the
     hand-written derivatives along V (D, ...)."""
 
     def build(keep):
-        f = mlp_on(prob, keep, beta)
+        f = mlp_on(prob, keep, act)
         V = random_directions(f.theta.size, DIRECTIONS, prob.rng(stream))
         return f.theta, V, getattr(f, value), analytic(f, V)
 
@@ -548,20 +550,21 @@ def mlp_rows(prob):
 
 
 def softplus_rows(prob):
-    """The softplus network (models' ``beta``; smooth, no kinks), along random directions: the
+    """The softplus network (beyond/smooth.py; smooth, no kinks), along random directions: the
     gradient against central differences of F, and against central differences of the gradient
     the R-operator with its sigma'' term (both in --dtype) and the dense Hessian with its
-    activation-curvature blocks (spectra.hessian(beta=...), float64)."""
+    activation-curvature blocks (spectra.hessian(act=softplus), float64)."""
     tol, N, beta = FD_RTOL[prob.dtype], len(prob.X), SOFTPLUS_BETA
-    grad = mlp_along(prob, "sp", "loss", lambda f, V: V @ f.gradient(), beta)
-    hvp = mlp_along(prob, "sp", "grad", lambda f, V: np.stack([f.hvp(v) for v in V]), beta)
-    hessian = lambda f: spectra.hessian(f.params, f.X, f.y, prob.gamma, prob.loss, beta=beta)
-    dense = mlp_along(prob, "sp", "grad", lambda f, V: V @ hessian(f), beta)
+    act = softplus(beta)
+    grad = mlp_along(prob, "sp", "loss", lambda f, V: V @ f.gradient(), act)
+    hvp = mlp_along(prob, "sp", "grad", lambda f, V: np.stack([f.hvp(v) for v in V]), act)
+    hessian = lambda f: spectra.hessian(f.params, f.X, f.y, prob.gamma, prob.loss, act=act)
+    dense = mlp_along(prob, "sp", "grad", lambda f, V: V @ hessian(f), act)
     by_F, by_g = "central differences of F", "central differences of the gradient"
     return [
         fd_row("softplus: models.mlp_backward dF/dtheta", by_F, grad, N, tol),
         fd_row("softplus: models.mlp_hvp (sigma'' term)", by_g, hvp, N, tol),
-        fd_row(f"softplus: spectra.hessian(beta={beta:g})", by_g, dense, N, FD_RTOL_F64),
+        fd_row(f"softplus: spectra.hessian (beta {beta:g})", by_g, dense, N, FD_RTOL_F64),
     ]
 
 
@@ -729,7 +732,7 @@ def myrtle5_network_rows(prob):
 def layer_inputs(prob):
     """The network's own arrays on the check batch (host, --dtype): each layer's inputs, random
     upstream gradients of its outputs' shapes (d_*), and what the GPU rows need besides."""
-    P, L = prob.params, models.LAYERS
+    P, L = prob.params, models
     logits, cache = models.myrtle5_forward(prob.X, P)
     z1 = L.conv3x3_forward(prob.X, P["W1"], P["b1"])[0]  # (N, Hx, Wx, c)
     z2 = L.conv3x3_forward(cache["relu1"], P["W2"], P["b2"])[0]
@@ -746,30 +749,30 @@ def layer_inputs(prob):
 def layer_specs(a):
     """(label, arguments (the first one indexed by sample), upstream gradient, forward(**args)
     -> (output, ReLU states or None), backward(dout, **args) -> the gradients in argument
-    order) of every Myrtle5 layer, called through models.LAYERS where the network calls it."""
-    L, relu = models.LAYERS, lambda z: models.relu_forward(z)[0]
+    order) of every Myrtle5 layer of models.py, and of the fused ones of fast/myrtle5.py."""
+    L, F, relu = models, fused, lambda z: models.relu_forward(z)[0]
     conv, dense = L.conv3x3_forward, L.dense_forward
     return [
-        ("LAYERS.conv3x3_backward", dict(x=a["h1"], W=a["W2"], b=a["b2"]), a["d_conv"],
+        ("models.conv3x3_backward", dict(x=a["h1"], W=a["W2"], b=a["b2"]), a["d_conv"],
          lambda x, W, b: (conv(x, W, b)[0], None),
          lambda d, x, W, b: L.conv3x3_backward(d, conv(x, W, b)[1])),
-        ("LAYERS.relu_backward", dict(z=a["z2"]), a["d_conv"],
+        ("models.relu_backward", dict(z=a["z2"]), a["d_conv"],
          lambda z: (relu(z), relu(z) > 0), lambda d, z: [L.relu_backward(d, relu(z))]),
         ("models.avgpool2_backward", dict(x=a["h2"]), a["d_pool"],
          lambda x: (L.avgpool2_forward(x)[0], None),
          lambda d, x: [models.avgpool2_backward(d, x.shape)]),
-        ("LAYERS.relu_avgpool2_backward", dict(z=a["z2"]), a["d_pool"],
-         lambda z: (L.avgpool2_forward(relu(z))[0], relu(z) > 0),
-         lambda d, z: [L.relu_avgpool2_backward(d, z.shape, relu(z))]),
-        ("LAYERS.global_avgpool_backward", dict(x=a["h4"]), a["d_gap"],
+        ("models.global_avgpool_backward", dict(x=a["h4"]), a["d_gap"],
          lambda x: (L.global_avgpool_forward(x)[0], None),
          lambda d, x: [L.global_avgpool_backward(d, x.shape)]),
-        ("LAYERS.dense_backward", dict(x=a["g"], W=a["W5"], b=a["b5"]), a["d_dense"],
+        ("models.dense_backward", dict(x=a["g"], W=a["W5"], b=a["b5"]), a["d_dense"],
          lambda x, W, b: (dense(x, W, b)[0], None),
          lambda d, x, W, b: L.dense_backward(d, dense(x, W, b)[1])),
-        ("LAYERS.relu_conv3x3_backward", dict(z=a["z1"], W=a["W2"], b=a["b2"]), a["d_conv"],
+        ("fast/myrtle5.relu_avgpool2_backward", dict(z=a["z2"]), a["d_pool"],
+         lambda z: (L.avgpool2_forward(relu(z))[0], relu(z) > 0),
+         lambda d, z: [F.relu_avgpool2_backward(d, z.shape, relu(z))]),
+        ("fast/myrtle5.relu_conv3x3_backward", dict(z=a["z1"], W=a["W2"], b=a["b2"]), a["d_conv"],
          lambda z, W, b: (conv(relu(z), W, b)[0], relu(z) > 0),
-         lambda d, z, W, b: L.relu_conv3x3_backward(d, relu(z), conv(relu(z), W, b)[1])),
+         lambda d, z, W, b: F.relu_conv3x3_backward(d, relu(z), conv(relu(z), W, b)[1])),
     ]  # fmt: skip
 
 
@@ -799,7 +802,7 @@ def layer_row(prob, label, args, dout, forward, backward):
 
 
 def nesterov_row(prob, a):
-    """models.nesterov_step (through models.LAYERS) for NESTEROV_STEPS steps against its two
+    """models.nesterov_step for NESTEROV_STEPS steps against its two
     lines written out here, from a random velocity with a random gradient per step."""
     m, flat = models.NESTEROV_MOMENTUM, models.myrtle5_flatten
     params = {k: a[k].copy() for k in MYRTLE5_PARAM_NAMES}
@@ -807,12 +810,12 @@ def nesterov_row(prob, a):
     theta, v = flat(params), flat(velocity)
     for step in range(NESTEROV_STEPS):
         grads = {k: (step + 1) * a["g" + k] for k in MYRTLE5_PARAM_NAMES}
-        models.LAYERS.nesterov_step(params, grads, velocity, NESTEROV_LR)
+        models.nesterov_step(params, grads, velocity, NESTEROV_LR)
         g = flat(grads)
         v = m * v + g  # Nesterov's two lines, deliberately independent of models.nesterov_step
         theta = theta - NESTEROV_LR * (g + m * v)
     error = rel_error([flat(params), flat(velocity)], [theta, v])
-    what = f"LAYERS.nesterov_step, {NESTEROV_STEPS} steps"
+    what = f"models.nesterov_step, {NESTEROV_STEPS} steps"
     return judge(what, "v = m v + g; theta -= lr (g + m v)", error, SAME_RTOL[prob.dtype])
 
 
@@ -844,35 +847,53 @@ def gpu_cases(loss):
 
 
 def gpu_rows(prob, xp):
-    """Each entry of fast/layers.py's GPU_LAYERS that is not the reference itself, run on the
-    backend ``xp`` against models.LAYERS on the host on the same inputs (the network's own
-    arrays), then the whole gradient and Hv through each table."""
+    """Each entry of fast/layers.py's GPU_LAYERS that is not fast/myrtle5.py's NumPy layer
+    itself, run on the backend ``xp`` against CPU_LAYERS on the host on the same inputs (the
+    network's own arrays), then the whole gradient and Hv on the GPU table against the
+    reference (models.py) on the host."""
     tol = GPU_RTOL_F64
     if prob.dtype == "float32":
         tol = GPU_RTOL_TF32 if gpu.config().tf32 else GPU_RTOL_F32
     a, cases, rows = layer_inputs(prob), gpu_cases(prob.loss), []
     fresh = lambda: {k: v.copy() for k, v in a.items()}
-    against = "models.LAYERS on the host"
+    against = "fast/myrtle5.CPU_LAYERS on the host"
     for name, fast in vars(GPU_LAYERS).items():
-        if fast is getattr(models.LAYERS, name):
-            continue  # the reference's own function, shared by both tables
+        if fast is getattr(fused.CPU_LAYERS, name):
+            continue  # the NumPy layer's own function, shared by both tables
         if name not in cases:
             rows.append(Row(f"GPU_LAYERS.{name}", "(no case written)", float("nan"), tol, FAIL))
             continue
         out, ref = (
             cases[name](GPU_LAYERS, dynloss.to_device(fresh(), xp)),
-            cases[name](models.LAYERS, fresh()),
+            cases[name](fused.CPU_LAYERS, fresh()),
         )
         rows.append(judge(f"GPU_LAYERS.{name}", against, rel_error(list(out), list(ref)), tol))
     v = prob.rng("gpu hvp").normal(size=models.myrtle5_flatten(prob.params).size)
-    grads = lambda p, x, y, g, L: models.myrtle5_loss_and_grads(p, x, y, g, prob.loss, L)[1]
-    hvp = lambda p, x, y, g, L: {"Hv": models.myrtle5_hvp(p, x, y, g, v, prob.loss, L)}
+    grads = lambda m, *a, **kw: m.myrtle5_loss_and_grads(*a, prob.loss, **kw)[1]
+    hvp = lambda m, *a, **kw: {"Hv": m.myrtle5_hvp(*a, v, prob.loss, **kw)}
     on_host = (prob.params, prob.X, prob.y, prob.gamma)
     on_device = (dynloss.to_device(prob.params, xp), *(xp.asarray(b) for b in on_host[1:]))
     for what, run in (("myrtle5_loss_and_grads", grads), ("myrtle5_hvp", hvp)):
-        out, ref = run(*on_device, GPU_LAYERS), run(*on_host, models.LAYERS)
+        out, ref = run(fused, *on_device, layers=GPU_LAYERS), run(models, *on_host)
         error = rel_error(list(out.values()), list(ref.values()))
-        rows.append(judge(f"models.{what}, GPU_LAYERS", against, error, tol))
+        rows.append(judge(f"fast/myrtle5.{what}, GPU_LAYERS", "models.py on the host", error, tol))
+    return rows
+
+
+def fused_rows(prob):
+    """fast/myrtle5.py's fused network on NumPy (what the commands run) against the reference:
+    the same numbers in another order (its bias sums are GEMVs)."""
+    v = prob.rng("fused hvp").normal(size=models.myrtle5_flatten(prob.params).size)
+    args = (prob.params, prob.X, prob.y, prob.gamma)
+    flat = models.myrtle5_flatten
+    rows = []
+    for what, f in (
+        ("myrtle5_loss_and_grads", lambda m: flat(m.myrtle5_loss_and_grads(*args, prob.loss)[1])),
+        ("myrtle5_hvp", lambda m: m.myrtle5_hvp(*args, v, prob.loss)),
+    ):
+        error = rel_error(f(fused), f(models))
+        rows.append(judge(f"fast/myrtle5.{what}", "models.py (the reference)", error,
+                          SAME_RTOL[prob.dtype]))  # fmt: skip
     return rows
 
 
@@ -887,9 +908,10 @@ def myrtle5_rows(prob, xp=np):
         ("dynloss.py: the loss in the logits, Gamma(t)", first),
         (f"models.py: the Myrtle5 layers ({prob.dtype})", layers),
         (f"models.py: Myrtle5 ({prob.dtype})", myrtle5_network_rows(prob)),
+        (f"fast/myrtle5.py: the fused copy ({prob.dtype})", fused_rows(prob)),
     ]
     if xp is not np:
-        named.append(("fast/layers.py on the GPU against models.LAYERS", gpu_rows(prob, xp)))
+        named.append(("fast/layers.py on the GPU", gpu_rows(prob, xp)))
     return sections(*named)
 
 
@@ -1014,6 +1036,6 @@ def add_cifar_check_command(sub):
     p.add_argument("--width", "--channels", dest="width", type=COUNT, default=MYRTLE5_WIDTH,
                    help="Myrtle5 width c (--at: the run's)")  # fmt: skip
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
-                   help="gpu: also fast/layers.py's CUDA table against models.LAYERS")  # fmt: skip
+                   help="gpu: also fast/layers.py's CUDA table on the GPU")  # fmt: skip
     add_options(p)
     p.set_defaults(func=cmd_cifar_check)

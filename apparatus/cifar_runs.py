@@ -36,7 +36,6 @@ from models import (
     MYRTLE5_DIVISOR,
     MYRTLE5_PARAM_NAMES,
     init_myrtle5,
-    myrtle5_hvp_operator,
     myrtle5_shapes,
 )
 from protocol import (
@@ -263,9 +262,12 @@ def load_data(settings, path, hess_batch=0):
 def top_hessian_eig(params, x, y, gamma, v0):
     """Top eigenvalue of the Hessian of the dynamical loss on (x, y), float64 on the CPU.
 
-    spectra.top_eigs (eigsh, which='LA') on models.myrtle5_hvp_operator, warm-started from v0
-    (P,) (None: a fixed random start). Returns (lambda_max, eigenvector (P,)).
+    spectra.top_eigs (eigsh, which='LA') on the fused copy of models.myrtle5_hvp_operator
+    (fast/myrtle5.py, NumPy), warm-started from v0 (P,) (None: a fixed random start).
+    Returns (lambda_max, eigenvector (P,)).
     """
+    from fast.myrtle5 import myrtle5_hvp_operator
+
     host = {k: v.astype(np.float64) for k, v in to_host(params).items()}
     matvec = myrtle5_hvp_operator(host, x, y, gamma)
     P = sum(v.size for v in host.values())
@@ -390,7 +392,7 @@ def load_checkpoint(path, settings, K, C, spe, xp):
     return state
 
 
-def _log_row(state, settings, data, dev, spe, hess_every, layers):
+def _log_row(state, settings, data, dev, spe, hess_every, net):
     """Fill history row e = state.epoch: the state before update t = e * steps_per_epoch."""
     e, t, E = state.epoch, state.step, settings["epochs"]
     K = data["K"]
@@ -401,13 +403,13 @@ def _log_row(state, settings, data, dev, spe, hess_every, layers):
     with np.errstate(all="ignore"):
         if e == E or (every > 0 and e % every == 0):
             dyn, static, acc = evaluate(
-                state.params, dev["x_train"], dev["y_train"], gamma, settings["eval_batch"], layers
+                state.params, dev["x_train"], dev["y_train"], gamma, settings["eval_batch"], net
             )
             state.hist["train_loss"][e] = dyn
             state.hist["train_loss_static"][e] = static
             state.hist["train_acc"][e] = acc
         _, test_loss, test_acc = evaluate(
-            state.params, dev["x_test"], dev["y_test"], gamma, settings["eval_batch"], layers
+            state.params, dev["x_test"], dev["y_test"], gamma, settings["eval_batch"], net
         )
     state.hist["test_loss"][e], state.hist["test_acc"][e] = test_loss, test_acc
     if hess_every and e % hess_every == 0 and state.diverged_epoch < 0:
@@ -431,7 +433,7 @@ def _minibatch_progress(bar):
     return step
 
 
-def _train_epoch(state, settings, dev, layers, bar):
+def _train_epoch(state, settings, dev, net, bar):
     """protocol.train_epoch on the run's state; records the epoch's mean minibatch loss and
     accuracy and the first loss of the run. Returns False when the loss has diverged."""
     B, t0 = settings["batch"], state.step
@@ -445,7 +447,7 @@ def _train_epoch(state, settings, dev, layers, bar):
             state.rng,
             t0,
             settings,
-            layers,
+            net,
             _minibatch_progress(bar),
         )
     if state.step == 0:
@@ -459,12 +461,12 @@ def _train_epoch(state, settings, dev, layers, bar):
 
 
 def train_run(
-    settings, data, xp, work, checkpoint_every, hess_every=0, progress=True, say=print, layers=None
+    settings, data, xp, work, checkpoint_every, hess_every=0, progress=True, say=print, net=None
 ):
     """Train one Myrtle5 network; checkpoint into ``work`` and resume from it.
 
     settings : from :func:`resolve_settings` plus A, T, seed;  data : from :func:`load_data`;
-    layers : the Myrtle5 layer table (None: models.LAYERS; fast/layers.py's on a GPU).
+    net : the network's implementation (None: models.MYRTLE5; fast/myrtle5.net_for: fused).
     Returns (state, info) with the finished :class:`_State` (history complete) and a dict of
     steps_per_epoch, stop_step, resumed_from (epoch or None) and seconds.
     """
@@ -481,7 +483,7 @@ def train_run(
         say(f"resuming from {ckpt} at epoch {state.epoch} of {E}")
     else:
         state = _fresh_state(settings, K, data["C"], xp)
-        _log_row(state, settings, data, dev, spe, hess_every, layers)
+        _log_row(state, settings, data, dev, spe, hess_every, net)
     bar = tqdm(
         total=E * spe,
         initial=state.step,
@@ -492,10 +494,10 @@ def train_run(
         leave=False,
     )
     while state.epoch < E and state.diverged_epoch < 0:
-        finite = _train_epoch(state, settings, dev, layers, bar)
+        finite = _train_epoch(state, settings, dev, net, bar)
         if not finite:  # diverged: not finite, or far above the first minibatch's loss
             state.diverged_epoch = state.epoch
-        _log_row(state, settings, data, dev, spe, hess_every, layers)
+        _log_row(state, settings, data, dev, spe, hess_every, net)
         bar.set_postfix(test_acc=f"{state.hist['test_acc'][state.epoch]:.3f}", refresh=False)
         stop = signals.requested()
         if state.epoch % checkpoint_every == 0 or state.epoch == E or not finite or stop:

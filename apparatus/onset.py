@@ -32,9 +32,10 @@ import stability
 from apparatus import sweeps
 from apparatus.workers import WORKERS, run_jobs
 from beyond.onset import alternating_amplitude
+from beyond.smooth import activation
 from dynloss import class_weights
 from fast import mlp_spectra as fast_spectra
-from models import flatten, init_mlp, unflatten
+from models import RELU, flatten, init_mlp, unflatten
 from spiral import D_SPIRAL, K_SPIRAL, TrainSpec, spiral_data, train_reference
 
 ONSET_TOL = 1e-5  # Lanczos residual / |lambda| at every step: within 1e-5 of an eigenvalue, and
@@ -68,15 +69,16 @@ def top_eigenvalue(matrix):
 class OnsetTracker:
     """The per-step measurements of network ``net`` of a run (module docstring): an ``on_log``
     callback of spiral.train_reference with log_every = 1. X (N, D), y (N,); spec: the run's
-    TrainSpec (A, T, stop_step, lr, loss, beta); force: the size f of a period-two forcing
-    f (-1)^t v added along the top eigenvector v after every update t (:meth:`force_step`, an
-    after_update callback; 0: none)."""
+    TrainSpec (A, T, stop_step, lr, loss); act: the network's activation (models.RELU, or
+    beyond/smooth.py's softplus); force: the size f of a period-two forcing f (-1)^t v added
+    along the top eigenvector v after every update t (:meth:`force_step`, an after_update
+    callback; 0: none)."""
 
-    def __init__(self, X, y, spec, net=0, force=0.0):
+    def __init__(self, X, y, spec, net=0, force=0.0, act=RELU):
         self.X, self.y, self.net = np.asarray(X, dtype=np.float64), np.asarray(y), net
         pick = lambda a: float(np.atleast_1d(a)[net])
         self.A, self.T, self.stop = pick(spec.A), pick(spec.T), pick(spec.stop_step)
-        self.lr, self.loss, self.beta = spec.lr, spec.loss, spec.beta
+        self.lr, self.loss, self.act = spec.lr, spec.loss, act
         self.series = {f: np.full(spec.steps + 1, np.nan) for f in SERIES}
         self.events = []  # (step, kind, lam_dense, lam_gn, lam_wntk, lam_ntk)
         self.verified, self.replaced = 0, 0
@@ -111,7 +113,7 @@ class OnsetTracker:
         lam, vec, n = spectra.warm_top_eig(matvec, P, v0=v0, tol=ONSET_TOL)
         if self._vec is None or step % VERIFY_EVERY == 0:
             args = (one, self.X, self.y, self._gamma(step), self.loss)
-            dense, dense_vec = top_eigenvalue(spectra.hessian(*args, beta=self.beta))
+            dense, dense_vec = top_eigenvalue(spectra.hessian(*args, act=self.act))
             self.verified += 1
             if abs(lam - dense) > VERIFY_RTOL * abs(dense):
                 self.replaced += 1
@@ -126,10 +128,10 @@ class OnsetTracker:
         if len(self.events) >= MAX_EVENTS:
             return
         args = (one, self.X, self.y, self._gamma(step), self.loss)
-        gn, network = spectra.hessian(*args, parts=True, beta=self.beta)
+        gn, network = spectra.hessian(*args, parts=True, act=self.act)
         row = (top_eigenvalue(gn + network)[0], top_eigenvalue(gn)[0])
-        row += (top_eigenvalue(spectra.weighted_ntk(*args, beta=self.beta))[0],)
-        row += (top_eigenvalue(spectra.ntk(one, self.X, beta=self.beta))[0],)
+        row += (top_eigenvalue(spectra.weighted_ntk(*args, act=self.act))[0],)
+        row += (top_eigenvalue(spectra.ntk(one, self.X, act=self.act))[0],)
         self.events.append((step, EVENT_KINDS.index(kind), *row))
 
     def __call__(self, step, params):
@@ -137,13 +139,13 @@ class OnsetTracker:
             k: np.asarray(a[self.net : self.net + 1], dtype=np.float64) for k, a in params.items()
         }
         s = self.series
-        if self.beta is None:  # ReLU: the fused products of fast/mlp_spectra.py, into buffers
+        if self.act is RELU:  # ReLU: the fused products of fast/mlp_spectra.py, into buffers
             if self._work is None:
                 shape = (len(self.X), one["W1"].shape[2])  # (N, H) buffers, reused
                 self._work = {"h1": np.empty(shape), "mask": np.empty(shape)}
             state = fast_spectra.net_state(one, self.X, work=self._work)
         else:  # softplus: the same products with its slope and curvature
-            state = fast_spectra.net_state(one, self.X, beta=self.beta)
+            state = fast_spectra.net_state(one, self.X, act=self.act)
         logits = state["logits"][None]  # (1, N, K)
         signs = state["mask"] > 0.5  # (N, H)  z1 > 0 (the mask is 1[z1 > 0], or sigmoid(beta z1))
         theta = flatten(one)[0]  # (P,)
@@ -265,27 +267,47 @@ def onset_spec(cfg, c, seeds):
     return TrainSpec(
         A=full(cfg["A"]), T=full(c["T"]), stop_step=full(c["steps"] + 1), lr=c["lr"],
         steps=c["steps"], log_every=1, loss=cfg["loss"], val_every=c["steps"],
-        beta=c["beta"], dtype=c["dtype"], noise=c["noise"], noise_seed=np.array(seeds),
     )  # fmt: skip
 
 
-def track_onsets(params0, data, spec, force=0.0, xp=np, progress=None):
-    """Train with spiral.train_reference (on the CPU: ``xp`` is NumPy), one OnsetTracker per
-    network, each forcing its network by ``force`` (OnsetTracker): (result, [arrays])."""
+NOISE_STREAM = 7  # the first word of every perturbation stream's seed
+
+
+def perturb(params, size, rngs):
+    """Add to each network m's parameters (in place) a random vector of norm ``size``, isotropic
+    in the P parameters, drawn from rngs[m]. params : W1 (M, D, H), ..."""
+    M = params["W1"].shape[0]
+    for m in range(M):
+        xi = {k: rngs[m].normal(size=v.shape[1:]) for k, v in params.items()}
+        norm = np.sqrt(sum((a**2).sum() for a in xi.values()))
+        for k in params:
+            params[k][m] += (size / norm) * xi[k]
+
+
+def track_onsets(params0, data, spec, c, seeds, xp=np, progress=None):
+    """Train the networks ``seeds`` of condition ``c`` with spiral.train_reference (on the CPU:
+    ``xp`` is NumPy) in its arithmetic (c["dtype"]) and activation (c["beta"]: None is ReLU),
+    one OnsetTracker per network; after every update, each network's perturbation of norm
+    c["noise"] (from np.random.default_rng([NOISE_STREAM, seed])) and its forcing c["force"].
+    Returns (result, [arrays])."""
+    act = activation(c["beta"])
     M = len(params0["W1"])
-    trackers = [OnsetTracker(data[0], data[1], spec, net=m, force=force) for m in range(M)]
+    trackers = [OnsetTracker(data[0], data[1], spec, m, c["force"], act) for m in range(M)]
+    rngs = [np.random.default_rng([NOISE_STREAM, int(s)]) for s in seeds]
 
     def on_log(step, params):
         for tracker in trackers:
             tracker(step, params)
 
     def after_update(t, params):
+        if c["noise"]:
+            perturb(params, c["noise"], rngs)
         for tracker in trackers:
             tracker.force_step(t, params)
 
-    kick = after_update if force else None
+    kick = after_update if c["noise"] or c["force"] else None
     with threadpool_limits(limits=1):
-        res = train_reference(params0, data, spec, on_log, progress, after_update=kick)
+        res = train_reference(params0, data, spec, on_log, progress, kick, act, c["dtype"])
     return res, [t.arrays() for t in trackers]
 
 
@@ -305,7 +327,7 @@ def run_onset(out, cfg, units, progress=True, workers=WORKERS):
             part = group[j : j + size]
             seeds = [u[2] for u in part]
             params0 = init_mlp(seeds, D=D_SPIRAL, H=cfg["width"], K=K_SPIRAL, init=cfg["init"])
-            jobs.append((params0, data, onset_spec(cfg, conds[i], seeds), conds[i]["force"]))
+            jobs.append((params0, data, onset_spec(cfg, conds[i], seeds), conds[i], seeds))
             members.append(part)
     total = sum(len(m) * j[2].steps for m, j in zip(members, jobs, strict=True))
     bar = tqdm(total=total, unit="net-step", unit_scale=True, disable=not progress, mininterval=1)

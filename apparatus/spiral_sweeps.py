@@ -350,8 +350,13 @@ def flag_nonfinite(done, steps):
     class, and its chance accuracy is not a result. Returns (units, names of the flagged)."""
     out, flagged = {}, []
     for name, arrays in done.items():
-        bad = ~np.all([np.isfinite(arrays[k]).reshape(len(arrays[k]), -1).all(axis=1)
-                       for k in MLP_PARAM_NAMES], axis=0)  # fmt: skip  (n,)
+        bad = ~np.all(
+            [
+                np.isfinite(arrays[k]).reshape(len(arrays[k]), -1).all(axis=1)
+                for k in MLP_PARAM_NAMES
+            ],
+            axis=0,
+        )  # fmt: skip  (n,)
         unmarked = bad & (arrays["diverged_step"] < 0)
         if not bad.any():
             out[name] = arrays

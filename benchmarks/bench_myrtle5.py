@@ -37,14 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dynloss import class_weights, to_device  # noqa: E402
 from fast import gpu  # noqa: E402
-from fast.layers import GPU_LAYERS as L  # noqa: E402  (the reference's layers on NumPy arrays)
+from fast import myrtle5 as fused  # noqa: E402
+from fast.layers import GPU_LAYERS as L  # noqa: E402  (fast/myrtle5.py's layers on NumPy arrays)
 from machine import cpu_name  # noqa: E402
 from models import (  # noqa: E402
     avgpool2_backward,
     init_myrtle5,
     myrtle5_forward,
-    myrtle5_hvp_operator,
-    myrtle5_loss_and_grads,
     relu_backward,
     relu_forward,
 )
@@ -78,7 +77,7 @@ def our_step_fn(xp, batch, c, side, dtype, channels=3):
     x, y, gamma = make_batch(xp, batch, side, dtype, channels=channels)
 
     def step():
-        _, grads, _ = myrtle5_loss_and_grads(params, x, y, gamma, layers=L)
+        _, grads, _ = fused.myrtle5_loss_and_grads(params, x, y, gamma, layers=L)
         L.nesterov_step(params, grads, velocity, LR)
 
     return step
@@ -154,7 +153,7 @@ def profile_cupy(cupy, args):
     dp = cupy.ascontiguousarray(dout[:, :16, :16])
     params2 = {k: p.copy() for k, p in params.items()}
     velocity = {k: cupy.zeros_like(p) for k, p in params.items()}
-    hvp = myrtle5_hvp_operator(params, x, y, gamma, layers=L)
+    hvp = fused.myrtle5_hvp_operator(params, x, y, gamma, layers=L)
     v = cupy.asarray(rng.normal(size=sum(p.size for p in params.values())).astype(np.float32))
     _, cache = L.conv3x3_forward(h, W, b)
     pieces = {
@@ -174,7 +173,7 @@ def profile_cupy(cupy, args):
         "conv1 fwd (C_in = 3)": lambda: L.conv3x3_forward(x, params["W1"], params["b1"]),
         "conv1 dW (K = 27)": lambda: cols1.T @ dout2,
         "Myrtle5 forward": lambda: myrtle5_forward(x, params, L),
-        "Myrtle5 loss+grads": lambda: myrtle5_loss_and_grads(params, x, y, gamma, layers=L),
+        "Myrtle5 loss+grads": lambda: fused.myrtle5_loss_and_grads(params, x, y, gamma, layers=L),
         "Myrtle5 HVP (cached forward/backward)": lambda: hvp(v),
         "nesterov_step (10 arrays)": lambda: L.nesterov_step(params, params2, velocity, LR),
     }

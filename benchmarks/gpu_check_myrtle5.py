@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dynloss import class_weights, to_device, to_host  # noqa: E402
+from fast import myrtle5 as fused  # noqa: E402
 from fast.layers import GPU_LAYERS as L  # noqa: E402
 from models import (  # noqa: E402
     init_myrtle5,
@@ -90,8 +91,8 @@ def run_checks(cupy):
         Hv = myrtle5_hvp(params, x, y, gamma, v)
         p_gpu = to_device(params, cupy)
         x_gpu, y_gpu, g_gpu = cupy.asarray(x), cupy.asarray(y), cupy.asarray(gamma)
-        F2, grads2, logits2 = myrtle5_loss_and_grads(p_gpu, x_gpu, y_gpu, g_gpu, layers=L)
-        Hv2 = myrtle5_hvp(p_gpu, x_gpu, y_gpu, g_gpu, cupy.asarray(v), layers=L)
+        F2, grads2, logits2 = fused.myrtle5_loss_and_grads(p_gpu, x_gpu, y_gpu, g_gpu, layers=L)
+        Hv2 = fused.myrtle5_hvp(p_gpu, x_gpu, y_gpu, g_gpu, cupy.asarray(v), layers=L)
         results.append((f"float64 logits {tag}", rel(logits2, logits), F64_RTOL))
         results.append((f"float64 loss {tag}", rel(F2, F), F64_RTOL))
         results.append(
@@ -112,7 +113,7 @@ def run_checks(cupy):
         )
 
         p32 = {k: cupy.asarray(p, dtype=cupy.float32) for k, p in params.items()}
-        F3, grads3, _ = myrtle5_loss_and_grads(
+        F3, grads3, _ = fused.myrtle5_loss_and_grads(
             p32, cupy.asarray(x, dtype=cupy.float32), y_gpu, g_gpu, layers=L
         )
         _, grads_ref, _ = myrtle5_loss_and_grads(params, x, y, gamma)  # at the stepped weights
@@ -123,7 +124,7 @@ def run_checks(cupy):
         err32 = rel(myrtle5_flatten(grads3), myrtle5_flatten(grads_ref))
         label = f"{'TF32' if tf32 else 'float32'} grads vs float64 {tag}"
         results.append((label, err32, TF32_RTOL if tf32 else F32_RTOL))
-        Hv3 = myrtle5_hvp(p32, cupy.asarray(x, dtype=cupy.float32), y_gpu, g_gpu, v, layers=L)
+        Hv3 = fused.myrtle5_hvp(p32, cupy.asarray(x, dtype=cupy.float32), y_gpu, g_gpu, v, layers=L)
         label = f"{'TF32' if tf32 else 'float32'} HVP vs float64 {tag}"
         results.append((label, rel(Hv3, Hv_ref), TF32_RTOL if tf32 else F32_HVP_RTOL))
     return results

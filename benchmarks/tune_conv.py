@@ -64,6 +64,7 @@ def main(argv=None):
 
     from dynloss import to_device
     from fast import gpu
+    from fast import myrtle5 as fused
     from fast.layers import GPU_LAYERS
     from models import init_myrtle5, myrtle5_loss_and_grads
 
@@ -75,7 +76,7 @@ def main(argv=None):
     x32 = cupy.asarray(x64.astype(np.float32))
 
     def check():
-        _, g, _ = myrtle5_loss_and_grads(params32, x32, y, gamma, layers=GPU_LAYERS)
+        _, g, _ = fused.myrtle5_loss_and_grads(params32, x32, y, gamma, layers=GPU_LAYERS)
         return max(float(np.abs(g[k].get() - ref[k]).max() / np.abs(ref[k]).max()) for k in ref)
 
     start, end = cupy.cuda.Event(), cupy.cuda.Event()

@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from dynloss import apply_logit_hessian, logit_curvature, loss_backward, loss_forward
-from models import hidden_curvature, hidden_slope, mlp_forward
+from models import RELU, mlp_forward
 
 
 def single_net(params):
@@ -47,7 +47,7 @@ def single_net(params):
     return W1a, W2, b2
 
 
-def net_state(params, X, work=None, beta=None):
+def net_state(params, X, work=None, act=RELU):
     """Forward pass of one MLP, kept for Jacobians, HVPs and NTKs.
 
     X : (N, D) inputs
@@ -55,9 +55,9 @@ def net_state(params, X, work=None, beta=None):
         buffers "h1" and "mask": the same pass written into them as xa W1a (the tracker's hot
         path, where fresh (N, H) arrays at every call cost as much as the products, in page
         faults); tests/test_spectra.py ties the two to 1e-12.
-    beta : None (ReLU), or softplus hidden units with this beta: then "mask" holds the slope
-        sigma'(z1) and "sigma2" the curvature sigma''(z1) (models.hidden_slope and
-        hidden_curvature), and ``work`` is not used.
+    act : the hidden activation (models.RELU); another one (beyond/smooth.py's softplus): then
+        "mask" holds the slope sigma'(z1) and "sigma2" the curvature sigma''(z1) (act.slope and
+        act.curvature), and ``work`` is not used.
     Returns a dict: xa (N, D+1) inputs with a ones column, mask (N, H) float 1[z1 > 0] (the
     slope sigma'(z1)), sigma2 (N, H) or None, h1 (N, H), logits (N, K), W1a (D+1, H), W2 (H, K),
     b2 (K,).
@@ -65,15 +65,16 @@ def net_state(params, X, work=None, beta=None):
     W1a, W2, b2 = single_net(params)
     X = np.asarray(X, dtype=np.float64)
     xa = np.concatenate([X, np.ones((len(X), 1))], axis=1)  # (N, D+1)
-    if beta is not None:  # softplus: the reference forward pass, its slope and curvature
+    if act is not RELU:  # a smooth activation: the reference forward pass, slope and curvature
         one = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
-        logits, (_, c2, (h1, _)) = mlp_forward(X, one, beta)
-        mask, sigma2 = hidden_slope(c2)[0], hidden_curvature(c2)[0]  # (N, H), (N, H)
+        logits, (_, (_, c2), (h1, _)) = mlp_forward(X, one, act)
+        mask = act.slope(c2)[0]  # (N, H)
+        sigma2 = act.curvature(c2)[0] if act.curvature else None  # (N, H)
         return {"xa": xa, "mask": mask, "sigma2": sigma2, "h1": h1[0], "logits": logits[0],
                 "W1a": W1a, "W2": W2, "b2": b2}  # fmt: skip
     if work is None:
         one = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
-        logits, (_, h1, _) = mlp_forward(X, one)  # (1, N, K); the ReLU cache is h1 (1, N, H)
+        logits, (_, (_, h1), _) = mlp_forward(X, one)  # (1, N, K); ReLU's cache is h1 (1, N, H)
         h1, logits = h1[0], logits[0]  # (N, H), (N, K)
         mask = (h1 > 0).astype(np.float64)  # (N, H)  1[z1 > 0]
     else:

@@ -267,11 +267,6 @@ def train_block(params, data, spec, xp=np, on_log=None, progress=None, should_pa
     GAMMA_CHUNK steps) and its later rows are NaN; when every network of the block has
     diverged, training stops.
     """
-    if not spec.is_default():
-        raise ValueError(
-            "the fast trainer runs the paper's setting (ReLU, float64, no noise): train "
-            "softplus, float32 or perturbed runs with spiral.train_reference"
-        )
     X, y, Xv, yv = data
     M, D, H = params["W1"].shape
     K = params["W2"].shape[2]

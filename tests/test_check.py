@@ -23,15 +23,17 @@ SPIRAL_ROWS = [  # every derivative the issue names, as the table spells it
     "spectra.ntk Theta", "spectra.ntk_traced", "spectra.hessian H (dense)",
     "spectra.hessian(parts=True) Gauss-Newton", "spectra.hessian_top_eigs lambda_max",
     "spectra.warm_top_eig lambda_max", "softplus: models.mlp_backward",
-    "softplus: models.mlp_hvp", "softplus: spectra.hessian(beta=",
+    "softplus: models.mlp_hvp", "softplus: spectra.hessian (beta",
     "fast.mlp_spectra.hessian_matvec", "fast.mlp_spectra.ntk_matvec",
     "fast.mlp_spectra.ntk_traced_matvec",
 ]  # fmt: skip
 MYRTLE5_ROWS = [
-    "LAYERS.conv3x3_backward", "LAYERS.relu_backward", "models.avgpool2_backward",
-    "LAYERS.relu_avgpool2_backward", "LAYERS.global_avgpool_backward", "LAYERS.dense_backward",
-    "LAYERS.relu_conv3x3_backward", "LAYERS.nesterov_step", "models.myrtle5_backward",
-    "models.myrtle5_hvp", "dynloss.loss_backward dF/dz (ce)", "dynloss.class_weights Gamma(t)",
+    "models.conv3x3_backward", "models.relu_backward", "models.avgpool2_backward",
+    "models.global_avgpool_backward", "models.dense_backward",
+    "fast/myrtle5.relu_avgpool2_backward", "fast/myrtle5.relu_conv3x3_backward",
+    "models.nesterov_step", "models.myrtle5_backward", "models.myrtle5_hvp",
+    "fast/myrtle5.myrtle5_loss_and_grads", "fast/myrtle5.myrtle5_hvp",
+    "dynloss.loss_backward dF/dz (ce)", "dynloss.class_weights Gamma(t)",
 ]  # fmt: skip
 SMALL = ["--width", "12"]  # a narrow MLP where a test needs no more
 
@@ -114,15 +116,16 @@ def test_a_sign_flipped_db_fails_on_the_bias_rows_only(monkeypatch, capsys):
 
 
 def test_a_sign_flipped_myrtle5_layer_fails_on_its_row(monkeypatch, capsys):
-    reference = models.LAYERS.relu_avgpool2_backward
-    flipped = lambda dout, pool_cache, relu_cache: -reference(dout, pool_cache, relu_cache)
-    monkeypatch.setattr(models.LAYERS, "relu_avgpool2_backward", flipped)
+    reference = models.avgpool2_backward
+    flipped = lambda dout, cache: -reference(dout, cache)
+    monkeypatch.setattr(models, "avgpool2_backward", flipped)
     code, table, _ = run_check(checks.add_cifar_check_command, [], capsys)
     assert code == 1
-    assert status(table, "LAYERS.relu_avgpool2_backward") == checks.FAIL
-    assert status(table, "models.myrtle5_backward") == checks.FAIL  # the network uses it
-    for name in set(MYRTLE5_ROWS) - {"LAYERS.relu_avgpool2_backward", "models.myrtle5_backward",
-                                     "models.myrtle5_hvp"}:  # fmt: skip
+    failing = {"models.avgpool2_backward", "models.myrtle5_backward", "models.myrtle5_hvp",
+               "fast/myrtle5.myrtle5_loss_and_grads", "fast/myrtle5.myrtle5_hvp"}  # fmt: skip
+    for name in failing - {"models.myrtle5_hvp", "fast/myrtle5.myrtle5_hvp"}:
+        assert status(table, name) == checks.FAIL, name  # the layer, and the network using it
+    for name in set(MYRTLE5_ROWS) - failing:
         assert status(table, name) == checks.PASS, name
 
 
@@ -234,11 +237,12 @@ def test_device_gpu_without_cupy_is_refused_in_one_line(capsys):
 
 
 def test_gpu_rows_cover_every_fast_entry():
-    """The GPU rows name every entry of fast/layers.py's table that differs from models.LAYERS
-    (on NumPy arrays that table falls back to the reference, so only the coverage is tested
+    """The GPU rows name every entry of fast/layers.py's table that differs from fast/myrtle5.py's
+    NumPy layers (on NumPy arrays that table falls back to them, so only the coverage is tested
     here; the kernels themselves: tests/test_igemm.py)."""
     rows = checks.gpu_rows(checks.myrtle5_problem(width=2), np)
-    fast = {k for k, f in vars(checks.GPU_LAYERS).items() if f is not getattr(models.LAYERS, k)}
+    cpu = checks.fused.CPU_LAYERS
+    fast = {k for k, f in vars(checks.GPU_LAYERS).items() if f is not getattr(cpu, k)}
     assert {r.what.removeprefix("GPU_LAYERS.") for r in rows} >= fast
 
 

@@ -21,16 +21,10 @@ import pytest
 from dynloss import class_weights, loss_backward, loss_forward, to_device
 from fast import gpu
 from fast.layers import GPU_LAYERS
-from models import (
-    avgpool2_forward,
-    conv3x3_backward,
-    conv3x3_forward,
-    im2col3x3,
-    init_myrtle5,
-    myrtle5_loss_and_grads,
-    relu_avgpool2_backward,
-    relu_conv3x3_backward,
-)
+from fast.myrtle5 import conv3x3_backward, relu_avgpool2_backward, relu_conv3x3_backward
+from fast.myrtle5 import myrtle5_loss_and_grads as fused_loss_and_grads
+from models import avgpool2_forward, conv3x3_forward, im2col3x3, init_myrtle5
+from models import myrtle5_loss_and_grads as reference_loss_and_grads
 
 HERE = Path(__file__).resolve().parent
 ACC_RTOL = 1e-5  # float32 accumulation over 9C = 576 terms, relative to the largest output
@@ -320,10 +314,10 @@ def test_gpu_tf32_myrtle5_gradients_match_float64(cupy_tf32):
     x = rng.normal(size=(8, 16, 16, 3))
     y = rng.integers(0, 10, size=8)
     gamma = class_weights(13, 20.0, 10, 10)
-    F, grads, _ = myrtle5_loss_and_grads(params, x, y, gamma)
+    F, grads, _ = reference_loss_and_grads(params, x, y, gamma)
     p32 = to_device({k: v.astype(np.float32) for k, v in params.items()}, cupy_tf32)
     x32 = cupy_tf32.asarray(x, np.float32)
-    F32, g32, _ = myrtle5_loss_and_grads(p32, x32, y, gamma, layers=GPU_LAYERS)
+    F32, g32, _ = fused_loss_and_grads(p32, x32, y, gamma, layers=GPU_LAYERS)
     assert abs(float(F32) - F) < TF32_STEP_RTOL * abs(F)
     for k in grads:
         assert rel_err((g32[k]), grads[k]) < TF32_STEP_RTOL, k
@@ -354,7 +348,7 @@ def test_channels_must_fit_the_active_tiles():
 def test_empty_batch_is_refused():
     params = init_myrtle5(0, c=4)
     with pytest.raises(ValueError, match="non-empty"):
-        myrtle5_loss_and_grads(params, np.zeros((0, 8, 8, 3)), np.zeros(0, int), np.ones(10))
+        reference_loss_and_grads(params, np.zeros((0, 8, 8, 3)), np.zeros(0, int), np.ones(10))
 
 
 def test_conv_method_switch_and_its_errors(monkeypatch):

@@ -1,26 +1,31 @@
 """Myrtle5: layers and the loss against central differences, the exact HVP, Lanczos, shapes.
 
 Every check runs in float64 on tiny images (8x8, c = 2-4, N = 2-3). Backend-parametrized tests
-run on NumPy and, where CuPy finds a GPU, on CuPy (marked ``gpu``), each through both layer
-tables: the reference (models.LAYERS, xp-generic) and the fast one (fast/layers.py: our CUDA
-kernels on CuPy, the reference on NumPy). The central differences are always taken on the host
-in NumPy, so every case checks its layers against the same reference.
+run on NumPy and, where CuPy finds a GPU, on CuPy (marked ``gpu``), each through three
+implementations: the reference (models.py's plain layers, xp-generic), the fused copy on its
+NumPy table (fast/myrtle5.py) and on fast/layers.py's table (our CUDA kernels on CuPy, the NumPy
+table otherwise). The central differences are always taken on the host in NumPy, so every case
+checks its layers against the same reference; a plain loop over output pixels is the oracle of
+the im2col convolution.
 """
 
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from scipy.sparse.linalg import LinearOperator, eigsh
 
+import models
 import spectra
 from dynloss import class_weights, to_device
 from fast import gpu
+from fast import myrtle5 as fused
 from fast.layers import GPU_LAYERS
 from models import (
-    LAYERS,
     MYRTLE5_PARAM_NAMES,
     avgpool2_backward,
     avgpool2_forward,
@@ -69,10 +74,28 @@ def xp(request):
     return cupy
 
 
-@pytest.fixture(params=["reference", "fast"])
+@pytest.fixture(params=["reference", "fused", "gpu table"])
 def L(request):
-    """The layer table under test: models.LAYERS, or fast/layers.py's GPU_LAYERS."""
-    return LAYERS if request.param == "reference" else GPU_LAYERS
+    """The layers under test: models.py's plain ones (the module), fast/myrtle5.py's NumPy table,
+    or fast/layers.py's table."""
+    return {"reference": models, "fused": fused.CPU_LAYERS, "gpu table": GPU_LAYERS}[request.param]
+
+
+@pytest.fixture(params=["fused", "gpu table"])
+def F(request):
+    """The fused tables only (their fused layers have no plain counterpart of the same name)."""
+    return fused.CPU_LAYERS if request.param == "fused" else GPU_LAYERS
+
+
+def net_of(L):
+    """The network on the layers L: models.py itself, or fast/myrtle5.py on the table L."""
+    if L is models:
+        return models
+    return SimpleNamespace(
+        myrtle5_loss_and_grads=partial(fused.myrtle5_loss_and_grads, layers=L),
+        myrtle5_hvp=partial(fused.myrtle5_hvp, layers=L),
+        nesterov_step=L.nesterov_step,
+    )
 
 
 def host(a):
@@ -199,14 +222,40 @@ def test_conv3x3_value_and_gradients(xp, L, shape):
     none, dW2, _ = L.conv3x3_backward(xp.asarray(dout), cache, need_dx=False)
     assert none is None and rel_err(dW2, dW) == 0.0
     assert rel_err(L.conv3x3_input_grad(xp.asarray(dout), xp.asarray(W)), dx) < 1e-13
+
+
+def test_the_im2col_convolution_equals_a_loop_over_output_pixels():
+    """The oracle of the im2col convolution: one output pixel at a time, nine taps each."""
+    rng = np.random.default_rng(21)
+    x, W, b = rng.normal(size=(2, 5, 4, 3)), rng.normal(size=(3, 3, 3, 2)), rng.normal(size=2)
+    N, Hx, Wx, C = x.shape
+    xpad = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    loop = np.empty((N, Hx, Wx, W.shape[3]))
+    for n in range(N):
+        for i in range(Hx):
+            for j in range(Wx):
+                for o in range(W.shape[3]):
+                    patch = xpad[n, i : i + 3, j : j + 3, :]  # (3, 3, C) around pixel (i, j)
+                    loop[n, i, j, o] = np.sum(patch * W[:, :, :, o]) + b[o]
+    assert rel_err(conv3x3_forward(x, W, b)[0], loop) < 1e-14
+
+
+def test_fused_conv_layers_equal_their_plain_compositions(xp, F):
+    rng = np.random.default_rng(22)
+    x, W, b = rng.normal(size=(2, 8, 8, 3)), rng.normal(size=(3, 3, 3, 4)), rng.normal(size=4)
+    dout = rng.normal(size=(2, 8, 8, 4))
+    z, cache = F.conv3x3_forward(xp.asarray(x), xp.asarray(W), xp.asarray(b))
+    h, (_, relu_cache) = F.conv3x3_relu_forward(xp.asarray(x), xp.asarray(W), xp.asarray(b))
+    assert rel_err(h, relu_forward(conv3x3_forward(x, W, b)[0])[0]) < 1e-13
     V = rng.normal(size=W.shape)  # the R-operator's conv of the cached input with another kernel
-    assert rel_err(L.conv3x3_cached_forward(cache, xp.asarray(V)), conv_reference(x, V, 0)) < 1e-13
+    assert rel_err(F.conv3x3_cached_forward(cache, xp.asarray(V)), conv_reference(x, V, 0)) < 1e-13
     # relu -> conv backward: the input gradient times the ReLU's mask of the layer below
-    h = np.maximum(x, 0.0)
-    _, hcache = L.conv3x3_forward(xp.asarray(h), xp.asarray(W), xp.asarray(b))
-    dz, dWh, _ = L.relu_conv3x3_backward(xp.asarray(dout), xp.asarray(h), hcache)
-    dh, dWr, _ = conv3x3_backward(dout, conv3x3_forward(h, W, b)[1])
-    assert rel_err(dz, relu_backward(dh, h)) < 1e-13 and rel_err(dWh, dWr) < 1e-13
+    hx = np.maximum(x, 0.0)
+    _, hcache = F.conv3x3_forward(xp.asarray(hx), xp.asarray(W), xp.asarray(b))
+    dz, dWh, dbh = F.relu_conv3x3_backward(xp.asarray(dout), xp.asarray(hx), hcache)
+    dh, dWr, dbr = conv3x3_backward(dout, conv3x3_forward(hx, W, b)[1])
+    assert rel_err(dz, relu_backward(dh, hx)) < 1e-13 and rel_err(dWh, dWr) < 1e-13
+    assert rel_err(dbh, dbr) < 1e-13  # a GEMV against a sum: the same numbers, another order
 
 
 def test_pools_and_dense_gradients(xp, L):
@@ -232,12 +281,12 @@ def test_pools_and_dense_gradients(xp, L):
         assert fd_check(f, arr, analytic, rng) < GRAD_RTOL
 
 
-def test_fused_relu_pool_backward_equals_the_composition(xp, L):
+def test_fused_relu_pool_backward_equals_the_composition(xp, F):
     rng = np.random.default_rng(14)
     h, _ = relu_forward(xp.asarray(rng.normal(size=(2, 8, 6, 3))))
     dp = xp.asarray(rng.normal(size=(2, 4, 3, 3)))
-    fused = L.relu_avgpool2_backward(dp, h.shape, h)
-    assert rel_err(fused, relu_backward(avgpool2_backward(dp, h.shape), h)) == 0.0
+    one_pass = F.relu_avgpool2_backward(dp, h.shape, h)
+    assert rel_err(one_pass, relu_backward(avgpool2_backward(dp, h.shape), h)) == 0.0
 
 
 def test_global_pool_is_three_2x2_pools_at_8x8():
@@ -258,8 +307,8 @@ def test_global_pool_is_three_2x2_pools_at_8x8():
 def test_myrtle5_loss_gradient_matches_central_differences(xp, L, loss):
     params, x, y, gamma = tiny_problem(seed=4)
     assert min_abs_preactivation(params, x) > KINK
-    F, grads, logits = myrtle5_loss_and_grads(
-        to_device(params, xp), xp.asarray(x), xp.asarray(y), xp.asarray(gamma), loss, layers=L
+    F, grads, logits = net_of(L).myrtle5_loss_and_grads(
+        to_device(params, xp), xp.asarray(x), xp.asarray(y), xp.asarray(gamma), loss
     )
     assert logits.shape == (3, 10) and F.shape == ()
     rng = np.random.default_rng(5)
@@ -276,7 +325,7 @@ def test_hvp_matches_central_differences_of_the_gradient(xp, L, loss):
     theta = myrtle5_flatten(params)
     v = np.random.default_rng(7).normal(size=theta.shape)
     dev = to_device(params, xp)
-    Hv = myrtle5_hvp(dev, xp.asarray(x), xp.asarray(y), xp.asarray(gamma), xp.asarray(v), loss, L)
+    Hv = net_of(L).myrtle5_hvp(dev, *(xp.asarray(a) for a in (x, y, gamma, v)), loss)
     g = lambda t: grad_vector(myrtle5_unflatten(t, params), x, y, gamma, loss)
     fd = (g(theta + FD_STEP * v) - g(theta - FD_STEP * v)) / (2 * FD_STEP)
     assert Hv.shape == theta.shape
@@ -356,8 +405,8 @@ def test_float32_stays_float32(xp, L):
     """The GPU trains in float32: a float64 gamma must not promote logits, loss or grads."""
     params, x, y, gamma = tiny_problem(seed=10)
     p32 = to_device({k: v.astype(np.float32) for k, v in params.items()}, xp)
-    F, grads, logits = myrtle5_loss_and_grads(
-        p32, xp.asarray(x, dtype=np.float32), xp.asarray(y), gamma, layers=L
+    F, grads, logits = net_of(L).myrtle5_loss_and_grads(
+        p32, xp.asarray(x, dtype=np.float32), xp.asarray(y), gamma
     )
     assert logits.dtype == np.float32 and F.dtype == np.float32
     assert all(grads[k].dtype == np.float32 for k in MYRTLE5_PARAM_NAMES)
@@ -395,12 +444,12 @@ def test_nesterov_step_is_pytorchs_recursion(xp, L):
     for g in gs:
         buf = g.copy() if buf is None else m * buf + g
         expected -= lr * (g + m * buf)
-        L.nesterov_step(params, {"W": xp.asarray(g)}, velocity, lr, momentum=m)
+        net_of(L).nesterov_step(params, {"W": xp.asarray(g)}, velocity, lr, momentum=m)
     assert params["W"] is W_before  # updated in place
     assert rel_err(params["W"], expected) < 1e-14
     assert rel_err(velocity["W"], buf) < 1e-14
     theta, v = xp.asarray(p0.copy()), xp.zeros((2, 3))
-    L.nesterov_step(theta, xp.asarray(gs[0]), v, lr, momentum=m)  # plain arrays work too
+    net_of(L).nesterov_step(theta, xp.asarray(gs[0]), v, lr, momentum=m)  # plain arrays work too
     assert rel_err(theta, p0 - lr * (1 + m) * gs[0]) < 1e-14
 
 
@@ -428,18 +477,24 @@ def test_benchmark_tiny_and_gpu_check_run_on_the_cpu():
     assert "PASS" in check.stdout or "skipped: no CuPy/GPU" in check.stdout
 
 
-def test_the_fast_table_has_the_reference_names_and_falls_back_on_numpy():
-    """fast/layers.py's table: the names of models.LAYERS; on NumPy arrays every entry is the
-    reference, bit for bit (the CUDA kernels are checked in tests/test_igemm.py)."""
-    assert vars(GPU_LAYERS).keys() == vars(LAYERS).keys()
+def test_the_tables_share_their_names_and_the_fused_copy_is_the_reference():
+    """fast/layers.py's table has the names of fast/myrtle5.py's NumPy table and on NumPy arrays
+    is it, bit for bit (the CUDA kernels: tests/test_igemm.py); the fused network equals the
+    reference to float64 rounding (its bias sums are GEMVs)."""
+    assert vars(GPU_LAYERS).keys() == vars(fused.CPU_LAYERS).keys()
     params, x, y, gamma = tiny_problem(seed=15)
+    cpu = fused.myrtle5_loss_and_grads(params, x, y, gamma)
+    gpu_table = fused.myrtle5_loss_and_grads(params, x, y, gamma, layers=GPU_LAYERS)
+    assert float(cpu[0]) == float(gpu_table[0])
+    assert all(np.array_equal(cpu[1][k], gpu_table[1][k]) for k in MYRTLE5_PARAM_NAMES)
     ref = myrtle5_loss_and_grads(params, x, y, gamma)
-    fast = myrtle5_loss_and_grads(params, x, y, gamma, layers=GPU_LAYERS)
-    assert float(ref[0]) == float(fast[0])
-    assert all(np.array_equal(ref[1][k], fast[1][k]) for k in MYRTLE5_PARAM_NAMES)
+    assert rel_err(myrtle5_flatten(cpu[1]), myrtle5_flatten(ref[1])) < 1e-13
     v = np.random.default_rng(16).normal(size=myrtle5_flatten(params).shape)
-    hv = [myrtle5_hvp(params, x, y, gamma, v, layers=t) for t in (LAYERS, GPU_LAYERS)]
+    hv = [
+        fused.myrtle5_hvp(params, x, y, gamma, v, layers=t) for t in (fused.CPU_LAYERS, GPU_LAYERS)
+    ]
     assert np.array_equal(*hv)
+    assert rel_err(hv[0], myrtle5_hvp(params, x, y, gamma, v)) < 1e-13
 
 
 def test_models_imports_no_gpu_code():
