@@ -1,9 +1,11 @@
-"""The Fig. 1 training protocol for Myrtle5: the schedule, one epoch of training, evaluation.
+"""The Fig. 1 training protocol for Myrtle5: the data's normalisation, the schedule, one epoch of
+training, evaluation.
 
 Protocol (the Fig. 1 caption)
 -----------------------------
 Myrtle5 with c = 64 channels (models.py), CIFAR-10 without augmentation, normalised per channel
-with the training-set mean and std (cifar.py); Nesterov momentum 0.9 (models.nesterov_step,
+with the training-set mean and std (:func:`normalize`; apparatus/cifar_files.py reads the
+archive); Nesterov momentum 0.9 (models.nesterov_step,
 PyTorch's form); minibatches of 512; 700 epochs; the dynamical loss (eqs. 1-5) with t counted
 in minibatch steps; oscillations stopped (Gamma = 1) from epoch 600; test accuracy after every
 epoch.
@@ -32,6 +34,8 @@ apparatus/cifar_runs.py's.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -96,6 +100,101 @@ def lr_schedule(steps, spe, settings):
 def step_lrs(settings, spe, t0, t1):
     """lr_at for the updates t0 <= t < t1: (t1-t0,) float64."""
     return lr_schedule(np.arange(t0, t1), spe, settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# The data: CIFAR-10-format images, normalised per channel
+# ---------------------------------------------------------------------------------------------
+
+NORMALIZE_CHUNK = 2048  # images per step of the normalisation: bounds its float64 scratch memory
+
+
+@dataclasses.dataclass(frozen=True)
+class CifarData:
+    """A CIFAR-10-format data set.
+
+    Attributes:
+        x_train: (N_train, Hx, Wx, C) images, uint8 0..255 as loaded, float after ``normalize``.
+        y_train: (N_train,) int64 labels in 0..K-1.
+        x_test: (N_test, Hx, Wx, C) images, same dtype as ``x_train``.
+        y_test: (N_test,) int64 labels in 0..K-1.
+        label_names: K class names.
+        source: where the data came from (archive path, folder path, or synthetic settings).
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    label_names: tuple[str, ...]
+    source: str
+
+
+def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and (population) std of images, in units of pixel / 255.
+
+    Args:
+        x: (N, Hx, Wx, C) images with values 0..255 (uint8 for CIFAR-10).
+
+    Returns:
+        mean (C,) float64 and std (C,) float64; for the CIFAR-10 training set about
+        (0.4914, 0.4822, 0.4465) and (0.2470, 0.2435, 0.2616).
+    """
+    total = np.zeros(x.shape[-1])
+    total_sq = np.zeros(x.shape[-1])
+    for start in range(0, x.shape[0], NORMALIZE_CHUNK):
+        chunk = x[start : start + NORMALIZE_CHUNK].astype(np.float64)  # (n, Hx, Wx, C)
+        total += chunk.sum(axis=(0, 1, 2))  # (C,); exact: integer sums stay below 2**53
+        total_sq += np.square(chunk).sum(axis=(0, 1, 2))  # (C,)
+    count = x.size // x.shape[-1]
+    mean = total / count
+    var = np.maximum(total_sq / count - mean**2, 0.0)
+    return mean / 255.0, np.sqrt(var) / 255.0
+
+
+def normalize_images(
+    x: np.ndarray, mean: np.ndarray, std: np.ndarray, dtype=np.float32
+) -> np.ndarray:
+    """(x / 255 - mean) / std per channel, computed in float64 chunks and stored as ``dtype``.
+
+    Args:
+        x: (N, Hx, Wx, C) images with values 0..255.
+        mean, std: (C,) statistics in units of pixel / 255, from ``channel_stats`` of the
+            TRAINING images (also when normalising the test images).
+        dtype: np.float32 or np.float64.
+
+    Returns:
+        (N, Hx, Wx, C) array of ``dtype``.
+    """
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    out = np.empty(x.shape, dtype=dtype)  # (N, Hx, Wx, C)
+    for start in range(0, x.shape[0], NORMALIZE_CHUNK):
+        chunk = x[start : start + NORMALIZE_CHUNK].astype(np.float64) / 255.0
+        out[start : start + NORMALIZE_CHUNK] = (chunk - mean) / std
+    return out
+
+
+def normalize(data: CifarData, dtype=np.float32) -> CifarData:
+    """Normalise train and test images per channel with the TRAINING-set mean and std.
+
+    Args:
+        data: CifarData with x_train (N_train, Hx, Wx, C) and x_test (N_test, Hx, Wx, C) in 0..255.
+        dtype: np.float32 or np.float64 for the returned images.
+
+    Returns:
+        CifarData with float x_train (N_train, Hx, Wx, C) and x_test (N_test, Hx, Wx, C); labels,
+        names unchanged, and the statistics recorded in ``source``.
+    """
+    mean, std = channel_stats(data.x_train)  # (C,), (C,)
+    stats = ", ".join(f"{m:.4f}/{s:.4f}" for m, s in zip(mean, std, strict=True))
+    return dataclasses.replace(
+        data,
+        x_train=normalize_images(data.x_train, mean, std, dtype),
+        x_test=normalize_images(data.x_test, mean, std, dtype),
+        source=f"{data.source}, normalised with train mean/std {stats}",
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import time
 
 import numpy as np
 
-import cifar
+from apparatus import cifar_files as cifar
 from apparatus import memory, plots, signals, statistics, sweeps
 from apparatus.checks import add_cifar_check_command
 from apparatus.cifar_runs import (

@@ -93,9 +93,9 @@ from apparatus.storage import (
     write_json,
 )
 from apparatus.workers import WORKERS
+from beyond.density import SLQ_PROBES, SLQ_STEPS
 from dynloss import LOSSES
 from models import INITS, init_mlp
-from spectra import SLQ_PROBES, SLQ_STEPS
 from spiral import (
     D_SPIRAL,
     K_SPIRAL,

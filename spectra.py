@@ -1,5 +1,5 @@
 """Spectra of one spiral MLP (Figs. 4 and 5): the exact Hessian, its Gauss-Newton part, the NTK
-(eqs. 11-14), Lanczos, and the spectral density.
+(eqs. 11-14), and Lanczos for the top eigenpairs.
 
 Symbols
 -------
@@ -37,8 +37,8 @@ eigenvalues, so eq. (14)'s condition with this kernel reads eta lambda_max > 2, 
 part's own threshold. For MSE with Gamma = 1 it is Theta / N (eq. 14 as printed), and gradient
 descent on a quadratic is unstable once lambda_max > 2/eta (stability.py has these thresholds).
 
-Spectral density: stochastic Lanczos quadrature (Ghorbani et al. 2019) gives the density of the
-Hessian's eigenvalues from a few Lanczos runs, Hutchinson's estimator its trace.
+The Hessian's whole density (stochastic Lanczos quadrature) and trace go beyond the paper:
+beyond/density.py.
 """
 
 from __future__ import annotations
@@ -62,12 +62,6 @@ from models import (
 
 EIGSH_TOL = 1e-6  # eigsh's relative residual: eigenvalue error <= tol*|lambda|, typically tol^2
 EIGSH_NCV_MIN = 8  # a short Lanczos basis: warm starts converge within one or two restarts
-SLQ_STEPS = 80  # Lanczos steps per probe (Ghorbani et al. use 90)
-SLQ_PROBES = 10  # random probes (Ghorbani et al.: 10)
-SLQ_GRID = 10000  # density grid points (google/spectral-density's default)
-SLQ_SIGMA = 1e-3  # Gaussian broadening in units of the spectral width
-SLQ_PAD_SIGMAS = 6  # the density grid extends this many sigmas beyond the extreme nodes
-HUTCHINSON_PROBES = 100  # Rademacher probes of the trace estimate
 LANCZOS_BREAKDOWN = 1e-10  # beta below this times |A q|: the Krylov space is invariant, stop
 WARM_STEPS = 8  # warm_top_eig's Lanczos steps before a restart
 WARM_RESTARTS = 100  # warm_top_eig gives up after this many restarts
@@ -213,7 +207,7 @@ def lanczos(matvec, v0, m, stop=None, passes=2, breakdown=LANCZOS_BREAKDOWN):
     raise AssertionError("unreachable: the last step returns")
 
 
-def _ritz(alpha, beta):
+def ritz_pairs(alpha, beta):
     """Eigenpairs of the tridiagonal T (diagonal alpha (j,), off-diagonal beta (j-1,)), by
     LAPACK dstev (a few microseconds): theta (j,) ascending, S (j, j)."""
     if len(alpha) == 1:
@@ -275,7 +269,7 @@ def warm_top_eig(matvec, P, v0=None, tol=EIGSH_TOL, steps=WARM_STEPS, max_restar
     ritz = {}  # the last step's top Ritz pair, kept by the stopping test
 
     def converged(alpha, beta):
-        ritz["theta"], ritz["S"] = _ritz(alpha, beta[:-1])  # ascending
+        ritz["theta"], ritz["S"] = ritz_pairs(alpha, beta[:-1])  # ascending
         return beta[-1] * abs(ritz["S"][-1, -1]) <= tol * abs(ritz["theta"][-1])
 
     n = 0
@@ -381,73 +375,3 @@ def ntk_top_eig(params, X, v0=None, tol=EIGSH_TOL, act=RELU):
     op = ntk_operator(params, X, act)
     vals, vecs = top_eigs(op.matvec, op.shape[0], k=1, v0=v0, tol=tol)
     return vals[0], vecs[:, 0]
-
-
-# ---------------------------------------------------------------------------------------------
-# Spectral density: stochastic Lanczos quadrature, Hutchinson's trace
-# ---------------------------------------------------------------------------------------------
-
-
-def slq_nodes(matvec, P, rng, m=SLQ_STEPS, n_probes=SLQ_PROBES):
-    """Stochastic Lanczos quadrature (Ghorbani et al. 2019; google/spectral-density).
-
-    For each of n_probes Gaussian probes v, m Lanczos steps give T = Q^T A Q; its eigenvalues
-    are the quadrature nodes and the squared first components of its eigenvectors the weights:
-    sum_i w_i f(node_i) ~ v^T f(A) v / |v|^2, whose mean over probes estimates (1/P) tr f(A).
-
-    rng : np.random.Generator
-    Returns nodes (n_probes, m), weights (n_probes, m); each probe's weights sum to 1 (probes
-    whose Lanczos run stopped early are padded with weight 0).
-    """
-    m = min(m, P)
-    nodes, weights = np.zeros((n_probes, m)), np.zeros((n_probes, m))
-    for i in range(n_probes):
-        alpha, beta, _ = lanczos(matvec, rng.normal(size=P), m)
-        theta, S = _ritz(alpha, beta[:-1])  # nodes ascending, (m', m')
-        nodes[i, : len(theta)], nodes[i, len(theta) :] = theta, theta[-1]
-        weights[i, : len(theta)] = S[0] ** 2
-    return nodes, weights
-
-
-def slq_density(nodes, weights, sigma=None, grid_len=SLQ_GRID):
-    """Gaussian-broadened spectral density from SLQ nodes and weights (n_probes, m).
-
-    sigma : broadening (eigenvalue units); default SLQ_SIGMA times the span of the nodes.
-    The grid spans the nodes plus SLQ_PAD_SIGMAS sigma on each side and the density is normalised to
-    integrate to 1 on it (a correction of order exp(-18) to the Gaussians' own mass).
-
-    Returns grid (grid_len,), density (grid_len,).
-    """
-    lo, hi = float(nodes.min()), float(nodes.max())
-    if sigma is None:
-        sigma = SLQ_SIGMA * (hi - lo if hi > lo else max(abs(lo), 1.0))  # one node: |node|
-    pad = SLQ_PAD_SIGMAS * sigma
-    grid = np.linspace(lo - pad, hi + pad, grid_len)  # (grid_len,)
-    density = np.zeros(grid_len)
-    for nd, wt in zip(nodes, weights, strict=True):  # one probe at a time: (m, grid_len)
-        gauss = np.exp(-0.5 * ((grid[None, :] - nd[:, None]) / sigma) ** 2)
-        density += wt @ gauss / (sigma * np.sqrt(2 * np.pi))
-    density /= (0.5 * (density[1:] + density[:-1]) * np.diff(grid)).sum()  # trapezoid rule
-    return grid, density
-
-
-def spectral_density(matvec, P, rng, m=SLQ_STEPS, n_probes=SLQ_PROBES, sigma=None):
-    """SLQ spectral density of a symmetric operator: grid, density, nodes, weights.
-
-    See :func:`slq_nodes` and :func:`slq_density`; density integrates to 1 over grid.
-    """
-    nodes, weights = slq_nodes(matvec, P, rng, m=m, n_probes=n_probes)
-    grid, density = slq_density(nodes, weights, sigma=sigma)
-    return grid, density, nodes, weights
-
-
-def hutchinson_trace(matvec, P, rng, n_probes=HUTCHINSON_PROBES):
-    """Hutchinson's trace estimate with Rademacher probes z: mean of z^T A z.
-
-    Returns (estimate, standard error from the probes' spread).
-    """
-    samples = np.empty(n_probes)
-    for i in range(n_probes):
-        z = rng.choice([-1.0, 1.0], size=P)  # Rademacher
-        samples[i] = z @ matvec(z)
-    return samples.mean(), samples.std(ddof=1) / np.sqrt(n_probes)

@@ -26,7 +26,8 @@ from types import SimpleNamespace
 import numpy as np
 from tqdm import tqdm
 
-import cifar
+import protocol
+from apparatus import cifar_files as cifar
 from apparatus import digits, signals, synthetic
 from apparatus.cli import MAX_AMPLITUDE, MAX_PERIOD, MAX_SEED, InputError, check_number
 from apparatus.storage import atomic_savez, identity
@@ -236,7 +237,7 @@ def load_data(settings, path, hess_batch=0):
         raise InputError(f"--batch {s['batch']} is larger than the {n_train} training images")
     if hess_batch > n_train:
         raise InputError(f"--hess-batch {hess_batch} exceeds the {n_train} training images")
-    data = cifar.normalize(raw, np.dtype(s["dtype"]))
+    data = protocol.normalize(raw, np.dtype(s["dtype"]))
     out = {
         "fingerprint": cifar.fingerprint(raw),
         "x_train": data.x_train,
@@ -248,8 +249,8 @@ def load_data(settings, path, hess_batch=0):
         "source": data.source,
     }
     if hess_batch:
-        mean, std = cifar.channel_stats(raw.x_train)
-        out["x_hess"] = cifar.normalize_images(raw.x_train[:hess_batch], mean, std, np.float64)
+        mean, std = protocol.channel_stats(raw.x_train)
+        out["x_hess"] = protocol.normalize_images(raw.x_train[:hess_batch], mean, std, np.float64)
         out["y_hess"] = raw.y_train[:hess_batch]
     return out
 

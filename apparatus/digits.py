@@ -6,7 +6,7 @@ digits inside it (``sklearn.datasets.load_digits``: 1,797 grey-scale 8x8 images 
 installs. scikit-learn is an optional dependency used only here
 (``pip install -r requirements-digits.txt``).
 
-:func:`load_digits` returns them like cifar.load_cifar10 does CIFAR-10: a cifar.CifarData of
+:func:`load_digits` returns them like cifar.load_cifar10 does CIFAR-10: a protocol.CifarData of
 NHWC images (N, 8, 8, 1) and int64 labels, so that cifar.normalize (per-channel mean and std of
 the training split) and the Myrtle5 protocol take them unchanged (8x8 fits Myrtle5: sides
 divisible by 8). The train/test split is stratified and fixed by a seed: for every class the
@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cifar import CifarData, CifarError
+from apparatus.cifar_files import CifarError
+from protocol import CifarData
 
 N_IMAGES = 1797  # the data set's size
 N_CLASSES = 10
@@ -50,7 +51,7 @@ def stratified_split(y, n_train, rng):
 def load_digits(n_train, seed=0):
     """The handwritten digits split into n_train training and 1797 - n_train test images.
 
-    Returns cifar.CifarData with x_train (n_train, 8, 8, 1) uint8 in 0..16, y_train (n_train,)
+    Returns protocol.CifarData with x_train (n_train, 8, 8, 1) uint8 in 0..16, y_train (n_train,)
     int64, x_test (1797 - n_train, 8, 8, 1), y_test, the label names "0".."9" and the source.
     Raises CifarError (one line) without scikit-learn or for an n_train that leaves a split
     without every class.

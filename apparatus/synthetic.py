@@ -30,7 +30,7 @@ import tarfile
 
 import numpy as np
 
-from cifar import (
+from apparatus.cifar_files import (
     ARCHIVE_NAME,
     FOLDER_NAME,
     LABEL_NAMES,
@@ -39,9 +39,9 @@ from cifar import (
     PICKLE_PROTOCOL,
     TEST_MEMBER,
     TRAIN_MEMBERS,
-    CifarData,
     file_md5,
 )
+from protocol import CifarData
 
 # Synthetic class signal, in pixel units (0..255); see the module docstring.
 GREY = 128.0

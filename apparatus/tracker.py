@@ -21,6 +21,7 @@ from threadpoolctl import threadpool_limits
 
 import spectra
 from apparatus import signals
+from beyond.density import SLQ_PROBES, SLQ_STEPS, hutchinson_trace, spectral_density
 from dynloss import class_weights
 from fast.mlp_spectra import (
     hessian_matvec,
@@ -30,14 +31,7 @@ from fast.mlp_spectra import (
 )
 from fast.spiral_trainer import train_block
 from models import mlp_forward
-from spectra import (
-    SLQ_PROBES,
-    SLQ_STEPS,
-    hutchinson_trace,
-    spectral_density,
-    top_eigs,
-    warm_top_eig,
-)
+from spectra import top_eigs, warm_top_eig
 from spiral import train_reference
 
 TRACK_TOL = 1e-3  # tracker's relative residual: measured eigenvalue errors <= 1e-5 (benchmark)
@@ -313,8 +307,8 @@ def densities_along(
     """The Hessian's eigenvalue density and trace at the steps ``at`` of one run (M = 1).
 
     The run is trained with log_every = gcd(at, spec.steps), so that every step of ``at`` is a
-    logged one. At each of them: spectra.spectral_density (stochastic Lanczos quadrature,
-    ``probes`` Gaussian probes of ``steps`` Lanczos steps) and spectra.hutchinson_trace, with
+    logged one. At each of them: beyond/density.spectral_density (stochastic Lanczos quadrature,
+    ``probes`` Gaussian probes of ``steps`` Lanczos steps) and beyond/density.hutchinson_trace, with
     Gamma of that step. Returns a dict: at (S,), grid (S, G), density (S, G) (each row
     integrates to 1), nodes (S, probes, m), weights (S, probes, m), trace (S,), trace_stderr (S,),
     slq_trace (S,) (P times the mean of the nodes under their weights), lmax (S,) (the largest

@@ -12,7 +12,8 @@ import tarfile
 import numpy as np
 import pytest
 
-import cifar
+import protocol
+from apparatus import cifar_files as cifar
 from apparatus import synthetic
 
 # Normalised float64 data: mean 0 and std 1 up to rounding of sums over a few thousand values.
@@ -299,7 +300,7 @@ def test_pickle_with_foreign_global_refused_without_running_it(synthetic_archive
 
 def test_channel_stats_match_numpy_in_float64():
     x = np.random.default_rng(2).integers(0, 256, size=(7, 5, 3, 3), dtype=np.uint8)
-    mean, std = cifar.channel_stats(x)
+    mean, std = protocol.channel_stats(x)
     reference = x.reshape(-1, 3).astype(np.float64) / 255.0  # (N*H*W, C)
     np.testing.assert_allclose(mean, reference.mean(0), rtol=1e-14)
     np.testing.assert_allclose(std, reference.std(0), rtol=1e-13)
@@ -309,8 +310,10 @@ def test_normalize_uses_train_statistics_for_both_sets():
     data = synthetic.load_synthetic(3, n_train_per_batch=20, n_test=50, image_size=8)
     # Shift and scale the test images so that their own statistics differ from the train ones.
     x_test = (data.x_test // 2 + 100).astype(np.uint8)
-    data = cifar.CifarData(data.x_train, data.y_train, x_test, data.y_test, data.label_names, "t")
-    normed = cifar.normalize(data, dtype=np.float64)
+    data = protocol.CifarData(
+        data.x_train, data.y_train, x_test, data.y_test, data.label_names, "t"
+    )
+    normed = protocol.normalize(data, dtype=np.float64)
     assert normed.x_train.dtype == np.float64 and normed.x_train.shape == data.x_train.shape
     np.testing.assert_allclose(normed.x_train.mean(axis=(0, 1, 2)), 0.0, atol=NORM_TOL_F64)
     np.testing.assert_allclose(normed.x_train.std(axis=(0, 1, 2)), 1.0, atol=NORM_TOL_F64)
@@ -321,14 +324,14 @@ def test_normalize_uses_train_statistics_for_both_sets():
     assert np.all(np.abs(normed.x_test.std(axis=(0, 1, 2)) - 1.0) > 0.3)  # not its own stats
     np.testing.assert_array_equal(normed.y_test, data.y_test)
 
-    normed32 = cifar.normalize(data, dtype=np.float32)
+    normed32 = protocol.normalize(data, dtype=np.float32)
     assert normed32.x_train.dtype == np.float32 and normed32.x_test.dtype == np.float32
     np.testing.assert_allclose(normed32.x_test, expected_test, rtol=F32_RTOL, atol=F32_RTOL)
     train32 = normed32.x_train.astype(np.float64)
     np.testing.assert_allclose(train32.mean(axis=(0, 1, 2)), 0.0, atol=NORM_TOL_F32)
     np.testing.assert_allclose(train32.std(axis=(0, 1, 2)), 1.0, atol=NORM_TOL_F32)
     with pytest.raises(ValueError):
-        cifar.normalize(data, dtype=np.int32)
+        protocol.normalize(data, dtype=np.int32)
 
 
 def test_gzip_header_has_fixed_time(synthetic_archive):

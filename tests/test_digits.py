@@ -8,7 +8,7 @@ import pytest
 
 import run_cifar as rc
 from apparatus import cifar_runs, digits
-from cifar import CifarError
+from apparatus.cifar_files import CifarError
 
 pytest.importorskip("sklearn", reason="--data digits needs scikit-learn (requirements-digits.txt)")
 

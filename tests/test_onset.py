@@ -16,8 +16,8 @@ import spiral as sp
 import stability
 from apparatus import onset
 from apparatus import onset_analysis as oa
+from beyond.smooth import softplus
 from dynloss import class_weights
-from fast import spiral_trainer as ft
 from models import flatten, init_mlp, mlp_loss_and_grads, unflatten
 
 K = 3
@@ -40,26 +40,25 @@ def rel_err(a, b):
 def test_softplus_gradient_hessian_and_hvp_match_central_differences():
     params, X, y = tiny_problem(seed=3, kink=0.0)  # no kinks to avoid: softplus is smooth
     theta = flatten(params)[0]
+    act = softplus(BETA)
     grad = lambda t: flatten(
-        mlp_loss_and_grads(unflatten(t[None], params), X, y, GAMMA[None], "ce", BETA)[1]
+        mlp_loss_and_grads(unflatten(t[None], params), X, y, GAMMA[None], "ce", act)[1]
     )[0]
-    F = lambda t: mlp_loss_and_grads(unflatten(t[None], params), X, y, GAMMA[None], "ce", BETA)[0][
-        0
-    ]
+    F = lambda t: mlp_loss_and_grads(unflatten(t[None], params), X, y, GAMMA[None], "ce", act)[0][0]
     e = np.eye(len(theta))
     numeric_grad = np.array(
         [(F(theta + FD_STEP * v) - F(theta - FD_STEP * v)) / (2 * FD_STEP) for v in e]
     )
     assert rel_err(grad(theta), numeric_grad) < FD_RTOL
-    hess = spectra.hessian(params, X, y, GAMMA, beta=BETA)
+    hess = spectra.hessian(params, X, y, GAMMA, act=act)
     numeric = np.stack(
         [(grad(theta + FD_STEP * v) - grad(theta - FD_STEP * v)) / (2 * FD_STEP) for v in e], axis=1
     )
     assert rel_err(hess, numeric) < FD_RTOL and rel_err(hess, hess.T) < EXACT_RTOL
     v = np.random.default_rng(0).normal(size=len(theta))
-    assert rel_err(spectra.hvp(params, X, y, GAMMA, v, beta=BETA), hess @ v) < EXACT_RTOL
+    assert rel_err(spectra.hvp(params, X, y, GAMMA, v, act=act), hess @ v) < EXACT_RTOL
     # the activation-curvature blocks (W1a-W1a) are there and matter
-    _, network = spectra.hessian(params, X, y, GAMMA, parts=True, beta=BETA)
+    _, network = spectra.hessian(params, X, y, GAMMA, parts=True, act=act)
     D1H = (X.shape[1] + 1) * params["W1"].shape[2]
     assert np.abs(network[:D1H, :D1H]).max() > 1e3 * FD_RTOL * np.abs(hess).max()
     _, relu_network = spectra.hessian(params, X, y, GAMMA, parts=True)
@@ -69,7 +68,7 @@ def test_softplus_gradient_hessian_and_hvp_match_central_differences():
 def test_large_beta_approaches_relu():
     params, X, y = tiny_problem(seed=4)
     relu = mlp_loss_and_grads(params, X, y, GAMMA[None])
-    smooth = mlp_loss_and_grads(params, X, y, GAMMA[None], "ce", 1e6)
+    smooth = mlp_loss_and_grads(params, X, y, GAMMA[None], "ce", softplus(1e6))
     assert abs(smooth[0][0] - relu[0][0]) < 1e-5
     assert rel_err(flatten(smooth[1]), flatten(relu[1])) < 1e-4
 
@@ -88,31 +87,28 @@ def spec_for(M, steps, **kw):
 def test_perturbation_has_its_norm_and_is_each_networks_own():
     params = init_mlp([0, 1], 2, 10, K)
     moved = {k: v.copy() for k, v in params.items()}
-    rngs = [np.random.default_rng([sp.NOISE_STREAM, s]) for s in (5, 6)]
-    sp.perturb(moved, 1e-3, rngs)
+    rngs = [np.random.default_rng([onset.NOISE_STREAM, s]) for s in (5, 6)]
+    onset.perturb(moved, 1e-3, rngs)
     diff = flatten(moved) - flatten(params)
     np.testing.assert_allclose(np.linalg.norm(diff, axis=1), 1e-3, rtol=1e-12)
     alone = {k: v[1:].copy() for k, v in params.items()}
-    sp.perturb(alone, 1e-3, [np.random.default_rng([sp.NOISE_STREAM, 6])])
+    onset.perturb(alone, 1e-3, [np.random.default_rng([onset.NOISE_STREAM, 6])])
     np.testing.assert_array_equal(flatten(alone)[0], flatten(moved)[1])
 
 
-def test_float32_noise_and_softplus_runs_and_the_fast_trainer_refuses_them():
+def test_float32_perturbed_and_softplus_runs_of_the_reference_loop():
     data = sp.spiral_data()
     params = init_mlp([0, 1], 2, 10, K)
     base = sp.train_reference(params, data, spec_for(2, 20))
-    f32 = sp.train_reference(params, data, spec_for(2, 20, dtype="float32"))
+    f32 = sp.train_reference(params, data, spec_for(2, 20), dtype="float32")
     assert all(v.dtype == np.float32 for v in f32["params"].values())
     assert 1e-8 < rel_err(f32["loss"], base["loss"]) < 1e-4  # float32 rounding, not another run
-    noisy = sp.train_reference(
-        params, data, spec_for(2, 20, noise=1e-8, noise_seed=np.array([0, 1]))
-    )
+    rngs = [np.random.default_rng([onset.NOISE_STREAM, s]) for s in (0, 1)]
+    kick = lambda t, p: onset.perturb(p, 1e-8, rngs)
+    noisy = sp.train_reference(params, data, spec_for(2, 20), after_update=kick)
     assert 0 < rel_err(flatten(noisy["params"]), flatten(base["params"])) < 1e-5
-    smooth = sp.train_reference(params, data, spec_for(2, 20, beta=BETA))
+    smooth = sp.train_reference(params, data, spec_for(2, 20), act=softplus(BETA))
     assert np.isfinite(smooth["loss"]).all() and not np.allclose(smooth["loss"], base["loss"])
-    for kw in ({"dtype": "float32"}, {"noise": 1e-8}, {"beta": BETA}):
-        with pytest.raises(ValueError, match="fast trainer"):
-            ft.train_block(params, data, spec_for(2, 5, **kw))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,15 +361,15 @@ def test_a_forced_smooth_network_shows_its_forcing_below_the_edge():
     data = sp.spiral_data()
     params = init_mlp([0], 2, 30, K)
     f = 1e-4
-    spec = sp.TrainSpec(np.full(1, 70.0), np.full(1, 400.0), np.full(1, 1201), 1.0, 900, 1,
-                        beta=20.0)  # fmt: skip
-    _, (arrays,) = onset.track_onsets(params, data, spec, force=f)
+    spec = sp.TrainSpec(np.full(1, 70.0), np.full(1, 400.0), np.full(1, 1201), 1.0, 900, 1)
+    c = dict(beta=20.0, dtype="float64", noise=0.0, force=f)
+    _, (arrays,) = onset.track_onsets(params, data, spec, c, [0])
     mid = bo.branch_midpoint(arrays["lam"])
     band = (mid >= 1.2) & (mid < 1.8) & np.isfinite(arrays["mode"])
     assert band.sum() > 20
     np.testing.assert_allclose(np.median(bo.forcing_estimate(arrays["mode"], mid)[band]), f,
                                rtol=0.05)  # fmt: skip
-    _, (free,) = onset.track_onsets(params, data, spec)
+    _, (free,) = onset.track_onsets(params, data, spec, dict(c, force=0.0), [0])
     assert np.nanmedian(free["mode"][band]) < 0.1 * np.median(arrays["mode"][band])
 
 

@@ -416,7 +416,7 @@ def write_folder(folder, member, blob, meta_names=None):
     """A cifar-10-batches-py folder whose members are genuine except ``member``."""
     import pickle
 
-    from cifar import FOLDER_NAME, META_MEMBER, TEST_MEMBER, TRAIN_MEMBERS
+    from apparatus.cifar_files import FOLDER_NAME, META_MEMBER, TEST_MEMBER, TRAIN_MEMBERS
 
     d = folder / FOLDER_NAME
     d.mkdir(parents=True)

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from helpers import assert_same, load
 
-import cifar
 import protocol
 import run_cifar as rc
 import spectra
+from apparatus import cifar_files as cifar
 from apparatus import cifar_runs, sweeps, synthetic
 from dynloss import class_weights
 from models import MYRTLE5_PARAM_NAMES, init_myrtle5, myrtle5_loss_and_grads, nesterov_step

@@ -7,6 +7,8 @@ import pytest
 from helpers import tiny_problem
 
 import spectra
+from beyond import density as slq
+from beyond.smooth import softplus
 from dynloss import class_weights, logit_curvature, loss_backward, loss_forward
 from fast import mlp_spectra as fs
 from models import (
@@ -122,7 +124,7 @@ def test_jvp_matches_central_differences_of_the_logits_and_networks_are_independ
 def test_fast_forward_state_and_loss_terms_are_models_and_dynloss(loss):
     params, X, y = tiny_problem(seed=1)
     s = fs.net_state(params, X)
-    logits, (_, h1, _) = mlp_forward(X, params)
+    logits, (_, (_, h1), _) = mlp_forward(X, params)
     np.testing.assert_array_equal(s["logits"], logits[0])  # the same forward pass, bit for bit
     np.testing.assert_array_equal(s["mask"], h1[0] > 0)
     np.testing.assert_array_equal(s["W1a"], np.vstack([params["W1"][0], params["b1"][0]]))
@@ -153,8 +155,9 @@ def test_hvp_on_identity_columns_reproduces_the_hessian(loss):
     fused = fs.hessian_matvec(fs.net_state(params, X), y, GAMMA_A10, loss)
     assert rel_err(fused(v), spectra.hvp(params, X, y, GAMMA_A10, v, loss)) < EXACT_RTOL
     for beta in (4.0, 20.0):  # softplus: the fused copy with the activation-curvature term
-        fused = fs.hessian_matvec(fs.net_state(params, X, beta=beta), y, GAMMA_A10, loss)
-        reference = spectra.hvp(params, X, y, GAMMA_A10, v, loss, beta=beta)
+        act = softplus(beta)
+        fused = fs.hessian_matvec(fs.net_state(params, X, act=act), y, GAMMA_A10, loss)
+        reference = spectra.hvp(params, X, y, GAMMA_A10, v, loss, act=act)
         assert rel_err(fused(v), reference) < EXACT_RTOL
 
 
@@ -257,12 +260,12 @@ def test_one_mse_gradient_step_moves_outputs_by_minus_eta_over_n_theta_g(gamma):
     z = logits_at(theta, params, X).reshape(N, K)
     g = z - np.eye(K)[y]  # eq. (12)
     predicted_per_eta = -(spectra.ntk(params, X) @ (gamma[y][:, None] * g).ravel()) / N
-    mask0 = mlp_forward(X, params)[1][1] > 0  # the ReLU's cache h1: 1[z1 > 0]
+    mask0 = mlp_forward(X, params)[1][1][1] > 0  # the ReLU's cache h1: 1[z1 > 0]
     residuals = []
     for eta in (4e-3, 2e-3, 1e-3):
         step = theta - eta * analytic_grad(theta, params, X, y, gamma, "mse")
         moved = unflatten(step[None], params)
-        assert np.array_equal(mlp_forward(X, moved)[1][1] > 0, mask0)  # no kink crossed
+        assert np.array_equal(mlp_forward(X, moved)[1][1][1] > 0, mask0)  # no kink crossed
         dz = logits_at(step, params, X) - z.ravel()
         residuals.append(np.linalg.norm(dz - eta * predicted_per_eta))
         assert residuals[-1] < 1e-2 * np.linalg.norm(dz)
@@ -287,7 +290,7 @@ def test_slq_density_integrates_to_one_and_matches_the_moments():
     hess = spectra.hessian(params, X, y, GAMMA_A10)
     exact = np.linalg.eigvalsh(hess)
     probes, steps = 30, 20
-    grid, density, nodes, weights = spectra.spectral_density(
+    grid, density, nodes, weights = slq.spectral_density(
         lambda v: hess @ v, P, np.random.default_rng(0), m=steps, n_probes=probes
     )
     assert nodes.shape == weights.shape == (probes, steps)
@@ -297,7 +300,7 @@ def test_slq_density_integrates_to_one_and_matches_the_moments():
     np.testing.assert_allclose(integrate(density), 1.0, rtol=1e-12)
     # m Lanczos nodes integrate polynomials up to degree 2m - 1 exactly for each probe, so the
     # moments differ from the exact ones only by the probes' sampling error (4 standard errors)
-    sigma = spectra.SLQ_SIGMA * (nodes.max() - nodes.min())
+    sigma = slq.SLQ_SIGMA * (nodes.max() - nodes.min())
     mean, second = integrate(grid * density), integrate(grid**2 * density) - sigma**2
     assert abs(mean - exact.mean()) < 4 * sphere_quadratic_std(hess, probes)
     assert abs(second - (exact**2).mean()) < 4 * sphere_quadratic_std(hess @ hess, probes)
@@ -318,9 +321,7 @@ def test_hutchinson_trace_is_within_its_standard_error():
     params, X, y = tiny_problem(seed=8)
     hess = spectra.hessian(params, X, y, GAMMA_A10)
     n_probes = 200
-    est, stderr = spectra.hutchinson_trace(
-        lambda v: hess @ v, P, np.random.default_rng(1), n_probes
-    )
+    est, stderr = slq.hutchinson_trace(lambda v: hess @ v, P, np.random.default_rng(1), n_probes)
     # Rademacher probes: Var(z^T A z) = 2 (|A|_F^2 - sum_i A_ii^2)
     std = np.sqrt(2 * ((hess**2).sum() - (np.diag(hess) ** 2).sum()) / n_probes)
     assert abs(est - np.trace(hess)) < 4 * std

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 import spiral as sp
+from apparatus import workers
 from dynloss import DIVERGENCE_FACTOR, class_weights
 from fast import spiral_trainer as ft
-from fast import workers
 from models import init_mlp, mlp_loss_and_grads
 
 EXACT = 1e-13  # fused trainer against the layer-by-layer reference: equal up to rounding

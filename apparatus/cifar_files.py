@@ -1,4 +1,5 @@
-"""CIFAR-10 (python version) loader and per-channel normalisation (the Fig. 1 data).
+"""The CIFAR-10 (python version) loader, its checks and its safe unpickler (the Fig. 1 data; the
+per-channel normalisation of the protocol is protocol.normalize).
 
 Symbols: N samples, Hx/Wx image height/width (32 for CIFAR-10; as in models.py), C channels
 (3: red, green, blue), K classes (10).
@@ -34,7 +35,6 @@ A synthetic stand-in in exactly this format (for tests and CPU demos) is apparat
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import math
@@ -45,6 +45,8 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+
+from protocol import CifarData
 
 OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
 ARCHIVE_NAME = "cifar-10-python.tar.gz"
@@ -74,7 +76,6 @@ N_CHANNELS = 3
 PICKLE_PROTOCOL = 2  # the official batches were written by Python 2's cPickle, protocol 2
 
 _MD5_CHUNK = 1 << 20
-_NORMALIZE_CHUNK = 2048  # images per step, bounds the float64 scratch memory
 
 MAX_MEMBER_BYTES = 1 << 28  # a member larger than this is refused (an official batch: ~31 MB)
 MAX_PIXELS = 1 << 31  # a batch of more bytes than this is refused before any allocation
@@ -117,27 +118,6 @@ _SAFE_GLOBALS = {
 
 class CifarError(Exception):
     """CIFAR-10 data missing or unreadable; the message is one line and says how to fix it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class CifarData:
-    """A CIFAR-10-format data set.
-
-    Attributes:
-        x_train: (N_train, Hx, Wx, C) images, uint8 0..255 as loaded, float after ``normalize``.
-        y_train: (N_train,) int64 labels in 0..K-1.
-        x_test: (N_test, Hx, Wx, C) images, same dtype as ``x_train``.
-        y_test: (N_test,) int64 labels in 0..K-1.
-        label_names: K class names.
-        source: where the data came from (archive path, folder path, or synthetic settings).
-    """
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    label_names: tuple[str, ...]
-    source: str
 
 
 def _fail(what: str) -> CifarError:
@@ -354,70 +334,3 @@ def fingerprint(data: CifarData) -> str:
         digest.update(f"{a.dtype.str}{a.shape}".encode())
         digest.update(a.data)
     return digest.hexdigest()[:16]
-
-
-def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and (population) std of images, in units of pixel / 255.
-
-    Args:
-        x: (N, Hx, Wx, C) images with values 0..255 (uint8 for CIFAR-10).
-
-    Returns:
-        mean (C,) float64 and std (C,) float64; for the CIFAR-10 training set about
-        (0.4914, 0.4822, 0.4465) and (0.2470, 0.2435, 0.2616).
-    """
-    total = np.zeros(x.shape[-1])
-    total_sq = np.zeros(x.shape[-1])
-    for start in range(0, x.shape[0], _NORMALIZE_CHUNK):
-        chunk = x[start : start + _NORMALIZE_CHUNK].astype(np.float64)  # (n, Hx, Wx, C)
-        total += chunk.sum(axis=(0, 1, 2))  # (C,); exact: integer sums stay below 2**53
-        total_sq += np.square(chunk).sum(axis=(0, 1, 2))  # (C,)
-    count = x.size // x.shape[-1]
-    mean = total / count
-    var = np.maximum(total_sq / count - mean**2, 0.0)
-    return mean / 255.0, np.sqrt(var) / 255.0
-
-
-def normalize_images(
-    x: np.ndarray, mean: np.ndarray, std: np.ndarray, dtype=np.float32
-) -> np.ndarray:
-    """(x / 255 - mean) / std per channel, computed in float64 chunks and stored as ``dtype``.
-
-    Args:
-        x: (N, Hx, Wx, C) images with values 0..255.
-        mean, std: (C,) statistics in units of pixel / 255, from ``channel_stats`` of the
-            TRAINING images (also when normalising the test images).
-        dtype: np.float32 or np.float64.
-
-    Returns:
-        (N, Hx, Wx, C) array of ``dtype``.
-    """
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
-    out = np.empty(x.shape, dtype=dtype)  # (N, Hx, Wx, C)
-    for start in range(0, x.shape[0], _NORMALIZE_CHUNK):
-        chunk = x[start : start + _NORMALIZE_CHUNK].astype(np.float64) / 255.0
-        out[start : start + _NORMALIZE_CHUNK] = (chunk - mean) / std
-    return out
-
-
-def normalize(data: CifarData, dtype=np.float32) -> CifarData:
-    """Normalise train and test images per channel with the TRAINING-set mean and std.
-
-    Args:
-        data: CifarData with x_train (N_train, Hx, Wx, C) and x_test (N_test, Hx, Wx, C) in 0..255.
-        dtype: np.float32 or np.float64 for the returned images.
-
-    Returns:
-        CifarData with float x_train (N_train, Hx, Wx, C) and x_test (N_test, Hx, Wx, C); labels,
-        names unchanged, and the statistics recorded in ``source``.
-    """
-    mean, std = channel_stats(data.x_train)  # (C,), (C,)
-    stats = ", ".join(f"{m:.4f}/{s:.4f}" for m, s in zip(mean, std, strict=True))
-    return dataclasses.replace(
-        data,
-        x_train=normalize_images(data.x_train, mean, std, dtype),
-        x_test=normalize_images(data.x_test, mean, std, dtype),
-        source=f"{data.source}, normalised with train mean/std {stats}",
-    )
