@@ -269,6 +269,18 @@ def cmd_train(args, plan):
         )
         print(f"seed {s}: {state}")
     print(f"wrote {args.out}/run.npz, config.json and the figure {png}")
+    print(trainer_line(args))
+
+
+def trainer_line(args):
+    """Which trainer ran, and the command for the other one."""
+    argv = " ".join(shlex.quote(a) for a in sys.argv[1:]) or "train"
+    if args.reference:
+        other = argv.replace("--reference", "").strip() if "--reference" in argv else argv
+        return ("trained by spiral.train_reference, the loop to read (dynloss.py, models.py); "
+                f"the fast trainer: python {SCRIPT} {other}")  # fmt: skip
+    return ("trained by the fast trainer (fast/spiral_trainer.py); the same run through the loop "
+            f"to read (spiral.train_reference): python {SCRIPT} {argv} --reference")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,10 +47,6 @@ from apparatus.cli import COUNT, SEED, InputError, check_memory, checked_backend
 from apparatus.sweeps import check_unit
 from beyond.smooth import softplus
 from dynloss import LOSSES, class_weights, loss_backward, loss_forward
-from fast import gpu
-from fast import mlp_spectra as fast_spectra
-from fast import myrtle5 as fused
-from fast.layers import GPU_LAYERS
 from models import INITS, MLP_PARAM_NAMES, MYRTLE5_PARAM_NAMES, flatten, mlp_forward, unflatten
 from spiral import D_SPIRAL, K_SPIRAL, make_spiral_train, spiral_params
 
@@ -628,6 +624,8 @@ def spectra_rows(prob):
                 lambda: rel_error(lanczos(), top)),
         guarded("spectra.warm_top_eig lambda_max", dense, EIG_RTOL, lambda: rel_error(warm(), top)),
     ]  # fmt: skip
+    from fast import mlp_spectra as fast_spectra  # the fast copies, loaded for their rows only
+
     state = fast_spectra.net_state(p, X)
     V, u = random_directions(P, DIRECTIONS, rng), random_directions(N, DIRECTIONS, rng)
     fused = fast_spectra.hessian_matvec(state, y, gamma, loss)
@@ -750,6 +748,8 @@ def layer_specs(a):
     """(label, arguments (the first one indexed by sample), upstream gradient, forward(**args)
     -> (output, ReLU states or None), backward(dout, **args) -> the gradients in argument
     order) of every Myrtle5 layer of models.py, and of the fused ones of fast/myrtle5.py."""
+    from fast import myrtle5 as fused  # the fused layers' rows
+
     L, F, relu = models, fused, lambda z: models.relu_forward(z)[0]
     conv, dense = L.conv3x3_forward, L.dense_forward
     return [
@@ -851,6 +851,10 @@ def gpu_rows(prob, xp):
     itself, run on the backend ``xp`` against CPU_LAYERS on the host on the same inputs (the
     network's own arrays), then the whole gradient and Hv on the GPU table against the
     reference (models.py) on the host."""
+    from fast import gpu
+    from fast import myrtle5 as fused
+    from fast.layers import GPU_LAYERS
+
     tol = GPU_RTOL_F64
     if prob.dtype == "float32":
         tol = GPU_RTOL_TF32 if gpu.config().tf32 else GPU_RTOL_F32
@@ -883,6 +887,8 @@ def gpu_rows(prob, xp):
 def fused_rows(prob):
     """fast/myrtle5.py's fused network on NumPy (what the commands run) against the reference:
     the same numbers in another order (its bias sums are GEMVs)."""
+    from fast import myrtle5 as fused
+
     v = prob.rng("fused hvp").normal(size=models.myrtle5_flatten(prob.params).size)
     args = (prob.params, prob.X, prob.y, prob.gamma)
     flat = models.myrtle5_flatten

@@ -34,7 +34,6 @@ from apparatus.workers import WORKERS, run_jobs
 from beyond.onset import alternating_amplitude
 from beyond.smooth import activation
 from dynloss import class_weights
-from fast import mlp_spectra as fast_spectra
 from models import RELU, flatten, init_mlp, unflatten
 from spiral import D_SPIRAL, K_SPIRAL, TrainSpec, spiral_data, train_reference
 
@@ -135,6 +134,8 @@ class OnsetTracker:
         self.events.append((step, EVENT_KINDS.index(kind), *row))
 
     def __call__(self, step, params):
+        from fast import mlp_spectra as fast_spectra  # the tracker's fused products
+
         one = {
             k: np.asarray(a[self.net : self.net + 1], dtype=np.float64) for k, a in params.items()
         }

@@ -25,7 +25,6 @@ from apparatus import plots, signals, statistics, sweeps, tracker
 from apparatus.storage import atomic_savez, exact_name, identity, unit_identity
 from apparatus.workers import WORKERS, run_jobs
 from dynloss import accuracy, cross_entropy
-from fast.spiral_trainer import PAUSE_STATE, Paused, train_many
 from models import MLP_PARAM_NAMES, init_mlp, mlp_forward
 from spiral import (
     D_SPIRAL,
@@ -45,6 +44,8 @@ def train(params, data, spec, reference=False, xp=np, progress=True, desc="train
     trainer's train_many, with a progress bar: the same arguments and result. pause, resume:
     train_many's (the fast trainer only: the reference loop stops at a signal)."""
     if not reference:
+        from fast.spiral_trainer import train_many  # the fast path only: --reference loads none
+
         return train_many(params, data, spec, xp=xp, progress=progress, desc=desc, pause=pause,
                           resume=resume)  # fmt: skip
     M = params["W1"].shape[0]
@@ -196,7 +197,9 @@ def run_phase(out, cfg, units, xp, batch, progress=True, reference=False):
             for name, arrays in train_units(batch_units, cfg, xp, progress, reference,
                                             pause=not reference, resume=resume):  # fmt: skip
                 sweeps.save_unit(out, name, arrays)
-        except Paused as stop:
+        except signals.Interrupted as stop:
+            if not hasattr(stop, "parts"):  # not fast_trainer.Paused: nothing to checkpoint
+                raise
             where = save_batch(out, names, stop.parts)
             steps = [int(p["paused"]) for p in stop.parts if p is not None and "paused" in p]
             at = f" at step {min(steps):,} of {cfg['steps']:,}" if steps else ""
@@ -206,9 +209,6 @@ def run_phase(out, cfg, units, xp, batch, progress=True, reference=False):
         copies = _copy_ready(out, copies, expect)
     _copy_ready(out, copies, expect)
     return time.time() - t0
-
-
-BATCH_FIELDS = ("paused", *PAUSE_STATE)  # a paused block's fields in a batch checkpoint
 
 
 def batch_path(out, names):

@@ -23,13 +23,6 @@ import spectra
 from apparatus import signals
 from beyond.density import SLQ_PROBES, SLQ_STEPS, hutchinson_trace, spectral_density
 from dynloss import class_weights
-from fast.mlp_spectra import (
-    hessian_matvec,
-    net_state,
-    ntk_matvec,
-    ntk_traced_matvec,
-)
-from fast.spiral_trainer import train_block
 from models import mlp_forward
 from spectra import top_eigs, warm_top_eig
 from spiral import train_reference
@@ -51,6 +44,8 @@ def train(params0, data, spec, reference=False, xp=np, on_log=None, progress=Non
     trainer's train_block: the same arguments and the same result (spiral.finish_run)."""
     if reference:
         return train_reference(params0, data, spec, on_log=on_log, progress=progress)
+    from fast.spiral_trainer import train_block  # the fast path only: --reference loads none
+
     return train_block(params0, data, spec, xp=xp, on_log=on_log, progress=progress)
 
 
@@ -138,6 +133,8 @@ class SpectraTracker:
             ntk = lambda: spectra.ntk_matvec(one, self.X)
             traced = lambda: spectra.ntk_traced_matvec(one, self.X)
         else:  # the fused copies of fast/mlp_spectra.py, into reused (N, H) buffers
+            from fast.mlp_spectra import hessian_matvec, net_state, ntk_matvec, ntk_traced_matvec
+
             shape = (N, one["W2"].shape[1])
             if self._work is None or self._work["h1"].shape != shape:
                 self._work = {"h1": np.empty(shape), "mask": np.empty(shape)}
@@ -327,6 +324,8 @@ def densities_along(
         if reference:
             matvec = spectra.hessian_matvec(one, X, y, gamma, spec.loss)
         else:
+            from fast.mlp_spectra import hessian_matvec, net_state
+
             matvec = hessian_matvec(net_state(one, X), y, gamma, spec.loss)
         P = spectra.n_params(one)
         rng = np.random.default_rng([DENSITY_SEED, step])

@@ -46,3 +46,20 @@ def test_readme_reading_order_states_the_core_line_counts():
     total = re.search(r"in this order \(([\d,]+) lines\)", readme)
     assert total and int(total.group(1).replace(",", "")) == sum(counts.values())
     assert sum(counts.values()) <= CORE_LINES_MAX
+
+
+def test_the_reference_path_loads_nothing_from_fast(tmp_path):
+    """``train --reference`` runs the code a reader reads: no module of fast/ is even imported
+    (the fast trainer and the CUDA code load only on the paths that use them)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, run_spiral; "
+        f"code = run_spiral.main(['train', '--reference', '--width', '5', '--steps', '60', "
+        f"'--T', '20', '--quiet', '--out', {str(tmp_path / 'r')!r}]); "
+        "print(code, sorted(m for m in sys.modules if m == 'fast' or m.startswith('fast.')))"
+    )
+    r = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "0 []", r.stdout
