@@ -44,9 +44,12 @@ Every function here works on NumPy and on CuPy arrays alike (``get_array_module`
 
 from __future__ import annotations
 
+from collections import namedtuple
+
 import numpy as np
 
 LOSSES = ("ce", "mse")
+LossCache = namedtuple("LossCache", "loss logp resid y gamma_y")  # what loss_forward keeps
 DIVERGENCE_FACTOR = 1e3  # a run has diverged once F is not finite or above this times F(0)
 
 
@@ -97,8 +100,8 @@ def class_weights(t, A, T, K, stop_step=None, xp=np):
     scalar_t = np.ndim(t) == 0
     t = xp.atleast_1d(xp.asarray(t, dtype=xp.float64))[:, None]  # (S, 1)
     t_T = t - T * xp.floor(t / T)  # (S, M)  Eq. (2): t_T = t mod T
-    m = 2.0 * (A - 1.0) / T  # (M,)     slope of eq. (3)
-    f = xp.where(t_T <= T / 2, 1.0 + m * t_T, 2.0 * A - m * t_T - 1.0)  # (S, M)  Eq. (3)
+    slope = 2.0 * (A - 1.0) / T  # (M,)  of eq. (3)'s triangle
+    f = xp.where(t_T <= T / 2, 1.0 + slope * t_T, 2.0 * A - slope * t_T - 1.0)  # (S, M)  Eq. (3)
     chosen = xp.floor(t / T).astype(xp.int64) % K  # (S, M)  Eq. (4): floor(t/T) mod K
     is_chosen = chosen[..., None] == xp.arange(K)  # (S, M, K)
     gamma_hat = xp.where(is_chosen, f[..., None], 1.0)  # (S, M, K)  Eq. (4)
@@ -138,8 +141,9 @@ def loss_forward(logits, y, gamma, loss="ce"):
     Returns
     -------
     F : array (M,)
-    cache : (loss, a, y, gamma_y) for :func:`loss_backward`: a is log softmax(z) (M, N, K) for
-        "ce" and the residual z - onehot(y) (M, N, K) for "mse"; gamma_y (M, N) = Gamma_{y_j}.
+    cache : a :class:`LossCache` for :func:`loss_backward`: the loss, logp = log softmax(z)
+        (M, N, K) ("ce"; None for "mse"), resid = z - onehot(y) (M, N, K) ("mse"; None for
+        "ce"), y, and gamma_y (M, N) = Gamma_{y_j}.
     """
     xp = get_array_module(logits, gamma)
     M, N, K = logits.shape
@@ -148,11 +152,11 @@ def loss_forward(logits, y, gamma, loss="ce"):
         logp = log_softmax(logits)  # (M, N, K)
         ce = -xp.take_along_axis(logp, y[None, :, None], axis=-1)[..., 0]  # (M, N)
         F = (gamma_y * ce).sum(axis=1) / N  # (M,)  Eq. (1) / N
-        return F, (loss, logp, y, gamma_y)
+        return F, LossCache(loss, logp, None, y, gamma_y)
     if loss == "mse":
         resid = logits - _onehot(y, K, xp)  # (M, N, K)  g_k(x) of eq. (12)
         F = (gamma_y * (resid**2).sum(axis=-1)).sum(axis=1) / (2 * N)  # (M,)  Eq. (8), weighted
-        return F, (loss, resid, y, gamma_y)
+        return F, LossCache(loss, None, resid, y, gamma_y)
     raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
 
 
@@ -163,14 +167,14 @@ def loss_backward(cache):
     -------
     dlogits : array (M, N, K)
     """
-    loss, a, y, gamma_y = cache
-    xp = get_array_module(a)
-    M, N, K = a.shape
-    if loss == "ce":
-        dz = xp.exp(a)  # (M, N, K)  softmax(z)
-        dz[:, xp.arange(N), y] -= 1.0  # softmax(z) - onehot(y)
-        return dz * (gamma_y[..., None] / N)  # eq. (1): dF/dz = Gamma_y (softmax - onehot(y)) / N
-    return a * (gamma_y[..., None] / N)  # eq. (8): dF/dz = Gamma_y (z - onehot(y)) / N
+    c = cache
+    N = c.gamma_y.shape[1]
+    if c.loss == "ce":
+        xp = get_array_module(c.logp)
+        dz = xp.exp(c.logp)  # (M, N, K)  softmax(z)
+        dz[:, xp.arange(N), c.y] -= 1.0  # softmax(z) - onehot(y)
+        return dz * (c.gamma_y[..., None] / N)  # eq. (1): dF/dz = Gamma_y (softmax - onehot) / N
+    return c.resid * (c.gamma_y[..., None] / N)  # eq. (8): dF/dz = Gamma_y (z - onehot(y)) / N
 
 
 def logit_curvature(cache):
@@ -179,10 +183,9 @@ def logit_curvature(cache):
     Returns w (M, N), the weights Gamma_{y_j} / N, and s (M, N, K) = softmax(z) for "ce" (None
     for "mse"): d^2F/dz_j dz_j = w_j (diag(s_j) - s_j s_j^T), or w_j I_K for "mse".
     """
-    loss, a, y, gamma_y = cache
-    xp = get_array_module(a)
-    N = a.shape[1]
-    return gamma_y / N, (xp.exp(a) if loss == "ce" else None)  # w = Gamma_y / N, softmax(z)
+    c = cache
+    w = c.gamma_y / c.gamma_y.shape[1]  # (M, N)  Gamma_y / N
+    return w, (get_array_module(c.logp).exp(c.logp) if c.loss == "ce" else None)  # softmax(z)
 
 
 def apply_logit_hessian(curvature, Rlogits):

@@ -64,7 +64,7 @@ linear in (W1, b1) at fixed W2, so the only nonzero second derivatives of z are 
 d2 z_nk / dW1a[d,j] dW2[j,l] = xa_nd m_nj [k=l], with W1a = [W1; b1] (D+1, H) acting on
 xa = [x, 1]. The network's own term therefore lives in the W1a-W2 blocks (:func:`mlp_network_term`):
 
-    H[W1a[d,j], W2[j,l]] += C_djl,   C_djl = sum_n xa_nd m_nj g_nl.
+    H[W1a[d,j], W2[j,l]] += Q_djl,   Q_djl = sum_n xa_nd m_nj g_nl.
 
 Myrtle5 (Fig. 1; Shankar et al. 2020, the neural-tangents example at depth 5)
 -------------------------------------------------------------------------------
@@ -367,7 +367,7 @@ def mlp_jacobian(params, X, act=RELU):
 
 def mlp_network_term(params, X, dlogits, act=RELU):
     """The network's own part of the exact Hessian, sum_{n,k} g_nk d2 z_nk/dtheta2 (module
-    docstring): C_djl in the W1a-W2 blocks and their transpose, and for a smooth activation the
+    docstring): Q_djl in the W1a-W2 blocks and their transpose, and for a smooth activation the
     activation-curvature blocks B_j in W1a-W1a. dlogits : g = dF/dz (M, N, K).
     Returns (M, P, P), zero elsewhere."""
     xp = get_array_module(X)
@@ -376,14 +376,14 @@ def mlp_network_term(params, X, dlogits, act=RELU):
     M, N, H = slope.shape
     D, K = X.shape[1], dlogits.shape[2]
     xa = xp.concatenate([X, xp.ones((N, 1))], axis=1)  # (N, D+1)  [x, 1]: W1a = [W1; b1]
-    C = xp.einsum("nd,mnj,mnl->mdjl", xa, slope, dlogits)  # (M, D+1, H, K)  C_djl
+    Q = xp.einsum("nd,mnj,mnl->mdjl", xa, slope, dlogits)  # (M, D+1, H, K)  Q_djl
     P = (D + 1) * H + H * K + K
     d, j, l = np.meshgrid(np.arange(D + 1), np.arange(H), np.arange(K), indexing="ij")
     rows = (d * H + j).ravel()  # W1a[d, j] in the flat order (W1 rows, then b1)
     cols = ((D + 1) * H + j * K + l).ravel()  # W2[j, l]
     term = xp.zeros((M, P, P))
-    term[:, rows, cols] = C.reshape(M, -1)
-    term[:, cols, rows] = C.reshape(M, -1)
+    term[:, rows, cols] = Q.reshape(M, -1)
+    term[:, cols, rows] = Q.reshape(M, -1)
     sigma2 = act.curvature(c2) if act.curvature else None  # sigma''(z1) (M, N, H); ReLU: 0
     if sigma2 is not None:  # B_j[d, d'] = sum_n dh1_nj sigma''_nj xa_nd xa_nd'
         dh1 = dlogits @ xp.swapaxes(params["W2"], -1, -2)  # (M, N, H)
@@ -582,19 +582,19 @@ def myrtle5_forward(x, params):
     Returns logits (N, K) and the cache for :func:`myrtle5_backward` (a dict of layer caches).
     """
     _check_image(x)
-    P = params
-    z1, conv1 = conv3x3_forward(x, P["W1"], P["b1"])  # (N, Hx, Wx, c)
+    W = params
+    z1, conv1 = conv3x3_forward(x, W["W1"], W["b1"])  # (N, Hx, Wx, c)
     h1, relu1 = relu_forward(z1)
-    z2, conv2 = conv3x3_forward(h1, P["W2"], P["b2"])  # (N, Hx, Wx, c)
+    z2, conv2 = conv3x3_forward(h1, W["W2"], W["b2"])  # (N, Hx, Wx, c)
     h2, relu2 = relu_forward(z2)
     p2, pool2 = avgpool2_forward(h2)  # (N, Hx/2, Wx/2, c)
-    z3, conv3 = conv3x3_forward(p2, P["W3"], P["b3"])
+    z3, conv3 = conv3x3_forward(p2, W["W3"], W["b3"])
     h3, relu3 = relu_forward(z3)
     p3, pool3 = avgpool2_forward(h3)  # (N, Hx/4, Wx/4, c)
-    z4, conv4 = conv3x3_forward(p3, P["W4"], P["b4"])
+    z4, conv4 = conv3x3_forward(p3, W["W4"], W["b4"])
     h4, relu4 = relu_forward(z4)
     q, pool4 = global_avgpool_forward(h4)  # (N, c)  pooled features
-    logits, dense5 = dense_forward(q, P["W5"], P["b5"])  # (N, K)
+    logits, dense5 = dense_forward(q, W["W5"], W["b5"])  # (N, K)
     cache = dict(conv1=conv1, relu1=relu1, conv2=conv2, relu2=relu2, pool2=pool2, conv3=conv3)
     cache.update(relu3=relu3, pool3=pool3, conv4=conv4, relu4=relu4, pool4=pool4, dense5=dense5)
     return logits, cache
@@ -682,18 +682,18 @@ def _conv_rop_backward(dz, Rdz, cache, V, cache_R, need_dx=True):
 
 def _myrtle5_rop(params, cache, curvature, dlogits, dz, V):
     """R{grads} for the direction V (a params-shaped dict): the Hessian applied to V."""
-    P, c = params, cache
+    W, c = params, cache
     conv1, conv2, conv3, conv4 = c["conv1"], c["conv2"], c["conv3"], c["conv4"]
     # R forward pass: R{z} = conv(R{a}, W) + conv(a, V) + v_b;  R{h} = 1[z > 0] R{z}
     Rz1 = conv3x3_forward(conv1[0], V["W1"], V["b1"])[0]  # (N, Hx, Wx, c)  R{x} = 0
     Rh1 = relu_backward(Rz1, c["relu1"])
-    Rz2, convR2 = conv3x3_forward(Rh1, P["W2"], V["b2"])
+    Rz2, convR2 = conv3x3_forward(Rh1, W["W2"], V["b2"])
     Rz2 += conv3x3_forward(conv2[0], V["W2"], None)[0]  # (N, Hx, Wx, c)
     Rp2, _ = avgpool2_forward(relu_backward(Rz2, c["relu2"]))  # (N, Hx/2, Wx/2, c)
-    Rz3, convR3 = conv3x3_forward(Rp2, P["W3"], V["b3"])
+    Rz3, convR3 = conv3x3_forward(Rp2, W["W3"], V["b3"])
     Rz3 += conv3x3_forward(conv3[0], V["W3"], None)[0]
     Rp3, _ = avgpool2_forward(relu_backward(Rz3, c["relu3"]))  # (N, Hx/4, Wx/4, c)
-    Rz4, convR4 = conv3x3_forward(Rp3, P["W4"], V["b4"])
+    Rz4, convR4 = conv3x3_forward(Rp3, W["W4"], V["b4"])
     Rz4 += conv3x3_forward(conv4[0], V["W4"], None)[0]
     Rq, _ = global_avgpool_forward(relu_backward(Rz4, c["relu4"]))  # (N, c)
     q, W5 = c["dense5"]

@@ -209,13 +209,13 @@ def lanczos(matvec, v0, m, stop=None, passes=2, breakdown=LANCZOS_BREAKDOWN):
 
 def ritz_pairs(alpha, beta):
     """Eigenpairs of the tridiagonal T (diagonal alpha (j,), off-diagonal beta (j-1,)), by
-    LAPACK dstev (a few microseconds): theta (j,) ascending, S (j, j)."""
+    LAPACK dstev (a few microseconds): lam (j,) ascending, S (j, j)."""
     if len(alpha) == 1:
         return alpha.copy(), np.ones((1, 1))
-    theta, S, info = dstev(alpha, beta, compute_v=1)
+    lam, S, info = dstev(alpha, beta, compute_v=1)
     if info != 0:
         raise np.linalg.LinAlgError(f"dstev failed with info {info}")
-    return theta, S
+    return lam, S
 
 
 def top_eigs(matvec, P, k=1, v0=None, tol=EIGSH_TOL, ncv=None, maxiter=None):
@@ -250,12 +250,12 @@ def top_eigs(matvec, P, k=1, v0=None, tol=EIGSH_TOL, ncv=None, maxiter=None):
 def warm_top_eig(matvec, P, v0=None, tol=EIGSH_TOL, steps=WARM_STEPS, max_restarts=WARM_RESTARTS):
     """The largest (algebraic) eigenpair of a symmetric operator, cheap when warm-started.
 
-    :func:`lanczos` from v0, stopped at the first step whose top Ritz pair (theta, x) has
-    residual |A x - theta x| = beta_j |s_j| <= tol*|theta| (the criterion of eigsh/ARPACK);
+    :func:`lanczos` from v0, stopped at the first step whose top Ritz pair (lam, x) has
+    residual |A x - lam x| = beta_j |S_j| <= tol*|lam| (the criterion of eigsh/ARPACK);
     after ``steps`` steps without convergence it restarts from the top Ritz vector. From the
     previous step's eigenvector the Krylov space needs only a few products, and none of eigsh's
-    per-call overhead is paid. The Ritz value is a lower bound on lambda_max within tol*|theta|
-    of an eigenvalue, and within about (tol*theta)^2 / gap of lambda_max when it is separated by
+    per-call overhead is paid. The Ritz value is a lower bound on lambda_max within tol*|lam|
+    of an eigenvalue, and within about (tol*lam)^2 / gap of lambda_max when it is separated by
     a gap and v0 is close to its eigenvector. Near-degenerate top eigenvalues and cold starts need
     a tight tol or :func:`top_eigs`.
 
@@ -269,20 +269,20 @@ def warm_top_eig(matvec, P, v0=None, tol=EIGSH_TOL, steps=WARM_STEPS, max_restar
     ritz = {}  # the last step's top Ritz pair, kept by the stopping test
 
     def converged(alpha, beta):
-        ritz["theta"], ritz["S"] = ritz_pairs(alpha, beta[:-1])  # ascending
-        return beta[-1] * abs(ritz["S"][-1, -1]) <= tol * abs(ritz["theta"][-1])
+        ritz["lam"], ritz["S"] = ritz_pairs(alpha, beta[:-1])  # ascending
+        return beta[-1] * abs(ritz["S"][-1, -1]) <= tol * abs(ritz["lam"][-1])
 
     n = 0
     for _ in range(max_restarts):
         alpha, beta, Q = lanczos(matvec, v, steps, stop=converged, passes=1)
         n += len(alpha)
-        theta, S = ritz["theta"], ritz["S"]  # of the last step: the test runs at every step
+        lam, S = ritz["lam"], ritz["S"]  # of the last step: the test runs at every step
         v = Q @ S[:, -1]  # top Ritz vector (P,)
         # lanczos stopped before ``steps`` (the test above held, or the Krylov space became
-        # invariant) or it spanned the whole space: theta is the answer
+        # invariant) or it spanned the whole space: lam is the answer
         stopped = len(alpha) < min(steps, P) or len(alpha) == P
-        if stopped or beta[-1] * abs(S[-1, -1]) <= tol * abs(theta[-1]):
-            return theta[-1], v / np.linalg.norm(v), n
+        if stopped or beta[-1] * abs(S[-1, -1]) <= tol * abs(lam[-1]):
+            return lam[-1], v / np.linalg.norm(v), n
     raise RuntimeError(f"warm_top_eig: no convergence in {n} products (tol {tol})")
 
 

@@ -23,7 +23,7 @@ Closed forms used here (derivations: models.py)
 -----------------------------------------------
 J v, hidden layer:   (m * (xa V1a)) W2  = sum_d xa_nd [m (V1a_d * W2)]_nk   (one GEMM)
 J^T u, hidden layer: xa^T (m * (u W2^T)) = sum_k W2_jk [m^T (xa_d * u_k)]_j (one GEMM)
-Hv = J^T Hz J v + C v with C_djl = sum_n xa_nd m_nj g_nl, Hz the logit curvature (dynloss)
+Hv = J^T Hz J v + Q v with Q_djl = sum_n xa_nd m_nj g_nl, Hz the logit curvature (dynloss)
 Theta_traced = (1/K) (xa xa^T) * (m diag(s) m^T) + h1 h1^T + 1, s_j = sum_k W2_jk^2 (eq. 11)
 """
 
@@ -103,7 +103,7 @@ def loss_terms(s, y, gamma, loss="ce"):
 
 
 def cross_terms(xa, mask, g):
-    """The network's second-derivative term C_djl = sum_n xa_nd m_nj g_nl: (D+1, H, K)."""
+    """The network's second-derivative term Q_djl = sum_n xa_nd m_nj g_nl: (D+1, H, K)."""
     (N, D1), K = xa.shape, g.shape[1]
     xg = (xa[:, :, None] * g[:, None, :]).reshape(N, D1 * K)  # (N, (D+1)*K)  xa_nd g_nl
     return (xg.T @ mask).reshape(D1, K, -1).transpose(0, 2, 1)  # (D+1, H, K)

@@ -240,9 +240,11 @@ def test_gpu_rows_cover_every_fast_entry():
     """The GPU rows name every entry of fast/layers.py's table that differs from fast/myrtle5.py's
     NumPy layers (on NumPy arrays that table falls back to them, so only the coverage is tested
     here; the kernels themselves: tests/test_igemm.py)."""
+    from fast.layers import GPU_LAYERS
+    from fast.myrtle5 import CPU_LAYERS
+
     rows = checks.gpu_rows(checks.myrtle5_problem(width=2), np)
-    cpu = checks.fused.CPU_LAYERS
-    fast = {k for k, f in vars(checks.GPU_LAYERS).items() if f is not getattr(cpu, k)}
+    fast = {k for k, f in vars(GPU_LAYERS).items() if f is not getattr(CPU_LAYERS, k)}
     assert {r.what.removeprefix("GPU_LAYERS.") for r in rows} >= fast
 
 
