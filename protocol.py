@@ -5,10 +5,9 @@ Protocol (the Fig. 1 caption)
 -----------------------------
 Myrtle5 with c = 64 channels (models.py), CIFAR-10 without augmentation, normalised per channel
 with the training-set mean and std (:func:`normalize`; apparatus/cifar_files.py reads the
-archive); Nesterov momentum 0.9 (models.nesterov_step,
-PyTorch's form); minibatches of 512; 700 epochs; the dynamical loss (eqs. 1-5) with t counted
-in minibatch steps; oscillations stopped (Gamma = 1) from epoch 600; test accuracy after every
-epoch.
+archive); Nesterov momentum 0.9 (models.nesterov_step, PyTorch's form); minibatches of 512; 700
+epochs; the dynamical loss (eqs. 1-5) with t counted in minibatch steps; oscillations stopped
+(Gamma = 1) from epoch 600; test accuracy after every epoch.
 
 * Learning rate: changes EVERY STEP. ``lr_at(t, steps_per_epoch, ...)`` is the piecewise-linear
   schedule evaluated at the fractional epoch e = t / steps_per_epoch: 0 at e = 0, lr_peak (0.02)
@@ -133,12 +132,9 @@ class CifarData:
 def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and (population) std of images, in units of pixel / 255.
 
-    Args:
-        x: (N, Hx, Wx, C) images with values 0..255 (uint8 for CIFAR-10).
-
-    Returns:
-        mean (C,) float64 and std (C,) float64; for the CIFAR-10 training set about
-        (0.4914, 0.4822, 0.4465) and (0.2470, 0.2435, 0.2616).
+    x : (N, Hx, Wx, C) images with values 0..255 (uint8 for CIFAR-10). Returns mean (C,) and
+    std (C,) float64; for the CIFAR-10 training set about (0.4914, 0.4822, 0.4465) and (0.2470,
+    0.2435, 0.2616).
     """
     total = np.zeros(x.shape[-1])
     total_sq = np.zeros(x.shape[-1])
@@ -152,9 +148,7 @@ def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean / 255.0, np.sqrt(var) / 255.0
 
 
-def normalize_images(
-    x: np.ndarray, mean: np.ndarray, std: np.ndarray, dtype=np.float32
-) -> np.ndarray:
+def normalize_images(x, mean, std, dtype=np.float32):
     """(x / 255 - mean) / std per channel, computed in float64 chunks and stored as ``dtype``.
 
     Args:
@@ -179,13 +173,9 @@ def normalize_images(
 def normalize(data: CifarData, dtype=np.float32) -> CifarData:
     """Normalise train and test images per channel with the TRAINING-set mean and std.
 
-    Args:
-        data: CifarData with x_train (N_train, Hx, Wx, C) and x_test (N_test, Hx, Wx, C) in 0..255.
-        dtype: np.float32 or np.float64 for the returned images.
-
-    Returns:
-        CifarData with float x_train (N_train, Hx, Wx, C) and x_test (N_test, Hx, Wx, C); labels,
-        names unchanged, and the statistics recorded in ``source``.
+    data : CifarData, x_train (N_train, Hx, Wx, C) and x_test (N_test, Hx, Wx, C) in 0..255;
+    dtype : np.float32 or np.float64. Returns a CifarData with those images normalised as
+    ``dtype``, labels and names unchanged, the statistics recorded in ``source``.
     """
     mean, std = channel_stats(data.x_train)  # (C,), (C,)
     stats = ", ".join(f"{m:.4f}/{s:.4f}" for m, s in zip(mean, std, strict=True))
