@@ -309,7 +309,7 @@ def mlp_jvp(params, cache, V):
 
     V : a direction, dict with the shapes of params.  Returns (M, N, K).
     """
-    return _mlp_rforward(params, cache, V)[2]
+    return _mlp_rforward(params, cache, V)[2]  # Eq. (10): df/dt = J dtheta/dt, here J V
 
 
 def mlp_hvp_operator(params, X, y, gamma, loss="ce", act=RELU):

@@ -228,7 +228,7 @@ def train_reference(
             if t == spec.steps or (diverged >= 0).all():
                 break
             for k in params:
-                params[k] -= spec.lr * grads[k]  # gradient descent: theta <- theta - eta dF/dtheta
+                params[k] -= spec.lr * grads[k]  # Eq. (9): theta <- theta - eta dF/dtheta
             if after_update is not None:
                 after_update(t, params)
             F_prev = F

@@ -141,7 +141,7 @@ def ntk_multiplier(lam, lr, N):
     In (0, 1): smooth decay; in (-1, 0): decay flipping sign each step; below -1: period-two
     divergence (the bifurcation branches).
     """
-    return 1.0 - lr / N * np.asarray(lam)
+    return 1.0 - lr / N * np.asarray(lam)  # Eq. (13): g <- (1 - (eta/N) Theta) g, per mode
 
 
 def analyze(arrays, lr, N, T, stop_step):
