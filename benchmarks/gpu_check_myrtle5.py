@@ -11,9 +11,10 @@ host result at ``F32_RTOL``, or at ``TF32_RTOL`` when CUPY_TF32=1 is set (CuPy t
 float32 matrices in TF32, and dynloss its TF32 implicit-GEMM convolutions):
 ``CUPY_TF32=1 python benchmarks/gpu_check_myrtle5.py``; ``DYNLOSS_CONV=3xtf32`` checks the 3xTF32
 convolutions at the float32 tolerance. The float32 exact HVP is checked too (at ``F32_HVP_RTOL``).
-The GPU side runs through fast/layers.py's table (our CUDA kernels); the host side is the
-reference (models.LAYERS). Prints one PASS/FAIL line per check and exits 1 on any failure;
-without CuPy or a GPU it prints 'skipped: no CuPy/GPU' and exits 0.
+The GPU side runs fast/myrtle5.py's fused network through fast/layers.py's table (our CUDA
+kernels); the host side is the plain reference of models.py. Prints one PASS/FAIL line per
+check and exits 1 on any failure; without CuPy or a GPU it prints 'skipped: no CuPy/GPU' and
+exits 0.
 """
 
 from __future__ import annotations
