@@ -58,12 +58,14 @@ MODE_SEEN = 1e-4  # the mode is "seen" once its amplitude c reaches this (parame
 GROWTH_FROM = 1e-8  # its growth is measured from this amplitude (above the float64 floor) to seen
 MIN_GROWTH_STEPS = 5  # fewer steps between the two: no growth measured
 ALTERNATION_WINDOW = 100  # steps before the onset over which |lambda(t) - lambda(t-1)| is averaged
+NO_GROWTH_RUNS = ("no run: the mode was seen before the onset in every cascade (it did not grow "
+                  "from the seed level; the entry-exit relation does not apply)")  # fmt: skip
 EPISODE_FIELDS = (
     "entry_step", "entry_lambda", "entry_excess", "entered_below", "hot_step", "level_step",
     "onset_step", "lag_steps", "ramp", "mode_hot", "mode_level", "mode_onset", "mode_entry",
     "forcing_low", "forcing_high", "seen_step", "seen_lambda", "seen_before_onset",
-    "efolds_seen", "seed_implied", "growth_measured", "growth_linear", "flips_level",
-    "flipback_level", "cos_level", "flips_onset", "flipback_onset", "cos_onset",
+    "seen_censored", "efolds_seen", "seed_implied", "growth_measured", "growth_linear",
+    "flips_level", "flipback_level", "cos_level", "flips_onset", "flipback_onset", "cos_onset",
     "lam_alternation", "onset_lam_dense", "onset_lam_gn", "onset_lam_wntk", "onset_lam_ntk",
     "entry_lam_dense", "entry_lam_gn", "entry_lam_wntk", "entry_lam_ntk",
 )  # fmt: skip
@@ -122,7 +124,9 @@ def analyze_unit(u, lr, T):
     F = c (2 - eta lambda-bar) that would hold it there, median over HOT_LEVEL-LEVEL and
     LEVEL-RAMP_TO (``forcing_low``, ``forcing_high``); the first step from the HOT_LEVEL
     crossing on where c reaches MODE_SEEN (``seen_step``, ``seen_lambda`` = lambda-bar there,
-    ``seen_before_onset``), the e-folds of the linear map from the onset to it (``efolds_seen``:
+    ``seen_before_onset``; ``seen_censored``: c was not measured below MODE_SEEN before, so
+    it was already there when the tracking began and seen_lambda is only an upper bound), the
+    e-folds of the linear map from the onset to it (``efolds_seen``:
     NaN if seen before the onset) and the floor they imply, log10 MODE_SEEN - efolds / ln 10
     (``seed_implied``); the growth of ln c per step from c = GROWTH_FROM (or the onset) to seen,
     against the linear map's mean ln|1 - eta lambda-bar| (``growth_measured``,
@@ -163,6 +167,8 @@ def analyze_unit(u, lr, T):
                if 0 <= t_level and t_ramp - t_level >= MIN_RAMP_STEPS else np.nan)  # fmt: skip
         t_seen = first_reaching(c, MODE_SEEN, t_hot if t_hot >= 0 else lo, s + int(quiet))
         after = t_seen > t_onset >= 0
+        t_first = t_hot if t_hot >= 0 else lo
+        censored = t_seen >= 0 and not (c[t_first:t_seen] < MODE_SEEN).any()  # NaN: not below
         efolds = multiplier_sum(eta_mid, t_onset, t_seen) if after else np.nan
         t_from = first_reaching(c, GROWTH_FROM, t_onset, t_seen) if after else -1
         grow = t_seen - t_from >= MIN_GROWTH_STEPS and t_from >= 0
@@ -181,6 +187,7 @@ def analyze_unit(u, lr, T):
             "forcing_high": _band_median(F, eta_mid, t_hot, below, LEVEL, RAMP_TO),
             "seen_step": t_seen, "seen_lambda": eta_mid[t_seen] / lr if t_seen >= 0 else np.nan,
             "seen_before_onset": float(0 <= t_seen < t_onset) if t_seen >= 0 else np.nan,
+            "seen_censored": float(censored) if t_seen >= 0 else np.nan,
             "efolds_seen": efolds, "seed_implied": np.log10(MODE_SEEN) - efolds / np.log(10),
             "growth_measured": measured, "growth_linear": linear,
             "flips_level": _around(u["flips"], t_level), "flipback_level": _share(u, t_level),
@@ -244,6 +251,7 @@ EPISODE_SUMMARY = (
     "forcing_high",
     "seen_lambda",
     "seen_before_onset",
+    "seen_censored",
     "efolds_seen",
     "seed_implied",
     "growth_measured",
@@ -337,6 +345,8 @@ def merge_onset(out):
         row["cascades_entered_below_2_over_eta"] = int(below[i].sum())
         seen = arrays["episode_seen_before_onset"][arrays["episode_condition"] == i]
         row["cascades_seen_before_onset"] = int(np.nansum(seen))
+        censored = arrays["episode_seen_censored"][arrays["episode_condition"] == i]
+        row["cascades_seen_censored"] = int(np.nansum(censored))
         row["warm_lanczos_replaced"] = int(replaced[i].sum())
         report["per_condition"].append(row)
     write_json(os.path.join(out, "onset.json"), json.loads(json.dumps(report, default=_num)))
@@ -436,9 +446,12 @@ def onset_fits(conds, per_seed, width):
     - ramps (differing in T0 only): entry_excess and threshold - 2/eta = k rho^alpha over every
       run (excesses <= 0 kept); the slow passage predicts alpha = 1/2;
     - learning rates (differing in eta only, at least 3): threshold, threshold_scaled,
-      threshold_entries, entry_lambda ~ eta^x; 2/eta has x = -1;
-    - activations (differing in beta only): log10 forcing_high against log10 flips_level, the
-      forcing the mode needs against the units changing sign per step.
+      threshold_entries, entry_lambda ~ eta^x; 2/eta has x = -1.
+
+    A fit with no usable run is kept, with NaN estimates and ``runs`` 0, and says why. There is
+    no fit across activations: ReLU and the softplus networks form two clusters (tens of units
+    changing sign per step against none; a forcing of 1e-3 against the estimator's floor), and
+    a line through two clusters measures no dose-response (docs/onset.md).
 
     Each fit draws its resamplings from its own generator, so its interval does not depend on
     which other conditions the folder holds."""
@@ -453,9 +466,11 @@ def onset_fits(conds, per_seed, width):
         x = np.log(np.array([conds[i]["noise"] for i in sel]) / np.sqrt(P))[:, None]
         x = np.broadcast_to(x, (len(sel), per_seed["efolds_seen"].shape[1])).copy()
         (b, a, n), lo, hi = _bootstrap(_line, x, per_seed["efolds_seen"][sel], rng())
-        fits.append(dict(family=label, fit="efolds_seen = slope ln(eps / sqrt(P)) + c",
-                         slope=b, slope_lo=lo, slope_hi=hi, intercept=a, runs=n,
-                         law="slope -1"))  # fmt: skip
+        fit = dict(family=label, fit="efolds_seen = slope ln(eps / sqrt(P)) + c", slope=b,
+                   slope_lo=lo, slope_hi=hi, intercept=a, runs=n, law="slope -1")  # fmt: skip
+        if n == 0:
+            fit["why"] = NO_GROWTH_RUNS
+        fits.append(fit)
     for label, members in families(conds, "T0").items():
         if len(members) < 2:
             continue
@@ -479,15 +494,6 @@ def onset_fits(conds, per_seed, width):
             n = int(np.isfinite(per_seed[f][members]).sum())
             fits.append(dict(family=label, fit=f"{f} ~ lr^x", x=x, x_stderr=err, x_lo=lo,
                              x_hi=hi, runs=n, law="x -1"))  # fmt: skip
-    for label, members in families(conds, "beta").items():
-        if len(members) < stability.MIN_FIT_POINTS:
-            continue
-        with np.errstate(divide="ignore", invalid="ignore"):
-            x = np.log10(per_seed["flips_level"][members])
-        (b, a, n), lo, hi = _bootstrap(_line, x, per_seed["forcing_high"][members], rng())
-        fits.append(dict(family=label, fit="log10 forcing_high = slope log10 flips_level + c",
-                         slope=b, slope_lo=lo, slope_hi=hi, intercept=a, runs=n,
-                         law="none: a positive slope if the kinks force the mode"))  # fmt: skip
     return fits
 
 
@@ -508,7 +514,9 @@ def print_onset(arrays, conds, fits):
             f"other starts {show('threshold_restarts', i)}, ends {show('threshold_ends', i)}, "
             f"scale-free {show('threshold_scaled', i)}; entry at lambda "
             f"{show('entry_lambda', i)}; mode seen (c >= {MODE_SEEN:g}) at lambda "
-            f"{show('seen_lambda', i)}, {show('efolds_seen', i, '.1f')} e-folds after the onset "
+            f"{show('seen_lambda', i)} (censored: already there when tracked, share "
+            f"{show('seen_censored', i, '.2f')}), {show('efolds_seen', i, '.1f')} e-folds after "
+            f"the onset "
             f"(implied log10 floor {show('seed_implied', i, '.1f')}); growth per step "
             f"{show('growth_measured', i, '.3f')} vs the linear map's "
             f"{show('growth_linear', i, '.3f')}; log10 forcing at eta lambda 1.2-1.5 "
@@ -519,4 +527,5 @@ def print_onset(arrays, conds, fits):
         )
     for fit in fits:
         values = ", ".join(f"{k} {v:.4g}" for k, v in fit.items() if isinstance(v, float))
-        print(f"{fit['family']}: {fit['fit']}: {values}; runs {fit['runs']} ({fit['law']})")
+        why = f"; {fit['why']}" if "why" in fit else ""
+        print(f"{fit['family']}: {fit['fit']}: {values}; runs {fit['runs']} ({fit['law']}){why}")

@@ -209,6 +209,10 @@ def test_analyze_unit_finds_each_cascade_where_the_rule_enters_it():
     np.testing.assert_allclose(rows["forcing_low"], 1e-3, rtol=1e-6)
     np.testing.assert_allclose(rows["forcing_high"], 1e-3, rtol=0.05)
     assert (rows["seen_before_onset"] == 1).all() and np.isnan(rows["efolds_seen"]).all()
+    assert (rows["seen_censored"] == 1).all()  # c = 1e-3/0.8 > MODE_SEEN at the first tracked step
+    weak, _ = oa.analyze_unit(synthetic_unit(force=1e-5), 1.0, 2000.0)  # seen at 1.9, measured
+    assert (weak["seen_censored"] == 0).all() and (weak["seen_before_onset"] == 1).all()
+    np.testing.assert_allclose(weak["seen_lambda"], 1.9, atol=0.01)
     np.testing.assert_allclose(rows["flipback_level"], 0.5)
     assert np.isnan(rows["onset_lam_dense"]).all()  # no dense spectra stored: NaN, not 0
     assert run["coverage"] == 1.0
@@ -233,6 +237,7 @@ def test_analyze_unit_reads_a_delayed_flip_by_the_entry_exit_relation():
         rows, run = oa.analyze_unit(synthetic_unit(floor=floor), 1.0, 2000.0)
         assert run["entries"] == 2 and run["entries_below"] == 0
         assert (rows["seen_before_onset"] == 0).all() and (rows["seen_lambda"] > 2.0).all()
+        assert (rows["seen_censored"] == 0).all()
         # the e-folds from the onset to c = MODE_SEEN are ln(MODE_SEEN / floor), to one step's
         np.testing.assert_allclose(rows["efolds_seen"], np.log(oa.MODE_SEEN / floor), atol=0.6)
         np.testing.assert_allclose(rows["seed_implied"], np.log10(floor), atol=0.3)
@@ -282,7 +287,6 @@ def test_fits_recover_known_laws_each_from_its_own_draws():
     excess[3, 0] = -0.0001  # a run entered below 2/eta
     lrs = np.array([1.0, 0.5, 2.0, 4.0])  # the T family's T0 = 5000 is the lr family's eta = 1
     law = 2.6 * lrs[:, None] ** -0.9 * np.exp(rng.normal(0, 0.05, (4, S)))  # (4, S)
-    flips = np.outer([3.0, 10.0, 40.0, 80.0], np.ones(S)) * np.exp(rng.normal(0, 0.1, (4, S)))
 
     def per_seed(conds):
         out = {f: np.full((len(conds), S), np.nan) for f in oa.SUMMARY_FIELDS}
@@ -299,10 +303,6 @@ def test_fits_recover_known_laws_each_from_its_own_draws():
                     out["threshold"][i] = law[k]
             if c["noise"]:
                 out["efolds_seen"][i] = -np.log(c["noise"] / np.sqrt(P)) + 3 + rng.normal(0, 0.3, S)
-            if c["T0"] == 5000.0 and c["lr"] == 1.0 and c["noise"] == 0:
-                k = 3 if c["beta"] is None else [5.0, 20.0, 100.0].index(c["beta"])
-                out["flips_level"][i] = flips[k]
-                out["forcing_high"][i] = 0.8 * np.log10(flips[k]) - 5 + rng.normal(0, 0.02, S)
         return out
 
     every = other + t_family + lr_family + eps_family + betas
@@ -320,9 +320,11 @@ def test_fits_recover_known_laws_each_from_its_own_draws():
     ee = fits[("T05000.0_lr1.0_float64_noise*_relu", "efolds_seen = slope ln(eps / sqrt(P)) + c")]
     assert ee["slope"] == pytest.approx(-1, abs=0.05) and ee["runs"] == 4 * S
     assert ee["slope_lo"] < -1 < ee["slope_hi"]
-    kinks = fits[("T05000.0_lr1.0_float64_noise0.0_softplus*",
-                  "log10 forcing_high = slope log10 flips_level + c")]  # fmt: skip
-    assert kinks["slope"] == pytest.approx(0.8, abs=0.05) and kinks["runs"] == 4 * S
+    assert not any("softplus*" in family for family, _ in fits)  # no line through two clusters
+    seen_early = per_seed(eps_family)
+    seen_early["efolds_seen"][:] = np.nan  # every cascade saw the mode before its onset
+    (none,) = oa.onset_fits(eps_family, seen_early, width)
+    assert none["runs"] == 0 and np.isnan(none["slope"]) and none["why"] == oa.NO_GROWTH_RUNS
     alone = {(f["family"], f["fit"]): f for f in oa.onset_fits(t_family, per_seed(t_family), width)}
     assert alone[(t_label, "threshold - 2/lr = k ramp^alpha")] == slow  # its own draws
 
