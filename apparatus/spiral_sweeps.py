@@ -203,8 +203,9 @@ def run_phase(out, cfg, units, xp, batch, progress=True, reference=False):
             where = save_batch(out, names, stop.parts)
             steps = [int(p["paused"]) for p in stop.parts if p is not None and "paused" in p]
             at = f" at step {min(steps):,} of {cfg['steps']:,}" if steps else ""
-            raise signals.Interrupted(stop.signum, f"the batch in flight ({len(names)} units"
-                                      f"{at}) is checkpointed in {where}") from None  # fmt: skip
+            units = f"{len(names)} unit{'s' if len(names) != 1 else ''}"
+            raise signals.Interrupted(stop.signum, f"the batch in flight ({units}{at}) is "
+                                      f"checkpointed in {where}") from None  # fmt: skip
         drop_batch(out, names)
         copies = _copy_ready(out, copies, expect)
     _copy_ready(out, copies, expect)
