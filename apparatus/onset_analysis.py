@@ -446,7 +446,7 @@ def onset_fits(conds, per_seed, width):
     - ramps (differing in T0 only): entry_excess and threshold - 2/eta = k rho^alpha over every
       run (excesses <= 0 kept); the slow passage predicts alpha = 1/2;
     - learning rates (differing in eta only, at least 3): threshold, threshold_scaled,
-      threshold_entries, entry_lambda ~ eta^x; 2/eta has x = -1.
+      threshold_entries, threshold_scaled_entries, entry_lambda ~ eta^x; 2/eta has x = -1.
 
     A fit with no usable run is kept, with NaN estimates and ``runs`` 0, and says why. There is
     no fit across activations: ReLU and the softplus networks form two clusters (tens of units
@@ -488,7 +488,8 @@ def onset_fits(conds, per_seed, width):
         lrs = np.array([conds[i]["lr"] for i in members])
         if len(members) < stability.MIN_FIT_POINTS:
             continue
-        for f in ("threshold", "threshold_scaled", "threshold_entries", "entry_lambda"):
+        for f in ("threshold", "threshold_scaled", "threshold_entries",
+                  "threshold_scaled_entries", "entry_lambda"):  # fmt: skip
             (x, err, _), draws = statistics.bootstrap_exponent(lrs, per_seed[f][members].T, rng())
             lo, hi = np.nanpercentile(draws, Q) if np.isfinite(draws).any() else (np.nan,) * 2
             n = int(np.isfinite(per_seed[f][members]).sum())
