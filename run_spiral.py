@@ -3,8 +3,8 @@
 Commands
 --------
 python run_spiral.py                      the demo: width 100, A = 20, T = 1000, 30k steps (~10 s)
-python run_spiral.py train --reference    the same run through the reference loop
-python run_spiral.py train --A 1 --steps 35000 --out runs/static            Fig. 4 (a)-(d), static
+python run_spiral.py train --reference    the same run through the reference loop (its own folder)
+python run_spiral.py train --A 1 --steps 35000 --out runs/static            the static loss
 python run_spiral.py train --A 10 --T 200 --steps 35000 --seed 0-7           one cell of Fig. 3
 python run_spiral.py phase --width 100 --seeds 50 --out runs/phase-w100      Fig. 3 (a, b)
 python run_spiral.py phase --width 1000 --seeds 50 --out runs/phase-w1000    Fig. 3 (c, d)
@@ -19,9 +19,10 @@ python run_spiral.py onset --T0 1250,5000 --out runs/onset   where the instabili
 Every command writes its arrays (npz), its settings (json) and its figure (png) into --out;
 docs/formats.md lists the keys. Every command that trains takes --reference: it then trains with
 spiral.train_reference, the plain loop built from dynloss.py and models.py, instead of the fast
-trainer (fast/spiral_trainer.py); both write the same files. The modules do the work: spiral.py
-(data, reference loop), fast/ (the fast trainer), apparatus/ (sweeps, the spectra tracker,
-statistics, figures).
+trainer (fast/spiral_trainer.py); both write the same files, by default into folders of their
+own (--out with "-reference"). apparatus/spiral_sweeps.train makes that choice. The modules do
+the work: spiral.py (data, reference loop), fast/ (the fast trainer), apparatus/ (sweeps, the
+spectra tracker, statistics, figures).
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ from spiral import (
 )
 
 SCRIPT = "run_spiral.py"
+REFERENCE_SUFFIX = "-reference"  # the default folders of --reference runs: the two trainers' apart
 TRAIN_DEFAULTS = {
     "width": 100,
     "A": 20.0,
@@ -238,7 +240,9 @@ def check_train_command(args):
 
 @command(check_train_command)
 def cmd_train(args, plan):
-    """``train``: one setting, one or a few seeds; writes run.npz, config.json, run.png."""
+    """``train``: one setting, one or a few seeds; writes run.npz, config.json, run.png. The
+    trainer is chosen in apparatus/spiral_sweeps.train: spiral.train_reference with --reference,
+    fast/spiral_trainer.train_many without."""
     seeds, identity_of = plan["seeds"], plan["identity_of"]
     t0 = time.time()
     data = spiral_data(args.val)
@@ -272,15 +276,32 @@ def cmd_train(args, plan):
     print(trainer_line(args))
 
 
-def trainer_line(args):
-    """Which trainer ran, and the command for the other one."""
-    argv = " ".join(shlex.quote(a) for a in sys.argv[1:]) or "train"
+def trainer_line(args, argv=None):
+    """Which trainer ran, and the command for the other one, into a folder of its own (the
+    default folders differ by "-reference"; an explicit --out gets that suffix added or
+    removed), so that running it keeps this run."""
+    words = list(sys.argv[1:] if argv is None else argv) or ["train"]
+    kept, skip = [], False
+    for w in words:
+        if skip or w == "--reference" or w.startswith("--out="):
+            skip = False
+            continue
+        skip = w == "--out"
+        if not skip:
+            kept.append(w)
+    if args.out_given:
+        out = args.out.rstrip("/")
+        if args.reference:
+            out = out[: -len(REFERENCE_SUFFIX)] if out.endswith(REFERENCE_SUFFIX) else out + "-fast"
+        else:
+            out += REFERENCE_SUFFIX
+        kept += ["--out", out]
+    other = " ".join(shlex.quote(w) for w in kept + ([] if args.reference else ["--reference"]))
     if args.reference:
-        other = argv.replace("--reference", "").strip() if "--reference" in argv else argv
         return ("trained by spiral.train_reference, the loop to read (dynloss.py, models.py); "
                 f"the fast trainer: python {SCRIPT} {other}")  # fmt: skip
     return ("trained by the fast trainer (fast/spiral_trainer.py); the same run through the loop "
-            f"to read (spiral.train_reference): python {SCRIPT} {argv} --reference")  # fmt: skip
+            f"to read (spiral.train_reference): python {SCRIPT} {other}")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -731,7 +752,9 @@ def add_common_options(p, out, what):
         help="train with the reference loop (spiral.train_reference) instead of the fast trainer",
     )
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="cpu or gpu (CuPy)")
-    p.add_argument("--out", default=out, help=what)
+    p.add_argument("--out", default=None, help=f"{what} (default {out}; with --reference "
+                   f"{out}{REFERENCE_SUFFIX})")  # fmt: skip
+    p.set_defaults(out_for=lambda a, out=out: out + (REFERENCE_SUFFIX if a.reference else ""))
     p.add_argument(
         "--overwrite",
         action="store_true",

@@ -8,18 +8,20 @@ fits threshold ~ eta^x (Fig. 5). The series they read (lambda_max along a run) a
 apparatus/tracker.py with spectra.py's operators.
 
 Symbols: S logged (or tracked) steps; E episodes (instabilities); eta the learning rate; lambda
-a Hessian eigenvalue; g = dF/dtheta the gradient; H the Hessian.
+an eigenvalue (of the Hessian H; in eqs. 13-14, of the NTK Theta); d = dF/dtheta the gradient;
+g the output residual of eq. (12); N samples.
 
 The bounds they are compared with (eqs. 6-7 and 13-14 of the paper):
-- eqs. (6)-(7): to second order, F(theta - eta g) = F - eta |g|^2 + (eta^2/2) g^T H g; along an
-  eigenvector of curvature lambda the step lowers F only while -eta |g|^2 + (eta^2/2) lambda |g|^2
+- eqs. (6)-(7): to second order, F(theta - eta d) = F - eta |d|^2 + (eta^2/2) d^T H d; along an
+  eigenvector of curvature lambda the step lowers F only while -eta |d|^2 + (eta^2/2) lambda |d|^2
   < 0, i.e. lambda < 2/eta. On a quadratic F = (theta - theta*)^T H (theta - theta*) / 2 the
   gradient is H (theta - theta*), so a step maps theta - theta* to (I - eta H)(theta - theta*):
   the component along that eigenvector is multiplied by 1 - eta lambda, which passes -1 at
   lambda = 2/eta (:func:`gd_threshold`, the constant the paper's proportionality (7) leaves
   open): the threshold scales as eta^-1;
-- eqs. (13)-(14): under MSE the NTK mode with eigenvalue lambda is multiplied by
-  1 - (eta/N) lambda per step (:func:`ntk_multiplier`), so it flips and grows once
+- eqs. (13)-(14): under MSE the outputs' residual g obeys dg/dt = -(eta/N) Theta g (13), in
+  discrete steps g <- (1 - (eta/N) Theta) g (14): the NTK mode with eigenvalue lambda is
+  multiplied by 1 - (eta/N) lambda per step (:func:`ntk_multiplier`), so it flips and grows once
   lambda > 2N/eta (:func:`ntk_threshold`).
 
 Where an instability begins, beyond the paper's threshold, is the onset experiment's question:
@@ -136,12 +138,13 @@ def ntk_threshold(lr, N):
 
 
 def ntk_multiplier(lam, lr, N):
-    """The factor 1 - (eta/N) lambda of eq. (14) multiplying an NTK eigenmode each step.
+    """The factor 1 - (eta/N) lambda of eq. (14) multiplying an NTK eigenmode each step; lam : a
+    float or array of NTK eigenvalues, returns the same shape.
 
     In (0, 1): smooth decay; in (-1, 0): decay flipping sign each step; below -1: period-two
     divergence (the bifurcation branches).
     """
-    return 1.0 - lr / N * np.asarray(lam)  # Eq. (13): g <- (1 - (eta/N) Theta) g, per mode
+    return 1.0 - lr / N * np.asarray(lam)  # Eq. (14): g <- (1 - (eta/N) Theta) g, per mode
 
 
 def analyze(arrays, lr, N, T, stop_step):

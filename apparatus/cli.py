@@ -321,6 +321,10 @@ def run_main(parser, argv, script, default_argv=None, errors=(InputError,)):
     if args.command is None:
         parser.print_help()
         return 2
+    if hasattr(args, "out_for"):  # a default --out that depends on other options
+        args.out_given = args.out is not None
+        args.out = args.out if args.out_given else vars(args).pop("out_for")(args)
+        vars(args).pop("out_for", None)  # not an option: config.json records the options
     previous = signals.install()
     safe = "results stored before are intact (every file is written whole, then renamed)"
     try:

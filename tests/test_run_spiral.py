@@ -222,3 +222,26 @@ def test_reference_runs_on_the_cpu_only(tmp_path, capsys):
         rs.main(["train", "--reference", "--device", "gpu", "--out", str(tmp_path / "r")])
     assert e.value.code == 2 and "--reference" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_other_trainers_command_writes_a_folder_of_its_own(tmp_path, monkeypatch, capsys):
+    """The last line of train names the other trainer's command; run as printed, it keeps the
+    first run (its own folder, by default and with --out), and the two default folders differ."""
+    monkeypatch.chdir(tmp_path)
+    base = ["train", "--steps", "400", "--T", "100", "--width", "10", "--quiet"]
+    monkeypatch.setattr(sys, "argv", ["run_spiral.py", *base])
+    assert rs.main(base) == 0
+    hint = capsys.readouterr().out.strip().splitlines()[-1]
+    assert hint.startswith("trained by the fast trainer")
+    other = hint.split("python run_spiral.py ")[1].split()
+    assert other == [*base, "--reference"]
+    monkeypatch.setattr(sys, "argv", ["run_spiral.py", *other])
+    assert rs.main(other) == 0
+    back = capsys.readouterr().out.strip().splitlines()[-1]
+    assert back.startswith("trained by spiral.train_reference") and back.endswith(" ".join(base))
+    for folder, reference in (("runs/spiral-train", False), ("runs/spiral-train-reference", True)):
+        assert json.loads((tmp_path / folder / "config.json").read_text())["reference"] is reference
+    mine = [*base, "--reference", "--out", "mine"]
+    monkeypatch.setattr(sys, "argv", ["run_spiral.py", *mine])
+    assert rs.main(mine) == 0
+    assert capsys.readouterr().out.strip().endswith(" ".join([*base, "--out", "mine-fast"]))
