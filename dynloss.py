@@ -5,7 +5,7 @@ Symbols
 M  networks trained side by side (each may have its own amplitude A and period T)
 S  steps at which Gamma is evaluated at once
 N  samples
-K  classes (the paper's C)
+K  classes (the paper's C);  z  the logits (M, N, K) (the paper's f)
 t  update step (full-batch steps for the spiral, minibatch steps for CIFAR-10)
 
 The class weights Gamma_i(t) (eqs. 2-5) emphasise one class per period T, cycling through the K

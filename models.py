@@ -4,9 +4,9 @@ This module is the reference: layers as pure forward/backward pairs, the two mod
 them line by line, their exact Hessian-vector products (R-operator), the MLP's Jacobian and the
 Nesterov step, in plain NumPy (the same lines run on CuPy arrays: ``xp`` is picked from the
 arguments). It imports no GPU code. The fast paths live in ``fast/``: the batched spiral trainer
-(a fused copy of the MLP lines below) and the fused Myrtle5 (fast/myrtle5.py, on NumPy or on our
-CUDA kernels), each tied to this reference by tests. The loss itself (eqs. 1-5, its gradient and
-its curvature) is in dynloss.py.
+(a fused copy of the MLP lines below) and the fused Myrtle5 (fast/myrtle5.py: a convolution and
+its ReLU in one layer, on NumPy or on our CUDA kernels), each tied to this reference by tests.
+The loss itself (eqs. 1-5, its gradient and its curvature) is in dynloss.py.
 
 Symbols
 -------
@@ -19,9 +19,11 @@ P  parameters of one network (D*H + H + H*K + K; 603 at H = 100)
 C  channels of an image or feature map (c: the Myrtle5 width, 64 in the paper; the paper's C
    is our K)
 Hx, Wx  image height and width (32 for CIFAR-10; Hx, not H, so as not to clash with the MLP's H)
-m  the ReLU mask 1[z1 > 0] (dynloss's m is the slope of eq. 3; the Lanczos steps are spectra's)
+z  pre-activations (z1) and logits (z; the paper's f)
+m  the ReLU mask 1[z1 > 0]; for another activation its slope sigma'(z1) (``act.slope``)
 g  dF/dz, the gradient of the loss in the logits (the paper's g of eq. 12 is the MSE residual
-   z - onehot(y), which dF/dz equals up to the factor Gamma_y / N)
+   z - onehot(y), which dF/dz equals up to the factor Gamma_y / N); d a parameter's gradient
+v, V  a direction in parameter space (flat, or a params-shaped dict); u the Nesterov velocity
 
 Conventions
 -----------
@@ -66,6 +68,37 @@ xa = [x, 1]. The network's own term therefore lives in the W1a-W2 blocks (:func:
 
     H[W1a[d,j], W2[j,l]] += Q_djl,   Q_djl = sum_n xa_nd m_nj g_nl.
 
+A smooth activation (beyond the paper: beyond/smooth.py's softplus)
+--------------------------------------------------------------------
+Everything above holds for any activation sigma with m replaced by sigma'(z1) (``act.slope``).
+Where sigma'' is not zero, z is no longer linear in W1a at fixed W2: d2 z_nk / dW1a[d,j]
+dW1a[d',j] = W2_jk sigma''(z1_nj) xa_nd xa_nd', and the network term gains the blocks
+
+    H[W1a[d,j], W1a[d',j]] += B_jdd',   B_jdd' = sum_n dh1_nj sigma''(z1_nj) xa_nd xa_nd',
+
+with dh1 = g W2^T; the R-operator gains R{dz1} += sigma''(z1) R{z1} dh1 (``act.curvature``).
+
+Derivation: exact Hessian-vector products (the R-operator, forward-over-reverse)
+-------------------------------------------------------------------------------
+For a direction v (P,) write R{f} = d/de f(theta + e v) at e = 0 (Pearlmutter 1994). Then
+Hv = R{dF/dtheta}: apply R to every line of the forward and then the backward pass. R is linear
+and obeys the product rule; R{W_l} = V_l, R{b_l} = v_bl (v unflattened), R{x} = 0.
+
+- affine, conv3x3 and dense (Myrtle5, below) are bilinear in (input a, weight W):
+  R{z} = f(R{a}, W) + f(a, V) + v_b.
+- ReLU: h = 1[z > 0] z with the mask locally constant (away from the kinks, where F is not twice
+  differentiable), so R{h} = 1[z > 0] R{z}: the same product as relu_backward. (A smooth
+  activation: R{h} = sigma'(z) R{z}, and R{dz} gains sigma''(z) R{z} dh, above.)
+- pools are linear: R{pool(a)} = pool(R{a}).
+- loss: R{dF/dz} = (d^2F/dz^2) R{z}, dynloss.loss_rop (derived there).
+- backward lines: dW = a^T dz gives R{dW} = R{a}^T dz + a^T R{dz}; da = dz W^T (a flipped conv
+  for conv3x3) gives R{da} = R{dz} W^T + dz V^T; db = sum dz gives R{db} = sum R{dz};
+  dz = 1[z > 0] dh gives R{dz} = 1[z > 0] R{dh}; pool backward is linear.
+
+The R forward pass alone is the Jacobian-vector product R{logits} = J v (:func:`mlp_jvp`); the
+backward pass alone is J^T r (:func:`mlp_backward` with r as dlogits). Hv is the exact Hessian of
+the batch loss applied to v (no Gauss-Newton approximation), at about twice the cost of a gradient.
+
 Myrtle5 (Fig. 1; Shankar et al. 2020, the neural-tangents example at depth 5)
 -------------------------------------------------------------------------------
 One network, no M axis (the CIFAR runs train one network at a time)::
@@ -108,43 +141,6 @@ out[n,i,j,o] = sum_{a,b,c} xp[n,i+a,j+b,c] W[a,b,c,o], i.e. out = cols @ W.resha
   W[2-a',2-b',c,o] with a' = 2-a and doutp the zero-padded dout: the SAME convolution of dout
   with the kernel flipped in both spatial axes and its channel axes swapped. That is the col2im
   of dcols = dout @ W^T, computed as im2col + one GEMM instead of nine strided scatter-adds.
-
-The fast copy
--------------
-fast/myrtle5.py runs the same network through a table of layers, with fused ones where this
-module calls two (a convolution and its ReLU, a pool's and a ReLU's backward passes), on NumPy or
-on our CUDA kernels (cs231n's ``fast_layers``); :data:`MYRTLE5` packs this reference the way the
-Fig. 1 protocol takes a network, and tests tie the two together.
-
-A smooth activation (beyond the paper: beyond/smooth.py's softplus)
---------------------------------------------------------------------
-Everything above holds for any activation sigma with m replaced by sigma'(z1) (``act.slope``).
-Where sigma'' is not zero, z is no longer linear in W1a at fixed W2: d2 z_nk / dW1a[d,j]
-dW1a[d',j] = W2_jk sigma''(z1_nj) xa_nd xa_nd', and the network term gains the blocks
-
-    H[W1a[d,j], W1a[d',j]] += B_jdd',   B_jdd' = sum_n dh1_nj sigma''(z1_nj) xa_nd xa_nd',
-
-with dh1 = g W2^T; the R-operator gains R{dz1} += sigma''(z1) R{z1} dh1 (``act.curvature``).
-
-Derivation: exact Hessian-vector products (the R-operator, forward-over-reverse)
--------------------------------------------------------------------------------
-For a direction v (P,) write R{f} = d/de f(theta + e v) at e = 0 (Pearlmutter 1994). Then
-Hv = R{dF/dtheta}: apply R to every line of the forward and then the backward pass. R is linear
-and obeys the product rule; R{W_l} = V_l, R{b_l} = v_bl (v unflattened), R{x} = 0.
-
-- affine, conv3x3 and dense are bilinear in (input a, weight W): R{z} = f(R{a}, W) + f(a, V) + v_b.
-- ReLU: h = 1[z > 0] z with the mask locally constant (away from the kinks, where F is not twice
-  differentiable), so R{h} = 1[z > 0] R{z}: the same product as relu_backward. (A smooth
-  activation: R{h} = sigma'(z) R{z}, and R{dz} gains sigma''(z) R{z} dh, above.)
-- pools are linear: R{pool(a)} = pool(R{a}).
-- loss: R{dF/dz} = (d^2F/dz^2) R{z}, dynloss.loss_rop (derived there).
-- backward lines: dW = a^T dz gives R{dW} = R{a}^T dz + a^T R{dz}; da = dz W^T (a flipped conv
-  for conv3x3) gives R{da} = R{dz} W^T + dz V^T; db = sum dz gives R{db} = sum R{dz};
-  dz = 1[z > 0] dh gives R{dz} = 1[z > 0] R{dh}; pool backward is linear.
-
-The R forward pass alone is the Jacobian-vector product R{logits} = J v (:func:`mlp_jvp`); the
-backward pass alone is J^T u (:func:`mlp_backward` with u as dlogits). Hv is the exact Hessian of
-the batch loss applied to v (no Gauss-Newton approximation), at about twice the cost of a gradient.
 """
 
 from __future__ import annotations
@@ -202,14 +198,15 @@ def affine_backward(dout, cache):
 
 
 def relu_forward(z):
-    """h = max(z, 0), elementwise; the cache is h itself (h > 0 exactly where z > 0)."""
+    """h = max(z, 0), elementwise, any shape (MLP: (M, N, H)); the cache is h itself."""
     xp = get_array_module(z)
     h = xp.maximum(z, 0.0)
     return h, h
 
 
 def relu_backward(dh, cache):
-    """dz = dh * [z > 0]; ``cache`` is the forward output h."""
+    """dz = dh * 1[z > 0], the shape of dh; ``cache`` is the forward output h (h > 0 exactly
+    where z > 0)."""
     return dh * (cache > 0)  # dF/dz = dF/dh * 1[z > 0]
 
 
@@ -602,17 +599,17 @@ def myrtle5_forward(x, params):
 
 def _myrtle5_backward(dlogits, cache):
     """The backward pass, returning the grads and the pre-activation gradients dz1..dz4."""
-    c = cache
-    dq, dW5, db5 = dense_backward(dlogits, c["dense5"])  # (N, c)
-    dh4 = global_avgpool_backward(dq, c["pool4"])  # (N, Hx/4, Wx/4, c)
-    dz4 = relu_backward(dh4, c["relu4"])
-    dp3, dW4, db4 = conv3x3_backward(dz4, c["conv4"])
-    dz3 = relu_backward(avgpool2_backward(dp3, c["pool3"]), c["relu3"])  # (N, Hx/2, Wx/2, c)
-    dp2, dW3, db3 = conv3x3_backward(dz3, c["conv3"])
-    dz2 = relu_backward(avgpool2_backward(dp2, c["pool2"]), c["relu2"])  # (N, Hx, Wx, c)
-    dh1, dW2, db2 = conv3x3_backward(dz2, c["conv2"])
-    dz1 = relu_backward(dh1, c["relu1"])
-    _, dW1, db1 = conv3x3_backward(dz1, c["conv1"], need_dx=False)
+    cc = cache  # c is the width
+    dq, dW5, db5 = dense_backward(dlogits, cc["dense5"])  # (N, c)
+    dh4 = global_avgpool_backward(dq, cc["pool4"])  # (N, Hx/4, Wx/4, c)
+    dz4 = relu_backward(dh4, cc["relu4"])
+    dp3, dW4, db4 = conv3x3_backward(dz4, cc["conv4"])
+    dz3 = relu_backward(avgpool2_backward(dp3, cc["pool3"]), cc["relu3"])  # (N, Hx/2, Wx/2, c)
+    dp2, dW3, db3 = conv3x3_backward(dz3, cc["conv3"])
+    dz2 = relu_backward(avgpool2_backward(dp2, cc["pool2"]), cc["relu2"])  # (N, Hx, Wx, c)
+    dh1, dW2, db2 = conv3x3_backward(dz2, cc["conv2"])
+    dz1 = relu_backward(dh1, cc["relu1"])
+    _, dW1, db1 = conv3x3_backward(dz1, cc["conv1"], need_dx=False)
     grads = dict(W1=dW1, b1=db1, W2=dW2, b2=db2, W3=dW3, b3=db3, W4=dW4, b4=db4, W5=dW5, b5=db5)
     return grads, dict(dz1=dz1, dz2=dz2, dz3=dz3, dz4=dz4)
 
@@ -682,34 +679,34 @@ def _conv_rop_backward(dz, Rdz, cache, V, cache_R, need_dx=True):
 
 def _myrtle5_rop(params, cache, curvature, dlogits, dz, V):
     """R{grads} for the direction V (a params-shaped dict): the Hessian applied to V."""
-    W, c = params, cache
-    conv1, conv2, conv3, conv4 = c["conv1"], c["conv2"], c["conv3"], c["conv4"]
+    W, cc = params, cache  # c is the width
+    conv1, conv2, conv3, conv4 = cc["conv1"], cc["conv2"], cc["conv3"], cc["conv4"]
     # R forward pass: R{z} = conv(R{a}, W) + conv(a, V) + v_b;  R{h} = 1[z > 0] R{z}
     Rz1 = conv3x3_forward(conv1[0], V["W1"], V["b1"])[0]  # (N, Hx, Wx, c)  R{x} = 0
-    Rh1 = relu_backward(Rz1, c["relu1"])
+    Rh1 = relu_backward(Rz1, cc["relu1"])
     Rz2, convR2 = conv3x3_forward(Rh1, W["W2"], V["b2"])
     Rz2 += conv3x3_forward(conv2[0], V["W2"], None)[0]  # (N, Hx, Wx, c)
-    Rp2, _ = avgpool2_forward(relu_backward(Rz2, c["relu2"]))  # (N, Hx/2, Wx/2, c)
+    Rp2, _ = avgpool2_forward(relu_backward(Rz2, cc["relu2"]))  # (N, Hx/2, Wx/2, c)
     Rz3, convR3 = conv3x3_forward(Rp2, W["W3"], V["b3"])
     Rz3 += conv3x3_forward(conv3[0], V["W3"], None)[0]
-    Rp3, _ = avgpool2_forward(relu_backward(Rz3, c["relu3"]))  # (N, Hx/4, Wx/4, c)
+    Rp3, _ = avgpool2_forward(relu_backward(Rz3, cc["relu3"]))  # (N, Hx/4, Wx/4, c)
     Rz4, convR4 = conv3x3_forward(Rp3, W["W4"], V["b4"])
     Rz4 += conv3x3_forward(conv4[0], V["W4"], None)[0]
-    Rq, _ = global_avgpool_forward(relu_backward(Rz4, c["relu4"]))  # (N, c)
-    q, W5 = c["dense5"]
+    Rq, _ = global_avgpool_forward(relu_backward(Rz4, cc["relu4"]))  # (N, c)
+    q, W5 = cc["dense5"]
     Rlogits = Rq @ W5 + q @ V["W5"] + V["b5"]  # (N, K)
     Rdlogits = apply_logit_hessian(curvature, Rlogits[None])[0]  # (N, K)  R{dF/dz}, dynloss
     # R backward pass: R{dW} = R{a}^T dz + a^T R{dz};  R{da} = R{dz} W^T + dz V^T
-    Rdq, RdW5, Rdb5 = dense_backward(Rdlogits, c["dense5"])
+    Rdq, RdW5, Rdb5 = dense_backward(Rdlogits, cc["dense5"])
     RdW5 = RdW5 + Rq.T @ dlogits  # (c, K)
     Rdq = Rdq + dlogits @ V["W5"].T  # (N, c)
-    Rdz4 = relu_backward(global_avgpool_backward(Rdq, c["pool4"]), c["relu4"])
+    Rdz4 = relu_backward(global_avgpool_backward(Rdq, cc["pool4"]), cc["relu4"])
     Rdp3, RdW4, Rdb4 = _conv_rop_backward(dz["dz4"], Rdz4, conv4, V["W4"], convR4)
-    Rdz3 = relu_backward(avgpool2_backward(Rdp3, c["pool3"]), c["relu3"])
+    Rdz3 = relu_backward(avgpool2_backward(Rdp3, cc["pool3"]), cc["relu3"])
     Rdp2, RdW3, Rdb3 = _conv_rop_backward(dz["dz3"], Rdz3, conv3, V["W3"], convR3)
-    Rdz2 = relu_backward(avgpool2_backward(Rdp2, c["pool2"]), c["relu2"])
+    Rdz2 = relu_backward(avgpool2_backward(Rdp2, cc["pool2"]), cc["relu2"])
     Rdh1, RdW2, Rdb2 = _conv_rop_backward(dz["dz2"], Rdz2, conv2, V["W2"], convR2)
-    Rdz1 = relu_backward(Rdh1, c["relu1"])
+    Rdz1 = relu_backward(Rdh1, cc["relu1"])
     _, RdW1, Rdb1 = _conv_rop_backward(dz["dz1"], Rdz1, conv1, V["W1"], None, need_dx=False)
     return dict(
         W1=RdW1, b1=Rdb1, W2=RdW2, b2=Rdb2, W3=RdW3, b3=Rdb3, W4=RdW4, b4=Rdb4, W5=RdW5, b5=Rdb5
@@ -759,20 +756,21 @@ def nesterov_step(params, grads, velocity, lr, momentum=NESTEROV_MOMENTUM):
 
     PyTorch's formulation (torch.optim.SGD(nesterov=True), dampening 0, weight decay 0):
 
-        v     <- momentum * v + g
-        theta <- theta - lr * (g + momentum * v)
+        u     <- momentum * u + d
+        theta <- theta - lr * (d + momentum * u)
 
-    with v = 0 before the first step (PyTorch's first buffer, g, is the same thing). ``params``,
+    with d the gradient, u the velocity, u = 0 before the first step (PyTorch's first buffer, d,
+    is the same thing). ``params``,
     ``grads`` and ``velocity`` are dicts with the same keys (or three arrays); the trainer owns
     params and velocity, which are edited in place; grads is only read.
     """
     if not isinstance(params, dict):
         params, grads, velocity = {"": params}, {"": grads}, {"": velocity}
     for k, theta in params.items():
-        v, g = velocity[k], grads[k]
-        v *= momentum
-        v += g  # v <- momentum v + g
-        theta -= lr * (g + momentum * v)  # theta <- theta - lr (g + momentum v)
+        u, d = velocity[k], grads[k]
+        u *= momentum
+        u += d  # u <- momentum u + d
+        theta -= lr * (d + momentum * u)  # theta <- theta - lr (d + momentum u)
 
 
 # The reference network as the Fig. 1 protocol takes it (protocol.train_epoch's ``net``);

@@ -6,7 +6,8 @@ Symbols
 N  samples;  D  input dimension;  H  hidden units;  K  classes
 P  parameters of one network, D*H + H + H*K + K, flattened by ``models.flatten`` in the order
    W1 (D, H) row-major, b1 (H,), W2 (H, K) row-major, b2 (K,)
-k  eigenpairs;  m  Lanczos steps
+k  a logit (0..K-1);  n_eig  eigenpairs;  m  Lanczos steps
+G  the Gauss-Newton factor, G^T G = J^T Hz J;  v, V  a direction (flat (P,), or a params dict)
 
 Everything here is for ONE network: ``params`` is a models.py dict with a leading axis M = 1
 (W1 (1, D, H), ...); vectors over parameters are flat float64 (P,) arrays in the order of
@@ -19,8 +20,8 @@ The Hessian and its Gauss-Newton part
 d2F/dtheta2 = J^T Hz J + (the network term, models.mlp_network_term), with J the logit Jacobian
 (N*K, P) and Hz the block-diagonal logit curvature, Hz_n = w_n (diag(s_n) - s_n s_n^T) with
 w_n = Gamma_{y_n} / N, s_n = softmax(z_n) (MSE: w_n I_K). Since diag(s) - s s^T = L L^T with
-L = (I - s 1^T) diag(sqrt s) (multiply out and use 1^T s = 1), J^T Hz J = V^T V with the blocks
-V_n = sqrt(w_n) diag(sqrt s_n) (J_n - 1 (s_n^T J_n)) (K, P), J_n (K, P) the rows of sample n and
+L = (I - s 1^T) diag(sqrt s) (multiply out and use 1^T s = 1), J^T Hz J = G^T G with the blocks
+G_n = sqrt(w_n) diag(sqrt s_n) (J_n - 1 (s_n^T J_n)) (K, P), J_n (K, P) the rows of sample n and
 1 (K,) ones: one product of rank N*K, no loop over samples.
 
 The NTK (eq. 11) and its links to the Hessian
@@ -99,23 +100,23 @@ def logits_jacobian(params, X, act=RELU):
 
 
 def gn_factor(J, curvature):
-    """V (N*K, P) with V^T V = J^T Hz J, from the Jacobian J (N*K, P) and the logit curvature
+    """G (N*K, P) with G^T G = J^T Hz J, from the Jacobian J (N*K, P) and the logit curvature
     (w (1, N), s (1, N, K) or None for MSE) of dynloss.logit_curvature (module docstring)."""
     w, s = curvature[0][0], None if curvature[1] is None else curvature[1][0]
     N = len(w)
     J = J.reshape(N, -1, J.shape[1])  # (N, K, P)
     if s is None:
-        V = np.sqrt(w)[:, None, None] * J  # (N, K, P)  MSE: sqrt(w_n) J_n
+        G = np.sqrt(w)[:, None, None] * J  # (N, K, P)  MSE: sqrt(w_n) J_n
     else:
         sJ = np.einsum("nk,nkp->np", s, J)  # (N, P)  s_n^T J_n
-        V = np.sqrt(w[:, None] * s)[:, :, None] * (J - sJ[:, None, :])  # (N, K, P)
-    return V.reshape(-1, J.shape[2])
+        G = np.sqrt(w[:, None] * s)[:, :, None] * (J - sJ[:, None, :])  # (N, K, P)
+    return G.reshape(-1, J.shape[2])
 
 
 def gauss_newton(J, curvature):
-    """The Gauss-Newton part J^T Hz J (P, P) of the Hessian, as V^T V (:func:`gn_factor`)."""
-    V = gn_factor(J, curvature)
-    return V.T @ V  # (P, P)
+    """The Gauss-Newton part J^T Hz J (P, P) of the Hessian, as G^T G (:func:`gn_factor`)."""
+    G = gn_factor(J, curvature)
+    return G.T @ G  # (P, P)
 
 
 def hessian(params, X, y, gamma, loss="ce", parts=False, act=RELU):
@@ -218,20 +219,20 @@ def ritz_pairs(alpha, beta):
     return lam, S
 
 
-def top_eigs(matvec, P, k=1, v0=None, tol=EIGSH_TOL, ncv=None, maxiter=None):
-    """The k largest (algebraic) eigenpairs of a symmetric operator, by eigsh(which='LA').
+def top_eigs(matvec, P, n_eig=1, v0=None, tol=EIGSH_TOL, ncv=None, maxiter=None):
+    """The n_eig largest (algebraic) eigenpairs of a symmetric operator, by eigsh(which='LA').
 
     matvec : callable (P,) -> (P,), a symmetric linear map (any model's HVP, an NTK product)
     v0 : warm start, e.g. the previous top eigenvector (P,), or previous eigenvectors (P, j)
         (summed into one start); None starts from a fixed random vector.
     tol : eigsh's relative residual; the eigenvalue error is below tol*|lambda|, and below
         about (tol*|lambda|)^2 / gap for a separated eigenvalue.
-    ncv : Lanczos basis size per restart; default max(2k+1, EIGSH_NCV_MIN), at most P.
+    ncv : Lanczos basis size per restart; default max(2 n_eig + 1, EIGSH_NCV_MIN), at most P.
 
-    Returns vals (k,) descending, vecs (P, k) orthonormal columns.
+    Returns vals (n_eig,) descending, vecs (P, n_eig) orthonormal columns.
     """
-    if not 0 < k < P:
-        raise ValueError(f"need 0 < k < P, got k = {k}, P = {P}")
+    if not 0 < n_eig < P:
+        raise ValueError(f"need 0 < n_eig < P, got n_eig = {n_eig}, P = {P}")
     if v0 is not None:
         v0 = np.asarray(v0, dtype=np.float64).reshape(P, -1).sum(axis=1)  # (P,)
         if not (np.all(np.isfinite(v0)) and np.linalg.norm(v0) > 0):
@@ -239,10 +240,10 @@ def top_eigs(matvec, P, k=1, v0=None, tol=EIGSH_TOL, ncv=None, maxiter=None):
     if v0 is None:
         v0 = np.random.default_rng(START_SEED).normal(size=P)
     if ncv is None:
-        ncv = max(2 * k + 1, EIGSH_NCV_MIN)
+        ncv = max(2 * n_eig + 1, EIGSH_NCV_MIN)
     ncv = min(ncv, P)
     op = LinearOperator((P, P), matvec=matvec, dtype=np.float64)
-    vals, vecs = eigsh(op, k=k, which="LA", v0=v0, tol=tol, ncv=ncv, maxiter=maxiter)
+    vals, vecs = eigsh(op, k=n_eig, which="LA", v0=v0, tol=tol, ncv=ncv, maxiter=maxiter)
     order = np.argsort(vals)[::-1]
     return vals[order], vecs[:, order]
 
@@ -286,11 +287,11 @@ def warm_top_eig(matvec, P, v0=None, tol=EIGSH_TOL, steps=WARM_STEPS, max_restar
     raise RuntimeError(f"warm_top_eig: no convergence in {n} products (tol {tol})")
 
 
-def hessian_top_eigs(params, X, y, gamma, k=1, v0=None, loss="ce", tol=EIGSH_TOL, act=RELU):
-    """The k largest Hessian eigenpairs of F for one MLP: vals (k,) descending, vecs (P, k).
+def hessian_top_eigs(params, X, y, gamma, n_eig=1, v0=None, loss="ce", tol=EIGSH_TOL, act=RELU):
+    """The n_eig largest Hessian eigenpairs of F for one MLP: vals (n_eig,), vecs (P, n_eig).
     X (N, D), y (N,), gamma (K,)."""
     op = hessian_operator(params, X, y, gamma, loss, act)
-    return top_eigs(op.matvec, op.shape[0], k=k, v0=v0, tol=tol)
+    return top_eigs(op.matvec, op.shape[0], n_eig=n_eig, v0=v0, tol=tol)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,5 +374,5 @@ def ntk_top_eig(params, X, v0=None, tol=EIGSH_TOL, act=RELU):
     """lambda_max of the full NTK and its eigenvector (N*K,), by warm-startable Lanczos;
     X (N, D), v0 (N*K,) or None."""
     op = ntk_operator(params, X, act)
-    vals, vecs = top_eigs(op.matvec, op.shape[0], k=1, v0=v0, tol=tol)
+    vals, vecs = top_eigs(op.matvec, op.shape[0], n_eig=1, v0=v0, tol=tol)
     return vals[0], vecs[:, 0]

@@ -606,7 +606,7 @@ def spectra_rows(prob):
     Hz = logit_hessian_by_hand(w[0], None if s is None else s[0], K)  # (N*K, N*K)
     J = spectra.logits_jacobian(p, X)
     top = scipy.linalg.eigh(H, eigvals_only=True, subset_by_index=[P - 1, P - 1])[0]
-    lanczos = lambda: spectra.hessian_top_eigs(p, X, y, gamma, k=1, loss=loss, tol=EIG_TOL)[0][0]
+    lanczos = lambda: spectra.hessian_top_eigs(p, X, y, gamma, loss=loss, tol=EIG_TOL)[0][0]
     warm = lambda: spectra.warm_top_eig(hvp, P, tol=EIG_TOL)[0]
     same, dense = SAME_RTOL_F64, "scipy.linalg.eigh, dense"
     rows = [

@@ -272,7 +272,7 @@ def top_hessian_eig(params, x, y, gamma, v0):
     host = {k: v.astype(np.float64) for k, v in to_host(params).items()}
     matvec = myrtle5_hvp_operator(host, x, y, gamma)
     P = sum(v.size for v in host.values())
-    vals, vecs = top_eigs(matvec, P, k=1, v0=v0)
+    vals, vecs = top_eigs(matvec, P, n_eig=1, v0=v0)
     return float(vals[0]), vecs[:, 0]
 
 

@@ -169,14 +169,14 @@ class SpectraTracker:
             return matvec(v)
 
         if v0 is None:
-            return top_eigs(counted, n, k=k, tol=TRACK_COLD_TOL, ncv=min(n, TRACK_COLD_NCV))
+            return top_eigs(counted, n, n_eig=k, tol=TRACK_COLD_TOL, ncv=min(n, TRACK_COLD_NCV))
         if self.mix > 0:
             r = self._rng.normal(size=(n, v0.shape[1]))
             v0 = v0 + self.mix * r / np.linalg.norm(r, axis=0)
         if k == 1:
             lam, vec, _ = warm_top_eig(counted, n, v0=v0, tol=self.tol)
             return np.array([lam]), vec[:, None]
-        return top_eigs(counted, n, k=k, v0=v0, tol=self.tol)
+        return top_eigs(counted, n, n_eig=k, v0=v0, tol=self.tol)
 
     @property
     def hess_step(self):

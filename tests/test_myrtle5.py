@@ -372,7 +372,7 @@ def test_lanczos_top_eigenvalues_match_eigh(dense_hessians):
 def test_spectra_top_eigs_on_the_myrtle5_hvp(dense_hessians):
     """spectra.top_eigs (generic eigsh 'LA' wrapper) plugs straight into the Myrtle5 HVP."""
     H_fd, _, matvec = dense_hessians
-    vals, vecs = spectra.top_eigs(matvec, H_fd.shape[0], k=2)
+    vals, vecs = spectra.top_eigs(matvec, H_fd.shape[0], n_eig=2)
     exact = np.linalg.eigvalsh(0.5 * (H_fd + H_fd.T))[::-1][:2]
     assert rel_err(vals, exact) < EIG_RTOL
     assert vecs.shape == (H_fd.shape[0], 2)

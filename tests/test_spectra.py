@@ -176,7 +176,7 @@ def test_hessian_top_eigs_match_eigh_and_warm_start():
     params, X, y = tiny_problem(seed=3)
     hess = spectra.hessian(params, X, y, GAMMA_A10)
     exact_vals, exact_vecs = np.linalg.eigh(hess)
-    vals, vecs = spectra.hessian_top_eigs(params, X, y, GAMMA_A10, k=3, tol=1e-10)
+    vals, vecs = spectra.hessian_top_eigs(params, X, y, GAMMA_A10, n_eig=3, tol=1e-10)
     np.testing.assert_allclose(vals, exact_vals[::-1][:3], rtol=EIG_RTOL)
     overlap = np.abs(np.sum(vecs * exact_vecs[:, ::-1][:, :3], axis=0))
     np.testing.assert_allclose(overlap, 1.0, atol=1e-6)
@@ -192,9 +192,9 @@ def test_hessian_top_eigs_match_eigh_and_warm_start():
 
         return mv
 
-    prev = spectra.hessian_top_eigs(params, X, y, class_weights(29, 10.0, 50.0, K), k=1)[1]
-    cold = spectra.top_eigs(counted("cold"), P, k=1, tol=1e-10)[0]
-    warm = spectra.top_eigs(counted("warm"), P, k=1, v0=prev, tol=1e-10)[0]
+    prev = spectra.hessian_top_eigs(params, X, y, class_weights(29, 10.0, 50.0, K), n_eig=1)[1]
+    cold = spectra.top_eigs(counted("cold"), P, n_eig=1, tol=1e-10)[0]
+    warm = spectra.top_eigs(counted("warm"), P, n_eig=1, v0=prev, tol=1e-10)[0]
     np.testing.assert_allclose([cold[0], warm[0]], exact_vals[-1], rtol=EIG_RTOL)
     assert count["warm"] < count["cold"]
     lam, vec, used = spectra.warm_top_eig(op.matvec, P, v0=prev, tol=1e-10)
@@ -208,7 +208,7 @@ def test_top_eigs_is_largest_algebraic_for_any_matvec():
     Q, _ = np.linalg.qr(rng.normal(size=(40, 40)))
     spectrum = np.concatenate([[-50.0], np.linspace(-1.0, 3.0, 39)])
     A = (Q * spectrum) @ Q.T
-    vals, vecs = spectra.top_eigs(lambda v: A @ v, 40, k=2, tol=1e-12)
+    vals, vecs = spectra.top_eigs(lambda v: A @ v, 40, n_eig=2, tol=1e-12)
     np.testing.assert_allclose(vals, [3.0, spectrum[-2]], rtol=EIG_RTOL)
     assert vecs.shape == (40, 2)
     lam, _, _ = spectra.warm_top_eig(lambda v: A @ v, 40, tol=1e-10)
