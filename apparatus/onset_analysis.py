@@ -18,6 +18,7 @@ import os
 import warnings
 
 import numpy as np
+import scipy.stats
 
 import stability
 from apparatus import plots, statistics, sweeps
@@ -57,6 +58,7 @@ AMP_AROUND = 2  # steps on each side over which the mode's amplitude is averaged
 MODE_SEEN = 1e-4  # the mode is "seen" once its amplitude c reaches this (parameter units)
 GROWTH_FROM = 1e-8  # its growth is measured from this amplitude (above the float64 floor) to seen
 MIN_GROWTH_STEPS = 5  # fewer steps between the two: no growth measured
+MIN_CORRELATED = 8  # cascades a rank correlation needs
 ALTERNATION_WINDOW = 100  # steps before the onset over which |lambda(t) - lambda(t-1)| is averaged
 NO_GROWTH_RUNS = ("no run: the mode was seen before the onset in every cascade (it did not grow "
                   "from the seed level; the entry-exit relation does not apply)")  # fmt: skip
@@ -348,6 +350,10 @@ def merge_onset(out):
         censored = arrays["episode_seen_censored"][arrays["episode_condition"] == i]
         row["cascades_seen_censored"] = int(np.nansum(censored))
         row["warm_lanczos_replaced"] = int(replaced[i].sum())
+        row["forcing_vs_flips"] = _rank_correlation(
+            arrays["episode_flips_level"][arrays["episode_condition"] == i],
+            arrays["episode_forcing_high"][arrays["episode_condition"] == i],
+        )
         report["per_condition"].append(row)
     write_json(os.path.join(out, "onset.json"), json.loads(json.dumps(report, default=_num)))
     png = os.path.join(out, "onset.png")
@@ -434,6 +440,18 @@ def _power_law(x, y):
     except (RuntimeError, ValueError):
         return np.nan, np.nan, n
     return alpha, k * scale**-alpha, n
+
+
+def _rank_correlation(x, y):
+    """Spearman's rank correlation of x and y over the cascades where both are finite, as
+    [rho, two-sided p, n] (rho and p None below MIN_CORRELATED cascades or where x or y is
+    constant): does the forcing follow the chattering from cascade to cascade?"""
+    ok = np.isfinite(x) & np.isfinite(y)
+    n = int(ok.sum())
+    if n < MIN_CORRELATED or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
+        return [None, None, n]
+    rho, p = scipy.stats.spearmanr(x[ok], y[ok])
+    return [float(rho), float(p), n]
 
 
 def onset_fits(conds, per_seed, width):

@@ -321,6 +321,9 @@ def test_fits_recover_known_laws_each_from_its_own_draws():
     assert ee["slope"] == pytest.approx(-1, abs=0.05) and ee["runs"] == 4 * S
     assert ee["slope_lo"] < -1 < ee["slope_hi"]
     assert not any("softplus*" in family for family, _ in fits)  # no line through two clusters
+    x = np.r_[np.arange(9.0), np.nan]
+    assert oa._rank_correlation(x, -(x**3))[::2] == [pytest.approx(-1.0), 9]  # NaN left out
+    assert oa._rank_correlation(x[:5], x[:5]) == [None, None, 5]  # too few cascades
     seen_early = per_seed(eps_family)
     seen_early["efolds_seen"][:] = np.nan  # every cascade saw the mode before its onset
     (none,) = oa.onset_fits(eps_family, seen_early, width)
@@ -384,11 +387,12 @@ ONSET_DOC = Path(__file__).resolve().parents[1] / "docs" / "onset.md"
 
 
 def condition_label(c):
-    """'η=1, T=5000, ReLU' (then softplus β, float32, ε where they differ from the default)."""
+    """'η=1, T=5000, ReLU' (then softplus β, float32, ε, forcing where they differ)."""
     act = "ReLU" if c["beta"] is None else f"softplus β={c['beta']:g}"
     extra = ([] if c["dtype"] == "float64" else [c["dtype"]]) + (
         [f"ε={c['noise']:g}"] if c["noise"] else []
     )
+    extra += [f"forced {c['force']:g}"] if c.get("force") else []
     return ", ".join([f"η={c['lr']:g}", f"T={c['T']:g}", act, *extra])
 
 
@@ -403,36 +407,72 @@ def with_interval(v, fmt="{:.2f}", scale=1.0):
     return f"{fmt} [{fmt}, {fmt}]".format(scale * mean, scale * lo, scale * hi)
 
 
-def onset_table_rows(report):
-    """docs/onset.md's two tables: per condition, eta times the thresholds and the entries,
-    the mode's growth and the chattering; eta times lambda_max of each operator at the onset."""
+def rank_cell(v):
+    """'+0.52 (p 0.02, 25)' from [rho, p, n]; '— (n)' when not computed."""
+    rho, p, n = v
+    return f"— ({n})" if rho is None else f"{rho:+.2f} (p {p:.2g}, {n})"
+
+
+def onset_tables(report):
+    """docs/onset.md's tables, {name: rows}, every row from results/onset/onset.json: 'mode'
+    (where the period-two mode is seen, its e-folds, the seed they imply, its growth against the
+    linear map's, where the rule enters), 'forcing' (the forcing that holds the mode below the
+    edge, the chattering at eta lambda-bar = 1.5), 'thresholds' (eta times the rule's threshold
+    and its parts, scale-free, the largest lambda_max), 'spectra' (eta lambda_max of each
+    operator at the onset) and 'fits'."""
     n_train = sp.N_PER_CLASS * sp.K_SPIRAL
-    rows = []
+    tables = {"mode": [], "forcing": [], "thresholds": [], "spectra": [], "fits": []}
+    row = lambda cells: "| " + " | ".join(cells) + " |"
     for c, p in zip(report["conditions"], report["per_condition"], strict=True):
-        eta = c["lr"]
-        cells = [
-            *(with_interval(p[f], scale=eta) for f in ("threshold", "threshold_entries")),
-            *(with_interval(p[f], scale=eta) for f in ("threshold_restarts", "threshold_ends")),
+        eta, name = c["lr"], condition_label(c)
+        n = p["cascades"]
+        tables["mode"].append(row([
+            name, with_interval(p["seen_lambda"], scale=eta),
+            f"{p['cascades_seen_censored']}/{n}", f"{p['cascades_seen_before_onset']}/{n}",
+            with_interval(p["efolds_seen"], "{:.1f}"), with_interval(p["seed_implied"], "{:.1f}"),
+            with_interval(p["growth_measured"], "{:.3f}"), with_interval(p["growth_linear"], "{:.3f}"),
             with_interval(p["entry_lambda"], scale=eta),
-            f"{p['cascades_entered_below_2_over_eta']}/{p['cascades']}",
-            with_interval(p["growth_measured"], "{:+.3f}"),
-            f"{p['flips_level'][0]:.0f}, {p['flipback_level'][0]:.2f}, {p['cos_level'][0]:+.2f}",
-            f"{p['lam_max'][0] * eta:.1f}",
-        ]
-        rows.append("| " + " | ".join([condition_label(c), *cells]) + " |")
-    for c, p in zip(report["conditions"], report["per_condition"], strict=True):
-        eta = c["lr"]
-        cells = [f"{eta * p[f'onset_lam_{k}'][0]:.3f}" for k in ("dense", "gn", "wntk")]
-        ntk = p["onset_lam_ntk"]
-        cells += [with_interval(ntk, "{:,.0f}"), f"{stability.ntk_threshold(eta, n_train):,.0f}"]
-        rows.append("| " + " | ".join([condition_label(c), *cells]) + " |")
-    return rows
+            f"{p['cascades_entered_below_2_over_eta']}/{n}",
+        ]))  # fmt: skip
+        tables["forcing"].append(row([
+            name, with_interval(p["forcing_low"]), with_interval(p["forcing_high"]),
+            with_interval(p["flips_level"], "{:.0f}"), with_interval(p["flipback_level"]),
+            with_interval(p["cos_level"], "{:+.2f}"), rank_cell(p["forcing_vs_flips"]),
+        ]))  # fmt: skip
+        tables["thresholds"].append(row([
+            name, *(with_interval(p[f], scale=eta) for f in (
+                "threshold", "threshold_entries", "threshold_restarts", "threshold_ends",
+                "threshold_scaled")),
+            f"{p['lam_max'][0] * eta:.1f}", f"{p['coverage'][0]:.3f}",
+        ]))  # fmt: skip
+        cells = [f"{eta * p[f'onset_lam_{k}'][0]:.3f}" if p[f"onset_lam_{k}"][0] is not None
+                 else "—" for k in ("dense", "gn", "wntk")]  # fmt: skip
+        cells += [with_interval(p["onset_lam_ntk"], "{:,.0f}"),
+                  f"{stability.ntk_threshold(eta, n_train):,.0f}"]  # fmt: skip
+        tables["spectra"].append(row([name, *cells]))
+    for fit in report["fits"]:
+        if "alpha" in fit:
+            est = (fit["alpha"], fit["alpha_lo"], fit["alpha_hi"])
+        elif "x" in fit:
+            est = (fit["x"], fit["x_lo"], fit["x_hi"])
+        else:
+            est = (fit["slope"], fit["slope_lo"], fit["slope_hi"])
+        shown = "—" if est[0] is None else with_interval(list(est), "{:+.3f}")
+        tables["fits"].append(row([f"`{fit['family']}`", fit["fit"], shown, str(fit["runs"]),
+                                   fit["law"]]))  # fmt: skip
+    return tables
 
 
 def test_the_documented_onset_tables_are_the_committed_results():
+    """Every row of docs/onset.md's tables is results/onset/onset.json's, and every condition and
+    fit of the committed results is in the document."""
     report = json.loads(ONSET_RESULTS.read_text(encoding="utf-8"))
-    rows = onset_table_rows(report)
     doc = ONSET_DOC.read_text(encoding="utf-8")
-    missing = [r for r in rows if r not in doc]
-    assert not missing, f"docs/onset.md rows that are not results/onset/onset.json's: {missing[:2]}"
-    assert len(rows) == 2 * len(report["conditions"]) > 0
+    tables = onset_tables(report)
+    for name, rows in tables.items():
+        missing = [r for r in rows if r not in doc]
+        assert not missing, (
+            f"docs/onset.md's {name} rows not in results/onset/onset.json: {missing[:2]}"
+        )
+    assert len(tables["thresholds"]) == len(report["conditions"]) >= 30
+    assert len(tables["fits"]) == len(report["fits"]) > 0
