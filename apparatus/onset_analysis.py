@@ -338,7 +338,9 @@ def merge_onset(out):
     arrays["dtype"] = np.array([c["dtype"] for c in conds])
     fits = onset_fits(conds, per_seed, cfg["width"])
     atomic_savez(os.path.join(out, "onset.npz"), **arrays)
-    report = {"conditions": conds, "fits": fits, "per_condition": []}
+    clean = lambda v: _num(v) if isinstance(v, (float, np.floating)) else v  # NaN: null
+    report = {"conditions": conds, "per_condition": [],
+              "fits": [{k: clean(v) for k, v in fit.items()} for fit in fits]}  # fmt: skip
     for i, c in enumerate(conds):
         row = {"condition": condition_name(c)}
         for f in SUMMARY_FIELDS:

@@ -126,7 +126,8 @@ def test_branch_midpoint_upward_crossing_and_cascade_entries():
     assert bo.upward_crossing(mid, 2.0, 0, 50) == -1  # none before
     assert bo.upward_crossing(mid, 3.0, 0, len(mid)) == -1  # never reached
     starts, ends = np.array([10, 30, 40, 500, 520]), np.array([20, 35, 60, 510, 600])
-    np.testing.assert_array_equal(bo.cascade_entries(starts, ends, 100), [0, 3])
+    np.testing.assert_array_equal(bo.cascade_entries(starts, ends, 100), [3])  # 0: cut at step 0
+    np.testing.assert_array_equal(bo.cascade_entries(starts + 200, ends + 200, 100), [0, 3])
     np.testing.assert_array_equal(bo.cascade_entries(starts, ends, 5), [0, 1, 3, 4])
     assert len(bo.cascade_entries(starts[:0], ends[:0], 5)) == 0
     assert bo.first_reaching(np.r_[1.0, 3.0, 2.0, 5.0], 2.5, 0, 4) == 1
