@@ -28,8 +28,10 @@ LOG_COPIES = 4  # copies of the logged history at once (trainer, result, run arr
 CPU_BLOCK_UNITS = 400  # fast/spiral_trainer.CPU_BLOCK_UNITS
 ONSET_DENSE = 4.4  # (P, P) matrices of the onset tracker's dense spectra at once (the Hessian's
 # two parts and their sum, the eigensolver's work)
-DENSE_COPIES = 8  # (P, P) float64 matrices alive at once in the spectra rows of a check (the
+DENSE_COPIES = 7  # (P, P) float64 matrices alive at once in the spectra rows of a check (the
 # Hessian, its parts, J^T Hz J, the eigensolver's work): 2.2 GB measured at width 1000 (P = 6003)
+JACOBIAN_COPIES = 7  # (N K, P) float64 matrices with them (J, J^T Hz, the differenced logits)
+CHECK_FIXED = 36 * 2**20  # what a check imports and holds beyond BASE whatever its width
 
 
 def workers_at_once(jobs, workers=None):
@@ -101,9 +103,10 @@ def onset(M_job, H, steps, jobs, series):
     return BASE + workers_at_once(jobs) * per_job + 2 * F64 * M_job * (steps + 1) * series
 
 
-def dense_check(P):
-    """A check command's dense matrices: the exact Hessian, its parts, the NTK, eigh's work."""
-    return BASE + DENSE_COPIES * F64 * P * P
+def dense_check(P, NK=N_SPIRAL * K_SPIRAL):
+    """A check command's dense matrices: the exact Hessian, its parts, eigh's work (P, P); the
+    Jacobian and its products (NK, P)."""
+    return BASE + CHECK_FIXED + F64 * P * (DENSE_COPIES * P + JACOBIAN_COPIES * NK)
 
 
 def files(paths, copies=3):

@@ -145,12 +145,14 @@ def run_jobs(fn, jobs, xp=np, workers=WORKERS, bar=None, done=None, pause=False)
             raise
         pool.shutdown()
         return results
-    if parallel:
+    if parallel:  # threads: with ``pause`` each job returns its paused state at a signal
+        kw = {"should_pause": signals.requested} if pause else {}
         with threadpool_limits(limits=1), ThreadPoolExecutor(workers) as pool:
-            for result in pool.map(lambda job: fn(*job, progress=count), jobs):
+            for result in pool.map(lambda job: fn(*job, progress=count, **kw), jobs):
                 results.append(result)
                 done(len(results) - 1, result)
-                signals.check()
+                if not pause:
+                    signals.check()
         return results
     for job in jobs:
         if pause:

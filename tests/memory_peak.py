@@ -22,6 +22,12 @@ def main():
     sys.path.insert(0, root)
     script, argv = sys.argv[1], sys.argv[2:]
     module = importlib.import_module(script.removesuffix(".py"))
+    # Workers as threads, so that every job's arrays are in this process's peak: a forked
+    # child's resident set counts the parent's pages it shares differently from one kernel to
+    # another (the file-backed ones are not copied into its page tables at fork).
+    from apparatus import workers
+
+    workers._can_fork = lambda: False
     base = peak(resource.RUSAGE_SELF)
     args = module.build_parser().parse_args(argv)
     estimate = args.func.check(args)["memory"]

@@ -430,7 +430,7 @@ def write_folder(folder, member, blob, meta_names=None):
 
 
 def load_in_subprocess(folder):
-    code = "import sys, cifar\ncifar.load_cifar10(sys.argv[1])\n"
+    code = "import sys\nfrom apparatus import cifar_files\ncifar_files.load_cifar10(sys.argv[1])\n"
     return subprocess.run(
         [sys.executable, "-c", code, str(folder)],
         capture_output=True,
@@ -446,7 +446,7 @@ def test_crafted_pickles_are_refused_without_crashing(tmp_path, name):
     r = load_in_subprocess(folder)
     assert r.returncode == 1, (r.returncode, r.stderr[-500:])  # a Python exception, not a crash
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("cifar.CifarError:"), last
+    assert last.startswith("apparatus.cifar_files.CifarError:"), last
     # through the command line: one line, exit 2
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "run_cifar.py"), "train", "--data", str(folder), "--quiet"]
@@ -466,7 +466,7 @@ def test_non_utf8_label_names_are_refused(tmp_path):
 
 
 def test_an_enormous_member_is_refused_before_it_is_read(tmp_path, monkeypatch):
-    import cifar
+    from apparatus import cifar_files as cifar
 
     folder = write_folder(tmp_path, "none", b"")
     monkeypatch.setattr(cifar, "MAX_MEMBER_BYTES", 10)
@@ -556,7 +556,7 @@ def test_a_damaged_checkpoint_is_refused_before_anything_is_written(tmp_path, ca
 
 
 def test_resuming_on_other_data_is_refused(tmp_path, capsys):
-    import cifar
+    from apparatus import cifar_files as cifar
 
     archives = []
     for seed in (0, 1):

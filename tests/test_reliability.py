@@ -255,8 +255,9 @@ SIGNAL_RUNS = {  # commands of a few seconds, and the file that shows they are u
     "train": ("run_spiral.py", ["train", "--width", "30", "--steps", "30000", "--T", "300"],
               "config.json"),
     "phase": ("run_spiral.py", ["phase", "--width", "20", "--A", "1,3,5", "--T", "50,70",
-                                "--seeds", "4", "--seed-block", "1", "--steps", "6000"],
-              "units/T000_A000_s00000.npz"),
+                                "--seeds", "4", "--seed-block", "1", "--steps", "6000",
+                                "--batch", "4"],
+              "units/T000_A000_s00000.npz"),  # six batches: the signal comes in a later one
     "cifar-train": ("run_cifar.py", ["train", *TINY_CIFAR[:-3], "--epochs", "150",
                                      "--checkpoint-every", "1", "--A", "3", "--T", "4"],
                     "checkpoint.npz"),
