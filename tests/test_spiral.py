@@ -178,6 +178,19 @@ def test_a_worker_that_dies_ends_the_run_instead_of_hanging():
         workers.run_jobs(_die, [(1,), (2,)], workers=2)
 
 
+def _pausable(k, xp=None, progress=None, should_pause=None):
+    """A job that takes should_pause (run_jobs' pause=True), as the phase batches do."""
+    return ("paused" if should_pause() else "done", k)
+
+
+@pytest.mark.parametrize("fork", [True, False], ids=["processes", "threads"])
+def test_pausable_jobs_run_in_processes_and_in_threads(monkeypatch, fork):
+    """Where fork is unavailable the jobs run in threads: they get should_pause there too."""
+    monkeypatch.setattr(workers, "_can_fork", lambda: fork)
+    got = workers.run_jobs(_pausable, [(1,), (2,), (3,)], workers=2, pause=True)
+    assert got == [("done", 1), ("done", 2), ("done", 3)]
+
+
 def test_stop_steps_make_the_final_period_static():
     assert sp.stop_steps(100, 30.0) == 70 and sp.stop_steps(100, 300.0) == 0
     np.testing.assert_array_equal(sp.stop_steps(100, np.array([10.0, 200.0])), [90, 0])
