@@ -361,6 +361,43 @@ def test_onset_command_writes_units_resumes_and_merges(tmp_path, capsys):
     assert json.loads((out / "sweep.json").read_text())["conditions"][1]["lr"] == 2.0
 
 
+def test_the_tracked_lambda_max_is_the_dense_one_at_every_measured_step():
+    """The tracker's warm-started Lanczos against numpy's eigh of the dense Hessian built
+    independently at every measured step of a run through the edge (ReLU, then softplus), and
+    the mode against the 4th difference of theta along the dense top eigenvector."""
+    from beyond.smooth import activation
+
+    data = sp.spiral_data()
+    spec = sp.TrainSpec(np.full(1, 70.0), np.full(1, 400.0), np.full(1, 1201), 1.0, 1200, 1)
+    for beta in (None, 20.0):
+        act = activation(beta)
+        tracker = onset.OnsetTracker(data[0], data[1], spec, act=act)
+        seen = {}
+
+        def on_log(step, params, tracker=tracker, seen=seen):
+            tracker(step, params)
+            seen[step] = {k: np.array(a[:1], dtype=np.float64) for k, a in params.items()}
+
+        sp.train_reference(init_mlp([0], 2, 30, K), data, spec, on_log, act=act)
+        lam, mode = tracker.arrays()["lam"], tracker.arrays()["mode"]
+        measured = np.flatnonzero(np.isfinite(lam))
+        assert (lam[measured] >= 2 * onset.HOT_FRACTION).sum() > 50  # at every step near the edge
+        hot = lam[measured] >= 2 * onset.HOT_FRACTION
+        measured = np.union1d(measured[hot][::2], measured[~hot][::8])  # a sample of both kinds
+        dense = {}
+        for t in measured:
+            g = class_weights(t, 70.0, 400.0, K, 1201)
+            w, V = np.linalg.eigh(spectra.hessian(seen[t], data[0], data[1], g, "ce", act=act))
+            dense[t] = w[-1], V[:, -1]
+        np.testing.assert_allclose(lam[measured], [dense[t][0] for t in measured], rtol=1e-4)
+        centres = [t for t in measured if t + 2 in dense and t - 2 in seen]
+        assert len(centres) > 20
+        for t in centres:  # the window t-2 .. t+2 on the eigenvector measured at t+2
+            x = [flatten(seen[t + i])[0] @ dense[t + 2][1] for i in range(-2, 3)]
+            np.testing.assert_allclose(mode[t], bo.alternating_amplitude(x, 4), rtol=1e-3,
+                                       atol=1e-9)  # fmt: skip
+
+
 def test_a_forced_smooth_network_shows_its_forcing_below_the_edge():
     """The tracker's forcing f (-1)^t v after every update: the mode's amplitude times
     (2 - eta lambda-bar) reads f back, where eta lambda-bar is from 1.2 to 1.8."""
