@@ -65,7 +65,8 @@ NO_GROWTH_RUNS = ("no run: the mode was seen before the onset in every cascade (
 EPISODE_FIELDS = (
     "entry_step", "entry_lambda", "entry_excess", "entered_below", "hot_step", "level_step",
     "onset_step", "lag_steps", "ramp", "mode_hot", "mode_level", "mode_onset", "mode_entry",
-    "forcing_low", "forcing_high", "seen_step", "seen_lambda", "seen_before_onset",
+    "forcing_low", "forcing_high", "mode_exponent", "seen_step", "seen_lambda", "seen_excess",
+    "seen_before_onset",
     "seen_censored", "efolds_seen", "seed_implied", "growth_measured", "growth_linear",
     "flips_level", "flipback_level", "cos_level", "flips_onset", "flipback_onset", "cos_onset",
     "lam_alternation", "onset_lam_dense", "onset_lam_gn", "onset_lam_wntk", "onset_lam_ntk",
@@ -113,6 +114,19 @@ def _band_median(x, eta_mid, t0, t1, lo, hi):
     return float(np.median(x[t0:t1][sel])) if sel.any() else np.nan
 
 
+def _mode_exponent(c, eta_mid, t0, t1, lo, hi):
+    """k in c ∝ (2 - eta lambda-bar)^-k over the steps t0 .. t1 - 1 where lo <= eta lambda-bar
+    < hi: the slope of ln c on -ln(2 - eta lambda-bar). A mode held by a constant forcing has
+    k = 1 (c = F / (2 - eta lambda-bar)); NaN with fewer than MIN_RAMP_STEPS steps."""
+    if t0 < 0 or t1 <= t0:
+        return np.nan
+    x, y = eta_mid[t0:t1], c[t0:t1]
+    sel = (x >= lo) & (x < hi) & np.isfinite(y) & (y > 0)
+    if sel.sum() < MIN_RAMP_STEPS or np.ptp(x[sel]) == 0:
+        return np.nan
+    return float(np.polyfit(-np.log(2.0 - x[sel]), np.log(y[sel]), 1)[0])
+
+
 def analyze_unit(u, lr, T):
     """One row per cascade of a stored onset run ``u`` (period T, learning rate lr), and the
     run's numbers.
@@ -124,8 +138,10 @@ def analyze_unit(u, lr, T):
     ramp rho (``ramp``: the mean rise of eta lambda-bar per step from LEVEL to RAMP_TO, before
     the onset); the mode's amplitude c at the crossings and the entry (``mode_*``); the forcing
     F = c (2 - eta lambda-bar) that would hold it there, median over HOT_LEVEL-LEVEL and
-    LEVEL-RAMP_TO (``forcing_low``, ``forcing_high``); the first step from the HOT_LEVEL
-    crossing on where c reaches MODE_SEEN (``seen_step``, ``seen_lambda`` = lambda-bar there,
+    LEVEL-RAMP_TO (``forcing_low``, ``forcing_high``), and k of c ∝ (2 - eta lambda-bar)^-k
+    over HOT_LEVEL-RAMP_TO (``mode_exponent``: 1 for a constant forcing); the first step from
+    the HOT_LEVEL crossing on where c reaches MODE_SEEN (``seen_step``, ``seen_lambda`` =
+    lambda-bar there, ``seen_excess`` = seen_lambda - 2/eta where seen after the onset,
     ``seen_before_onset``; ``seen_censored``: c was not measured below MODE_SEEN before, so
     it was already there when the tracking began and seen_lambda is only an upper bound), the
     e-folds of the linear map from the onset to it (``efolds_seen``:
@@ -147,9 +163,9 @@ def analyze_unit(u, lr, T):
     quiet = max(MIN_QUIET, QUIET_FRACTION * T)
     eta_mid, gd = lr * branch_midpoint(lam), stability.gd_threshold(lr)  # (S,); 2/eta
     below_nan = np.where(np.isfinite(eta_mid), eta_mid, -np.inf)  # an unmeasured step: below
-    r5 = rule_readings(lam, T, COLD_EVERY, stability.HESS_JUMP)
-    r25 = rule_readings(lam, T, RULE_STRIDE, stability.HESS_JUMP)
-    scaled = rule_readings(lam, T, RULE_STRIDE, stability.HESS_JUMP / lr)  # scale-free
+    r5 = rule_readings(lam, T, COLD_EVERY, stability.HESS_JUMP, lr)
+    r25 = rule_readings(lam, T, RULE_STRIDE, stability.HESS_JUMP, lr)
+    scaled = rule_readings(lam, T, RULE_STRIDE, stability.HESS_JUMP / lr, lr)  # scale-free
     _, starts, ends, picks, mids5, _ = r5
     rows = {f: [] for f in EPISODE_FIELDS}
     inside = np.zeros(len(lam), dtype=bool)  # the steps inside the cascades
@@ -187,6 +203,8 @@ def analyze_unit(u, lr, T):
             "mode_onset": _geo_around(c, t_onset), "mode_entry": _geo_around(c, s),
             "forcing_low": _band_median(F, eta_mid, t_hot, below, HOT_LEVEL, LEVEL),
             "forcing_high": _band_median(F, eta_mid, t_hot, below, LEVEL, RAMP_TO),
+            "mode_exponent": _mode_exponent(c, eta_mid, t_hot, below, HOT_LEVEL, RAMP_TO),
+            "seen_excess": eta_mid[t_seen] / lr - gd if after else np.nan,
             "seen_step": t_seen, "seen_lambda": eta_mid[t_seen] / lr if t_seen >= 0 else np.nan,
             "seen_before_onset": float(0 <= t_seen < t_onset) if t_seen >= 0 else np.nan,
             "seen_censored": float(censored) if t_seen >= 0 else np.nan,
@@ -251,7 +269,9 @@ EPISODE_SUMMARY = (
     "mode_entry",
     "forcing_low",
     "forcing_high",
+    "mode_exponent",
     "seen_lambda",
+    "seen_excess",
     "seen_before_onset",
     "seen_censored",
     "efolds_seen",
@@ -345,7 +365,13 @@ def merge_onset(out):
         row = {"condition": condition_name(c)}
         for f in SUMMARY_FIELDS:
             row[f] = [_num(arrays[f][i]), _num(arrays[f"{f}_lo"][i]), _num(arrays[f"{f}_hi"][i])]
-        row["cascades"] = int((arrays["episode_condition"] == i).sum())
+        mine = arrays["episode_condition"] == i
+        row["cascades"] = int(mine.sum())
+        entries = arrays["episode_entry_lambda"][mine]  # heavy-tailed: its median too
+        row["entry_lambda_median"] = _num(np.median(entries)) if len(entries) else None
+        row["cascades_with_spectra"] = int(
+            np.isfinite(arrays["episode_onset_lam_dense"][mine]).sum()
+        )
         row["cascades_entered_below_2_over_eta"] = int(below[i].sum())
         seen = arrays["episode_seen_before_onset"][arrays["episode_condition"] == i]
         row["cascades_seen_before_onset"] = int(np.nansum(seen))
@@ -463,8 +489,8 @@ def onset_fits(conds, per_seed, width):
     - seed levels (conditions differing in the perturbation only): the e-folds from the onset to
       the mode's being seen against ln of the perturbation's share along one direction,
       epsilon / sqrt(P); the entry-exit relation predicts slope -1;
-    - ramps (differing in T0 only): entry_excess and threshold - 2/eta = k rho^alpha over every
-      run (excesses <= 0 kept); the slow passage predicts alpha = 1/2;
+    - ramps (differing in T0 only): seen_excess, entry_excess and threshold - 2/eta =
+      k rho^alpha over every run (excesses <= 0 kept); the slow passage predicts alpha = 1/2;
     - learning rates (differing in eta only, at least 3): threshold, threshold_scaled,
       threshold_entries, threshold_scaled_entries, entry_lambda ~ eta^x; 2/eta has x = -1.
 
@@ -496,6 +522,7 @@ def onset_fits(conds, per_seed, width):
             continue
         gd = stability.gd_threshold(np.array([conds[i]["lr"] for i in members]))[:, None]
         for f, excess in (
+            ("seen_excess", per_seed["seen_excess"][members]),  # the mode grown from its seed
             ("entry_excess", per_seed["entry_excess"][members]),
             ("threshold - 2/lr", per_seed["threshold"][members] - gd),  # (C, S)
         ):

@@ -402,7 +402,7 @@ def plot_onset(arrays, cfg, path, n_params):
     # (a) the entry-exit relation across seed levels
     for j, (name, act) in enumerate((("ReLU", relu), ("softplus beta 20", arrays["beta"] == 20))):
         noisy = np.flatnonzero(base & act & (arrays["noise"] > 0) & at(dtype="float64"))
-        if len(noisy):
+        if len(noisy) and np.isfinite(arrays["efolds_seen"][noisy]).any():  # ReLU: none grew
             x = np.log10(arrays["noise"][noisy] / np.sqrt(n_params))
             _errorbar(ax[0], x, arrays, noisy, "efolds_seen", fmt="o-", color=f"C{j}", label=name)
             mid = np.nanmean(arrays["efolds_seen"][noisy])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import numpy as np
 
@@ -40,9 +41,11 @@ SERIES_COPIES = 40  # bytes in memory per byte of the units read: the Fig. 5 ser
 # arrays (NaN between the stride-25 samples: 25 times), and their copies
 
 
-def rule_readings(lam, T, stride, jump):
+def rule_readings(lam, T, stride, jump, lr=1.0):
     """The Fig. 4 rule on a run's lambda_max (S,) (per step, NaN where not measured) sampled
-    every ``stride`` steps from step 0, with jump ``jump``. Returns (threshold, starts (E,),
+    every ``stride`` steps from step 0, with jump ``jump``; a run with eta lambda_max >= 2 at
+    step 0 (learning rate ``lr``) began inside a cascade whose entry it did not see
+    (beyond/onset.cascade_entries). Returns (threshold, starts (E,),
     ends (E,) steps, cascade firsts (C,) indices into starts, midpoints at the starts (E,),
     marks {kind: (n,) midpoints} for MARK_KINDS and "ends" (inner ends and exits)): a side of an
     instability the series cuts (the end of the run, an unmeasured sample) gives no mark."""
@@ -51,7 +54,9 @@ def rule_readings(lam, T, stride, jump):
     series = np.asarray(lam, dtype=np.float64)[at]
     first, last, open_start, open_end = stability.instabilities(series, jump)
     thr, starts, ends = stability.hessian_threshold(at, series, jump=jump)
-    firsts = cascade_entries(starts, ends, max(MIN_QUIET, QUIET_FRACTION * T))
+    unstable = lam[0] >= stability.gd_threshold(lr)  # NaN (not measured): not known
+    quiet = max(MIN_QUIET, QUIET_FRACTION * T)
+    firsts = cascade_entries(starts, ends, quiet, 0 if unstable else None)
     mid = 0.5 * (series[1:] + series[:-1])  # (S/stride - 1,)
     is_first = np.zeros(len(first), dtype=bool)
     is_first[firsts] = True
@@ -126,21 +131,37 @@ def audit(every_step, fig5, out):
     kinds = {k: np.full((len(STRIDES), S), np.nan) for k in MARK_KINDS}  # mean midpoint
     counts = {k: np.zeros((len(STRIDES), S)) for k in MARK_KINDS}
     cut = np.array([threshold_with_cut_marks(lam) for lam in lams])  # (S,)
+    periods = (lams.shape[1] - 1) // int(T)  # the run's periods of Gamma
+    by_period = np.full((len(STRIDES), S, periods), np.nan)  # mean entry midpoint per period
+    below = np.zeros((len(STRIDES), S, periods), dtype=np.int64)  # entries at <= 2/eta
+    count = np.zeros((len(STRIDES), S, periods), dtype=np.int64)
     for s, lam in enumerate(lams):
         for b, stride in enumerate(STRIDES):
             for a, jump in enumerate(JUMPS):
-                r = rule_readings(lam, T, stride, jump)
+                r = rule_readings(lam, T, stride, jump, lr)
                 thr[a, b, s] = r[0]
-                if jump == stability.HESS_JUMP:
-                    for k in MARK_KINDS:
-                        counts[k][b, s] = len(r[5][k])
-                        kinds[k][b, s] = np.mean(r[5][k]) if len(r[5][k]) else np.nan
+                if jump != stability.HESS_JUMP:
+                    continue
+                for k in MARK_KINDS:
+                    counts[k][b, s] = len(r[5][k])
+                    kinds[k][b, s] = np.mean(r[5][k]) if len(r[5][k]) else np.nan
+                entry = r[4][r[3]]  # (C,) midpoints where cascades begin, and their period:
+                period = (r[1][r[3]] // T).astype(int)
+                for p in range(periods):
+                    here = entry[(period == p) & np.isfinite(entry)]
+                    count[b, s, p], below[b, s, p] = (
+                        len(here),
+                        (here <= stability.gd_threshold(lr)).sum(),
+                    )
+                    by_period[b, s, p] = here.mean() if len(here) else np.nan
     arrays = {
         "jumps": np.array(JUMPS),
         "strides": np.array(STRIDES),
         "seeds": np.array(dcfg["seeds"]),
     }
     arrays["threshold"] = thr
+    arrays.update(entries_by_period=by_period, entries_below_by_period=below,
+                  entries_count_by_period=count)  # fmt: skip
     arrays["threshold_with_cut_marks"] = cut
     for k in MARK_KINDS:
         arrays[f"marks_{k}"], arrays[f"count_{k}"] = kinds[k], counts[k]
@@ -158,7 +179,7 @@ def audit(every_step, fig5, out):
                 for a, jump in enumerate(JUMPS):
                     for scaled in (0, 1):
                         j = jump / eta if scaled else jump
-                        ft[w, a, scaled, l, s] = rule_readings(lam, fcfg["T0"] / eta, 25, j)[0]
+                        ft[w, a, scaled, l, s] = rule_readings(lam, fcfg["T0"] / eta, 25, j, eta)[0]
     arrays.update(widths=np.array(widths), lrs=lrs, fig5_threshold=ft, fig5_with_cut_marks=old)
     rng = np.random.default_rng(statistics.BOOTSTRAP_SEED)
     q = (50 * (1 - statistics.CONFIDENCE), 50 * (1 + statistics.CONFIDENCE))
@@ -202,6 +223,15 @@ def _report(arrays, lr):
         for k in MARK_KINDS:
             rep["marks"].append(dict(stride=stride, kind=k, midpoint=triple(f"marks_{k}", b),
                                      per_run=_num(arrays[f"count_{k}"][b].mean())))  # fmt: skip
+    rep["entries_by_period"] = []
+    for b, stride in enumerate(STRIDES):
+        n, low = arrays["entries_count_by_period"][b], arrays["entries_below_by_period"][b]
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a period without entries: NaN
+            mean = np.nanmean(arrays["entries_by_period"][b], axis=0)  # (periods,) over seeds
+        for p in range(n.shape[1]):
+            row = dict(stride=stride, period=p, mean=_num(mean[p]), cascades=int(n[:, p].sum()))
+            rep["entries_by_period"].append(dict(row, below_2_over_eta=int(low[:, p].sum())))
     cut = statistics.mean_interval(arrays["threshold_with_cut_marks"])
     rep["fig4_with_cut_marks"] = [_num(v) for v in cut[:3]]
     for w, width in enumerate(arrays["widths"]):
@@ -233,6 +263,13 @@ def print_rule(arrays, lr):
             for k in MARK_KINDS
         )
         print(f"  marks at jump 0.1, stride {stride}: {cells}")
+    b = STRIDES.index(5)
+    n, low = (
+        arrays["entries_count_by_period"][b].sum(0),
+        arrays["entries_below_by_period"][b].sum(0),
+    )
+    cells = ", ".join(f"{p}: {lo}/{m}" for p, (lo, m) in enumerate(zip(low, n, strict=True)))
+    print(f"  cascades entered at <= 2/eta by period (stride 5, jump 0.1): {cells}")
     for w, width in enumerate(arrays["widths"]):
         for scaled in (0, 1):
             cells = ", ".join(

@@ -55,17 +55,18 @@ def branch_midpoint(lam):
     return np.concatenate([[np.nan], 0.5 * (lam[1:] + lam[:-1])])
 
 
-def cascade_entries(starts, ends, quiet, begin=0):
+def cascade_entries(starts, ends, quiet, begin=None):
     """The instabilities that begin a cascade: those starting more than ``quiet`` steps after
     the previous one ended (inside a cascade the rule's runs break and restart all the time).
-    The first begins one only if it starts more than ``quiet`` steps after the series does (at
-    step ``begin``): otherwise the series may have begun inside a cascade (a network unstable
-    from its first steps), whose entry was not seen. starts, ends : (E,) steps of
-    stability.hessian_threshold. Returns indices into starts (C,)."""
+    The first always begins one, unless the series began inside a cascade (a network unstable
+    from its first step: pass ``begin``, the series' first step): then it begins one only if it
+    starts more than ``quiet`` steps after ``begin``, since that cascade's entry was not seen.
+    starts, ends : (E,) steps of stability.hessian_threshold. Returns indices into starts (C,)."""
     starts, ends = np.asarray(starts), np.asarray(ends)
     if not len(starts):
         return starts[:0]
-    gap = np.r_[starts[0] - begin, starts[1:] - ends[:-1]]  # (E,) quiet steps before each
+    first = np.inf if begin is None else starts[0] - begin
+    gap = np.r_[first, starts[1:] - ends[:-1]]  # (E,) quiet steps before each
     return np.flatnonzero(gap > quiet)
 
 

@@ -126,13 +126,32 @@ def test_branch_midpoint_upward_crossing_and_cascade_entries():
     assert bo.upward_crossing(mid, 2.0, 0, 50) == -1  # none before
     assert bo.upward_crossing(mid, 3.0, 0, len(mid)) == -1  # never reached
     starts, ends = np.array([10, 30, 40, 500, 520]), np.array([20, 35, 60, 510, 600])
-    np.testing.assert_array_equal(bo.cascade_entries(starts, ends, 100), [3])  # 0: cut at step 0
-    np.testing.assert_array_equal(bo.cascade_entries(starts + 200, ends + 200, 100), [0, 3])
+    np.testing.assert_array_equal(bo.cascade_entries(starts, ends, 100), [0, 3])
+    began_inside = bo.cascade_entries(starts, ends, 100, begin=0)  # unstable at step 0
+    np.testing.assert_array_equal(began_inside, [3])  # the first: inside a cascade not seen
+    np.testing.assert_array_equal(bo.cascade_entries(starts + 200, ends + 200, 100, 0), [0, 3])
     np.testing.assert_array_equal(bo.cascade_entries(starts, ends, 5), [0, 1, 3, 4])
     assert len(bo.cascade_entries(starts[:0], ends[:0], 5)) == 0
     assert bo.first_reaching(np.r_[1.0, 3.0, 2.0, 5.0], 2.5, 0, 4) == 1
     assert bo.first_reaching(np.r_[1.0, 3.0, 2.0, 5.0], 2.5, 2, 4) == 3
     assert bo.first_reaching(np.r_[1.0, 3.0], 9.0, 0, 2) == -1
+
+
+def test_the_rules_first_entry_counts_unless_the_run_began_unstable():
+    """apparatus/rule.rule_readings: a run that starts below 2/eta and bounces within the quiet
+    gap of its start enters a cascade there; one that starts above 2/eta began inside one."""
+    from apparatus.rule import rule_readings
+
+    lam = np.full(3000, 1.5)
+    t = np.arange(3000)
+    for a, b in ((150, 400), (2000, 2200)):  # two bouncing stretches, 1,600 quiet steps apart
+        lam[a:b] = 2.1 + 0.2 * (-1.0) ** t[a:b]
+    _, starts, _, firsts, _, marks = rule_readings(lam, 5000, 1, 0.1)  # quiet: 1000 steps
+    assert len(firsts) == 2 and starts[firsts[0]] < 200 and len(marks["entries"]) == 2
+    lam[0] = 2.5  # eta lambda_max >= 2 at step 0: the first bounce is inside a cascade
+    _, starts, _, firsts, _, marks = rule_readings(lam, 5000, 1, 0.1)
+    assert len(firsts) == 1 and starts[firsts[0]] >= 2000
+    assert len(rule_readings(lam, 5000, 1, 0.1, lr=0.5)[3]) == 2  # 2.5 < 2/0.5: stable
 
 
 def test_alternating_amplitude_ignores_a_smooth_drift_up_to_cubic():
@@ -470,10 +489,12 @@ def onset_tables(report):
             with_interval(p["efolds_seen"], "{:.1f}"), with_interval(p["seed_implied"], "{:.1f}"),
             with_interval(p["growth_measured"], "{:.3f}"), with_interval(p["growth_linear"], "{:.3f}"),
             with_interval(p["entry_lambda"], scale=eta),
+            "—" if p["entry_lambda_median"] is None else f"{eta * p['entry_lambda_median']:.2f}",
             f"{p['cascades_entered_below_2_over_eta']}/{n}",
         ]))  # fmt: skip
         tables["forcing"].append(row([
             name, with_interval(p["forcing_low"]), with_interval(p["forcing_high"]),
+            with_interval(p["mode_exponent"]),
             with_interval(p["flips_level"], "{:.0f}"), with_interval(p["flipback_level"]),
             with_interval(p["cos_level"], "{:+.2f}"), rank_cell(p["forcing_vs_flips"]),
         ]))  # fmt: skip
@@ -486,7 +507,8 @@ def onset_tables(report):
         cells = [f"{eta * p[f'onset_lam_{k}'][0]:.3f}" if p[f"onset_lam_{k}"][0] is not None
                  else "—" for k in ("dense", "gn", "wntk")]  # fmt: skip
         cells += [with_interval(p["onset_lam_ntk"], "{:,.0f}"),
-                  f"{stability.ntk_threshold(eta, n_train):,.0f}"]  # fmt: skip
+                  f"{stability.ntk_threshold(eta, n_train):,.0f}",
+                  f"{p['cascades_with_spectra']}/{n}"]  # fmt: skip
         tables["spectra"].append(row([name, *cells]))
     for fit in report["fits"]:
         if "alpha" in fit:
