@@ -66,7 +66,7 @@ EPISODE_FIELDS = (
     "entry_step", "entry_lambda", "entry_excess", "entered_below", "hot_step", "level_step",
     "onset_step", "lag_steps", "ramp", "mode_hot", "mode_level", "mode_onset", "mode_entry",
     "forcing_low", "forcing_high", "mode_exponent", "seen_step", "seen_lambda", "seen_excess",
-    "seen_before_onset",
+    "seen_ramp", "seen_before_onset",
     "seen_censored", "efolds_seen", "seed_implied", "growth_measured", "growth_linear",
     "flips_level", "flipback_level", "cos_level", "flips_onset", "flipback_onset", "cos_onset",
     "lam_alternation", "onset_lam_dense", "onset_lam_gn", "onset_lam_wntk", "onset_lam_ntk",
@@ -141,7 +141,8 @@ def analyze_unit(u, lr, T):
     LEVEL-RAMP_TO (``forcing_low``, ``forcing_high``), and k of c ∝ (2 - eta lambda-bar)^-k
     over HOT_LEVEL-RAMP_TO (``mode_exponent``: 1 for a constant forcing); the first step from
     the HOT_LEVEL crossing on where c reaches MODE_SEEN (``seen_step``, ``seen_lambda`` =
-    lambda-bar there, ``seen_excess`` = seen_lambda - 2/eta where seen after the onset,
+    lambda-bar there, ``seen_excess`` = seen_lambda - 2/eta where seen after the onset, and
+    ``seen_ramp`` the ramp of those cascades,
     ``seen_before_onset``; ``seen_censored``: c was not measured below MODE_SEEN before, so
     it was already there when the tracking began and seen_lambda is only an upper bound), the
     e-folds of the linear map from the onset to it (``efolds_seen``:
@@ -205,6 +206,7 @@ def analyze_unit(u, lr, T):
             "forcing_high": _band_median(F, eta_mid, t_hot, below, LEVEL, RAMP_TO),
             "mode_exponent": _mode_exponent(c, eta_mid, t_hot, below, HOT_LEVEL, RAMP_TO),
             "seen_excess": eta_mid[t_seen] / lr - gd if after else np.nan,
+            "seen_ramp": rho if after else np.nan,  # the ramp of the same cascades, for its fit
             "seen_step": t_seen, "seen_lambda": eta_mid[t_seen] / lr if t_seen >= 0 else np.nan,
             "seen_before_onset": float(0 <= t_seen < t_onset) if t_seen >= 0 else np.nan,
             "seen_censored": float(censored) if t_seen >= 0 else np.nan,
@@ -272,6 +274,7 @@ EPISODE_SUMMARY = (
     "mode_exponent",
     "seen_lambda",
     "seen_excess",
+    "seen_ramp",
     "seen_before_onset",
     "seen_censored",
     "efolds_seen",
@@ -521,12 +524,11 @@ def onset_fits(conds, per_seed, width):
         if len(members) < 2:
             continue
         gd = stability.gd_threshold(np.array([conds[i]["lr"] for i in members]))[:, None]
-        for f, excess in (
-            ("seen_excess", per_seed["seen_excess"][members]),  # the mode grown from its seed
-            ("entry_excess", per_seed["entry_excess"][members]),
-            ("threshold - 2/lr", per_seed["threshold"][members] - gd),  # (C, S)
-        ):
-            ramp = per_seed["ramp"][members]
+        for f, excess, ramp in (  # the seen excess with the ramp of the same cascades
+            ("seen_excess", per_seed["seen_excess"][members], per_seed["seen_ramp"][members]),
+            ("entry_excess", per_seed["entry_excess"][members], per_seed["ramp"][members]),
+            ("threshold - 2/lr", per_seed["threshold"][members] - gd, per_seed["ramp"][members]),
+        ):  # (C, S) each
             (alpha, k, n), lo, hi = _bootstrap(_power_law, ramp, excess, rng())
             fits.append(dict(family=label, fit=f"{f} = k ramp^alpha", alpha=alpha,
                              alpha_lo=lo, alpha_hi=hi, k=k, runs=n,
