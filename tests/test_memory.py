@@ -52,7 +52,7 @@ CASES = {
             "5",
         ],
         "--width",
-        ("20000", "40000"),
+        ("10000", "20000"),
     ),  # fmt: skip
     "threshold": (
         "run_spiral.py",
@@ -70,19 +70,19 @@ CASES = {
             "5",
         ],
         "--widths",
-        ("20000", "40000"),
+        ("10000", "20000"),
     ),  # fmt: skip
     "density": (
         "run_spiral.py",
         ["density", *SPIRAL_SHORT, "--at", "0,10", "--probes", "2", "--lanczos-steps", "40"],
         "--width",
-        ("20000", "40000"),
+        ("10000", "20000"),
     ),  # fmt: skip
     "onset": (
         "run_spiral.py",
         ["onset", "--T0", "5", "--periods", "2", "--seed", "0"],
         "--width",
-        ("400", "700"),
+        ("300", "500"),
     ),  # fmt: skip
     "check": ("run_spiral.py", ["check"], "--width", ("250", "400")),
     "cifar train": ("run_cifar.py", ["train", *TINY_SYNTHETIC], "--channels", ("64", "128")),

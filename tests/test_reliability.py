@@ -262,7 +262,7 @@ SIGNAL_RUNS = {  # commands of a few seconds, and the file that shows they are u
                                      "--checkpoint-every", "1", "--A", "3", "--T", "4"],
                     "checkpoint.npz"),
     "phase-batch": ("run_spiral.py", ["phase", "--width", "50", "--A", "1,20", "--T", "100",
-                                      "--seeds", "4", "--seed-block", "2", "--steps", "60000"],
+                                      "--seeds", "4", "--seed-block", "2", "--steps", "30000"],
                     "sweep.json"),  # stopped mid-batch: the batch in flight is checkpointed
 }  # fmt: skip
 SIGNAL_DELAY = {"phase-batch": 3.0}  # seconds after the marker before the signal (default 0.3)
