@@ -40,7 +40,7 @@ import numpy as np
 
 from apparatus import cifar_files as cifar
 from apparatus import memory, plots, signals, statistics, sweeps
-from apparatus.checks import add_cifar_check_command
+from apparatus.check_myrtle5 import add_cifar_check_command
 from apparatus.cifar_runs import (
     CHECKPOINT_NAME,
     DEFAULTS,

@@ -11,6 +11,8 @@ statistics.py     intervals over seeds, paired differences, bootstrap, phase-dia
 spiral_sweeps.py  the spiral's sweeps (Figs. 3-5) and run files
 tracker.py        the spectra tracker along a run (warm starts, replay, densities)
 checks.py         the ``check`` command: every derivative against differences or dense solvers
+                  (the machinery and the spiral MLP's rows)
+check_myrtle5.py  its Myrtle5 rows: layers, network, R-operator, Nesterov, fused and CUDA copies
 cifar_runs.py     a Fig. 1 run around protocol.train_epoch: settings, data, checkpoints, resume
 cifar_files.py    the CIFAR-10 archive reader (md5-checked, safe unpickling)
 digits.py         scikit-learn's handwritten digits as a small real data set

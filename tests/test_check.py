@@ -10,7 +10,7 @@ import pytest
 
 import models
 import run_spiral
-from apparatus import checks
+from apparatus import check_myrtle5, checks
 from apparatus.cli import Parser, run_main
 
 SPIRAL_ROWS = [  # every derivative the issue names, as the table spells it
@@ -74,7 +74,7 @@ def test_default_spiral_check_passes_and_lists_every_row(capsys):
 
 
 def test_myrtle5_check_passes_and_lists_every_layer(capsys):
-    code, table, _ = run_check(checks.add_cifar_check_command, [], capsys)
+    code, table, _ = run_check(check_myrtle5.add_cifar_check_command, [], capsys)
     assert code == 0
     for name in MYRTLE5_ROWS:
         assert status(table, name) == checks.PASS, name
@@ -83,7 +83,7 @@ def test_myrtle5_check_passes_and_lists_every_layer(capsys):
 @pytest.mark.parametrize(
     "add, argv",
     [(checks.add_spiral_check_command, SMALL + ["--init", "glorot", "--loss", "mse"]),
-     (checks.add_cifar_check_command, ["--width", "2", "--loss", "mse"])],
+     (check_myrtle5.add_cifar_check_command, ["--width", "2", "--loss", "mse"])],
     ids=["spiral", "myrtle5"],
 )  # fmt: skip
 def test_float32_passes_with_its_own_tolerances(add, argv, capsys):
@@ -119,7 +119,7 @@ def test_a_sign_flipped_myrtle5_layer_fails_on_its_row(monkeypatch, capsys):
     reference = models.avgpool2_backward
     flipped = lambda dout, cache: -reference(dout, cache)
     monkeypatch.setattr(models, "avgpool2_backward", flipped)
-    code, table, _ = run_check(checks.add_cifar_check_command, [], capsys)
+    code, table, _ = run_check(check_myrtle5.add_cifar_check_command, [], capsys)
     assert code == 1
     failing = {"models.avgpool2_backward", "models.myrtle5_backward", "models.myrtle5_hvp",
                "fast/myrtle5.myrtle5_loss_and_grads", "fast/myrtle5.myrtle5_hvp"}  # fmt: skip
@@ -168,9 +168,9 @@ def test_at_the_final_parameters_of_a_real_run(tmp_path, capsys):
 def test_myrtle5_at_a_run_npz_takes_its_width_channels_and_classes(tmp_path, capsys):
     params = models.init_myrtle5(0, c=2, in_channels=1, n_classes=4)
     np.savez(tmp_path / "run.npz", **params)
-    code, _, _ = run_check(checks.add_cifar_check_command, ["--at", str(tmp_path)], capsys)
+    code, _, _ = run_check(check_myrtle5.add_cifar_check_command, ["--at", str(tmp_path)], capsys)
     assert code == 0
-    prob = checks.myrtle5_problem(at=str(tmp_path))
+    prob = check_myrtle5.myrtle5_problem(at=str(tmp_path))
     assert prob.X.shape[3] == 1 and len(prob.gamma) == 4 and prob.params["W2"].shape[3] == 2
 
 
@@ -212,7 +212,9 @@ def test_myrtle5_at_a_run_of_wrong_shapes_is_refused(tmp_path, capsys):
     params["W3"] = params["W3"][:, :, :1]
     np.savez(tmp_path / "run.npz", **params)
     with pytest.raises(SystemExit) as exit_:
-        run_main(parser(checks.add_cifar_check_command), ["check", "--at", str(tmp_path)], "x")
+        run_main(
+            parser(check_myrtle5.add_cifar_check_command), ["check", "--at", str(tmp_path)], "x"
+        )
     assert exit_.value.code == 2 and "'W3' has shape" in capsys.readouterr().err
 
 
@@ -231,7 +233,7 @@ def test_device_gpu_without_cupy_is_refused_in_one_line(capsys):
     except Exception:  # no CuPy, or no driver: the case under test
         pass
     with pytest.raises(SystemExit) as exit_:
-        run_main(parser(checks.add_cifar_check_command), ["check", "--device", "gpu"], "x")
+        run_main(parser(check_myrtle5.add_cifar_check_command), ["check", "--device", "gpu"], "x")
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and "--device gpu" in err
 
@@ -243,7 +245,7 @@ def test_gpu_rows_cover_every_fast_entry():
     from fast.layers import GPU_LAYERS
     from fast.myrtle5 import CPU_LAYERS
 
-    rows = checks.gpu_rows(checks.myrtle5_problem(width=2), np)
+    rows = check_myrtle5.gpu_rows(check_myrtle5.myrtle5_problem(width=2), np)
     fast = {k for k, f in vars(GPU_LAYERS).items() if f is not getattr(CPU_LAYERS, k)}
     assert {r.what.removeprefix("GPU_LAYERS.") for r in rows} >= fast
 
